@@ -1,0 +1,97 @@
+//! Where KEKs live. The service and the keyring never name a concrete backend:
+//! they load snapshots through [`Backend`] and seal/open through [`KeyHandle`].
+//!
+//! - [`local`]: KEKs in a keyring file on the node, AES-256-GCM in process.
+//!
+//! A PKCS#11 backend adds a `KeyHandle` variant whose calls run on a bounded
+//! session pool off the async workers, and a `Backend` that reads the keyring
+//! metadata from the token; nothing above this module changes.
+
+pub mod local;
+
+use std::fmt;
+
+use crate::envelope::Nonce;
+use crate::keyring::Keyring;
+use crate::secret::Plaintext;
+
+/// A source of keyring snapshots.
+pub trait Backend: fmt::Debug + Send + Sync + 'static {
+    /// Names the source for logs and errors (a path, a token label); no secrets.
+    fn describe(&self) -> String;
+
+    /// Reads the keyring as it is now and returns a snapshot ready to serve.
+    /// Blocking: call it from a blocking context.
+    ///
+    /// # Errors
+    /// When the keyring cannot be read, parsed or validated.
+    fn load(&self) -> Result<Keyring, BackendError>;
+}
+
+/// One KEK version, ready to seal and open.
+pub enum KeyHandle {
+    /// Material in this process.
+    Local(local::LocalKey),
+}
+
+impl KeyHandle {
+    /// AES-256-GCM seal; returns ciphertext followed by the 16-byte tag.
+    ///
+    /// # Errors
+    /// When the backend cannot perform the operation.
+    pub async fn seal(
+        &self,
+        nonce: &Nonce,
+        aad: &[u8],
+        plaintext: &Plaintext,
+    ) -> Result<Vec<u8>, BackendError> {
+        match self {
+            Self::Local(key) => key.seal(nonce, aad, plaintext),
+        }
+    }
+
+    /// AES-256-GCM open of ciphertext followed by its tag.
+    ///
+    /// # Errors
+    /// [`BackendError::Decrypt`] on any authentication failure, without detail.
+    pub async fn open(
+        &self,
+        nonce: &Nonce,
+        aad: &[u8],
+        sealed: &[u8],
+    ) -> Result<Plaintext, BackendError> {
+        match self {
+            Self::Local(key) => key.open(nonce, aad, sealed),
+        }
+    }
+}
+
+impl fmt::Debug for KeyHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Local(_) => f.write_str("KeyHandle::Local(<redacted>)"),
+        }
+    }
+}
+
+/// A backend failure. Messages name files, lines and versions, never bytes.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// Authentication failed; deliberately opaque.
+    #[error("ciphertext could not be decrypted")]
+    Decrypt,
+    /// Sealing failed inside the cipher.
+    #[error("sealing failed")]
+    Seal,
+    /// The keyring file could not be read or is invalid.
+    #[error(transparent)]
+    Store(#[from] crate::keyring::store::StoreError),
+    /// The keyring's content breaks a rule.
+    #[error("keyring {source_name}: {error}")]
+    Keyring {
+        /// What was loaded ([`Backend::describe`]).
+        source_name: String,
+        /// The rule broken.
+        error: Box<crate::keyring::KeyringError>,
+    },
+}

@@ -1,0 +1,104 @@
+//! The local backend: KEKs read from a keyring file, AES-256-GCM in process.
+
+use std::path::{Path, PathBuf};
+
+use aes_gcm::aead::{Aead, KeyInit, Payload};
+use aes_gcm::{Aes256Gcm, Key};
+
+use crate::backend::{Backend, BackendError, KeyHandle};
+use crate::envelope::Nonce;
+use crate::keyring::{Keyring, KeyringError, store};
+use crate::secret::{Kek, Plaintext};
+
+/// Serves the keyring file at a path.
+#[derive(Debug, Clone)]
+pub struct LocalBackend {
+    path: PathBuf,
+}
+
+impl LocalBackend {
+    /// A backend for the keyring file at `path`.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self { path: path.into() }
+    }
+
+    /// The keyring file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Backend for LocalBackend {
+    fn describe(&self) -> String {
+        format!("local keyring {}", self.path.display())
+    }
+
+    fn load(&self) -> Result<Keyring, BackendError> {
+        let file = store::read(&self.path)?;
+        keyring_from_file(file).map_err(|e| BackendError::Keyring {
+            source_name: self.describe(),
+            error: Box::new(e),
+        })
+    }
+}
+
+/// Builds a serving snapshot from a parsed keyring file; the file's raw keys
+/// are dropped (and zeroed) once expanded.
+///
+/// # Errors
+/// When the versions break a keyring rule.
+pub fn keyring_from_file(file: store::KeyringFile) -> Result<Keyring, KeyringError> {
+    let versions = file
+        .versions
+        .into_iter()
+        .map(|v| (v.info, v.kek.map(|k| KeyHandle::Local(LocalKey::new(&k)))))
+        .collect();
+    Keyring::new(file.id, versions)
+}
+
+/// An expanded AES-256-GCM key. The cipher state is zeroed on drop
+/// (aes-gcm's `zeroize` feature).
+pub struct LocalKey {
+    cipher: Aes256Gcm,
+}
+
+impl LocalKey {
+    /// Expands `kek`; the caller keeps (and zeroes) the raw key.
+    pub fn new(kek: &Kek) -> Self {
+        let key = Key::<Aes256Gcm>::from(*kek.expose_secret());
+        let cipher = Aes256Gcm::new(&key);
+        // `key` is a stack copy of the raw bytes; clear it before returning.
+        let mut key = key;
+        zeroize::Zeroize::zeroize(key.as_mut_slice());
+        Self { cipher }
+    }
+
+    pub(crate) fn seal(
+        &self,
+        nonce: &Nonce,
+        aad: &[u8],
+        plaintext: &Plaintext,
+    ) -> Result<Vec<u8>, BackendError> {
+        self.cipher
+            .encrypt(
+                nonce.into(),
+                Payload {
+                    msg: plaintext.expose_secret(),
+                    aad,
+                },
+            )
+            .map_err(|_| BackendError::Seal)
+    }
+
+    pub(crate) fn open(
+        &self,
+        nonce: &Nonce,
+        aad: &[u8],
+        sealed: &[u8],
+    ) -> Result<Plaintext, BackendError> {
+        self.cipher
+            .decrypt(nonce.into(), Payload { msg: sealed, aad })
+            .map(Plaintext::new)
+            .map_err(|_| BackendError::Decrypt)
+    }
+}

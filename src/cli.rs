@@ -1,0 +1,79 @@
+//! The command line: `kekd serve` and `kekd admin …`.
+//!
+//! Each subcommand group has its own file with its `Args` and a `run()`.
+//! Errors leave here as [`CliError`], carrying the process exit code:
+//! 0 ok, 1 runtime failure, 64 usage, 78 configuration or keyring problem.
+
+pub mod admin;
+pub mod serve;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// kekd — a Kubernetes KMS v2 plugin.
+#[derive(Debug, Parser)]
+#[command(name = "kekd", version, about, long_about = None)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The top-level subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the KMS v2 API on a Unix socket.
+    Serve(Box<serve::ServeArgs>),
+    /// Manage keyrings and check a running plugin.
+    #[command(subcommand)]
+    Admin(admin::AdminCommand),
+}
+
+impl Cli {
+    /// Runs the chosen subcommand.
+    ///
+    /// # Errors
+    /// A [`CliError`] with its exit code.
+    pub fn run(self) -> Result<(), CliError> {
+        match self.command {
+            Command::Serve(args) => serve::run(*args),
+            Command::Admin(cmd) => admin::run(cmd),
+        }
+    }
+}
+
+/// How a command reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
+pub enum Output {
+    /// Lines for people.
+    #[default]
+    Text,
+    /// One JSON document on stdout.
+    Json,
+}
+
+/// A failed command: what to print and the exit code.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct CliError {
+    /// The process exit code.
+    pub code: u8,
+    /// The message, naming what failed and how to fix it.
+    pub message: String,
+}
+
+impl CliError {
+    /// Exit code for a configuration or keyring problem (EX_CONFIG).
+    pub const CONFIG: u8 = 78;
+    /// Exit code for a runtime failure.
+    pub const RUNTIME: u8 = 1;
+
+    /// A configuration or keyring problem.
+    pub fn config(e: impl std::fmt::Display) -> Self {
+        Self { code: Self::CONFIG, message: e.to_string() }
+    }
+
+    /// A runtime failure.
+    pub fn runtime(e: impl std::fmt::Display) -> Self {
+        Self { code: Self::RUNTIME, message: e.to_string() }
+    }
+}

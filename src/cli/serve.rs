@@ -1,0 +1,121 @@
+//! `kekd serve`: load the keyring, bind the socket, serve until SIGTERM.
+
+use std::fs;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tracing::info;
+
+use crate::backend::local::LocalBackend;
+use crate::cli::CliError;
+use crate::config::{ServeConfig, Settings};
+use crate::keyring::store::{self, KeyringFile, StoreError};
+use crate::keyring::Timestamp;
+use crate::{server, telemetry};
+
+/// The directory `--dev` works in, relative to the current directory.
+pub const DEV_DIR: &str = "kekd-dev";
+
+/// Arguments of `kekd serve`.
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// TOML file with any of the settings below (flags and KEKD_* win over it).
+    #[arg(long, env = "KEKD_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Development mode: use (and on first run create) ./kekd-dev/keyring and
+    /// serve on ./kekd-dev/kms.sock. Not for production: the keyring sits in
+    /// the working directory.
+    #[arg(long)]
+    pub dev: bool,
+    /// Settings (also from KEKD_* environment variables or --config).
+    #[command(flatten)]
+    pub settings: Settings,
+}
+
+/// Runs `kekd serve`.
+///
+/// # Errors
+/// Exit 78 for configuration and keyring problems, 1 for runtime failures.
+pub fn run(args: ServeArgs) -> Result<(), CliError> {
+    let file = match &args.config {
+        Some(path) => Settings::from_file(path).map_err(CliError::config)?,
+        None => Settings::default(),
+    };
+    let mut settings = args.settings.or(file);
+    if args.dev {
+        prepare_dev(&mut settings)?;
+    }
+    let config = ServeConfig::resolve(settings).map_err(CliError::config)?;
+    telemetry::init(config.log_format, &config.log_level).map_err(CliError::config)?;
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("kekd")
+        .build()
+        .map_err(CliError::runtime)?;
+    let backend = Arc::new(LocalBackend::new(&config.keyring));
+    runtime
+        .block_on(server::run(config, backend, shutdown_signal()))
+        .map_err(|e| CliError { code: e.exit_code(), message: e.to_string() })
+}
+
+/// Fills keyring and socket defaults under ./kekd-dev, creates the dev
+/// keyring on first use and prints the EncryptionConfiguration for it.
+fn prepare_dev(settings: &mut Settings) -> Result<(), CliError> {
+    let cwd = std::env::current_dir().map_err(CliError::runtime)?;
+    let dir = cwd.join(DEV_DIR);
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+        .map_err(|e| CliError::config(format!("cannot create {}: {e}", dir.display())))?;
+    let keyring = settings.keyring.get_or_insert_with(|| dir.join("keyring")).clone();
+    let socket = settings.socket.get_or_insert_with(|| dir.join("kms.sock")).clone();
+    match KeyringFile::generate(Timestamp::now()) {
+        Ok(file) => match store::create(&keyring, &file) {
+            Ok(()) => eprintln!("kekd: created development keyring {}", keyring.display()),
+            Err(StoreError::AlreadyExists { .. }) => {}
+            Err(e) => return Err(CliError::config(e)),
+        },
+        Err(e) => return Err(CliError::runtime(e)),
+    }
+    print!("{}", encryption_config_snippet(&absolute(&cwd, &socket)));
+    Ok(())
+}
+
+fn absolute(cwd: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() { p.to_owned() } else { cwd.join(p) }
+}
+
+/// An EncryptionConfiguration for kube-apiserver pointing at `socket`.
+pub fn encryption_config_snippet(socket: &Path) -> String {
+    format!(
+        "# kube-apiserver --encryption-provider-config for this kekd:\n\
+         apiVersion: apiserver.config.k8s.io/v1\n\
+         kind: EncryptionConfiguration\n\
+         resources:\n\
+         \x20 - resources: [secrets]\n\
+         \x20   providers:\n\
+         \x20     - kms:\n\
+         \x20         apiVersion: v2\n\
+         \x20         name: kekd\n\
+         \x20         endpoint: unix://{}\n\
+         \x20         timeout: 3s\n\
+         \x20     - identity: {{}}\n",
+        socket.display()
+    )
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        // Without signal handlers the process can only be killed; serve anyway.
+        tracing::warn!("cannot install SIGTERM/SIGINT handlers");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => info!(signal = "SIGTERM", "signal received"),
+        _ = int.recv() => info!(signal = "SIGINT", "signal received"),
+    }
+}

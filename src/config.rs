@@ -1,0 +1,368 @@
+//! `kekd serve` settings: built once from flags, `KEKD_*` environment
+//! variables and an optional TOML file, then passed down as plain data.
+//!
+//! Precedence: a flag beats its environment variable, which beats the file,
+//! which beats the built-in default. The same [`Settings`] struct is the
+//! clap argument group and the file's schema, so the three sources cannot
+//! drift apart; [`ServeConfig::resolve`] validates the merged result.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::telemetry::LogFormat;
+
+/// Default permission bits of the socket: owner only.
+pub const DEFAULT_SOCKET_MODE: u32 = 0o600;
+/// Default cap on one gRPC request (tonic's own default is 4 MiB).
+pub const DEFAULT_MAX_REQUEST_BYTES: usize = 64 * 1024;
+/// Default cap on calls in flight across all connections.
+pub const DEFAULT_MAX_CONCURRENCY: usize = 1024;
+/// Default time in-flight calls get to finish after SIGTERM.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// Default period of the background self-check.
+pub const DEFAULT_SELF_CHECK_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Every `kekd serve` setting, each optional; as flags, env and TOML keys.
+#[derive(Debug, Default, Clone, clap::Args, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// Keyring file holding the KEKs.
+    #[arg(long, env = "KEKD_KEYRING", value_name = "PATH")]
+    pub keyring: Option<PathBuf>,
+    /// Unix socket to serve on (the apiserver's `endpoint: unix://PATH`).
+    #[arg(long, env = "KEKD_SOCKET", value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Socket permission bits, octal [default: 0600]; other-user bits are refused.
+    #[arg(long, env = "KEKD_SOCKET_MODE", value_name = "OCTAL")]
+    pub socket_mode: Option<String>,
+    /// Group owning the socket (name in /etc/group or numeric gid); use with mode 0660.
+    #[arg(long, env = "KEKD_SOCKET_GROUP", value_name = "GROUP")]
+    pub socket_group: Option<String>,
+    /// Largest accepted gRPC request in bytes [default: 65536].
+    #[arg(long, env = "KEKD_MAX_REQUEST_BYTES", value_name = "BYTES")]
+    pub max_request_bytes: Option<usize>,
+    /// Most calls in flight at once, across connections [default: 1024].
+    #[arg(long, env = "KEKD_MAX_CONCURRENCY", value_name = "N")]
+    pub max_concurrency: Option<usize>,
+    /// Time in-flight calls get to finish on SIGTERM [default: 10s].
+    #[arg(long, env = "KEKD_SHUTDOWN_GRACE", value_name = "DURATION")]
+    pub shutdown_grace: Option<String>,
+    /// Period of the background KEK self-check [default: 60s].
+    #[arg(long, env = "KEKD_SELF_CHECK_INTERVAL", value_name = "DURATION")]
+    pub self_check_interval: Option<String>,
+    /// `text` or `json` [default: text].
+    #[arg(long, env = "KEKD_LOG_FORMAT", value_name = "FORMAT")]
+    pub log_format: Option<String>,
+    /// Log filter, e.g. `info` or `kekd=debug` [default: info].
+    #[arg(long, env = "KEKD_LOG_LEVEL", value_name = "FILTER")]
+    pub log_level: Option<String>,
+}
+
+impl Settings {
+    /// Reads a TOML settings file.
+    ///
+    /// # Errors
+    /// Unreadable file, TOML syntax, unknown keys or wrong types.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = fs::read_to_string(path).map_err(|e| ConfigError::File {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::File {
+            path: path.to_owned(),
+            reason: e.to_string().trim_end().to_owned(),
+        })
+    }
+
+    /// Fills each unset field from `fallback`.
+    pub fn or(self, fallback: Self) -> Self {
+        Self {
+            keyring: self.keyring.or(fallback.keyring),
+            socket: self.socket.or(fallback.socket),
+            socket_mode: self.socket_mode.or(fallback.socket_mode),
+            socket_group: self.socket_group.or(fallback.socket_group),
+            max_request_bytes: self.max_request_bytes.or(fallback.max_request_bytes),
+            max_concurrency: self.max_concurrency.or(fallback.max_concurrency),
+            shutdown_grace: self.shutdown_grace.or(fallback.shutdown_grace),
+            self_check_interval: self.self_check_interval.or(fallback.self_check_interval),
+            log_format: self.log_format.or(fallback.log_format),
+            log_level: self.log_level.or(fallback.log_level),
+        }
+    }
+}
+
+/// Validated settings of `kekd serve`.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// The keyring file.
+    pub keyring: PathBuf,
+    /// The socket.
+    pub socket: SocketConfig,
+    /// Largest accepted request.
+    pub max_request_bytes: usize,
+    /// Most calls in flight.
+    pub max_concurrency: usize,
+    /// Drain time on shutdown.
+    pub shutdown_grace: Duration,
+    /// Background self-check period.
+    pub self_check_interval: Duration,
+    /// Log line format.
+    pub log_format: LogFormat,
+    /// Log filter directive.
+    pub log_level: String,
+}
+
+/// Where and how the socket is created.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SocketConfig {
+    /// Its path.
+    pub path: PathBuf,
+    /// Its permission bits.
+    pub mode: u32,
+    /// Its group, if not the process's.
+    pub group: Option<u32>,
+}
+
+impl ServeConfig {
+    /// Validates merged settings.
+    ///
+    /// # Errors
+    /// The first missing or invalid setting, with the flag that fixes it.
+    pub fn resolve(s: Settings) -> Result<Self, ConfigError> {
+        let keyring = s.keyring.ok_or(ConfigError::Missing {
+            what: "keyring",
+            how: "--keyring PATH, KEKD_KEYRING or `keyring = \"PATH\"` in --config (or try --dev)",
+        })?;
+        let path = s.socket.ok_or(ConfigError::Missing {
+            what: "socket",
+            how: "--socket PATH, KEKD_SOCKET or `socket = \"PATH\"` in --config (or try --dev)",
+        })?;
+        let mode = match s.socket_mode {
+            Some(m) => parse_mode(&m)?,
+            None => DEFAULT_SOCKET_MODE,
+        };
+        let group = s.socket_group.as_deref().map(resolve_group).transpose()?;
+        let max_request_bytes = s.max_request_bytes.unwrap_or(DEFAULT_MAX_REQUEST_BYTES);
+        if !(1024..=4 << 20).contains(&max_request_bytes) {
+            return Err(ConfigError::Invalid {
+                what: "max_request_bytes",
+                reason: format!("{max_request_bytes} is outside 1024..=4194304"),
+            });
+        }
+        let max_concurrency = s.max_concurrency.unwrap_or(DEFAULT_MAX_CONCURRENCY);
+        if !(1..=65536).contains(&max_concurrency) {
+            return Err(ConfigError::Invalid {
+                what: "max_concurrency",
+                reason: format!("{max_concurrency} is outside 1..=65536"),
+            });
+        }
+        let shutdown_grace =
+            parse_duration("shutdown_grace", s.shutdown_grace.as_deref(), DEFAULT_SHUTDOWN_GRACE)?;
+        let self_check_interval = parse_duration(
+            "self_check_interval",
+            s.self_check_interval.as_deref(),
+            DEFAULT_SELF_CHECK_INTERVAL,
+        )?;
+        if self_check_interval < Duration::from_secs(1) {
+            return Err(ConfigError::Invalid {
+                what: "self_check_interval",
+                reason: "must be at least 1s".to_owned(),
+            });
+        }
+        let log_format = match s.log_format {
+            Some(f) => f
+                .parse()
+                .map_err(|reason| ConfigError::Invalid { what: "log_format", reason })?,
+            None => LogFormat::Text,
+        };
+        Ok(Self {
+            keyring,
+            socket: SocketConfig { path, mode, group },
+            max_request_bytes,
+            max_concurrency,
+            shutdown_grace,
+            self_check_interval,
+            log_format,
+            log_level: s.log_level.unwrap_or_else(|| "info".to_owned()),
+        })
+    }
+}
+
+fn parse_mode(s: &str) -> Result<u32, ConfigError> {
+    let invalid = |reason: &str| ConfigError::Invalid {
+        what: "socket_mode",
+        reason: format!("{s:?} {reason}"),
+    };
+    let digits = s.strip_prefix("0o").unwrap_or(s);
+    if digits.is_empty() || digits.len() > 4 || !digits.bytes().all(|c| (b'0'..=b'7').contains(&c)) {
+        return Err(invalid("is not an octal mode like 0600 or 0660"));
+    }
+    let mode = u32::from_str_radix(digits, 8).map_err(|_| invalid("is not an octal mode"))?;
+    if mode & !0o777 != 0 {
+        return Err(invalid("sets setuid/setgid/sticky bits, which a socket must not have"));
+    }
+    if mode & 0o007 != 0 {
+        return Err(invalid(
+            "lets every local user unwrap the cluster's keys; use 0660 with --socket-group instead",
+        ));
+    }
+    if mode & 0o600 != 0o600 {
+        return Err(invalid("must give the owner read and write (0600 or 0660)"));
+    }
+    Ok(mode)
+}
+
+fn resolve_group(name: &str) -> Result<u32, ConfigError> {
+    if let Ok(gid) = name.parse::<u32>() {
+        return Ok(gid);
+    }
+    let groups = fs::read_to_string("/etc/group").unwrap_or_default();
+    groups
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split(':');
+            Some((f.next()?, f.nth(1)?))
+        })
+        .find(|(n, _)| *n == name)
+        .and_then(|(_, gid)| gid.parse().ok())
+        .ok_or_else(|| ConfigError::Invalid {
+            what: "socket_group",
+            reason: format!("no group named {name:?} in /etc/group (give a numeric gid instead)"),
+        })
+}
+
+fn parse_duration(what: &'static str, s: Option<&str>, default: Duration) -> Result<Duration, ConfigError> {
+    s.map_or(Ok(default), |s| {
+        humantime::parse_duration(s).map_err(|e| ConfigError::Invalid {
+            what,
+            reason: format!("{s:?} is not a duration like 10s or 1m30s ({e})"),
+        })
+    })
+}
+
+/// A setting is missing or invalid.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A required setting was not given.
+    #[error("no {what} given: set {how}")]
+    Missing {
+        /// The setting.
+        what: &'static str,
+        /// Ways to give it.
+        how: &'static str,
+    },
+    /// A setting has a bad value.
+    #[error("invalid {what}: {reason}")]
+    Invalid {
+        /// The setting.
+        what: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// The config file cannot be used.
+    #[error("config file {path}: {reason}")]
+    File {
+        /// Its path.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn minimal() -> Settings {
+        Settings {
+            keyring: Some("/k".into()),
+            socket: Some("/s".into()),
+            ..Settings::default()
+        }
+    }
+
+    #[test]
+    fn defaults_apply() {
+        let c = ServeConfig::resolve(minimal()).unwrap();
+        assert_eq!(c.socket.mode, 0o600);
+        assert_eq!(c.socket.group, None);
+        assert_eq!(c.max_request_bytes, 65536);
+        assert_eq!(c.max_concurrency, 1024);
+        assert_eq!(c.shutdown_grace, Duration::from_secs(10));
+        assert_eq!(c.log_format, LogFormat::Text);
+    }
+
+    #[test]
+    fn flags_beat_file() {
+        let file: Settings = toml::from_str(
+            "keyring = \"/file/k\"\nsocket = \"/file/s\"\nsocket_mode = \"0660\"\nsocket_group = \"0\"\nlog_format = \"json\"\n",
+        )
+        .unwrap();
+        let flags = Settings { keyring: Some("/flag/k".into()), ..Settings::default() };
+        let c = ServeConfig::resolve(flags.or(file)).unwrap();
+        assert_eq!(c.keyring, PathBuf::from("/flag/k"));
+        assert_eq!(c.socket.path, PathBuf::from("/file/s"));
+        assert_eq!(c.socket.mode, 0o660);
+        assert_eq!(c.socket.group, Some(0));
+        assert_eq!(c.log_format, LogFormat::Json);
+    }
+
+    #[test]
+    fn unknown_file_key_is_refused() {
+        let err = toml::from_str::<Settings>("keyrng = \"/k\"\n").unwrap_err();
+        assert!(err.to_string().contains("unknown field `keyrng`"), "{err}");
+    }
+
+    #[test]
+    fn missing_keyring_names_the_fix() {
+        let err = ServeConfig::resolve(Settings { socket: Some("/s".into()), ..Settings::default() })
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "no keyring given: set --keyring PATH, KEKD_KEYRING or `keyring = \"PATH\"` in --config (or try --dev)"
+        );
+    }
+
+    #[test]
+    fn socket_modes() {
+        for (mode, ok) in [
+            ("0600", Some(0o600)),
+            ("660", Some(0o660)),
+            ("0o640", Some(0o640)),
+            ("0666", None),
+            ("0601", None),
+            ("4600", None),
+            ("0400", None),
+            ("rw", None),
+            ("", None),
+        ] {
+            let s = Settings { socket_mode: Some(mode.into()), ..minimal() };
+            assert_eq!(ServeConfig::resolve(s).ok().map(|c| c.socket.mode), ok, "mode {mode:?}");
+        }
+        let err = parse_mode("0666").unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "invalid socket_mode: \"0666\" lets every local user unwrap the cluster's keys; use 0660 with --socket-group instead"
+        );
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let s = Settings { shutdown_grace: Some("soon".into()), ..minimal() };
+        let err = ServeConfig::resolve(s).unwrap_err().to_string();
+        assert!(err.starts_with("invalid shutdown_grace: \"soon\" is not a duration"), "{err}");
+        let s = Settings { max_request_bytes: Some(10), ..minimal() };
+        assert_eq!(
+            ServeConfig::resolve(s).unwrap_err().to_string(),
+            "invalid max_request_bytes: 10 is outside 1024..=4194304"
+        );
+        let s = Settings { socket_group: Some("no-such-group-kekd".into()), ..minimal() };
+        assert_eq!(
+            ServeConfig::resolve(s).unwrap_err().to_string(),
+            "invalid socket_group: no group named \"no-such-group-kekd\" in /etc/group (give a numeric gid instead)"
+        );
+    }
+}

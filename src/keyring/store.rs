@@ -1,0 +1,475 @@
+//! The local keyring file: its format, strict parser, and durable writes.
+//!
+//! ```text
+//! kekd-keyring v1
+//! keyring 5c0e9a1f2b3d4c6e8f7a9b0c1d2e3f40
+//! version 1 primary created=2026-11-28T09:19:34Z promoted=2026-11-28T09:19:34Z kek=<base64, 32 bytes>
+//! version 2 destroyed created=… retired=… destroyed=…
+//! sha256 <64 hex digits: SHA-256 of every byte above this line>
+//! ```
+//!
+//! Lines end in `\n`; fields are separated by one space; versions appear once
+//! each in increasing order; `kek=` is present exactly when the state is not
+//! `destroyed`. The trailing checksum makes a truncated or hand-mangled copy
+//! fail to load instead of loading as a smaller keyring. Errors name the file,
+//! line and field, never the content (the content is key material).
+//!
+//! Writes go to a fresh `0600` temp file in the same directory, are fsynced,
+//! renamed over (or, for a new keyring, linked without clobbering) the target,
+//! and the directory is fsynced: a crash leaves the old file or the new one.
+
+use std::fmt::Write as _;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use sha2::{Digest, Sha256};
+use zeroize::Zeroizing;
+
+use crate::keyring::{
+    KeyState, KeyVersion, KeyringError, KeyringId, Timestamp, VersionInfo, validate,
+};
+use crate::secret::{KEK_LEN, Kek, RandomError};
+
+/// The first line of every format-1 keyring file.
+pub const MAGIC: &str = "kekd-keyring v1";
+/// Keyring files larger than this are refused unread.
+pub const MAX_FILE_LEN: u64 = 1 << 20;
+
+/// A keyring as stored in the local file: metadata plus material.
+#[derive(Debug)]
+pub struct KeyringFile {
+    /// The keyring's id.
+    pub id: KeyringId,
+    /// Versions in increasing order.
+    pub versions: Vec<StoredVersion>,
+}
+
+/// One version of a [`KeyringFile`].
+#[derive(Debug)]
+pub struct StoredVersion {
+    /// Public facts.
+    pub info: VersionInfo,
+    /// Material; `None` exactly when destroyed.
+    pub kek: Option<Kek>,
+}
+
+impl KeyringFile {
+    /// A new keyring: random id, version 1 primary with a fresh KEK.
+    ///
+    /// # Errors
+    /// When the OS RNG fails.
+    pub fn generate(now: Timestamp) -> Result<Self, RandomError> {
+        let mut info = VersionInfo::new(KeyVersion::FIRST, KeyState::Primary, now);
+        info.promoted = Some(now);
+        Ok(Self {
+            id: KeyringId::generate()?,
+            versions: vec![StoredVersion {
+                info,
+                kek: Some(Kek::generate()?),
+            }],
+        })
+    }
+
+    /// Parses a keyring file's bytes.
+    ///
+    /// # Errors
+    /// The first defect found, with its line and field.
+    pub fn parse(bytes: &[u8]) -> Result<Self, ParseError> {
+        let text = std::str::from_utf8(bytes).map_err(|e| {
+            let line = 1 + bytes[..e.valid_up_to()].iter().filter(|&&b| b == b'\n').count();
+            ParseError::new(line, "is not UTF-8 text")
+        })?;
+        let body_end = text
+            .strip_suffix('\n')
+            .ok_or_else(|| ParseError::new(count_lines(text), "does not end in a newline (truncated?)"))?
+            .rfind('\n')
+            .map_or(0, |i| i + 1);
+        let (body, last) = text.split_at(body_end);
+        let last_no = count_lines(body) + 1;
+        check_checksum(body, last, last_no)?;
+
+        let mut lines = body.lines().enumerate().map(|(i, l)| (i + 1, l));
+        match lines.next() {
+            Some((_, MAGIC)) => {}
+            Some((_, l)) if l.starts_with("kekd-keyring ") => {
+                return Err(ParseError::new(1, "is a keyring format this kekd does not read (expected `kekd-keyring v1`)"));
+            }
+            _ => return Err(ParseError::new(1, "is not `kekd-keyring v1`: not a kekd keyring")),
+        }
+        let id = match lines.next() {
+            Some((n, l)) => {
+                let hex = l
+                    .strip_prefix("keyring ")
+                    .ok_or_else(|| ParseError::new(n, "must be `keyring <id>`"))?;
+                hex.parse::<KeyringId>()
+                    .map_err(|_| ParseError::field(n, "keyring", "must be 32 lowercase hex digits"))?
+            }
+            None => return Err(ParseError::new(2, "is missing: expected `keyring <id>`")),
+        };
+        let mut versions = Vec::new();
+        for (n, line) in lines {
+            versions.push(parse_version(n, line)?);
+        }
+        let infos: Vec<VersionInfo> = versions.iter().map(|v: &StoredVersion| v.info.clone()).collect();
+        validate(&infos).map_err(|e| match e {
+            KeyringError::Invalid(msg) => ParseError::whole(msg),
+            other => ParseError::whole(other.to_string()),
+        })?;
+        Ok(Self { id, versions })
+    }
+
+    /// Serializes the keyring, checksum included. The result holds key
+    /// material and is zeroed on drop.
+    pub fn encode(&self) -> Zeroizing<String> {
+        let mut out = Zeroizing::new(String::with_capacity(128 + 160 * self.versions.len()));
+        // Writing to a String cannot fail.
+        let _ = writeln!(out, "{MAGIC}");
+        let _ = writeln!(out, "keyring {}", self.id);
+        for v in &self.versions {
+            let i = &v.info;
+            let _ = write!(out, "version {} {} created={}", i.version, i.state, i.created);
+            for (name, t) in [("promoted", i.promoted), ("retired", i.retired), ("destroyed", i.destroyed)] {
+                if let Some(t) = t {
+                    let _ = write!(out, " {name}={t}");
+                }
+            }
+            if let Some(kek) = &v.kek {
+                let b64 = Zeroizing::new(BASE64.encode(kek.expose_secret()));
+                out.push_str(" kek=");
+                out.push_str(&b64);
+            }
+            out.push('\n');
+        }
+        let digest = Sha256::digest(out.as_bytes());
+        out.push_str("sha256 ");
+        for b in digest {
+            let _ = write!(out, "{b:02x}");
+        }
+        out.push('\n');
+        out
+    }
+
+    /// The public facts of every version.
+    pub fn infos(&self) -> Vec<VersionInfo> {
+        self.versions.iter().map(|v| v.info.clone()).collect()
+    }
+}
+
+fn count_lines(s: &str) -> usize {
+    s.bytes().filter(|&b| b == b'\n').count().max(1)
+}
+
+fn check_checksum(body: &str, last: &str, line: usize) -> Result<(), ParseError> {
+    let hex = last
+        .strip_suffix('\n')
+        .and_then(|l| l.strip_prefix("sha256 "))
+        .ok_or_else(|| ParseError::new(line, "must be the `sha256 <digest>` line that ends every keyring (file truncated?)"))?;
+    let digest = Sha256::digest(body.as_bytes());
+    let mut expected = String::with_capacity(64);
+    for b in digest {
+        let _ = write!(expected, "{b:02x}");
+    }
+    if hex != expected {
+        return Err(ParseError::field(
+            line,
+            "sha256",
+            "checksum does not match the file's content (edited by hand or damaged in a copy)",
+        ));
+    }
+    Ok(())
+}
+
+fn parse_version(n: usize, line: &str) -> Result<StoredVersion, ParseError> {
+    let mut words = line.split(' ');
+    if words.next() != Some("version") {
+        return Err(ParseError::new(n, "must start with `version`"));
+    }
+    let version = words
+        .next()
+        .filter(|w| !w.starts_with('0') && w.bytes().all(|c| c.is_ascii_digit()))
+        .and_then(|w| w.parse().ok())
+        .and_then(KeyVersion::new)
+        .ok_or_else(|| ParseError::field(n, "version", "must be a whole number from 1 to 4294967295"))?;
+    let state: KeyState = words
+        .next()
+        .and_then(|w| w.parse().ok())
+        .ok_or_else(|| ParseError::field(n, "state", "must be pending, primary, decrypt-only, retired or destroyed"))?;
+
+    let mut created = None;
+    let mut info = VersionInfo::new(version, state, Timestamp::from_unix(0));
+    let mut kek = None;
+    for word in words {
+        let (name, value) = word
+            .split_once('=')
+            .ok_or_else(|| ParseError::new(n, "has a field that is not `name=value`"))?;
+        let name: &'static str = match name {
+            "created" => "created",
+            "promoted" => "promoted",
+            "retired" => "retired",
+            "destroyed" => "destroyed",
+            "kek" => "kek",
+            _ => return Err(ParseError::new(n, "has an unknown field name")),
+        };
+        let slot = match name {
+            "created" => &mut created,
+            "promoted" => &mut info.promoted,
+            "retired" => &mut info.retired,
+            "destroyed" => &mut info.destroyed,
+            _ => {
+                if kek.is_some() {
+                    return Err(ParseError::field(n, name, "appears twice"));
+                }
+                kek = Some(decode_kek(n, value)?);
+                continue;
+            }
+        };
+        if slot.is_some() {
+            return Err(ParseError::field(n, name, "appears twice"));
+        }
+        *slot = Some(
+            value
+                .parse()
+                .map_err(|()| ParseError::field(n, name, "must be a UTC time like 2026-01-31T23:59:59Z"))?,
+        );
+    }
+    info.created = created.ok_or_else(|| ParseError::field(n, "created", "is missing"))?;
+    match (state.has_material(), &kek) {
+        (true, None) => return Err(ParseError::field(n, "kek", "is missing")),
+        (false, Some(_)) => {
+            return Err(ParseError::field(n, "kek", "must not be present on a destroyed version"));
+        }
+        _ => {}
+    }
+    Ok(StoredVersion { info, kek })
+}
+
+fn decode_kek(n: usize, value: &str) -> Result<Kek, ParseError> {
+    let bad = || ParseError::field(n, "kek", "must be the base64 encoding of 32 bytes");
+    // Decode into a fixed buffer so no unzeroed copy of the key is left behind.
+    let mut buf = Zeroizing::new([0u8; KEK_LEN + 3]);
+    let len = BASE64.decode_slice(value, &mut buf[..]).map_err(|_| bad())?;
+    if len != KEK_LEN || value.len() != 44 {
+        return Err(bad());
+    }
+    let mut key = [0u8; KEK_LEN];
+    key.copy_from_slice(&buf[..KEK_LEN]);
+    let kek = Kek::from_bytes(key);
+    zeroize::Zeroize::zeroize(&mut key);
+    Ok(kek)
+}
+
+/// A defect in a keyring file, located by line and field; never shows content.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParseError {
+    /// 1-based line, or `None` for a defect of the whole keyring.
+    pub line: Option<usize>,
+    /// The field at fault, if one.
+    pub field: Option<&'static str>,
+    /// What is wrong.
+    pub reason: String,
+}
+
+impl ParseError {
+    fn new(line: usize, reason: &str) -> Self {
+        Self { line: Some(line), field: None, reason: reason.to_owned() }
+    }
+    fn field(line: usize, field: &'static str, reason: &str) -> Self {
+        Self { line: Some(line), field: Some(field), reason: reason.to_owned() }
+    }
+    fn whole(reason: String) -> Self {
+        Self { line: None, field: None, reason }
+    }
+}
+
+impl std::fmt::Display for ParseError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.line, self.field) {
+            (Some(l), Some(field)) => write!(f, "line {l}: field `{field}` {}", self.reason),
+            (Some(l), None) => write!(f, "line {l} {}", self.reason),
+            (None, _) => f.write_str(&self.reason),
+        }
+    }
+}
+
+/// Reading or writing the keyring file failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// No file at the path.
+    #[error("keyring {path} does not exist (create one with `kekd admin init --keyring {path}`)")]
+    NotFound {
+        /// The path.
+        path: PathBuf,
+    },
+    /// The file exists and must not be replaced.
+    #[error("keyring {path} already exists; refusing to overwrite it (every Secret it encrypted would be lost)")]
+    AlreadyExists {
+        /// The path.
+        path: PathBuf,
+    },
+    /// Group or other may access the file.
+    #[error("keyring {path} has permissions {mode:04o}, which let other users read the keys; run `chmod 600 {path}`")]
+    TooOpen {
+        /// The path.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// Not a regular file.
+    #[error("keyring {path} is not a regular file")]
+    NotAFile {
+        /// The path.
+        path: PathBuf,
+    },
+    /// Larger than any keyring.
+    #[error("keyring {path} is {len} bytes, more than the {MAX_FILE_LEN}-byte limit: not a kekd keyring")]
+    TooLarge {
+        /// The path.
+        path: PathBuf,
+        /// Its size.
+        len: u64,
+    },
+    /// The content is not a valid keyring.
+    #[error("keyring {path}: {error}")]
+    Parse {
+        /// The path.
+        path: PathBuf,
+        /// Where and what.
+        error: ParseError,
+    },
+    /// The OS refused an operation.
+    #[error("keyring {path}: cannot {op}: {source}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// What was attempted.
+        op: &'static str,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// The OS RNG failed while generating a key.
+    #[error(transparent)]
+    Random(#[from] RandomError),
+}
+
+/// Reads and parses the keyring at `path`, refusing loose permissions.
+///
+/// Symlinks are followed (Kubernetes mounts Secrets through them); the
+/// permission and type checks apply to the file they point at.
+///
+/// # Errors
+/// See [`StoreError`].
+pub fn read(path: &Path) -> Result<KeyringFile, StoreError> {
+    let io = |op| move |source: io::Error| StoreError::Io { path: path.to_owned(), op, source };
+    let mut file = File::open(path).map_err(|e| match e.kind() {
+        io::ErrorKind::NotFound => StoreError::NotFound { path: path.to_owned() },
+        _ => io("open")(e),
+    })?;
+    let meta = file.metadata().map_err(io("stat"))?;
+    if !meta.is_file() {
+        return Err(StoreError::NotAFile { path: path.to_owned() });
+    }
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(StoreError::TooOpen { path: path.to_owned(), mode });
+    }
+    if meta.len() > MAX_FILE_LEN {
+        return Err(StoreError::TooLarge { path: path.to_owned(), len: meta.len() });
+    }
+    let mut bytes = Zeroizing::new(Vec::with_capacity(meta.len() as usize + 1));
+    (&mut file)
+        .take(MAX_FILE_LEN + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io("read"))?;
+    if bytes.len() as u64 > MAX_FILE_LEN {
+        return Err(StoreError::TooLarge { path: path.to_owned(), len: bytes.len() as u64 });
+    }
+    KeyringFile::parse(&bytes).map_err(|error| StoreError::Parse { path: path.to_owned(), error })
+}
+
+/// Writes a new keyring at `path`, never replacing an existing file, even one
+/// created concurrently.
+///
+/// # Errors
+/// [`StoreError::AlreadyExists`] when `path` exists; I/O errors otherwise,
+/// in which case nothing is left at `path`.
+pub fn create(path: &Path, keyring: &KeyringFile) -> Result<(), StoreError> {
+    if fs::symlink_metadata(path).is_ok() {
+        return Err(StoreError::AlreadyExists { path: path.to_owned() });
+    }
+    write_durable(path, keyring.encode().as_bytes(), Replace::Never)
+}
+
+/// Atomically replaces the keyring at `path` with `keyring`.
+///
+/// # Errors
+/// I/O errors; the previous file is then untouched.
+pub fn replace(path: &Path, keyring: &KeyringFile) -> Result<(), StoreError> {
+    write_durable(path, keyring.encode().as_bytes(), Replace::Always)
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Replace {
+    Never,
+    Always,
+}
+
+/// temp file (`create_new`, 0600) → write → fsync → rename/link → fsync dir.
+fn write_durable(path: &Path, bytes: &[u8], replace: Replace) -> Result<(), StoreError> {
+    let io = |op| move |source: io::Error| StoreError::Io { path: path.to_owned(), op, source };
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    let name = path
+        .file_name()
+        .ok_or_else(|| io("name the file")(io::Error::new(io::ErrorKind::InvalidInput, "path has no file name")))?;
+    let mut suffix = [0u8; 6];
+    crate::secret::fill_random(&mut suffix)?;
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(name);
+    tmp_name.push(format!(
+        ".tmp-{}-{}",
+        std::process::id(),
+        suffix.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    ));
+    let tmp = dir.join(tmp_name);
+
+    let result = (|| {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(io("create a temporary file beside it"))?;
+        f.write_all(bytes).map_err(io("write the temporary file"))?;
+        f.sync_all().map_err(io("fsync the temporary file"))?;
+        drop(f);
+        match replace {
+            Replace::Always => fs::rename(&tmp, path).map_err(io("rename the temporary file into place"))?,
+            Replace::Never => {
+                // A hard link fails with EEXIST instead of clobbering a file
+                // that appeared since the check above.
+                fs::hard_link(&tmp, path).map_err(|e| match e.kind() {
+                    io::ErrorKind::AlreadyExists => StoreError::AlreadyExists { path: path.to_owned() },
+                    _ => io("link the temporary file into place")(e),
+                })?;
+                fs::remove_file(&tmp).map_err(io("remove the temporary file"))?;
+            }
+        }
+        File::open(&dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io("fsync the keyring's directory"))
+    })();
+    if result.is_err() {
+        // Best effort: the temp file holds key material.
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,45 @@
+//! kekd — a Kubernetes KMS v2 plugin.
+//!
+//! kube-apiserver encrypts resources at rest with data keys derived from a
+//! random 32-byte seed, and asks a KMS plugin, over gRPC on a Unix socket, to
+//! wrap that seed under a key-encryption key (KEK). kekd is that plugin.
+//!
+//! # The path of one request
+//!
+//! 1. [`server`] owns the Unix socket: it creates it under a umask, refuses
+//!    symlinks, regular files and live listeners, removes a verified-stale
+//!    socket, accepts connections with backoff, bounds request size and
+//!    concurrency, and drains calls on shutdown.
+//! 2. [`service`] implements `v2.KeyManagementService`: it turns the protobuf
+//!    request into domain types, calls the current [`keyring::Keyring`]
+//!    snapshot, and maps every error to a gRPC status in one place.
+//! 3. [`keyring`] holds KEK versions, their states and the primary, derives
+//!    the public key id, and seals or opens an [`envelope`] (our versioned,
+//!    authenticated ciphertext format) with the version's [`backend::KeyHandle`].
+//! 4. [`backend`] is where KEKs live: [`backend::local`] reads them from a
+//!    keyring file ([`keyring::store`]: strict parser, atomic durable writes).
+//!
+//! Around it: [`config`] (flags, `KEKD_*` environment, TOML file), [`cli`]
+//! (the `kekd serve` and `kekd admin …` commands), [`client`] (a UDS client
+//! for `kekd admin probe` and tests), [`secret`] (zeroizing, redacted types
+//! for KEKs and plaintexts) and [`telemetry`] (the one place logging is set up).
+//!
+//! `docs/design.md` describes the formats and the threat model.
+
+pub mod backend;
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod envelope;
+pub mod keyring;
+pub mod secret;
+pub mod server;
+pub mod service;
+pub mod telemetry;
+
+/// Code generated from `proto/v2/kms.proto`. Private: domain types cross
+/// module borders, protobuf structs stay at the edges (`service`, `client`).
+mod pb {
+    #![allow(missing_docs, unreachable_pub, clippy::all, clippy::pedantic)]
+    tonic::include_proto!("v2");
+}

@@ -1,0 +1,119 @@
+//! Types for secret bytes: KEK material and seed plaintexts.
+//!
+//! Secrets are read only through `expose_secret()` at the call that needs
+//! them, so `grep expose_secret` is the audit list. None of these types
+//! derives `Clone`, `Serialize` or a `Debug` that shows bytes, and all of
+//! them zero their memory on drop.
+
+use std::fmt;
+
+use rand::{TryRng, rngs::SysRng};
+use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
+
+/// Length of a key-encryption key: AES-256.
+pub const KEK_LEN: usize = 32;
+
+/// A 256-bit key-encryption key held in process memory (the local backend).
+#[derive(Zeroize, ZeroizeOnDrop)]
+pub struct Kek([u8; KEK_LEN]);
+
+impl Kek {
+    /// Draws a fresh key from the operating system's random number generator.
+    ///
+    /// # Errors
+    /// Fails only when the OS cannot provide entropy; no weaker source is
+    /// ever used in its place.
+    pub fn generate() -> Result<Self, RandomError> {
+        let mut key = Self([0; KEK_LEN]);
+        fill_random(&mut key.0)?;
+        Ok(key)
+    }
+
+    /// Wraps bytes decoded from a keyring file. The caller zeroes its copy.
+    pub fn from_bytes(bytes: [u8; KEK_LEN]) -> Self {
+        Self(bytes)
+    }
+
+    /// The raw key. Call only where the key is handed to a cipher or encoder.
+    pub fn expose_secret(&self) -> &[u8; KEK_LEN] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Kek {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Kek(<redacted>)")
+    }
+}
+
+/// A plaintext seed: what the apiserver asks us to wrap, or what we unwrapped.
+pub struct Plaintext(Zeroizing<Vec<u8>>);
+
+impl Plaintext {
+    /// Takes ownership of plaintext bytes; they are zeroed on drop.
+    pub fn new(bytes: Vec<u8>) -> Self {
+        Self(Zeroizing::new(bytes))
+    }
+
+    /// The plaintext. Call only where it is sealed or returned to the caller.
+    pub fn expose_secret(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// Hands the bytes on (to a response message) without copying them.
+    pub fn into_inner(mut self) -> Vec<u8> {
+        std::mem::take(&mut *self.0)
+    }
+
+    /// Number of bytes; lengths are safe to log.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether the plaintext is empty.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Plaintext {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Plaintext(<{} bytes redacted>)", self.0.len())
+    }
+}
+
+/// The operating system's random number generator failed.
+#[derive(Debug, thiserror::Error)]
+#[error("the operating system's random number generator failed: {0}")]
+pub struct RandomError(String);
+
+/// Fills `dest` from the operating system's RNG (getrandom(2) on Linux).
+///
+/// # Errors
+/// When the OS RNG fails; callers fail the operation rather than fall back.
+pub fn fill_random(dest: &mut [u8]) -> Result<(), RandomError> {
+    SysRng
+        .try_fill_bytes(dest)
+        .map_err(|e| RandomError(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_never_shows_bytes() {
+        let kek = Kek::from_bytes([0xAB; KEK_LEN]);
+        assert_eq!(format!("{kek:?}"), "Kek(<redacted>)");
+        let pt = Plaintext::new(vec![0xAB; 32]);
+        assert_eq!(format!("{pt:?}"), "Plaintext(<32 bytes redacted>)");
+    }
+
+    #[test]
+    fn generated_keys_differ() {
+        let a = Kek::generate().unwrap();
+        let b = Kek::generate().unwrap();
+        assert_ne!(a.expose_secret(), b.expose_secret());
+        assert_ne!(a.expose_secret(), &[0; KEK_LEN]);
+    }
+}

@@ -1,0 +1,372 @@
+//! The Unix socket and the life of the serving process.
+//!
+//! Startup runs in a fixed order — keyring loaded and self-checked, then the
+//! socket bound, then calls served — so a bad keyring never leaves a socket
+//! behind that looks alive. Shutdown stops accepting, lets in-flight calls
+//! finish within a grace period, and removes the socket this process created
+//! (and only that one).
+
+use std::future::Future;
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::ReceiverStream;
+use tower::limit::GlobalConcurrencyLimitLayer;
+use tracing::{error, info, warn};
+
+use crate::backend::{Backend, BackendError};
+use crate::config::{ServeConfig, SocketConfig};
+use crate::keyring::KeyringError;
+use crate::service::{KmsService, ServingState, Snapshot};
+
+/// Longest socket path Linux accepts (`sun_path` is 108 bytes with its NUL).
+pub const MAX_SOCKET_PATH: usize = 107;
+
+/// A server that has loaded its keyring and bound its socket.
+#[derive(Debug)]
+pub struct Server {
+    state: Arc<ServingState>,
+    socket: BoundSocket,
+    config: ServeConfig,
+    backend: Arc<dyn Backend>,
+}
+
+impl Server {
+    /// Loads and self-checks the keyring, then binds the socket.
+    ///
+    /// # Errors
+    /// Keyring problems ([`ServerError::Keyring`], [`ServerError::SelfCheck`])
+    /// and socket problems ([`ServerError::Socket`]); nothing is bound then.
+    pub async fn start(config: ServeConfig, backend: Arc<dyn Backend>) -> Result<Self, ServerError> {
+        let loader = Arc::clone(&backend);
+        let keyring = tokio::task::spawn_blocking(move || loader.load())
+            .await
+            .map_err(|e| ServerError::Task(e.to_string()))??;
+        keyring.self_check().await.map_err(ServerError::SelfCheck)?;
+        info!(
+            keyring = %backend.describe(),
+            keyring.id = %keyring.id(),
+            key.version = keyring.primary().get(),
+            key_id = %keyring.primary_key_id(),
+            "keyring loaded and self-checked"
+        );
+        let state = Arc::new(ServingState::new(Snapshot::new(keyring, true)));
+        let socket = BoundSocket::bind(&config.socket)?;
+        info!(socket = %socket.path.display(), mode = format_args!("{:04o}", config.socket.mode), "listening");
+        Ok(Self { state, socket, config, backend })
+    }
+
+    /// The shared serving state (for tests and future reload tasks).
+    pub fn state(&self) -> &Arc<ServingState> {
+        &self.state
+    }
+
+    /// The bound socket's path.
+    pub fn socket_path(&self) -> &Path {
+        &self.socket.path
+    }
+
+    /// Serves until `shutdown` completes, then drains within the grace period
+    /// and removes the socket.
+    ///
+    /// # Errors
+    /// When the transport fails.
+    pub async fn serve(self, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
+        let Self { state, socket, config, backend } = self;
+        let _ = backend; // kept for the reload task of the rotation work
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let (conn_tx, conn_rx) = mpsc::channel(64);
+        let listener = socket.take_listener()?;
+        let accept = tokio::spawn(accept_loop(listener, conn_tx));
+        let checker = tokio::spawn(self_check_loop(Arc::clone(&state), config.self_check_interval));
+
+        let limit = u32::try_from(config.max_concurrency).unwrap_or(u32::MAX);
+        let router = tonic::transport::Server::builder()
+            .max_concurrent_streams(limit)
+            .concurrency_limit_per_connection(config.max_concurrency)
+            .layer(GlobalConcurrencyLimitLayer::new(config.max_concurrency))
+            .add_service(KmsService::new(Arc::clone(&state)).into_server(config.max_request_bytes));
+        let serving = router.serve_with_incoming_shutdown(ReceiverStream::new(conn_rx), async {
+            let _ = stop_rx.await;
+        });
+        tokio::pin!(serving);
+
+        let result = tokio::select! {
+            r = &mut serving => r.map_err(|e| ServerError::Transport(e.to_string())),
+            () = shutdown => {
+                info!(grace = ?config.shutdown_grace, "shutting down: no new connections, draining calls");
+                let _ = stop_tx.send(());
+                accept.abort();
+                match tokio::time::timeout(config.shutdown_grace, &mut serving).await {
+                    Ok(r) => r.map_err(|e| ServerError::Transport(e.to_string())),
+                    Err(_) => {
+                        warn!(grace = ?config.shutdown_grace, "grace period expired; abandoning calls still in flight");
+                        Ok(())
+                    }
+                }
+            }
+        };
+        accept.abort();
+        checker.abort();
+        socket.remove();
+        info!("stopped");
+        result
+    }
+}
+
+/// Loads the keyring, binds, and serves until `shutdown`.
+///
+/// # Errors
+/// See [`Server::start`] and [`Server::serve`].
+pub async fn run(
+    config: ServeConfig,
+    backend: Arc<dyn Backend>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServerError> {
+    Server::start(config, backend).await?.serve(shutdown).await
+}
+
+/// Accepts connections and hands them to tonic. Accept errors (EMFILE under
+/// a connection flood) are logged and retried after a pause instead of
+/// ending the server or spinning.
+async fn accept_loop(listener: UnixListener, tx: mpsc::Sender<io::Result<UnixStream>>) {
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        tokio::select! {
+            () = tx.closed() => return,
+            r = listener.accept() => match r {
+                Ok((stream, _)) => {
+                    backoff = Duration::from_millis(5);
+                    if tx.send(Ok(stream)).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    warn!(error = %e, retry_in = ?backoff, "accept failed");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
+    }
+}
+
+/// Re-runs the self-check of the served snapshot; Status reflects the result.
+async fn self_check_loop(state: Arc<ServingState>, every: Duration) {
+    let mut ticker = tokio::time::interval(every);
+    ticker.tick().await; // the startup check just ran
+    loop {
+        ticker.tick().await;
+        let snapshot = state.current();
+        let result = snapshot.keyring.self_check().await;
+        let was = snapshot.set_healthy(result.is_ok());
+        match (was, result) {
+            (true, Err(e)) => error!(error = %e, "self-check failed; Status now fails"),
+            (false, Ok(())) => info!("self-check passes again; Status is healthy"),
+            _ => {}
+        }
+    }
+}
+
+/// The listening socket file this process created.
+#[derive(Debug)]
+pub struct BoundSocket {
+    listener: Option<std::os::unix::net::UnixListener>,
+    path: PathBuf,
+    /// (device, inode) of the socket file, so we remove only our own.
+    identity: (u64, u64),
+}
+
+impl BoundSocket {
+    /// Creates the socket at `config.path`.
+    ///
+    /// The parent directory is created `0750` if missing. An existing path is
+    /// removed only if it is a socket nobody accepts on. The mode is applied
+    /// through the umask at bind; with a group, the socket is created owner-only,
+    /// handed to the group, and only then widened to the mode, so it is never
+    /// reachable by anyone the configuration did not name.
+    ///
+    /// # Errors
+    /// See [`SocketError`].
+    pub fn bind(config: &SocketConfig) -> Result<Self, SocketError> {
+        let path = &config.path;
+        let io = |op: &'static str| {
+            move |source: io::Error| SocketError::Io { path: path.clone(), op, source }
+        };
+        if path.as_os_str().len() > MAX_SOCKET_PATH {
+            return Err(SocketError::PathTooLong { path: path.clone(), len: path.as_os_str().len() });
+        }
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty() && !p.exists()) {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o750)
+                .create(parent)
+                .map_err(io("create its directory"))?;
+        }
+        clear_stale(path)?;
+
+        let bind_mode = if config.group.is_some() { 0o600 } else { config.mode };
+        let listener = {
+            let old = rustix::process::umask(rustix::fs::Mode::from_raw_mode(!bind_mode & 0o777));
+            let bound = std::os::unix::net::UnixListener::bind(path);
+            rustix::process::umask(old);
+            bound.map_err(io("bind"))?
+        };
+        let mut socket = Self { listener: None, path: path.clone(), identity: (0, 0) };
+        let meta = std::fs::symlink_metadata(path).map_err(io("stat"))?;
+        socket.identity = (meta.dev(), meta.ino());
+        socket.listener = Some(listener);
+        if let Some(gid) = config.group {
+            rustix::fs::chown(path, None, Some(rustix::fs::Gid::from_raw(gid)))
+                .map_err(|e| io("change its group")(e.into()))?;
+            rustix::fs::chmod(path, rustix::fs::Mode::from_raw_mode(config.mode))
+                .map_err(|e| io("set its mode")(e.into()))?;
+        }
+        Ok(socket)
+    }
+
+    fn take_listener(&self) -> Result<UnixListener, ServerError> {
+        let std = self
+            .listener
+            .as_ref()
+            .ok_or_else(|| ServerError::Task("socket already served".to_owned()))?
+            .try_clone()
+            .and_then(|l| {
+                l.set_nonblocking(true)?;
+                Ok(l)
+            })
+            .map_err(|e| ServerError::Transport(e.to_string()))?;
+        UnixListener::from_std(std).map_err(|e| ServerError::Transport(e.to_string()))
+    }
+
+    /// Removes the socket file if it is still the one this process bound.
+    pub fn remove(mut self) {
+        self.remove_own();
+    }
+
+    fn remove_own(&mut self) {
+        if self.listener.take().is_none() {
+            return;
+        }
+        match std::fs::symlink_metadata(&self.path) {
+            Ok(m) if (m.dev(), m.ino()) == self.identity => {
+                if let Err(e) = std::fs::remove_file(&self.path) {
+                    warn!(socket = %self.path.display(), error = %e, "could not remove socket");
+                }
+            }
+            _ => warn!(socket = %self.path.display(), "socket was replaced by someone else; leaving it"),
+        }
+    }
+}
+
+impl Drop for BoundSocket {
+    fn drop(&mut self) {
+        self.remove_own();
+    }
+}
+
+/// Makes `path` free for bind, or says why it cannot be.
+fn clear_stale(path: &Path) -> Result<(), SocketError> {
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => return Err(SocketError::Io { path: path.to_owned(), op: "stat", source }),
+    };
+    let kind = meta.file_type();
+    if kind.is_symlink() {
+        return Err(SocketError::Symlink { path: path.to_owned() });
+    }
+    if !kind.is_socket() {
+        return Err(SocketError::NotASocket { path: path.to_owned() });
+    }
+    match std::os::unix::net::UnixStream::connect(path) {
+        Ok(_) => Err(SocketError::InUse { path: path.to_owned() }),
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+            std::fs::remove_file(path).map_err(|source| SocketError::Io {
+                path: path.to_owned(),
+                op: "remove the stale socket",
+                source,
+            })?;
+            info!(socket = %path.display(), "removed stale socket left by an earlier run");
+            Ok(())
+        }
+        Err(source) => Err(SocketError::Io { path: path.to_owned(), op: "probe the existing socket", source }),
+    }
+}
+
+/// The socket path cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum SocketError {
+    /// A live process accepts on the socket.
+    #[error("socket {path} is in use by another process (is kekd already running?); stop it or choose another --socket")]
+    InUse {
+        /// The path.
+        path: PathBuf,
+    },
+    /// The path is a symlink.
+    #[error("socket path {path} is a symlink; refusing to follow or remove it")]
+    Symlink {
+        /// The path.
+        path: PathBuf,
+    },
+    /// Something other than a socket is in the way.
+    #[error("socket path {path} exists and is not a socket; refusing to remove it (choose another --socket)")]
+    NotASocket {
+        /// The path.
+        path: PathBuf,
+    },
+    /// Too long for `sun_path`.
+    #[error("socket path {path} is {len} bytes; Unix sockets allow at most {MAX_SOCKET_PATH}")]
+    PathTooLong {
+        /// The path.
+        path: PathBuf,
+        /// Its length.
+        len: usize,
+    },
+    /// The OS refused an operation.
+    #[error("socket {path}: cannot {op}: {source}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// What was attempted.
+        op: &'static str,
+        /// The OS error.
+        source: io::Error,
+    },
+}
+
+/// Why the server did not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The keyring could not be loaded.
+    #[error(transparent)]
+    Keyring(#[from] BackendError),
+    /// The keyring loaded but a key failed its round trip.
+    #[error("keyring self-check failed: {0}")]
+    SelfCheck(KeyringError),
+    /// The socket could not be bound.
+    #[error(transparent)]
+    Socket(#[from] SocketError),
+    /// The gRPC transport failed.
+    #[error("transport error: {0}")]
+    Transport(String),
+    /// A background task died.
+    #[error("internal task failed: {0}")]
+    Task(String),
+}
+
+impl ServerError {
+    /// The process exit code: 78 (EX_CONFIG) for what the operator must fix
+    /// in the setup, 1 for runtime failures.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::Keyring(_) | Self::SelfCheck(_) | Self::Socket(_) => 78,
+            Self::Transport(_) | Self::Task(_) => 1,
+        }
+    }
+}

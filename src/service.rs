@@ -1,0 +1,286 @@
+//! `v2.KeyManagementService`: protobuf in, domain calls, protobuf out.
+//!
+//! Every error becomes a gRPC status in [`ServiceError::to_status`], and only
+//! there. The apiserver does not interpret codes, but operators and our own
+//! probe do: client mistakes are `INVALID_ARGUMENT`, a retired key is
+//! `FAILED_PRECONDITION`, an unhealthy keyring is `UNAVAILABLE`, and anything
+//! internal is `INTERNAL` with a fixed message (the detail goes to the log,
+//! tagged with the request's uid).
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use arc_swap::ArcSwap;
+use tonic::transport::server::UdsConnectInfo;
+use tonic::{Request, Response, Status};
+use tracing::{Instrument, debug, error, info_span, warn};
+
+use crate::keyring::{Keyring, KeyringError};
+use crate::pb;
+use crate::pb::key_management_service_server::{KeyManagementService, KeyManagementServiceServer};
+use crate::secret::Plaintext;
+
+/// The Status `version` kekd reports; accepted by kube-apiserver 1.29+.
+pub const API_VERSION: &str = "v2";
+/// The Status `healthz` the apiserver requires, byte for byte.
+pub const HEALTHZ_OK: &str = "ok";
+
+/// The keyring snapshot being served and its health, shared by the service
+/// and the server's background tasks.
+#[derive(Debug)]
+pub struct ServingState {
+    current: ArcSwap<Snapshot>,
+}
+
+/// One keyring snapshot plus the result of its latest self-check.
+#[derive(Debug)]
+pub struct Snapshot {
+    /// The keyring.
+    pub keyring: Keyring,
+    healthy: AtomicBool,
+}
+
+impl Snapshot {
+    /// A snapshot whose self-check result is `healthy`.
+    pub fn new(keyring: Keyring, healthy: bool) -> Self {
+        Self {
+            keyring,
+            healthy: AtomicBool::new(healthy),
+        }
+    }
+
+    /// Whether the latest self-check passed.
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Acquire)
+    }
+
+    /// Records a self-check result; returns the previous one.
+    pub fn set_healthy(&self, healthy: bool) -> bool {
+        self.healthy.swap(healthy, Ordering::AcqRel)
+    }
+}
+
+impl ServingState {
+    /// State serving `snapshot`.
+    pub fn new(snapshot: Snapshot) -> Self {
+        Self {
+            current: ArcSwap::from_pointee(snapshot),
+        }
+    }
+
+    /// The snapshot to use for one call. A call uses one snapshot throughout,
+    /// so its key id and key always belong together.
+    pub fn current(&self) -> Arc<Snapshot> {
+        self.current.load_full()
+    }
+
+    /// Replaces the snapshot as a whole.
+    pub fn swap(&self, snapshot: Snapshot) -> Arc<Snapshot> {
+        self.current.swap(Arc::new(snapshot))
+    }
+}
+
+/// The gRPC service over a [`ServingState`].
+#[derive(Debug, Clone)]
+pub struct KmsService {
+    state: Arc<ServingState>,
+}
+
+impl KmsService {
+    /// A service answering from `state`.
+    pub fn new(state: Arc<ServingState>) -> Self {
+        Self { state }
+    }
+
+    /// The tonic server for this service, with message size caps.
+    pub fn into_server(self, max_request_bytes: usize) -> KeyManagementServiceServer<Self> {
+        KeyManagementServiceServer::new(self)
+            .max_decoding_message_size(max_request_bytes)
+            .max_encoding_message_size(max_request_bytes)
+    }
+}
+
+#[tonic::async_trait]
+impl KeyManagementService for KmsService {
+    async fn status(
+        &self,
+        _request: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        // Answered from cached state: the apiserver polls this constantly.
+        let snapshot = self.state.current();
+        if !snapshot.is_healthy() {
+            // A gRPC error, not a healthz string: only a failing RPC stops the
+            // apiserver from writing with the current seed (kubernetes#138950).
+            return Err(ServiceError::Unhealthy.to_status(&Uid::none()));
+        }
+        Ok(Response::new(pb::StatusResponse {
+            version: API_VERSION.to_owned(),
+            healthz: HEALTHZ_OK.to_owned(),
+            key_id: snapshot.keyring.primary_key_id().to_string(),
+        }))
+    }
+
+    async fn encrypt(
+        &self,
+        request: Request<pb::EncryptRequest>,
+    ) -> Result<Response<pb::EncryptResponse>, Status> {
+        let peer = peer_uid(&request);
+        let request = request.into_inner();
+        let uid = Uid::from_wire(&request.uid);
+        let span = info_span!("encrypt", uid = %uid, peer.uid = peer);
+        async move {
+            let plaintext = Plaintext::new(request.plaintext);
+            let snapshot = self.state.current();
+            match snapshot.keyring.encrypt(&plaintext).await {
+                Ok((key_id, ciphertext)) => {
+                    debug!(
+                        key.version = snapshot.keyring.primary().get(),
+                        plaintext.len = plaintext.len(),
+                        ciphertext.len = ciphertext.len(),
+                        "encrypted"
+                    );
+                    Ok(Response::new(pb::EncryptResponse {
+                        ciphertext,
+                        key_id: key_id.to_string(),
+                        annotations: Default::default(),
+                    }))
+                }
+                Err(e) => Err(ServiceError::Keyring(e).to_status(&uid)),
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn decrypt(
+        &self,
+        request: Request<pb::DecryptRequest>,
+    ) -> Result<Response<pb::DecryptResponse>, Status> {
+        let peer = peer_uid(&request);
+        let request = request.into_inner();
+        let uid = Uid::from_wire(&request.uid);
+        let span = info_span!("decrypt", uid = %uid, peer.uid = peer);
+        async move {
+            // kekd never issues annotations, so a ciphertext that comes with
+            // some was not produced as it is by kekd.
+            if !request.annotations.is_empty() {
+                return Err(ServiceError::UnexpectedAnnotations.to_status(&uid));
+            }
+            let snapshot = self.state.current();
+            match snapshot.keyring.decrypt(&request.key_id, &request.ciphertext).await {
+                Ok((version, plaintext)) => {
+                    debug!(key.version = version.get(), plaintext.len = plaintext.len(), "decrypted");
+                    Ok(Response::new(pb::DecryptResponse {
+                        plaintext: plaintext.into_inner(),
+                    }))
+                }
+                Err(e) => Err(ServiceError::Keyring(e).to_status(&uid)),
+            }
+        }
+        .instrument(span)
+        .await
+    }
+}
+
+fn peer_uid<T>(request: &Request<T>) -> i64 {
+    request
+        .extensions()
+        .get::<UdsConnectInfo>()
+        .and_then(|i| i.peer_cred)
+        .map_or(-1, |c| i64::from(c.uid()))
+}
+
+/// Why a call failed, before it becomes a gRPC status.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// The keyring refused or failed.
+    #[error(transparent)]
+    Keyring(#[from] KeyringError),
+    /// Decrypt came with annotations kekd never issues.
+    #[error("ciphertext came with annotations, but kekd issues none: it was not produced by kekd")]
+    UnexpectedAnnotations,
+    /// The latest self-check failed.
+    #[error("kekd is unhealthy: the KEK self-check failed (see kekd's log)")]
+    Unhealthy,
+}
+
+impl ServiceError {
+    /// The one mapping from errors to gRPC statuses. Logs failures once.
+    pub fn to_status(&self, uid: &Uid) -> Status {
+        use KeyringError as K;
+        let code = match self {
+            Self::UnexpectedAnnotations => tonic::Code::InvalidArgument,
+            Self::Unhealthy => tonic::Code::Unavailable,
+            Self::Keyring(e) => match e {
+                K::EmptyPlaintext
+                | K::PlaintextTooLong { .. }
+                | K::UnknownKeyId
+                | K::KeyIdMismatch { .. }
+                | K::UnknownVersion { .. }
+                | K::Envelope(_)
+                | K::Decrypt => tonic::Code::InvalidArgument,
+                K::Unusable { .. } => tonic::Code::FailedPrecondition,
+                K::SelfCheck { .. } | K::Invalid(_) | K::Random(_) | K::Backend(_) => {
+                    tonic::Code::Internal
+                }
+            },
+        };
+        if code == tonic::Code::Internal {
+            error!(uid = %uid, error = %self, "internal error");
+            return Status::internal(format!("internal error in kekd (request uid {uid}); see kekd's log"));
+        }
+        warn!(uid = %uid, code = ?code, error = %self, "request refused");
+        Status::new(code, self.to_string())
+    }
+}
+
+/// The request uid, safe to log: a UUID-like string or a placeholder.
+///
+/// The apiserver sends a fresh UUID; anything else (very long, or with
+/// characters that could forge log lines) is replaced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Uid(String);
+
+impl Uid {
+    /// Sanitizes a uid received on the wire.
+    pub fn from_wire(s: &str) -> Self {
+        let ok = !s.is_empty()
+            && s.len() <= 64
+            && s.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-');
+        Self(if ok { s.to_owned() } else if s.is_empty() { "-".to_owned() } else { "<invalid>".to_owned() })
+    }
+
+    /// For calls without a uid (Status).
+    pub fn none() -> Self {
+        Self("-".to_owned())
+    }
+}
+
+impl fmt::Display for Uid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+// Hand-written Debug for the messages that carry plaintext (build.rs skips
+// the derived ones): lengths and uid only.
+impl fmt::Debug for pb::EncryptRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EncryptRequest")
+            .field("plaintext", &format_args!("<{} bytes redacted>", self.plaintext.len()))
+            .field("uid", &self.uid)
+            .finish()
+    }
+}
+
+impl fmt::Debug for pb::DecryptResponse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DecryptResponse")
+            .field("plaintext", &format_args!("<{} bytes redacted>", self.plaintext.len()))
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests;
