@@ -69,11 +69,17 @@ impl CliError {
 
     /// A configuration or keyring problem.
     pub fn config(e: impl std::fmt::Display) -> Self {
-        Self { code: Self::CONFIG, message: e.to_string() }
+        Self {
+            code: Self::CONFIG,
+            message: e.to_string(),
+        }
     }
 
     /// A runtime failure.
     pub fn runtime(e: impl std::fmt::Display) -> Self {
-        Self { code: Self::RUNTIME, message: e.to_string() }
+        Self {
+            code: Self::RUNTIME,
+            message: e.to_string(),
+        }
     }
 }

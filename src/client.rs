@@ -89,7 +89,11 @@ impl Client {
     ///
     /// # Errors
     /// The RPC's status.
-    pub async fn encrypt(&mut self, plaintext: Vec<u8>, uid: &str) -> Result<EncryptReply, tonic::Status> {
+    pub async fn encrypt(
+        &mut self,
+        plaintext: Vec<u8>,
+        uid: &str,
+    ) -> Result<EncryptReply, tonic::Status> {
         let r = self
             .inner
             .encrypt(pb::EncryptRequest {

@@ -159,8 +159,11 @@ impl ServeConfig {
                 reason: format!("{max_concurrency} is outside 1..=65536"),
             });
         }
-        let shutdown_grace =
-            parse_duration("shutdown_grace", s.shutdown_grace.as_deref(), DEFAULT_SHUTDOWN_GRACE)?;
+        let shutdown_grace = parse_duration(
+            "shutdown_grace",
+            s.shutdown_grace.as_deref(),
+            DEFAULT_SHUTDOWN_GRACE,
+        )?;
         let self_check_interval = parse_duration(
             "self_check_interval",
             s.self_check_interval.as_deref(),
@@ -173,9 +176,10 @@ impl ServeConfig {
             });
         }
         let log_format = match s.log_format {
-            Some(f) => f
-                .parse()
-                .map_err(|reason| ConfigError::Invalid { what: "log_format", reason })?,
+            Some(f) => f.parse().map_err(|reason| ConfigError::Invalid {
+                what: "log_format",
+                reason,
+            })?,
             None => LogFormat::Text,
         };
         Ok(Self {
@@ -197,12 +201,15 @@ fn parse_mode(s: &str) -> Result<u32, ConfigError> {
         reason: format!("{s:?} {reason}"),
     };
     let digits = s.strip_prefix("0o").unwrap_or(s);
-    if digits.is_empty() || digits.len() > 4 || !digits.bytes().all(|c| (b'0'..=b'7').contains(&c)) {
+    if digits.is_empty() || digits.len() > 4 || !digits.bytes().all(|c| (b'0'..=b'7').contains(&c))
+    {
         return Err(invalid("is not an octal mode like 0600 or 0660"));
     }
     let mode = u32::from_str_radix(digits, 8).map_err(|_| invalid("is not an octal mode"))?;
     if mode & !0o777 != 0 {
-        return Err(invalid("sets setuid/setgid/sticky bits, which a socket must not have"));
+        return Err(invalid(
+            "sets setuid/setgid/sticky bits, which a socket must not have",
+        ));
     }
     if mode & 0o007 != 0 {
         return Err(invalid(
@@ -234,7 +241,11 @@ fn resolve_group(name: &str) -> Result<u32, ConfigError> {
         })
 }
 
-fn parse_duration(what: &'static str, s: Option<&str>, default: Duration) -> Result<Duration, ConfigError> {
+fn parse_duration(
+    what: &'static str,
+    s: Option<&str>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
     s.map_or(Ok(default), |s| {
         humantime::parse_duration(s).map_err(|e| ConfigError::Invalid {
             what,
@@ -301,7 +312,10 @@ mod tests {
             "keyring = \"/file/k\"\nsocket = \"/file/s\"\nsocket_mode = \"0660\"\nsocket_group = \"0\"\nlog_format = \"json\"\n",
         )
         .unwrap();
-        let flags = Settings { keyring: Some("/flag/k".into()), ..Settings::default() };
+        let flags = Settings {
+            keyring: Some("/flag/k".into()),
+            ..Settings::default()
+        };
         let c = ServeConfig::resolve(flags.or(file)).unwrap();
         assert_eq!(c.keyring, PathBuf::from("/flag/k"));
         assert_eq!(c.socket.path, PathBuf::from("/file/s"));
@@ -318,8 +332,11 @@ mod tests {
 
     #[test]
     fn missing_keyring_names_the_fix() {
-        let err = ServeConfig::resolve(Settings { socket: Some("/s".into()), ..Settings::default() })
-            .unwrap_err();
+        let err = ServeConfig::resolve(Settings {
+            socket: Some("/s".into()),
+            ..Settings::default()
+        })
+        .unwrap_err();
         assert_eq!(
             err.to_string(),
             "no keyring given: set --keyring PATH, KEKD_KEYRING or `keyring = \"PATH\"` in --config (or try --dev)"
@@ -339,8 +356,15 @@ mod tests {
             ("rw", None),
             ("", None),
         ] {
-            let s = Settings { socket_mode: Some(mode.into()), ..minimal() };
-            assert_eq!(ServeConfig::resolve(s).ok().map(|c| c.socket.mode), ok, "mode {mode:?}");
+            let s = Settings {
+                socket_mode: Some(mode.into()),
+                ..minimal()
+            };
+            assert_eq!(
+                ServeConfig::resolve(s).ok().map(|c| c.socket.mode),
+                ok,
+                "mode {mode:?}"
+            );
         }
         let err = parse_mode("0666").unwrap_err().to_string();
         assert_eq!(
@@ -351,15 +375,27 @@ mod tests {
 
     #[test]
     fn bad_values_are_named() {
-        let s = Settings { shutdown_grace: Some("soon".into()), ..minimal() };
+        let s = Settings {
+            shutdown_grace: Some("soon".into()),
+            ..minimal()
+        };
         let err = ServeConfig::resolve(s).unwrap_err().to_string();
-        assert!(err.starts_with("invalid shutdown_grace: \"soon\" is not a duration"), "{err}");
-        let s = Settings { max_request_bytes: Some(10), ..minimal() };
+        assert!(
+            err.starts_with("invalid shutdown_grace: \"soon\" is not a duration"),
+            "{err}"
+        );
+        let s = Settings {
+            max_request_bytes: Some(10),
+            ..minimal()
+        };
         assert_eq!(
             ServeConfig::resolve(s).unwrap_err().to_string(),
             "invalid max_request_bytes: 10 is outside 1024..=4194304"
         );
-        let s = Settings { socket_group: Some("no-such-group-kekd".into()), ..minimal() };
+        let s = Settings {
+            socket_group: Some("no-such-group-kekd".into()),
+            ..minimal()
+        };
         assert_eq!(
             ServeConfig::resolve(s).unwrap_err().to_string(),
             "invalid socket_group: no group named \"no-such-group-kekd\" in /etc/group (give a numeric gid instead)"

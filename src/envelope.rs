@@ -72,7 +72,11 @@ impl<'a> Envelope<'a> {
         let version = u32::from_be_bytes(version.try_into().map_err(|_| EnvelopeError::Empty)?);
         let version = KeyVersion::new(version).ok_or(EnvelopeError::ZeroVersion)?;
         let nonce: &Nonce = nonce.try_into().map_err(|_| EnvelopeError::Empty)?;
-        Ok(Self { version, nonce, sealed })
+        Ok(Self {
+            version,
+            nonce,
+            sealed,
+        })
     }
 
     /// Serializes an envelope from its parts.

@@ -559,7 +559,9 @@ pub enum KeyringError {
         version: KeyVersion,
     },
     /// The version exists but may not be used.
-    #[error("key version {version} is {state} and cannot decrypt (restore it with `kekd admin restore`)")]
+    #[error(
+        "key version {version} is {state} and cannot decrypt (restore it with `kekd admin restore`)"
+    )]
     Unusable {
         /// The version asked for.
         version: KeyVersion,

@@ -42,7 +42,10 @@ impl Server {
     /// # Errors
     /// Keyring problems ([`ServerError::Keyring`], [`ServerError::SelfCheck`])
     /// and socket problems ([`ServerError::Socket`]); nothing is bound then.
-    pub async fn start(config: ServeConfig, backend: Arc<dyn Backend>) -> Result<Self, ServerError> {
+    pub async fn start(
+        config: ServeConfig,
+        backend: Arc<dyn Backend>,
+    ) -> Result<Self, ServerError> {
         let loader = Arc::clone(&backend);
         let keyring = tokio::task::spawn_blocking(move || loader.load())
             .await
@@ -58,7 +61,12 @@ impl Server {
         let state = Arc::new(ServingState::new(Snapshot::new(keyring, true)));
         let socket = BoundSocket::bind(&config.socket)?;
         info!(socket = %socket.path.display(), mode = format_args!("{:04o}", config.socket.mode), "listening");
-        Ok(Self { state, socket, config, backend })
+        Ok(Self {
+            state,
+            socket,
+            config,
+            backend,
+        })
     }
 
     /// The shared serving state (for tests and future reload tasks).
@@ -77,13 +85,21 @@ impl Server {
     /// # Errors
     /// When the transport fails.
     pub async fn serve(self, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
-        let Self { state, socket, config, backend } = self;
+        let Self {
+            state,
+            socket,
+            config,
+            backend,
+        } = self;
         let _ = backend; // kept for the reload task of the rotation work
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let (conn_tx, conn_rx) = mpsc::channel(64);
         let listener = socket.take_listener()?;
         let accept = tokio::spawn(accept_loop(listener, conn_tx));
-        let checker = tokio::spawn(self_check_loop(Arc::clone(&state), config.self_check_interval));
+        let checker = tokio::spawn(self_check_loop(
+            Arc::clone(&state),
+            config.self_check_interval,
+        ));
 
         let limit = u32::try_from(config.max_concurrency).unwrap_or(u32::MAX);
         let router = tonic::transport::Server::builder()
@@ -196,12 +212,22 @@ impl BoundSocket {
     pub fn bind(config: &SocketConfig) -> Result<Self, SocketError> {
         let path = &config.path;
         let io = |op: &'static str| {
-            move |source: io::Error| SocketError::Io { path: path.clone(), op, source }
+            move |source: io::Error| SocketError::Io {
+                path: path.clone(),
+                op,
+                source,
+            }
         };
         if path.as_os_str().len() > MAX_SOCKET_PATH {
-            return Err(SocketError::PathTooLong { path: path.clone(), len: path.as_os_str().len() });
+            return Err(SocketError::PathTooLong {
+                path: path.clone(),
+                len: path.as_os_str().len(),
+            });
         }
-        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty() && !p.exists()) {
+        if let Some(parent) = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty() && !p.exists())
+        {
             std::fs::DirBuilder::new()
                 .recursive(true)
                 .mode(0o750)
@@ -210,14 +236,22 @@ impl BoundSocket {
         }
         clear_stale(path)?;
 
-        let bind_mode = if config.group.is_some() { 0o600 } else { config.mode };
+        let bind_mode = if config.group.is_some() {
+            0o600
+        } else {
+            config.mode
+        };
         let listener = {
             let old = rustix::process::umask(rustix::fs::Mode::from_raw_mode(!bind_mode & 0o777));
             let bound = std::os::unix::net::UnixListener::bind(path);
             rustix::process::umask(old);
             bound.map_err(io("bind"))?
         };
-        let mut socket = Self { listener: None, path: path.clone(), identity: (0, 0) };
+        let mut socket = Self {
+            listener: None,
+            path: path.clone(),
+            identity: (0, 0),
+        };
         let meta = std::fs::symlink_metadata(path).map_err(io("stat"))?;
         socket.identity = (meta.dev(), meta.ino());
         socket.listener = Some(listener);
@@ -259,7 +293,9 @@ impl BoundSocket {
                     warn!(socket = %self.path.display(), error = %e, "could not remove socket");
                 }
             }
-            _ => warn!(socket = %self.path.display(), "socket was replaced by someone else; leaving it"),
+            _ => {
+                warn!(socket = %self.path.display(), "socket was replaced by someone else; leaving it")
+            }
         }
     }
 }
@@ -275,17 +311,29 @@ fn clear_stale(path: &Path) -> Result<(), SocketError> {
     let meta = match std::fs::symlink_metadata(path) {
         Ok(m) => m,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(source) => return Err(SocketError::Io { path: path.to_owned(), op: "stat", source }),
+        Err(source) => {
+            return Err(SocketError::Io {
+                path: path.to_owned(),
+                op: "stat",
+                source,
+            });
+        }
     };
     let kind = meta.file_type();
     if kind.is_symlink() {
-        return Err(SocketError::Symlink { path: path.to_owned() });
+        return Err(SocketError::Symlink {
+            path: path.to_owned(),
+        });
     }
     if !kind.is_socket() {
-        return Err(SocketError::NotASocket { path: path.to_owned() });
+        return Err(SocketError::NotASocket {
+            path: path.to_owned(),
+        });
     }
     match std::os::unix::net::UnixStream::connect(path) {
-        Ok(_) => Err(SocketError::InUse { path: path.to_owned() }),
+        Ok(_) => Err(SocketError::InUse {
+            path: path.to_owned(),
+        }),
         Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
             std::fs::remove_file(path).map_err(|source| SocketError::Io {
                 path: path.to_owned(),
@@ -295,7 +343,11 @@ fn clear_stale(path: &Path) -> Result<(), SocketError> {
             info!(socket = %path.display(), "removed stale socket left by an earlier run");
             Ok(())
         }
-        Err(source) => Err(SocketError::Io { path: path.to_owned(), op: "probe the existing socket", source }),
+        Err(source) => Err(SocketError::Io {
+            path: path.to_owned(),
+            op: "probe the existing socket",
+            source,
+        }),
     }
 }
 
@@ -303,7 +355,9 @@ fn clear_stale(path: &Path) -> Result<(), SocketError> {
 #[derive(Debug, thiserror::Error)]
 pub enum SocketError {
     /// A live process accepts on the socket.
-    #[error("socket {path} is in use by another process (is kekd already running?); stop it or choose another --socket")]
+    #[error(
+        "socket {path} is in use by another process (is kekd already running?); stop it or choose another --socket"
+    )]
     InUse {
         /// The path.
         path: PathBuf,
@@ -315,7 +369,9 @@ pub enum SocketError {
         path: PathBuf,
     },
     /// Something other than a socket is in the way.
-    #[error("socket path {path} exists and is not a socket; refusing to remove it (choose another --socket)")]
+    #[error(
+        "socket path {path} exists and is not a socket; refusing to remove it (choose another --socket)"
+    )]
     NotASocket {
         /// The path.
         path: PathBuf,

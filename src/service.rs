@@ -168,9 +168,17 @@ impl KeyManagementService for KmsService {
                 return Err(ServiceError::UnexpectedAnnotations.to_status(&uid));
             }
             let snapshot = self.state.current();
-            match snapshot.keyring.decrypt(&request.key_id, &request.ciphertext).await {
+            match snapshot
+                .keyring
+                .decrypt(&request.key_id, &request.ciphertext)
+                .await
+            {
                 Ok((version, plaintext)) => {
-                    debug!(key.version = version.get(), plaintext.len = plaintext.len(), "decrypted");
+                    debug!(
+                        key.version = version.get(),
+                        plaintext.len = plaintext.len(),
+                        "decrypted"
+                    );
                     Ok(Response::new(pb::DecryptResponse {
                         plaintext: plaintext.into_inner(),
                     }))
@@ -228,7 +236,9 @@ impl ServiceError {
         };
         if code == tonic::Code::Internal {
             error!(uid = %uid, error = %self, "internal error");
-            return Status::internal(format!("internal error in kekd (request uid {uid}); see kekd's log"));
+            return Status::internal(format!(
+                "internal error in kekd (request uid {uid}); see kekd's log"
+            ));
         }
         warn!(uid = %uid, code = ?code, error = %self, "request refused");
         Status::new(code, self.to_string())
@@ -248,7 +258,13 @@ impl Uid {
         let ok = !s.is_empty()
             && s.len() <= 64
             && s.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-');
-        Self(if ok { s.to_owned() } else if s.is_empty() { "-".to_owned() } else { "<invalid>".to_owned() })
+        Self(if ok {
+            s.to_owned()
+        } else if s.is_empty() {
+            "-".to_owned()
+        } else {
+            "<invalid>".to_owned()
+        })
     }
 
     /// For calls without a uid (Status).
@@ -268,7 +284,10 @@ impl fmt::Display for Uid {
 impl fmt::Debug for pb::EncryptRequest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("EncryptRequest")
-            .field("plaintext", &format_args!("<{} bytes redacted>", self.plaintext.len()))
+            .field(
+                "plaintext",
+                &format_args!("<{} bytes redacted>", self.plaintext.len()),
+            )
             .field("uid", &self.uid)
             .finish()
     }
@@ -277,7 +296,10 @@ impl fmt::Debug for pb::EncryptRequest {
 impl fmt::Debug for pb::DecryptResponse {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("DecryptResponse")
-            .field("plaintext", &format_args!("<{} bytes redacted>", self.plaintext.len()))
+            .field(
+                "plaintext",
+                &format_args!("<{} bytes redacted>", self.plaintext.len()),
+            )
             .finish()
     }
 }

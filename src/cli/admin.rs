@@ -67,12 +67,17 @@ pub fn run(cmd: AdminCommand) -> Result<(), CliError> {
 
 fn init(args: &InitArgs) -> Result<(), CliError> {
     let path = &args.keyring;
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
+    if let Some(dir) = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty() && !d.exists())
+    {
         fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(dir)
-            .map_err(|e| CliError::config(format!("cannot create directory {}: {e}", dir.display())))?;
+            .map_err(|e| {
+                CliError::config(format!("cannot create directory {}: {e}", dir.display()))
+            })?;
     }
     let file = KeyringFile::generate(Timestamp::now()).map_err(CliError::runtime)?;
     store::create(path, &file).map_err(CliError::config)?;
@@ -94,7 +99,9 @@ fn init(args: &InitArgs) -> Result<(), CliError> {
             println!("  keyring id  {}", file.id);
             println!("  version {version}   primary");
             println!("  key_id      {key_id}");
-            println!("Back this file up now: if it is lost, every Secret it protects is unreadable.");
+            println!(
+                "Back this file up now: if it is lost, every Secret it protects is unreadable."
+            );
         }
     }
     Ok(())
@@ -130,7 +137,12 @@ fn probe(args: &ProbeArgs) -> Result<(), CliError> {
         Output::Text => {
             println!("probe of {}", args.socket.display());
             for c in &checks {
-                println!("  {} {:<9} {}", if c.ok { "ok  " } else { "FAIL" }, c.name, c.detail);
+                println!(
+                    "  {} {:<9} {}",
+                    if c.ok { "ok  " } else { "FAIL" },
+                    c.name,
+                    c.detail
+                );
             }
         }
     }
@@ -146,11 +158,18 @@ fn probe(args: &ProbeArgs) -> Result<(), CliError> {
     }
 }
 
-async fn probe_checks(socket: &Path, timeout: Duration) -> (Vec<Check>, Option<crate::client::StatusReply>) {
+async fn probe_checks(
+    socket: &Path,
+    timeout: Duration,
+) -> (Vec<Check>, Option<crate::client::StatusReply>) {
     let mut checks = Vec::new();
     let mut push = |name, result: Result<String, String>| {
         let ok = result.is_ok();
-        checks.push(Check { name, ok, detail: result.unwrap_or_else(|e| e) });
+        checks.push(Check {
+            name,
+            ok,
+            detail: result.unwrap_or_else(|e| e),
+        });
         ok
     };
 
@@ -168,7 +187,10 @@ async fn probe_checks(socket: &Path, timeout: Duration) -> (Vec<Check>, Option<c
     let status = match client.status().await {
         Ok(s) => s,
         Err(e) => {
-            push("status", Err(format!("Status failed: {} ({:?})", e.message(), e.code())));
+            push(
+                "status",
+                Err(format!("Status failed: {} ({:?})", e.message(), e.code())),
+            );
             return (checks, None);
         }
     };
@@ -184,7 +206,10 @@ async fn probe_checks(socket: &Path, timeout: Duration) -> (Vec<Check>, Option<c
     let enc = match client.encrypt(seed.clone(), &uid).await {
         Ok(r) => r,
         Err(e) => {
-            push("encrypt", Err(format!("Encrypt failed: {} ({:?})", e.message(), e.code())));
+            push(
+                "encrypt",
+                Err(format!("Encrypt failed: {} ({:?})", e.message(), e.code())),
+            );
             return (checks, Some(status));
         }
     };
@@ -192,12 +217,23 @@ async fn probe_checks(socket: &Path, timeout: Duration) -> (Vec<Check>, Option<c
     push(
         "encrypt",
         check_encrypt(&status, &enc).map(|()| {
-            format!("{}-byte ciphertext under {} in {enc_ms:.1} ms", enc.ciphertext.len(), enc.key_id)
+            format!(
+                "{}-byte ciphertext under {} in {enc_ms:.1} ms",
+                enc.ciphertext.len(),
+                enc.key_id
+            )
         }),
     );
 
     let started = Instant::now();
-    let dec = client.decrypt(enc.ciphertext.clone(), &enc.key_id, enc.annotations.clone(), &uid).await;
+    let dec = client
+        .decrypt(
+            enc.ciphertext.clone(),
+            &enc.key_id,
+            enc.annotations.clone(),
+            &uid,
+        )
+        .await;
     let dec_ms = started.elapsed().as_secs_f64() * 1000.0;
     push(
         "decrypt",
@@ -231,13 +267,19 @@ fn connect_hint(socket: &Path, reason: &str) -> String {
 /// The apiserver's rules for a Status response.
 fn check_status(s: &crate::client::StatusReply) -> Result<String, String> {
     if s.version != "v2" && s.version != "v2beta1" {
-        return Err(format!("version is {:?}; kube-apiserver requires \"v2\"", s.version));
+        return Err(format!(
+            "version is {:?}; kube-apiserver requires \"v2\"",
+            s.version
+        ));
     }
     if s.healthz != "ok" {
         return Err(format!("healthz is {:?}, not \"ok\"", s.healthz));
     }
     check_key_id(&s.key_id)?;
-    Ok(format!("version {} healthz ok key_id {}", s.version, s.key_id))
+    Ok(format!(
+        "version {} healthz ok key_id {}",
+        s.version, s.key_id
+    ))
 }
 
 fn check_key_id(k: &str) -> Result<(), String> {
@@ -249,7 +291,10 @@ fn check_key_id(k: &str) -> Result<(), String> {
 }
 
 /// The apiserver's rules for an Encrypt response.
-fn check_encrypt(status: &crate::client::StatusReply, e: &crate::client::EncryptReply) -> Result<(), String> {
+fn check_encrypt(
+    status: &crate::client::StatusReply,
+    e: &crate::client::EncryptReply,
+) -> Result<(), String> {
     check_key_id(&e.key_id)?;
     if e.key_id != status.key_id {
         return Err(format!(
@@ -258,7 +303,10 @@ fn check_encrypt(status: &crate::client::StatusReply, e: &crate::client::Encrypt
         ));
     }
     if e.ciphertext.is_empty() || e.ciphertext.len() > 1024 {
-        return Err(format!("ciphertext is {} bytes; the apiserver allows 1..=1024", e.ciphertext.len()));
+        return Err(format!(
+            "ciphertext is {} bytes; the apiserver allows 1..=1024",
+            e.ciphertext.len()
+        ));
     }
     check_annotations(&e.annotations)
 }
@@ -267,12 +315,16 @@ fn check_annotations(a: &HashMap<String, Vec<u8>>) -> Result<(), String> {
     let mut total = 0;
     for (k, v) in a {
         if !is_annotation_key(k) {
-            return Err(format!("annotation key {k:?} is not a lowercase DNS name with two or more labels"));
+            return Err(format!(
+                "annotation key {k:?} is not a lowercase DNS name with two or more labels"
+            ));
         }
         total += k.len() + v.len();
     }
     if total > 32 * 1024 {
-        return Err(format!("annotations total {total} bytes; the apiserver allows 32768"));
+        return Err(format!(
+            "annotations total {total} bytes; the apiserver allows 32768"
+        ));
     }
     Ok(())
 }
@@ -289,7 +341,8 @@ fn is_annotation_key(k: &str) -> bool {
             let b = l.as_bytes();
             !b.is_empty()
                 && b.len() <= 63
-                && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+                && b.iter()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
                 && b[0] != b'-'
                 && b[b.len() - 1] != b'-'
         })
@@ -304,7 +357,14 @@ fn probe_uid() -> String {
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
     let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..])
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    )
 }
 
 #[cfg(test)]
@@ -313,10 +373,24 @@ mod tests {
 
     #[test]
     fn annotation_keys() {
-        for ok in ["a.com", "version.encryption.remote.io", "a.com.", "x-1.y2.z"] {
+        for ok in [
+            "a.com",
+            "version.encryption.remote.io",
+            "a.com.",
+            "x-1.y2.z",
+        ] {
             assert!(is_annotation_key(ok), "{ok}");
         }
-        for bad in ["com", "Dev.k8s.io", "kms.example.io/x", "a_b.com", "-a.com", "a..com", "", "."] {
+        for bad in [
+            "com",
+            "Dev.k8s.io",
+            "kms.example.io/x",
+            "a_b.com",
+            "-a.com",
+            "a..com",
+            "",
+            ".",
+        ] {
             assert!(!is_annotation_key(bad), "{bad}");
         }
         assert!(!is_annotation_key(&format!("{}.com", "a".repeat(64))));

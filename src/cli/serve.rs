@@ -10,8 +10,8 @@ use tracing::info;
 use crate::backend::local::LocalBackend;
 use crate::cli::CliError;
 use crate::config::{ServeConfig, Settings};
-use crate::keyring::store::{self, KeyringFile, StoreError};
 use crate::keyring::Timestamp;
+use crate::keyring::store::{self, KeyringFile, StoreError};
 use crate::{server, telemetry};
 
 /// The directory `--dev` works in, relative to the current directory.
@@ -57,7 +57,10 @@ pub fn run(args: ServeArgs) -> Result<(), CliError> {
     let backend = Arc::new(LocalBackend::new(&config.keyring));
     runtime
         .block_on(server::run(config, backend, shutdown_signal()))
-        .map_err(|e| CliError { code: e.exit_code(), message: e.to_string() })
+        .map_err(|e| CliError {
+            code: e.exit_code(),
+            message: e.to_string(),
+        })
 }
 
 /// Fills keyring and socket defaults under ./kekd-dev, creates the dev
@@ -70,8 +73,14 @@ fn prepare_dev(settings: &mut Settings) -> Result<(), CliError> {
         .mode(0o700)
         .create(&dir)
         .map_err(|e| CliError::config(format!("cannot create {}: {e}", dir.display())))?;
-    let keyring = settings.keyring.get_or_insert_with(|| dir.join("keyring")).clone();
-    let socket = settings.socket.get_or_insert_with(|| dir.join("kms.sock")).clone();
+    let keyring = settings
+        .keyring
+        .get_or_insert_with(|| dir.join("keyring"))
+        .clone();
+    let socket = settings
+        .socket
+        .get_or_insert_with(|| dir.join("kms.sock"))
+        .clone();
     match KeyringFile::generate(Timestamp::now()) {
         Ok(file) => match store::create(&keyring, &file) {
             Ok(()) => eprintln!("kekd: created development keyring {}", keyring.display()),
@@ -85,7 +94,11 @@ fn prepare_dev(settings: &mut Settings) -> Result<(), CliError> {
 }
 
 fn absolute(cwd: &Path, p: &Path) -> PathBuf {
-    if p.is_absolute() { p.to_owned() } else { cwd.join(p) }
+    if p.is_absolute() {
+        p.to_owned()
+    } else {
+        cwd.join(p)
+    }
 }
 
 /// An EncryptionConfiguration for kube-apiserver pointing at `socket`.
@@ -109,7 +122,10 @@ pub fn encryption_config_snippet(socket: &Path) -> String {
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         // Without signal handlers the process can only be killed; serve anyway.
         tracing::warn!("cannot install SIGTERM/SIGINT handlers");
         return std::future::pending().await;

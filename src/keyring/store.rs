@@ -80,12 +80,17 @@ impl KeyringFile {
     /// The first defect found, with its line and field.
     pub fn parse(bytes: &[u8]) -> Result<Self, ParseError> {
         let text = std::str::from_utf8(bytes).map_err(|e| {
-            let line = 1 + bytes[..e.valid_up_to()].iter().filter(|&&b| b == b'\n').count();
+            let line = 1 + bytes[..e.valid_up_to()]
+                .iter()
+                .filter(|&&b| b == b'\n')
+                .count();
             ParseError::new(line, "is not UTF-8 text")
         })?;
         let body_end = text
             .strip_suffix('\n')
-            .ok_or_else(|| ParseError::new(count_lines(text), "does not end in a newline (truncated?)"))?
+            .ok_or_else(|| {
+                ParseError::new(count_lines(text), "does not end in a newline (truncated?)")
+            })?
             .rfind('\n')
             .map_or(0, |i| i + 1);
         let (body, last) = text.split_at(body_end);
@@ -96,17 +101,26 @@ impl KeyringFile {
         match lines.next() {
             Some((_, MAGIC)) => {}
             Some((_, l)) if l.starts_with("kekd-keyring ") => {
-                return Err(ParseError::new(1, "is a keyring format this kekd does not read (expected `kekd-keyring v1`)"));
+                return Err(ParseError::new(
+                    1,
+                    "is a keyring format this kekd does not read (expected `kekd-keyring v1`)",
+                ));
             }
-            _ => return Err(ParseError::new(1, "is not `kekd-keyring v1`: not a kekd keyring")),
+            _ => {
+                return Err(ParseError::new(
+                    1,
+                    "is not `kekd-keyring v1`: not a kekd keyring",
+                ));
+            }
         }
         let id = match lines.next() {
             Some((n, l)) => {
                 let hex = l
                     .strip_prefix("keyring ")
                     .ok_or_else(|| ParseError::new(n, "must be `keyring <id>`"))?;
-                hex.parse::<KeyringId>()
-                    .map_err(|_| ParseError::field(n, "keyring", "must be 32 lowercase hex digits"))?
+                hex.parse::<KeyringId>().map_err(|_| {
+                    ParseError::field(n, "keyring", "must be 32 lowercase hex digits")
+                })?
             }
             None => return Err(ParseError::new(2, "is missing: expected `keyring <id>`")),
         };
@@ -114,7 +128,10 @@ impl KeyringFile {
         for (n, line) in lines {
             versions.push(parse_version(n, line)?);
         }
-        let infos: Vec<VersionInfo> = versions.iter().map(|v: &StoredVersion| v.info.clone()).collect();
+        let infos: Vec<VersionInfo> = versions
+            .iter()
+            .map(|v: &StoredVersion| v.info.clone())
+            .collect();
         validate(&infos).map_err(|e| match e {
             KeyringError::Invalid(msg) => ParseError::whole(msg),
             other => ParseError::whole(other.to_string()),
@@ -131,8 +148,16 @@ impl KeyringFile {
         let _ = writeln!(out, "keyring {}", self.id);
         for v in &self.versions {
             let i = &v.info;
-            let _ = write!(out, "version {} {} created={}", i.version, i.state, i.created);
-            for (name, t) in [("promoted", i.promoted), ("retired", i.retired), ("destroyed", i.destroyed)] {
+            let _ = write!(
+                out,
+                "version {} {} created={}",
+                i.version, i.state, i.created
+            );
+            for (name, t) in [
+                ("promoted", i.promoted),
+                ("retired", i.retired),
+                ("destroyed", i.destroyed),
+            ] {
                 if let Some(t) = t {
                     let _ = write!(out, " {name}={t}");
                 }
@@ -167,7 +192,12 @@ fn check_checksum(body: &str, last: &str, line: usize) -> Result<(), ParseError>
     let hex = last
         .strip_suffix('\n')
         .and_then(|l| l.strip_prefix("sha256 "))
-        .ok_or_else(|| ParseError::new(line, "must be the `sha256 <digest>` line that ends every keyring (file truncated?)"))?;
+        .ok_or_else(|| {
+            ParseError::new(
+                line,
+                "must be the `sha256 <digest>` line that ends every keyring (file truncated?)",
+            )
+        })?;
     let digest = Sha256::digest(body.as_bytes());
     let mut expected = String::with_capacity(64);
     for b in digest {
@@ -193,11 +223,16 @@ fn parse_version(n: usize, line: &str) -> Result<StoredVersion, ParseError> {
         .filter(|w| !w.starts_with('0') && w.bytes().all(|c| c.is_ascii_digit()))
         .and_then(|w| w.parse().ok())
         .and_then(KeyVersion::new)
-        .ok_or_else(|| ParseError::field(n, "version", "must be a whole number from 1 to 4294967295"))?;
-    let state: KeyState = words
-        .next()
-        .and_then(|w| w.parse().ok())
-        .ok_or_else(|| ParseError::field(n, "state", "must be pending, primary, decrypt-only, retired or destroyed"))?;
+        .ok_or_else(|| {
+            ParseError::field(n, "version", "must be a whole number from 1 to 4294967295")
+        })?;
+    let state: KeyState = words.next().and_then(|w| w.parse().ok()).ok_or_else(|| {
+        ParseError::field(
+            n,
+            "state",
+            "must be pending, primary, decrypt-only, retired or destroyed",
+        )
+    })?;
 
     let mut created = None;
     let mut info = VersionInfo::new(version, state, Timestamp::from_unix(0));
@@ -230,17 +265,19 @@ fn parse_version(n: usize, line: &str) -> Result<StoredVersion, ParseError> {
         if slot.is_some() {
             return Err(ParseError::field(n, name, "appears twice"));
         }
-        *slot = Some(
-            value
-                .parse()
-                .map_err(|()| ParseError::field(n, name, "must be a UTC time like 2026-01-31T23:59:59Z"))?,
-        );
+        *slot = Some(value.parse().map_err(|()| {
+            ParseError::field(n, name, "must be a UTC time like 2026-01-31T23:59:59Z")
+        })?);
     }
     info.created = created.ok_or_else(|| ParseError::field(n, "created", "is missing"))?;
     match (state.has_material(), &kek) {
         (true, None) => return Err(ParseError::field(n, "kek", "is missing")),
         (false, Some(_)) => {
-            return Err(ParseError::field(n, "kek", "must not be present on a destroyed version"));
+            return Err(ParseError::field(
+                n,
+                "kek",
+                "must not be present on a destroyed version",
+            ));
         }
         _ => {}
     }
@@ -251,7 +288,9 @@ fn decode_kek(n: usize, value: &str) -> Result<Kek, ParseError> {
     let bad = || ParseError::field(n, "kek", "must be the base64 encoding of 32 bytes");
     // Decode into a fixed buffer so no unzeroed copy of the key is left behind.
     let mut buf = Zeroizing::new([0u8; KEK_LEN + 3]);
-    let len = BASE64.decode_slice(value, &mut buf[..]).map_err(|_| bad())?;
+    let len = BASE64
+        .decode_slice(value, &mut buf[..])
+        .map_err(|_| bad())?;
     if len != KEK_LEN || value.len() != 44 {
         return Err(bad());
     }
@@ -275,13 +314,25 @@ pub struct ParseError {
 
 impl ParseError {
     fn new(line: usize, reason: &str) -> Self {
-        Self { line: Some(line), field: None, reason: reason.to_owned() }
+        Self {
+            line: Some(line),
+            field: None,
+            reason: reason.to_owned(),
+        }
     }
     fn field(line: usize, field: &'static str, reason: &str) -> Self {
-        Self { line: Some(line), field: Some(field), reason: reason.to_owned() }
+        Self {
+            line: Some(line),
+            field: Some(field),
+            reason: reason.to_owned(),
+        }
     }
     fn whole(reason: String) -> Self {
-        Self { line: None, field: None, reason }
+        Self {
+            line: None,
+            field: None,
+            reason,
+        }
     }
 }
 
@@ -305,13 +356,17 @@ pub enum StoreError {
         path: PathBuf,
     },
     /// The file exists and must not be replaced.
-    #[error("keyring {path} already exists; refusing to overwrite it (every Secret it encrypted would be lost)")]
+    #[error(
+        "keyring {path} already exists; refusing to overwrite it (every Secret it encrypted would be lost)"
+    )]
     AlreadyExists {
         /// The path.
         path: PathBuf,
     },
     /// Group or other may access the file.
-    #[error("keyring {path} has permissions {mode:04o}, which let other users read the keys; run `chmod 600 {path}`")]
+    #[error(
+        "keyring {path} has permissions {mode:04o}, which let other users read the keys; run `chmod 600 {path}`"
+    )]
     TooOpen {
         /// The path.
         path: PathBuf,
@@ -325,7 +380,9 @@ pub enum StoreError {
         path: PathBuf,
     },
     /// Larger than any keyring.
-    #[error("keyring {path} is {len} bytes, more than the {MAX_FILE_LEN}-byte limit: not a kekd keyring")]
+    #[error(
+        "keyring {path} is {len} bytes, more than the {MAX_FILE_LEN}-byte limit: not a kekd keyring"
+    )]
     TooLarge {
         /// The path.
         path: PathBuf,
@@ -363,21 +420,37 @@ pub enum StoreError {
 /// # Errors
 /// See [`StoreError`].
 pub fn read(path: &Path) -> Result<KeyringFile, StoreError> {
-    let io = |op| move |source: io::Error| StoreError::Io { path: path.to_owned(), op, source };
+    let io = |op| {
+        move |source: io::Error| StoreError::Io {
+            path: path.to_owned(),
+            op,
+            source,
+        }
+    };
     let mut file = File::open(path).map_err(|e| match e.kind() {
-        io::ErrorKind::NotFound => StoreError::NotFound { path: path.to_owned() },
+        io::ErrorKind::NotFound => StoreError::NotFound {
+            path: path.to_owned(),
+        },
         _ => io("open")(e),
     })?;
     let meta = file.metadata().map_err(io("stat"))?;
     if !meta.is_file() {
-        return Err(StoreError::NotAFile { path: path.to_owned() });
+        return Err(StoreError::NotAFile {
+            path: path.to_owned(),
+        });
     }
     let mode = meta.permissions().mode() & 0o7777;
     if mode & 0o077 != 0 {
-        return Err(StoreError::TooOpen { path: path.to_owned(), mode });
+        return Err(StoreError::TooOpen {
+            path: path.to_owned(),
+            mode,
+        });
     }
     if meta.len() > MAX_FILE_LEN {
-        return Err(StoreError::TooLarge { path: path.to_owned(), len: meta.len() });
+        return Err(StoreError::TooLarge {
+            path: path.to_owned(),
+            len: meta.len(),
+        });
     }
     let mut bytes = Zeroizing::new(Vec::with_capacity(meta.len() as usize + 1));
     (&mut file)
@@ -385,9 +458,15 @@ pub fn read(path: &Path) -> Result<KeyringFile, StoreError> {
         .read_to_end(&mut bytes)
         .map_err(io("read"))?;
     if bytes.len() as u64 > MAX_FILE_LEN {
-        return Err(StoreError::TooLarge { path: path.to_owned(), len: bytes.len() as u64 });
+        return Err(StoreError::TooLarge {
+            path: path.to_owned(),
+            len: bytes.len() as u64,
+        });
     }
-    KeyringFile::parse(&bytes).map_err(|error| StoreError::Parse { path: path.to_owned(), error })
+    KeyringFile::parse(&bytes).map_err(|error| StoreError::Parse {
+        path: path.to_owned(),
+        error,
+    })
 }
 
 /// Writes a new keyring at `path`, never replacing an existing file, even one
@@ -398,7 +477,9 @@ pub fn read(path: &Path) -> Result<KeyringFile, StoreError> {
 /// in which case nothing is left at `path`.
 pub fn create(path: &Path, keyring: &KeyringFile) -> Result<(), StoreError> {
     if fs::symlink_metadata(path).is_ok() {
-        return Err(StoreError::AlreadyExists { path: path.to_owned() });
+        return Err(StoreError::AlreadyExists {
+            path: path.to_owned(),
+        });
     }
     write_durable(path, keyring.encode().as_bytes(), Replace::Never)
 }
@@ -419,14 +500,23 @@ enum Replace {
 
 /// temp file (`create_new`, 0600) → write → fsync → rename/link → fsync dir.
 fn write_durable(path: &Path, bytes: &[u8], replace: Replace) -> Result<(), StoreError> {
-    let io = |op| move |source: io::Error| StoreError::Io { path: path.to_owned(), op, source };
+    let io = |op| {
+        move |source: io::Error| StoreError::Io {
+            path: path.to_owned(),
+            op,
+            source,
+        }
+    };
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
         _ => PathBuf::from("."),
     };
-    let name = path
-        .file_name()
-        .ok_or_else(|| io("name the file")(io::Error::new(io::ErrorKind::InvalidInput, "path has no file name")))?;
+    let name = path.file_name().ok_or_else(|| {
+        io("name the file")(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "path has no file name",
+        ))
+    })?;
     let mut suffix = [0u8; 6];
     crate::secret::fill_random(&mut suffix)?;
     let mut tmp_name = std::ffi::OsString::from(".");
@@ -434,7 +524,10 @@ fn write_durable(path: &Path, bytes: &[u8], replace: Replace) -> Result<(), Stor
     tmp_name.push(format!(
         ".tmp-{}-{}",
         std::process::id(),
-        suffix.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        suffix
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
     ));
     let tmp = dir.join(tmp_name);
 
@@ -449,12 +542,16 @@ fn write_durable(path: &Path, bytes: &[u8], replace: Replace) -> Result<(), Stor
         f.sync_all().map_err(io("fsync the temporary file"))?;
         drop(f);
         match replace {
-            Replace::Always => fs::rename(&tmp, path).map_err(io("rename the temporary file into place"))?,
+            Replace::Always => {
+                fs::rename(&tmp, path).map_err(io("rename the temporary file into place"))?
+            }
             Replace::Never => {
                 // A hard link fails with EEXIST instead of clobbering a file
                 // that appeared since the check above.
                 fs::hard_link(&tmp, path).map_err(|e| match e.kind() {
-                    io::ErrorKind::AlreadyExists => StoreError::AlreadyExists { path: path.to_owned() },
+                    io::ErrorKind::AlreadyExists => StoreError::AlreadyExists {
+                        path: path.to_owned(),
+                    },
                     _ => io("link the temporary file into place")(e),
                 })?;
                 fs::remove_file(&tmp).map_err(io("remove the temporary file"))?;

@@ -1,0 +1,338 @@
+use std::os::unix::fs::PermissionsExt;
+
+use super::*;
+use crate::keyring::KeyState;
+
+const KEK_B64: &str = "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=";
+
+/// A keyring text with a correct checksum over `body`.
+fn with_checksum(body: &str) -> String {
+    let digest = Sha256::digest(body.as_bytes());
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    format!("{body}sha256 {hex}\n")
+}
+
+fn body(versions: &str) -> String {
+    format!("kekd-keyring v1\nkeyring 5c0e9a1f2b3d4c6e8f7a9b0c1d2e3f40\n{versions}")
+}
+
+fn parse_err(text: &str) -> String {
+    let err = KeyringFile::parse(text.as_bytes()).unwrap_err().to_string();
+    assert!(!err.contains(KEK_B64), "error leaks key material: {err}");
+    assert!(!err.contains("AQEB"), "error leaks key material: {err}");
+    err
+}
+
+#[test]
+fn encode_parse_round_trip() {
+    let file = KeyringFile::generate(Timestamp::from_unix(1_764_321_574)).unwrap();
+    let text = file.encode();
+    let back = KeyringFile::parse(text.as_bytes()).unwrap();
+    assert_eq!(back.id, file.id);
+    assert_eq!(back.infos(), file.infos());
+    assert_eq!(
+        back.versions[0].kek.as_ref().unwrap().expose_secret(),
+        file.versions[0].kek.as_ref().unwrap().expose_secret()
+    );
+    assert_eq!(*back.encode(), *text);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines[0], "kekd-keyring v1");
+    assert!(lines[2].starts_with(
+        "version 1 primary created=2025-11-28T09:19:34Z promoted=2025-11-28T09:19:34Z kek="
+    ));
+    assert!(lines[3].starts_with("sha256 "));
+}
+
+#[test]
+fn all_states_parse() {
+    let text = with_checksum(&body(&format!(
+        "version 1 destroyed created=2025-01-01T00:00:00Z retired=2025-02-01T00:00:00Z destroyed=2025-03-01T00:00:00Z\n\
+         version 2 retired created=2025-01-02T00:00:00Z retired=2025-02-01T00:00:00Z kek={KEK_B64}\n\
+         version 3 decrypt-only created=2025-01-03T00:00:00Z kek={KEK_B64}\n\
+         version 4 primary created=2025-01-04T00:00:00Z kek={KEK_B64}\n\
+         version 7 pending created=2025-01-05T00:00:00Z kek={KEK_B64}\n"
+    )));
+    let file = KeyringFile::parse(text.as_bytes()).unwrap();
+    let states: Vec<KeyState> = file.versions.iter().map(|v| v.info.state).collect();
+    assert_eq!(
+        states,
+        [
+            KeyState::Destroyed,
+            KeyState::Retired,
+            KeyState::DecryptOnly,
+            KeyState::Primary,
+            KeyState::Pending
+        ]
+    );
+    assert!(file.versions[0].kek.is_none());
+}
+
+#[test]
+fn errors_name_line_and_field_never_content() {
+    let v = |rest: &str| with_checksum(&body(&format!("version 1 primary {rest}\n")));
+    let created = "created=2025-01-01T00:00:00Z";
+    let cases: Vec<(String, &str)> = vec![
+        (
+            v(&format!("{created} kek=AQEB")),
+            "line 3: field `kek` must be the base64 encoding of 32 bytes",
+        ),
+        (
+            v(&format!("{created} kek={KEK_B64}AQEB")),
+            "line 3: field `kek` must be the base64 encoding of 32 bytes",
+        ),
+        (v(created), "line 3: field `kek` is missing"),
+        (
+            v(&format!("kek={KEK_B64}")),
+            "line 3: field `created` is missing",
+        ),
+        (
+            v(&format!("created=yesterday kek={KEK_B64}")),
+            "line 3: field `created` must be a UTC time like 2026-01-31T23:59:59Z",
+        ),
+        (
+            v(&format!("{created} {created} kek={KEK_B64}")),
+            "line 3: field `created` appears twice",
+        ),
+        (
+            v(&format!("{created} kek={KEK_B64} kek={KEK_B64}")),
+            "line 3: field `kek` appears twice",
+        ),
+        (
+            v(&format!("{created} secretAQEBAQEB")),
+            "line 3 has a field that is not `name=value`",
+        ),
+        (
+            v(&format!("{created} {KEK_B64}=x kek={KEK_B64}")),
+            "line 3 has an unknown field name",
+        ),
+        (
+            with_checksum(&body(&format!(
+                "version 1 destroyed {created} kek={KEK_B64}\n"
+            ))),
+            "line 3: field `kek` must not be present on a destroyed version",
+        ),
+        (
+            with_checksum(&body(&format!(
+                "version 01 primary {created} kek={KEK_B64}\n"
+            ))),
+            "line 3: field `version` must be a whole number from 1 to 4294967295",
+        ),
+        (
+            with_checksum(&body(&format!(
+                "version 1 active {created} kek={KEK_B64}\n"
+            ))),
+            "line 3: field `state` must be pending, primary, decrypt-only, retired or destroyed",
+        ),
+        (
+            with_checksum(&body(&format!("key 1 primary {created} kek={KEK_B64}\n"))),
+            "line 3 must start with `version`",
+        ),
+        (
+            with_checksum(&body(&format!(
+                "version 2 primary {created} kek={KEK_B64}\nversion 2 pending {created} kek={KEK_B64}\n"
+            ))),
+            "version 2 appears after version 2; versions must be listed once each, in increasing order",
+        ),
+        (
+            with_checksum(&body(&format!(
+                "version 1 pending {created} kek={KEK_B64}\n"
+            ))),
+            "no version is primary; exactly one must be (kekd admin promote)",
+        ),
+        (
+            with_checksum("kekd-keyring v2\nkeyring x\n"),
+            "line 1 is a keyring format this kekd does not read (expected `kekd-keyring v1`)",
+        ),
+        (
+            with_checksum("hello\n"),
+            "line 1 is not `kekd-keyring v1`: not a kekd keyring",
+        ),
+        (
+            with_checksum("kekd-keyring v1\nkeyring 5C0E\n"),
+            "line 2: field `keyring` must be 32 lowercase hex digits",
+        ),
+        (
+            with_checksum("kekd-keyring v1\n"),
+            "line 2 is missing: expected `keyring <id>`",
+        ),
+    ];
+    for (text, expected) in cases {
+        assert_eq!(parse_err(&text), expected, "for {text:?}");
+    }
+}
+
+#[test]
+fn truncation_and_edits_fail_the_checksum() {
+    let file = KeyringFile::generate(Timestamp::from_unix(0)).unwrap();
+    let text = file.encode();
+    // Every proper prefix fails: a truncated copy never loads as a smaller keyring.
+    for cut in 0..text.len() {
+        assert!(
+            KeyringFile::parse(&text.as_bytes()[..cut]).is_err(),
+            "prefix of {cut} bytes parsed"
+        );
+    }
+    let edited = text.replacen("primary", "pending", 1);
+    assert_eq!(
+        parse_err(&edited),
+        "line 4: field `sha256` checksum does not match the file's content (edited by hand or damaged in a copy)"
+    );
+    let no_newline = &text[..text.len() - 1];
+    assert_eq!(
+        parse_err(no_newline),
+        "line 3 does not end in a newline (truncated?)"
+    );
+    assert_eq!(
+        parse_err(&text[..text.len() - 72]),
+        "line 3 must be the `sha256 <digest>` line that ends every keyring (file truncated?)"
+    );
+    assert_eq!(
+        parse_err("\u{0}\u{ff}"),
+        "line 1 does not end in a newline (truncated?)"
+    );
+    assert_eq!(
+        KeyringFile::parse(b"kekd-keyring v1\n\xff\n")
+            .unwrap_err()
+            .to_string(),
+        "line 2 is not UTF-8 text"
+    );
+}
+
+#[test]
+fn create_is_durable_private_and_never_clobbers() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keyring");
+    let first = KeyringFile::generate(Timestamp::from_unix(1)).unwrap();
+    create(&path, &first).unwrap();
+    let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let before = fs::read(&path).unwrap();
+
+    let second = KeyringFile::generate(Timestamp::from_unix(2)).unwrap();
+    let err = create(&path, &second).unwrap_err();
+    assert!(matches!(err, StoreError::AlreadyExists { .. }));
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "keyring {} already exists; refusing to overwrite it (every Secret it encrypted would be lost)",
+            path.display()
+        )
+    );
+    assert_eq!(fs::read(&path).unwrap(), before);
+    // No temp files are left behind.
+    assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    assert_eq!(read(&path).unwrap().id, first.id);
+}
+
+#[test]
+fn replace_swaps_whole_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keyring");
+    let first = KeyringFile::generate(Timestamp::from_unix(1)).unwrap();
+    create(&path, &first).unwrap();
+    let second = KeyringFile::generate(Timestamp::from_unix(2)).unwrap();
+    replace(&path, &second).unwrap();
+    assert_eq!(read(&path).unwrap().id, second.id);
+    assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+}
+
+#[test]
+fn failed_write_leaves_the_old_file_intact() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keyring");
+    create(
+        &path,
+        &KeyringFile::generate(Timestamp::from_unix(1)).unwrap(),
+    )
+    .unwrap();
+    let before = fs::read(&path).unwrap();
+    // A read-only directory makes the temp file impossible to create (as a
+    // non-root user; root ignores the bits, so only assert when it failed).
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o500)).unwrap();
+    let result = replace(
+        &path,
+        &KeyringFile::generate(Timestamp::from_unix(2)).unwrap(),
+    );
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o700)).unwrap();
+    if let Err(e) = result {
+        assert!(
+            e.to_string()
+                .contains("cannot create a temporary file beside it"),
+            "{e}"
+        );
+        assert_eq!(fs::read(&path).unwrap(), before);
+    }
+    // A target that is a directory makes the rename fail after the temp file was written.
+    let blocked = dir.path().join("blocked");
+    fs::create_dir(&blocked).unwrap();
+    fs::write(blocked.join("x"), b"x").unwrap();
+    let err = replace(
+        &blocked,
+        &KeyringFile::generate(Timestamp::from_unix(3)).unwrap(),
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("cannot rename the temporary file into place"),
+        "{err}"
+    );
+    let names: Vec<_> = fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names.len(), 2, "temp file left behind: {names:?}");
+}
+
+#[test]
+fn read_refuses_loose_permissions_and_non_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keyring");
+    create(
+        &path,
+        &KeyringFile::generate(Timestamp::from_unix(1)).unwrap(),
+    )
+    .unwrap();
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o640)).unwrap();
+    let err = read(&path).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "keyring {0} has permissions 0640, which let other users read the keys; run `chmod 600 {0}`",
+            path.display()
+        )
+    );
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o400)).unwrap();
+    read(&path).unwrap();
+
+    let missing = dir.path().join("nope");
+    assert_eq!(
+        read(&missing).unwrap_err().to_string(),
+        format!(
+            "keyring {0} does not exist (create one with `kekd admin init --keyring {0}`)",
+            missing.display()
+        )
+    );
+    assert!(matches!(
+        read(dir.path()).unwrap_err(),
+        StoreError::NotAFile { .. }
+    ));
+
+    let big = dir.path().join("big");
+    fs::write(&big, vec![b'a'; MAX_FILE_LEN as usize + 1]).unwrap();
+    fs::set_permissions(&big, fs::Permissions::from_mode(0o600)).unwrap();
+    assert!(matches!(
+        read(&big).unwrap_err(),
+        StoreError::TooLarge { .. }
+    ));
+}
+
+#[test]
+fn read_follows_symlinks_to_private_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keyring");
+    let file = KeyringFile::generate(Timestamp::from_unix(1)).unwrap();
+    create(&path, &file).unwrap();
+    let link = dir.path().join("link");
+    std::os::unix::fs::symlink(&path, &link).unwrap();
+    assert_eq!(read(&link).unwrap().id, file.id);
+}
