@@ -86,6 +86,13 @@ impl KeyringFile {
                 .count();
             ParseError::new(line, "is not UTF-8 text")
         })?;
+        if let Some(i) = text.find('\r') {
+            let line = 1 + text[..i].matches('\n').count();
+            return Err(ParseError::new(
+                line,
+                "has a carriage return: the file was converted to CRLF line endings",
+            ));
+        }
         let body_end = text
             .strip_suffix('\n')
             .ok_or_else(|| {
@@ -97,7 +104,13 @@ impl KeyringFile {
         let last_no = count_lines(body) + 1;
         check_checksum(body, last, last_no)?;
 
-        let mut lines = body.lines().enumerate().map(|(i, l)| (i + 1, l));
+        // `split`, not `lines`: a `\r` is content here, and is refused.
+        let body_lines = body.strip_suffix('\n').unwrap_or(body);
+        let mut lines = body_lines
+            .split('\n')
+            .filter(|_| !body.is_empty())
+            .enumerate()
+            .map(|(i, l)| (i + 1, l));
         match lines.next() {
             Some((_, MAGIC)) => {}
             Some((_, l)) if l.starts_with("kekd-keyring ") => {

@@ -155,6 +155,18 @@ fn errors_name_line_and_field_never_content() {
             with_checksum("kekd-keyring v1\n"),
             "line 2 is missing: expected `keyring <id>`",
         ),
+        (
+            with_checksum(&body(&format!("version 1 primary {created} kek={KEK_B64}\r\n"))),
+            "line 3 has a carriage return: the file was converted to CRLF line endings",
+        ),
+        (
+            with_checksum("kekd-keyring v1\r\nkeyring 5c0e9a1f2b3d4c6e8f7a9b0c1d2e3f40\n"),
+            "line 1 has a carriage return: the file was converted to CRLF line endings",
+        ),
+        (
+            with_checksum(""),
+            "line 1 is not `kekd-keyring v1`: not a kekd keyring",
+        ),
     ];
     for (text, expected) in cases {
         assert_eq!(parse_err(&text), expected, "for {text:?}");
