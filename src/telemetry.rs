@@ -3,6 +3,7 @@
 //! Logs go to stderr, as text or JSON lines. Lifecycle events are `info`,
 //! per-request events `debug` (uid, key version, lengths — never bytes).
 
+use std::io::IsTerminal;
 use std::str::FromStr;
 
 use tracing_subscriber::EnvFilter;
@@ -41,6 +42,7 @@ pub fn init(format: LogFormat, filter: &str) -> Result<(), String> {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_target(false);
     // A second init (in tests) keeps the first subscriber; that is harmless.
     let _ = match format {
