@@ -13,7 +13,7 @@ use std::fmt;
 
 use crate::envelope::Nonce;
 use crate::keyring::Keyring;
-use crate::secret::Plaintext;
+use crate::secret::{KeyFingerprint, Plaintext};
 
 /// A source of keyring snapshots.
 pub trait Backend: fmt::Debug + Send + Sync + 'static {
@@ -26,6 +26,17 @@ pub trait Backend: fmt::Debug + Send + Sync + 'static {
     /// # Errors
     /// When the keyring cannot be read, parsed or validated.
     fn load(&self) -> Result<Keyring, BackendError>;
+
+    /// A cheap token that changes whenever the keyring may have changed, so
+    /// the reload loop loads only then. `None` means "load every poll".
+    fn revision(&self) -> Option<String>;
+
+    /// Files whose change should trigger a reload at once (watched through
+    /// inotify, with polling as the fallback).
+    fn watch_paths(&self) -> Vec<std::path::PathBuf>;
+
+    /// The file the usage counters are kept beside, if any.
+    fn state_anchor(&self) -> Option<std::path::PathBuf>;
 }
 
 /// One KEK version, ready to seal and open.
@@ -62,6 +73,16 @@ impl KeyHandle {
     ) -> Result<Plaintext, BackendError> {
         match self {
             Self::Local(key) => key.open(nonce, aad, sealed),
+        }
+    }
+}
+
+impl KeyHandle {
+    /// Identifies the key material, so a reload can refuse a keyring in which
+    /// a version's material silently changed (its key id would then name two keys).
+    pub fn fingerprint(&self) -> KeyFingerprint {
+        match self {
+            Self::Local(key) => key.fingerprint(),
         }
     }
 }

@@ -75,6 +75,9 @@ impl CliError {
         }
     }
 
+    /// Exit code when another admin command holds the keyring lock (EX_TEMPFAIL).
+    pub const LOCKED: u8 = 75;
+
     /// A runtime failure.
     pub fn runtime(e: impl std::fmt::Display) -> Self {
         Self {

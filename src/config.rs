@@ -22,6 +22,8 @@ pub const DEFAULT_MAX_REQUEST_BYTES: usize = 64 * 1024;
 pub const DEFAULT_MAX_CONCURRENCY: usize = 1024;
 /// Default time in-flight calls get to finish after SIGTERM.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// Default period of the keyring change poll (inotify usually reacts first).
+pub const DEFAULT_RELOAD_INTERVAL: Duration = Duration::from_secs(2);
 /// Default period of the background self-check.
 pub const DEFAULT_SELF_CHECK_INTERVAL: Duration = Duration::from_secs(60);
 
@@ -53,6 +55,9 @@ pub struct Settings {
     /// Period of the background KEK self-check [default: 60s].
     #[arg(long, env = "KEKD_SELF_CHECK_INTERVAL", value_name = "DURATION")]
     pub self_check_interval: Option<String>,
+    /// Period of the keyring change poll, the fallback to inotify [default: 2s].
+    #[arg(long, env = "KEKD_RELOAD_INTERVAL", value_name = "DURATION")]
+    pub reload_interval: Option<String>,
     /// `text` or `json` [default: text].
     #[arg(long, env = "KEKD_LOG_FORMAT", value_name = "FORMAT")]
     pub log_format: Option<String>,
@@ -88,6 +93,7 @@ impl Settings {
             max_concurrency: self.max_concurrency.or(fallback.max_concurrency),
             shutdown_grace: self.shutdown_grace.or(fallback.shutdown_grace),
             self_check_interval: self.self_check_interval.or(fallback.self_check_interval),
+            reload_interval: self.reload_interval.or(fallback.reload_interval),
             log_format: self.log_format.or(fallback.log_format),
             log_level: self.log_level.or(fallback.log_level),
         }
@@ -109,6 +115,8 @@ pub struct ServeConfig {
     pub shutdown_grace: Duration,
     /// Background self-check period.
     pub self_check_interval: Duration,
+    /// Keyring change poll period.
+    pub reload_interval: Duration,
     /// Log line format.
     pub log_format: LogFormat,
     /// Log filter directive.
@@ -175,6 +183,17 @@ impl ServeConfig {
                 reason: "must be at least 1s".to_owned(),
             });
         }
+        let reload_interval = parse_duration(
+            "reload_interval",
+            s.reload_interval.as_deref(),
+            DEFAULT_RELOAD_INTERVAL,
+        )?;
+        if !(Duration::from_millis(100)..=Duration::from_secs(3600)).contains(&reload_interval) {
+            return Err(ConfigError::Invalid {
+                what: "reload_interval",
+                reason: "must be between 100ms and 1h".to_owned(),
+            });
+        }
         let log_format = match s.log_format {
             Some(f) => f.parse().map_err(|reason| ConfigError::Invalid {
                 what: "log_format",
@@ -189,6 +208,7 @@ impl ServeConfig {
             max_concurrency,
             shutdown_grace,
             self_check_interval,
+            reload_interval,
             log_format,
             log_level: s.log_level.unwrap_or_else(|| "info".to_owned()),
         })

@@ -6,6 +6,7 @@
 //! Where the key material lives is the backend's business ([`KeyHandle`]); the
 //! durable file format of the local backend is in [`store`].
 
+pub mod ops;
 pub mod store;
 
 use std::collections::BTreeMap;
@@ -287,6 +288,20 @@ impl FromStr for Timestamp {
     }
 }
 
+impl serde::Serialize for Timestamp {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Timestamp {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse()
+            .map_err(|()| serde::de::Error::custom("expected a UTC time like 2026-01-31T23:59:59Z"))
+    }
+}
+
 /// Public facts about one version: everything but its key material.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VersionInfo {
@@ -499,6 +514,18 @@ impl Keyring {
             }
         }
         Ok(())
+    }
+
+    /// Public view of each version with its material fingerprint, for
+    /// [`ops::check_successor`].
+    pub fn views(&self) -> Vec<ops::VersionView> {
+        self.versions
+            .values()
+            .map(|s| ops::VersionView {
+                info: s.info.clone(),
+                fingerprint: s.key.as_ref().map(KeyHandle::fingerprint),
+            })
+            .collect()
     }
 
     fn key(&self, version: KeyVersion) -> Result<&KeyHandle, KeyringError> {

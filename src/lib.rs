@@ -26,16 +26,20 @@
 //!
 //! `docs/design.md` describes the formats and the threat model.
 
+pub mod audit;
 pub mod backend;
 pub mod cli;
 pub mod client;
 pub mod config;
 pub mod envelope;
 pub mod keyring;
+pub mod reload;
 pub mod secret;
 pub mod server;
 pub mod service;
+pub mod state;
 pub mod telemetry;
+pub mod usage;
 
 /// Code generated from `proto/v2/kms.proto`. Private: domain types cross
 /// module borders, protobuf structs stay at the edges (`service`, `client`).

@@ -34,6 +34,16 @@ impl Kek {
         Self(bytes)
     }
 
+    /// A one-way fingerprint of the key, to tell whether two copies of a
+    /// version hold the same material without comparing keys. Never logged.
+    pub fn fingerprint(&self) -> KeyFingerprint {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        h.update(b"kekd/key-fingerprint/v1\0");
+        h.update(self.0);
+        KeyFingerprint(h.finalize().into())
+    }
+
     /// The raw key. Call only where the key is handed to a cipher or encoder.
     pub fn expose_secret(&self) -> &[u8; KEK_LEN] {
         &self.0
@@ -43,6 +53,16 @@ impl Kek {
 impl fmt::Debug for Kek {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("Kek(<redacted>)")
+    }
+}
+
+/// SHA-256 over a domain label and a key: equal exactly when the keys are.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct KeyFingerprint([u8; 32]);
+
+impl fmt::Debug for KeyFingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("KeyFingerprint(<redacted>)")
     }
 }
 
@@ -83,7 +103,7 @@ impl fmt::Debug for Plaintext {
 }
 
 /// The operating system's random number generator failed.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("the operating system's random number generator failed: {0}")]
 pub struct RandomError(String);
 

@@ -22,7 +22,14 @@ use tracing::{error, info, warn};
 use crate::backend::{Backend, BackendError};
 use crate::config::{ServeConfig, SocketConfig};
 use crate::keyring::KeyringError;
-use crate::service::{KmsService, ServingState, Snapshot};
+use crate::keyring::Timestamp;
+use crate::reload;
+use crate::service::KmsService;
+use crate::state::{ServingState, Snapshot};
+use crate::usage::UsageTracker;
+
+/// How often changed usage counters are written to disk.
+pub const USAGE_FLUSH_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Longest socket path Linux accepts (`sun_path` is 108 bytes with its NUL).
 pub const MAX_SOCKET_PATH: usize = 107;
@@ -58,7 +65,11 @@ impl Server {
             key_id = %keyring.primary_key_id(),
             "keyring loaded and self-checked"
         );
-        let state = Arc::new(ServingState::new(Snapshot::new(keyring, true)));
+        let usage = UsageTracker::load(backend.state_anchor().as_deref(), keyring.id());
+        let state = Arc::new(ServingState::new(
+            Snapshot::new(keyring, Timestamp::now(), true),
+            usage,
+        ));
         let socket = BoundSocket::bind(&config.socket)?;
         info!(socket = %socket.path.display(), mode = format_args!("{:04o}", config.socket.mode), "listening");
         Ok(Self {
@@ -100,6 +111,12 @@ impl Server {
             Arc::clone(&state),
             config.self_check_interval,
         ));
+        let reloader = tokio::spawn(reload::reload_loop(
+            Arc::clone(&state),
+            backend,
+            config.reload_interval,
+        ));
+        let flusher = tokio::spawn(flush_loop(Arc::clone(&state)));
 
         let limit = u32::try_from(config.max_concurrency).unwrap_or(u32::MAX);
         let router = tonic::transport::Server::builder()
@@ -129,6 +146,11 @@ impl Server {
         };
         accept.abort();
         checker.abort();
+        reloader.abort();
+        flusher.abort();
+        if let Err(e) = state.usage().flush(Timestamp::now()) {
+            warn!(error = %e, "could not write usage counters at shutdown");
+        }
         socket.remove();
         info!("stopped");
         result
@@ -168,6 +190,27 @@ async fn accept_loop(listener: UnixListener, tx: mpsc::Sender<io::Result<UnixStr
                     backoff = (backoff * 2).min(Duration::from_secs(1));
                 }
             }
+        }
+    }
+}
+
+/// Writes the usage counters every few seconds while they change.
+async fn flush_loop(state: Arc<ServingState>) {
+    let mut ticker = tokio::time::interval(USAGE_FLUSH_INTERVAL);
+    let mut failing = false;
+    loop {
+        ticker.tick().await;
+        match state.usage().flush(Timestamp::now()) {
+            Ok(()) if failing => {
+                failing = false;
+                info!("usage counters written again");
+            }
+            Ok(()) => {}
+            Err(e) if !failing => {
+                failing = true;
+                warn!(error = %e, "could not write usage counters; will retry");
+            }
+            Err(_) => {}
         }
     }
 }

@@ -9,77 +9,22 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
-use arc_swap::ArcSwap;
 use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status};
 use tracing::{Instrument, debug, error, info_span, warn};
 
-use crate::keyring::{Keyring, KeyringError};
+use crate::keyring::{KeyringError, Timestamp};
 use crate::pb;
 use crate::pb::key_management_service_server::{KeyManagementService, KeyManagementServiceServer};
 use crate::secret::Plaintext;
+use crate::state::ServingState;
+use crate::usage::Use;
 
 /// The Status `version` kekd reports; accepted by kube-apiserver 1.29+.
 pub const API_VERSION: &str = "v2";
 /// The Status `healthz` the apiserver requires, byte for byte.
 pub const HEALTHZ_OK: &str = "ok";
-
-/// The keyring snapshot being served and its health, shared by the service
-/// and the server's background tasks.
-#[derive(Debug)]
-pub struct ServingState {
-    current: ArcSwap<Snapshot>,
-}
-
-/// One keyring snapshot plus the result of its latest self-check.
-#[derive(Debug)]
-pub struct Snapshot {
-    /// The keyring.
-    pub keyring: Keyring,
-    healthy: AtomicBool,
-}
-
-impl Snapshot {
-    /// A snapshot whose self-check result is `healthy`.
-    pub fn new(keyring: Keyring, healthy: bool) -> Self {
-        Self {
-            keyring,
-            healthy: AtomicBool::new(healthy),
-        }
-    }
-
-    /// Whether the latest self-check passed.
-    pub fn is_healthy(&self) -> bool {
-        self.healthy.load(Ordering::Acquire)
-    }
-
-    /// Records a self-check result; returns the previous one.
-    pub fn set_healthy(&self, healthy: bool) -> bool {
-        self.healthy.swap(healthy, Ordering::AcqRel)
-    }
-}
-
-impl ServingState {
-    /// State serving `snapshot`.
-    pub fn new(snapshot: Snapshot) -> Self {
-        Self {
-            current: ArcSwap::from_pointee(snapshot),
-        }
-    }
-
-    /// The snapshot to use for one call. A call uses one snapshot throughout,
-    /// so its key id and key always belong together.
-    pub fn current(&self) -> Arc<Snapshot> {
-        self.current.load_full()
-    }
-
-    /// Replaces the snapshot as a whole.
-    pub fn swap(&self, snapshot: Snapshot) -> Arc<Snapshot> {
-        self.current.swap(Arc::new(snapshot))
-    }
-}
 
 /// The gRPC service over a [`ServingState`].
 #[derive(Debug, Clone)]
@@ -134,8 +79,12 @@ impl KeyManagementService for KmsService {
             let snapshot = self.state.current();
             match snapshot.keyring.encrypt(&plaintext).await {
                 Ok((key_id, ciphertext)) => {
+                    let version = snapshot.keyring.primary();
+                    self.state
+                        .usage()
+                        .record(version, Use::Encrypt, Timestamp::now());
                     debug!(
-                        key.version = snapshot.keyring.primary().get(),
+                        key.version = version.get(),
                         plaintext.len = plaintext.len(),
                         ciphertext.len = ciphertext.len(),
                         "encrypted"
@@ -174,6 +123,9 @@ impl KeyManagementService for KmsService {
                 .await
             {
                 Ok((version, plaintext)) => {
+                    self.state
+                        .usage()
+                        .record(version, Use::Decrypt, Timestamp::now());
                     debug!(
                         key.version = version.get(),
                         plaintext.len = plaintext.len(),

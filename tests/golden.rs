@@ -7,6 +7,8 @@
 //! lines of an earlier release; `KEKD_BLESS=1 cargo test --test golden`
 //! writes the files only if they do not exist yet.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::fmt::Write as _;
 use std::fs;
 use std::path::Path;

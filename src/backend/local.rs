@@ -8,7 +8,7 @@ use aes_gcm::{Aes256Gcm, Key};
 use crate::backend::{Backend, BackendError, KeyHandle};
 use crate::envelope::Nonce;
 use crate::keyring::{Keyring, KeyringError, store};
-use crate::secret::{Kek, Plaintext};
+use crate::secret::{Kek, KeyFingerprint, Plaintext};
 
 /// Serves the keyring file at a path.
 #[derive(Debug, Clone)]
@@ -31,6 +31,34 @@ impl LocalBackend {
 impl Backend for LocalBackend {
     fn describe(&self) -> String {
         format!("local keyring {}", self.path.display())
+    }
+
+    fn revision(&self) -> Option<String> {
+        use std::os::unix::fs::MetadataExt;
+        // Any replacement (rename: new inode), edit (mtime, size) or
+        // permission fix (ctime, mode) changes this.
+        Some(match std::fs::metadata(&self.path) {
+            Ok(m) => format!(
+                "{}:{}:{}:{}.{}:{}.{}:{:o}",
+                m.dev(),
+                m.ino(),
+                m.size(),
+                m.mtime(),
+                m.mtime_nsec(),
+                m.ctime(),
+                m.ctime_nsec(),
+                m.mode()
+            ),
+            Err(e) => format!("error:{:?}", e.kind()),
+        })
+    }
+
+    fn watch_paths(&self) -> Vec<PathBuf> {
+        vec![self.path.clone()]
+    }
+
+    fn state_anchor(&self) -> Option<PathBuf> {
+        Some(self.path.clone())
     }
 
     fn load(&self) -> Result<Keyring, BackendError> {
@@ -60,6 +88,7 @@ pub fn keyring_from_file(file: store::KeyringFile) -> Result<Keyring, KeyringErr
 /// (aes-gcm's `zeroize` feature).
 pub struct LocalKey {
     cipher: Aes256Gcm,
+    fingerprint: KeyFingerprint,
 }
 
 impl LocalKey {
@@ -70,7 +99,14 @@ impl LocalKey {
         // `key` is a stack copy of the raw bytes; clear it before returning.
         let mut key = key;
         zeroize::Zeroize::zeroize(key.as_mut_slice());
-        Self { cipher }
+        Self {
+            cipher,
+            fingerprint: kek.fingerprint(),
+        }
+    }
+
+    pub(crate) fn fingerprint(&self) -> KeyFingerprint {
+        self.fingerprint
     }
 
     pub(crate) fn seal(

@@ -1,38 +1,49 @@
-//! `kekd admin …`: keyring management and checks of a running plugin.
+//! `kekd admin …`: keyring lifecycle and checks of a running plugin.
 //!
-//! Every command explains what it did, supports `--output json`, and is safe
-//! to re-run: `init` refuses to touch an existing keyring, `probe` only reads.
+//! Every command says what it did (or why it did nothing), supports
+//! `--output json`, and is safe to re-run: a finished step is a no-op that
+//! says so, and dangerous steps need an explicit flag. Exit codes: 0 done or
+//! already done, 1 refused or failed, 64 usage, 75 keyring locked by another
+//! admin command (retry), 78 keyring or configuration problem.
 
-use std::collections::HashMap;
-use std::fs;
-use std::io;
-use std::os::unix::fs::DirBuilderExt;
-use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+pub mod keyring;
+pub mod probe;
 
-use serde::Serialize;
-use serde_json::json;
+use std::path::PathBuf;
+use std::time::Duration;
 
 use crate::cli::{CliError, Output};
-use crate::client::Client;
-use crate::keyring::store::{self, KeyringFile};
-use crate::keyring::{KeyId, Timestamp};
-use crate::secret::fill_random;
+use crate::keyring::KeyVersion;
 
 /// The `kekd admin` subcommands.
 #[derive(Debug, clap::Subcommand)]
 pub enum AdminCommand {
     /// Create a new keyring with version 1 as primary. Never overwrites.
-    Init(InitArgs),
+    Init(Target),
+    /// Add a new KEK version as pending (or, with --promote, as primary).
+    Rotate(RotateArgs),
+    /// Make a pending version the primary; the old primary becomes decrypt-only.
+    Promote(VersionArgs),
+    /// Stop a version from decrypting (its material is kept; `restore` undoes it).
+    Retire(RetireArgs),
+    /// Let a retired version decrypt again.
+    Restore(VersionArgs),
+    /// Erase a retired version's key material for good.
+    Destroy(DestroyArgs),
+    /// Show every version with its state, times and usage.
+    List(Target),
+    /// Replace this node's keyring with a copy from another node, after
+    /// checking that the copy is intact and loses nothing.
+    Import(ImportArgs),
     /// Check a running plugin: Status, Encrypt and Decrypt, checked against
     /// the apiserver's rules.
-    Probe(ProbeArgs),
+    Probe(probe::ProbeArgs),
 }
 
-/// Arguments of `kekd admin init`.
-#[derive(Debug, clap::Args)]
-pub struct InitArgs {
-    /// Path of the keyring to create (its directory is created 0700 if missing).
+/// The keyring a command acts on, and the report format.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Target {
+    /// The keyring file.
     #[arg(long, env = "KEKD_KEYRING", value_name = "PATH")]
     pub keyring: PathBuf,
     /// Report format.
@@ -40,18 +51,81 @@ pub struct InitArgs {
     pub output: Output,
 }
 
-/// Arguments of `kekd admin probe`.
+/// A command on one version.
 #[derive(Debug, clap::Args)]
-pub struct ProbeArgs {
-    /// The plugin's socket.
-    #[arg(long, env = "KEKD_SOCKET", value_name = "PATH")]
-    pub socket: PathBuf,
-    /// Time allowed per call.
-    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
-    pub timeout: Duration,
-    /// Report format.
-    #[arg(long, value_enum, default_value_t)]
-    pub output: Output,
+pub struct VersionArgs {
+    /// The version number (see `kekd admin list`).
+    #[arg(value_parser = parse_version)]
+    pub version: KeyVersion,
+    /// The keyring.
+    #[command(flatten)]
+    pub target: Target,
+}
+
+/// Arguments of `rotate`.
+#[derive(Debug, clap::Args)]
+pub struct RotateArgs {
+    /// Make the new version primary at once (single-node control planes).
+    #[arg(long)]
+    pub promote: bool,
+    /// Do nothing unless this version is still the primary, so a script can
+    /// re-run `rotate --promote` without rotating twice.
+    #[arg(long, value_name = "VERSION", value_parser = parse_version)]
+    pub expect_primary: Option<KeyVersion>,
+    /// The keyring.
+    #[command(flatten)]
+    pub target: Target,
+}
+
+/// Arguments of `retire`.
+#[derive(Debug, clap::Args)]
+pub struct RetireArgs {
+    /// The version number.
+    #[arg(value_parser = parse_version)]
+    pub version: KeyVersion,
+    /// Refuse if the version served a Decrypt within this window (the
+    /// apiserver caches seeds for 24h, `kekd::keyring::ops::DEFAULT_RETIRE_WINDOW`).
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+    pub window: Duration,
+    /// Retire even if the version was used within the window.
+    #[arg(long)]
+    pub force: bool,
+    /// The keyring.
+    #[command(flatten)]
+    pub target: Target,
+}
+
+/// Arguments of `destroy`.
+#[derive(Debug, clap::Args)]
+pub struct DestroyArgs {
+    /// The version number.
+    #[arg(value_parser = parse_version)]
+    pub version: KeyVersion,
+    /// Confirms that anything still encrypted under this version may become
+    /// unreadable forever.
+    #[arg(long)]
+    pub yes_destroy_key_material: bool,
+    /// The keyring.
+    #[command(flatten)]
+    pub target: Target,
+}
+
+/// Arguments of `import`.
+#[derive(Debug, clap::Args)]
+pub struct ImportArgs {
+    /// The copy to import (from the node where the last change was made).
+    #[arg(long, value_name = "FILE")]
+    pub from: PathBuf,
+    /// The keyring to replace (created if this node has none yet).
+    #[command(flatten)]
+    pub target: Target,
+}
+
+fn parse_version(s: &str) -> Result<KeyVersion, String> {
+    s.parse::<u32>()
+        .ok()
+        .and_then(KeyVersion::new)
+        .ok_or_else(|| format!("{s:?} is not a version number (1, 2, …; see `kekd admin list`)"))
 }
 
 /// Runs an admin command.
@@ -59,347 +133,50 @@ pub struct ProbeArgs {
 /// # Errors
 /// A [`CliError`] with the exit code.
 pub fn run(cmd: AdminCommand) -> Result<(), CliError> {
+    use keyring::Step;
     match cmd {
-        AdminCommand::Init(args) => init(&args),
-        AdminCommand::Probe(args) => probe(&args),
-    }
-}
-
-fn init(args: &InitArgs) -> Result<(), CliError> {
-    let path = &args.keyring;
-    if let Some(dir) = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty() && !d.exists())
-    {
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(|e| {
-                CliError::config(format!("cannot create directory {}: {e}", dir.display()))
-            })?;
-    }
-    let file = KeyringFile::generate(Timestamp::now()).map_err(CliError::runtime)?;
-    store::create(path, &file).map_err(CliError::config)?;
-    let version = file.versions[0].info.version;
-    let key_id = KeyId::new(&file.id, version);
-    match args.output {
-        Output::Json => println!(
-            "{}",
-            json!({
-                "action": "created",
-                "keyring": path,
-                "keyring_id": file.id.to_string(),
-                "primary_version": version.get(),
-                "key_id": key_id.as_str(),
-            })
+        AdminCommand::Init(t) => keyring::init(&t),
+        AdminCommand::Rotate(a) => keyring::change(
+            &a.target,
+            Step::Rotate {
+                promote: a.promote,
+                expect_primary: a.expect_primary,
+            },
         ),
-        Output::Text => {
-            println!("created keyring {}", path.display());
-            println!("  keyring id  {}", file.id);
-            println!("  version {version}   primary");
-            println!("  key_id      {key_id}");
-            println!(
-                "Back this file up now: if it is lost, every Secret it protects is unreadable."
-            );
-        }
-    }
-    Ok(())
-}
-
-/// One check of `probe`.
-#[derive(Debug, Serialize)]
-struct Check {
-    name: &'static str,
-    ok: bool,
-    detail: String,
-}
-
-fn probe(args: &ProbeArgs) -> Result<(), CliError> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(CliError::runtime)?;
-    let started = Instant::now();
-    let (checks, status) = runtime.block_on(probe_checks(&args.socket, args.timeout));
-    let ok = checks.iter().all(|c| c.ok);
-    match args.output {
-        Output::Json => println!(
-            "{}",
-            json!({
-                "socket": args.socket,
-                "ok": ok,
-                "elapsed_ms": started.elapsed().as_millis() as u64,
-                "status": status.map(|s| json!({"version": s.version, "healthz": s.healthz, "key_id": s.key_id})),
-                "checks": checks,
-            })
+        AdminCommand::Promote(a) => keyring::change(&a.target, Step::Promote(a.version)),
+        AdminCommand::Retire(a) => keyring::change(
+            &a.target,
+            Step::Retire {
+                version: a.version,
+                window: a.window,
+                force: a.force,
+            },
         ),
-        Output::Text => {
-            println!("probe of {}", args.socket.display());
-            for c in &checks {
-                println!(
-                    "  {} {:<9} {}",
-                    if c.ok { "ok  " } else { "FAIL" },
-                    c.name,
-                    c.detail
-                );
+        AdminCommand::Restore(a) => keyring::change(&a.target, Step::Restore(a.version)),
+        AdminCommand::Destroy(a) => {
+            if !a.yes_destroy_key_material {
+                return Err(CliError::runtime(format!(
+                    "destroy erases the key material of version {v} forever: anything still encrypted under it \
+                     becomes unreadable. Check `kekd admin list` first, then re-run with \
+                     --yes-destroy-key-material to confirm",
+                    v = a.version
+                )));
             }
+            keyring::change(&a.target, Step::Destroy(a.version))
         }
-    }
-    if ok {
-        Ok(())
-    } else {
-        let failed: Vec<&str> = checks.iter().filter(|c| !c.ok).map(|c| c.name).collect();
-        Err(CliError::runtime(format!(
-            "probe of {} failed: {}",
-            args.socket.display(),
-            failed.join(", ")
-        )))
+        AdminCommand::List(t) => keyring::list(&t),
+        AdminCommand::Import(a) => keyring::import(&a.target, &a.from),
+        AdminCommand::Probe(a) => probe::run(&a),
     }
 }
 
-async fn probe_checks(
-    socket: &Path,
-    timeout: Duration,
-) -> (Vec<Check>, Option<crate::client::StatusReply>) {
-    let mut checks = Vec::new();
-    let mut push = |name, result: Result<String, String>| {
-        let ok = result.is_ok();
-        checks.push(Check {
-            name,
-            ok,
-            detail: result.unwrap_or_else(|e| e),
-        });
-        ok
-    };
+/// How long an admin command waits for another to release the keyring lock.
+pub const LOCK_WAIT: Duration = Duration::from_secs(10);
 
-    let mut client = match Client::connect(socket, timeout).await {
-        Ok(c) => {
-            push("connect", Ok("connected".to_owned()));
-            c
-        }
-        Err(e) => {
-            push("connect", Err(connect_hint(socket, &e.reason)));
-            return (checks, None);
-        }
-    };
-
-    let status = match client.status().await {
-        Ok(s) => s,
-        Err(e) => {
-            push(
-                "status",
-                Err(format!("Status failed: {} ({:?})", e.message(), e.code())),
-            );
-            return (checks, None);
-        }
-    };
-    let status_ok = push("status", check_status(&status));
-
-    let mut seed = vec![0u8; 32];
-    let uid = probe_uid();
-    if let Err(e) = fill_random(&mut seed) {
-        push("encrypt", Err(e.to_string()));
-        return (checks, Some(status));
-    }
-    let started = Instant::now();
-    let enc = match client.encrypt(seed.clone(), &uid).await {
-        Ok(r) => r,
-        Err(e) => {
-            push(
-                "encrypt",
-                Err(format!("Encrypt failed: {} ({:?})", e.message(), e.code())),
-            );
-            return (checks, Some(status));
-        }
-    };
-    let enc_ms = started.elapsed().as_secs_f64() * 1000.0;
-    push(
-        "encrypt",
-        check_encrypt(&status, &enc).map(|()| {
-            format!(
-                "{}-byte ciphertext under {} in {enc_ms:.1} ms",
-                enc.ciphertext.len(),
-                enc.key_id
-            )
-        }),
-    );
-
-    let started = Instant::now();
-    let dec = client
-        .decrypt(
-            enc.ciphertext.clone(),
-            &enc.key_id,
-            enc.annotations.clone(),
-            &uid,
-        )
-        .await;
-    let dec_ms = started.elapsed().as_secs_f64() * 1000.0;
-    push(
-        "decrypt",
-        match dec {
-            Ok(p) if p == seed => Ok(format!("round trip returned the seed in {dec_ms:.1} ms")),
-            Ok(_) => Err("Decrypt returned different bytes than were encrypted".to_owned()),
-            Err(e) => Err(format!("Decrypt failed: {} ({:?})", e.message(), e.code())),
-        },
-    );
-    let _ = status_ok;
-    (checks, Some(status))
-}
-
-fn connect_hint(socket: &Path, reason: &str) -> String {
-    let hint = match fs::symlink_metadata(socket) {
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            "no socket there: is kekd running, and is this the path it serves (--socket)?"
-        }
-        Err(_) => "the socket cannot be examined",
-        Ok(_) if reason.contains("ermission denied") => {
-            "permission denied: run as the socket's owner or its group (--socket-mode/--socket-group)"
-        }
-        Ok(_) if reason.contains("onnection refused") => {
-            "a socket file exists but nothing accepts on it: kekd is not running (a stale socket)"
-        }
-        Ok(_) => "the plugin did not answer",
-    };
-    format!("{reason}; {hint}")
-}
-
-/// The apiserver's rules for a Status response.
-fn check_status(s: &crate::client::StatusReply) -> Result<String, String> {
-    if s.version != "v2" && s.version != "v2beta1" {
-        return Err(format!(
-            "version is {:?}; kube-apiserver requires \"v2\"",
-            s.version
-        ));
-    }
-    if s.healthz != "ok" {
-        return Err(format!("healthz is {:?}, not \"ok\"", s.healthz));
-    }
-    check_key_id(&s.key_id)?;
-    Ok(format!(
-        "version {} healthz ok key_id {}",
-        s.version, s.key_id
-    ))
-}
-
-fn check_key_id(k: &str) -> Result<(), String> {
-    match k.len() {
-        0 => Err("key_id is empty".to_owned()),
-        n if n > 1024 => Err(format!("key_id is {n} bytes; the apiserver allows 1024")),
-        _ => Ok(()),
-    }
-}
-
-/// The apiserver's rules for an Encrypt response.
-fn check_encrypt(
-    status: &crate::client::StatusReply,
-    e: &crate::client::EncryptReply,
-) -> Result<(), String> {
-    check_key_id(&e.key_id)?;
-    if e.key_id != status.key_id {
-        return Err(format!(
-            "Encrypt key_id {:?} differs from Status key_id {:?}; the apiserver would discard it",
-            e.key_id, status.key_id
-        ));
-    }
-    if e.ciphertext.is_empty() || e.ciphertext.len() > 1024 {
-        return Err(format!(
-            "ciphertext is {} bytes; the apiserver allows 1..=1024",
-            e.ciphertext.len()
-        ));
-    }
-    check_annotations(&e.annotations)
-}
-
-fn check_annotations(a: &HashMap<String, Vec<u8>>) -> Result<(), String> {
-    let mut total = 0;
-    for (k, v) in a {
-        if !is_annotation_key(k) {
-            return Err(format!(
-                "annotation key {k:?} is not a lowercase DNS name with two or more labels"
-            ));
-        }
-        total += k.len() + v.len();
-    }
-    if total > 32 * 1024 {
-        return Err(format!(
-            "annotations total {total} bytes; the apiserver allows 32768"
-        ));
-    }
-    Ok(())
-}
-
-/// A lowercase RFC 1123 subdomain with at least two labels (one trailing dot allowed).
-fn is_annotation_key(k: &str) -> bool {
-    let name = k.strip_suffix('.').unwrap_or(k);
-    if name.is_empty() || name.len() > 253 {
-        return false;
-    }
-    let labels: Vec<&str> = name.split('.').collect();
-    labels.len() >= 2
-        && labels.iter().all(|l| {
-            let b = l.as_bytes();
-            !b.is_empty()
-                && b.len() <= 63
-                && b.iter()
-                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
-                && b[0] != b'-'
-                && b[b.len() - 1] != b'-'
-        })
-}
-
-/// A random UUIDv4-formatted uid, as the apiserver sends.
-fn probe_uid() -> String {
-    let mut b = [0u8; 16];
-    if fill_random(&mut b).is_err() {
-        return "kekd-probe".to_owned();
-    }
-    b[6] = (b[6] & 0x0f) | 0x40;
-    b[8] = (b[8] & 0x3f) | 0x80;
-    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..]
-    )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn annotation_keys() {
-        for ok in [
-            "a.com",
-            "version.encryption.remote.io",
-            "a.com.",
-            "x-1.y2.z",
-        ] {
-            assert!(is_annotation_key(ok), "{ok}");
-        }
-        for bad in [
-            "com",
-            "Dev.k8s.io",
-            "kms.example.io/x",
-            "a_b.com",
-            "-a.com",
-            "a..com",
-            "",
-            ".",
-        ] {
-            assert!(!is_annotation_key(bad), "{bad}");
-        }
-        assert!(!is_annotation_key(&format!("{}.com", "a".repeat(64))));
-    }
-
-    #[test]
-    fn uid_is_uuid_v4_shaped() {
-        let u = probe_uid();
-        assert_eq!(u.len(), 36);
-        assert_eq!(&u[14..15], "4");
+/// Prints a report: the JSON document, or the text.
+fn report(output: Output, json: &serde_json::Value, text: &str) {
+    match output {
+        Output::Json => println!("{json}"),
+        Output::Text => print!("{text}"),
     }
 }

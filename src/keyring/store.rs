@@ -96,12 +96,12 @@ impl KeyringFile {
         let body_end = text
             .strip_suffix('\n')
             .ok_or_else(|| {
-                ParseError::new(count_lines(text), "does not end in a newline (truncated?)")
+                ParseError::new(line_of_end(text), "does not end in a newline (truncated?)")
             })?
             .rfind('\n')
             .map_or(0, |i| i + 1);
         let (body, last) = text.split_at(body_end);
-        let last_no = count_lines(body) + 1;
+        let last_no = line_of_end(body);
         check_checksum(body, last, last_no)?;
 
         // `split`, not `lines`: a `\r` is content here, and is refused.
@@ -197,8 +197,9 @@ impl KeyringFile {
     }
 }
 
-fn count_lines(s: &str) -> usize {
-    s.bytes().filter(|&b| b == b'\n').count().max(1)
+/// The 1-based number of the line that `s` ends in.
+fn line_of_end(s: &str) -> usize {
+    1 + s.bytes().filter(|&b| b == b'\n').count()
 }
 
 fn check_checksum(body: &str, last: &str, line: usize) -> Result<(), ParseError> {
@@ -420,6 +421,14 @@ pub enum StoreError {
         /// The OS error.
         source: io::Error,
     },
+    /// Another admin command holds the keyring's lock.
+    #[error(
+        "keyring {path} is locked by another `kekd admin` command; wait for it to finish and run this again"
+    )]
+    Locked {
+        /// The keyring.
+        path: PathBuf,
+    },
     /// The OS RNG failed while generating a key.
     #[error(transparent)]
     Random(#[from] RandomError),
@@ -503,6 +512,100 @@ pub fn create(path: &Path, keyring: &KeyringFile) -> Result<(), StoreError> {
 /// I/O errors; the previous file is then untouched.
 pub fn replace(path: &Path, keyring: &KeyringFile) -> Result<(), StoreError> {
     write_durable(path, keyring.encode().as_bytes(), Replace::Always)
+}
+
+/// An exclusive lock on a keyring, held by one admin command at a time.
+///
+/// It is an `flock` on `<keyring>.lock` beside the keyring (never on the
+/// keyring itself, which is replaced by rename). Released on drop, and by
+/// the kernel if the process dies.
+#[derive(Debug)]
+pub struct KeyringLock {
+    _file: File,
+}
+
+/// The lock file of the keyring at `path`.
+pub fn lock_path(path: &Path) -> PathBuf {
+    sibling(path, ".lock")
+}
+
+/// `path` with `suffix` appended to its file name.
+pub fn sibling(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path
+        .file_name()
+        .map(std::ffi::OsStr::to_owned)
+        .unwrap_or_default();
+    name.push(suffix);
+    path.with_file_name(name)
+}
+
+/// Takes the keyring's lock, waiting up to `wait` for another admin command
+/// to finish, then removes temp files left by writers that died (under the
+/// lock, no other writer can be running; they may hold key material).
+///
+/// # Errors
+/// [`StoreError::Locked`] when the wait expires; I/O errors.
+pub fn lock(path: &Path, wait: std::time::Duration) -> Result<KeyringLock, StoreError> {
+    use rustix::fs::{FlockOperation, flock};
+    let lock = lock_path(path);
+    let io = |op| {
+        let path = lock.clone();
+        move |source: io::Error| StoreError::Io { path, op, source }
+    };
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&lock)
+        .map_err(io("open the lock file"))?;
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        match flock(&file, FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => break,
+            Err(rustix::io::Errno::WOULDBLOCK) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(rustix::io::Errno::WOULDBLOCK) => {
+                return Err(StoreError::Locked {
+                    path: path.to_owned(),
+                });
+            }
+            Err(e) => return Err(io("lock")(e.into())),
+        }
+    }
+    remove_stale_temps(path);
+    Ok(KeyringLock { _file: file })
+}
+
+fn remove_stale_temps(path: &Path) {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return;
+    };
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    let prefix = format!(".{}.tmp-", name.to_string_lossy());
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if entry.file_name().to_string_lossy().starts_with(&prefix) {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
+}
+
+/// Atomically and durably replaces `path` with `bytes` (mode 0600), the same
+/// way the keyring is written. For kekd's small state files.
+///
+/// # Errors
+/// I/O errors; the previous file is then untouched.
+pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    write_durable(path, bytes, Replace::Always)
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]

@@ -156,7 +156,9 @@ fn errors_name_line_and_field_never_content() {
             "line 2 is missing: expected `keyring <id>`",
         ),
         (
-            with_checksum(&body(&format!("version 1 primary {created} kek={KEK_B64}\r\n"))),
+            with_checksum(&body(&format!(
+                "version 1 primary {created} kek={KEK_B64}\r\n"
+            ))),
             "line 3 has a carriage return: the file was converted to CRLF line endings",
         ),
         (
@@ -192,7 +194,7 @@ fn truncation_and_edits_fail_the_checksum() {
     let no_newline = &text[..text.len() - 1];
     assert_eq!(
         parse_err(no_newline),
-        "line 3 does not end in a newline (truncated?)"
+        "line 4 does not end in a newline (truncated?)"
     );
     assert_eq!(
         parse_err(&text[..text.len() - 72]),

@@ -1,0 +1,542 @@
+//! The keyring commands: init, rotate, promote, retire, restore, destroy,
+//! list, import.
+//!
+//! A changing command takes the keyring's lock, reads the keyring, applies
+//! one operation from [`crate::keyring::ops`], writes the result atomically
+//! and durably, appends the audit log, and only then reports success. A
+//! refused step changes nothing; a finished step re-run is a no-op.
+
+use std::fs;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use super::{LOCK_WAIT, Target, report};
+use crate::audit::{self, AuditRecord};
+use crate::cli::CliError;
+use crate::keyring::ops::{Outcome, Transition, check_successor};
+use crate::keyring::store::{self, KeyringFile, StoreError};
+use crate::keyring::{KeyState, KeyVersion, Timestamp};
+use crate::usage;
+
+/// A lifecycle step.
+#[derive(Debug, Clone, Copy)]
+pub enum Step {
+    /// `rotate`.
+    Rotate {
+        /// `--promote`.
+        promote: bool,
+        /// `--expect-primary`.
+        expect_primary: Option<KeyVersion>,
+    },
+    /// `promote`.
+    Promote(KeyVersion),
+    /// `retire`.
+    Retire {
+        /// The version.
+        version: KeyVersion,
+        /// `--window`.
+        window: Duration,
+        /// `--force`.
+        force: bool,
+    },
+    /// `restore`.
+    Restore(KeyVersion),
+    /// `destroy` (confirmed).
+    Destroy(KeyVersion),
+}
+
+impl Step {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Rotate { .. } => "rotate",
+            Self::Promote(_) => "promote",
+            Self::Retire { .. } => "retire",
+            Self::Restore(_) => "restore",
+            Self::Destroy(_) => "destroy",
+        }
+    }
+}
+
+fn store_error(e: StoreError) -> CliError {
+    match e {
+        StoreError::Locked { .. } => CliError {
+            code: CliError::LOCKED,
+            message: e.to_string(),
+        },
+        StoreError::Io { .. } | StoreError::Random(_) => CliError::runtime(e),
+        _ => CliError::config(e),
+    }
+}
+
+/// `kekd admin init`.
+///
+/// # Errors
+/// Exit 78 if the keyring exists (it is left untouched) or cannot be written.
+pub fn init(t: &Target) -> Result<(), CliError> {
+    let path = &t.keyring;
+    if let Some(dir) = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty() && !d.exists())
+    {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| {
+                CliError::config(format!("cannot create directory {}: {e}", dir.display()))
+            })?;
+    }
+    let file = KeyringFile::generate(Timestamp::now()).map_err(CliError::runtime)?;
+    store::create(path, &file).map_err(store_error)?;
+    let version = KeyVersion::FIRST;
+    let key_id = file.key_id(version);
+    let transition = Transition {
+        version,
+        from: None,
+        to: KeyState::Primary,
+    };
+    audit::append(
+        path,
+        &[AuditRecord::new(
+            "init",
+            path,
+            &file.id,
+            &transition,
+            vec![],
+            Timestamp::now(),
+        )],
+    )
+    .map_err(|e| {
+        CliError::runtime(format!(
+            "keyring created, but the audit log could not be written: {e}"
+        ))
+    })?;
+    report(
+        t.output,
+        &json!({
+            "command": "init",
+            "changed": true,
+            "keyring": path,
+            "keyring_id": file.id.to_string(),
+            "primary_version": version.get(),
+            "key_id": key_id.as_str(),
+        }),
+        &format!(
+            "created keyring {}\n  keyring id  {}\n  version 1   primary\n  key_id      {key_id}\n\
+             Back this file up now: if it is lost, every Secret it protects is unreadable.\n",
+            path.display(),
+            file.id
+        ),
+    );
+    Ok(())
+}
+
+/// Runs one lifecycle step under the keyring lock.
+///
+/// # Errors
+/// Exit 1 when the step is refused, 75 when locked, 78 for keyring problems.
+pub fn change(t: &Target, step: Step) -> Result<(), CliError> {
+    let path = &t.keyring;
+    let _lock = store::lock(path, LOCK_WAIT).map_err(store_error)?;
+    let mut file = store::read(path).map_err(store_error)?;
+    let now = Timestamp::now();
+    let mut overrides = Vec::new();
+    let mut warning = None;
+    let outcome = match step {
+        Step::Rotate {
+            promote,
+            expect_primary,
+        } => file.rotate(now, promote, expect_primary),
+        Step::Promote(v) => file.promote(v, now),
+        Step::Retire {
+            version,
+            window,
+            force,
+        } => {
+            let last = last_decrypt(path, &file, version, &mut warning);
+            if force {
+                overrides.push("--force");
+            }
+            file.retire(version, now, last, window, force)
+        }
+        Step::Restore(v) => file.restore(v),
+        Step::Destroy(v) => {
+            overrides.push("--yes-destroy-key-material");
+            file.destroy(v, now)
+        }
+    }
+    .map_err(|e| CliError::runtime(format!("{} refused: {e}", step.name())))?;
+
+    let transitions = match outcome {
+        Outcome::Unchanged(why) => {
+            report(
+                t.output,
+                &json!({"command": step.name(), "changed": false, "keyring": path, "message": why}),
+                &format!("{}: nothing to do: {why}\n", step.name()),
+            );
+            return Ok(());
+        }
+        Outcome::Changed(transitions) => transitions,
+    };
+    store::replace(path, &file).map_err(store_error)?;
+    let records: Vec<AuditRecord> = transitions
+        .iter()
+        .map(|tr| AuditRecord::new(step.name(), path, &file.id, tr, overrides.clone(), now))
+        .collect();
+    let audit_result = audit::append(path, &records);
+
+    let next = next_step(step, &transitions, path);
+    let mut text = String::new();
+    for tr in &transitions {
+        text.push_str(&format!(
+            "{}: version {} {} → {} (key_id {})\n",
+            step.name(),
+            tr.version,
+            tr.from.map_or("new", KeyState::as_str),
+            tr.to,
+            file.key_id(tr.version)
+        ));
+    }
+    if let Some(w) = &warning {
+        text.push_str(&format!("warning: {w}\n"));
+    }
+    text.push_str(&format!("next: {next}\n"));
+    report(
+        t.output,
+        &json!({
+            "command": step.name(),
+            "changed": true,
+            "keyring": path,
+            "transitions": transitions.iter().map(|tr| json!({
+                "version": tr.version.get(),
+                "key_id": file.key_id(tr.version).as_str(),
+                "from": tr.from.map(KeyState::as_str),
+                "to": tr.to.as_str(),
+            })).collect::<Vec<Value>>(),
+            "warning": warning,
+            "next": next,
+        }),
+        &text,
+    );
+    audit_result.map_err(|e| {
+        CliError::runtime(format!(
+            "the keyring was changed, but its audit log {} could not be written: {e}",
+            audit::audit_path(path).display()
+        ))
+    })
+}
+
+/// When `version` last served a Decrypt, from the server's usage file.
+fn last_decrypt(
+    path: &Path,
+    file: &KeyringFile,
+    version: KeyVersion,
+    warning: &mut Option<String>,
+) -> Option<Timestamp> {
+    match usage::read(path) {
+        Ok(Some(u)) if u.keyring_id == file.id.to_string() => {
+            u.versions.get(&version.get()).and_then(|v| v.last_decrypt)
+        }
+        Ok(_) => {
+            *warning = Some(format!(
+                "no usage record for this keyring beside {}: cannot tell whether version {version} is still \
+                 used; run `kekd admin list` on every node",
+                path.display()
+            ));
+            None
+        }
+        Err(e) => {
+            *warning = Some(format!(
+                "{e}; cannot tell whether version {version} is still used"
+            ));
+            None
+        }
+    }
+}
+
+fn next_step(step: Step, transitions: &[Transition], path: &Path) -> String {
+    let p = path.display();
+    let primary = transitions
+        .iter()
+        .find(|t| t.to == KeyState::Primary)
+        .map(|t| t.version);
+    let demoted = transitions
+        .iter()
+        .find(|t| t.to == KeyState::DecryptOnly)
+        .map(|t| t.version);
+    match (step, primary) {
+        (Step::Rotate { .. }, None) => {
+            let v = transitions.first().map_or(0, |t| t.version.get());
+            format!(
+                "copy {p} to every other control-plane node and run `kekd admin import --keyring {p} --from COPY` there; \
+                 then run `kekd admin promote {v} --keyring {p}` on every node"
+            )
+        }
+        (Step::Rotate { .. } | Step::Promote(_), Some(v)) => format!(
+            "kekd switches to version {v} within seconds. Once every apiserver reports the new key_id (wait 3 + N + M \
+             minutes), rewrite stored data: `kubectl get secrets -A -o json | kubectl replace -f -`; then retire the \
+             old version{}",
+            demoted.map_or(String::new(), |d| format!(
+                " (`kekd admin retire {d} --keyring {p}`)"
+            ))
+        ),
+        (Step::Retire { version, .. }, _) => format!(
+            "version {version} refuses to decrypt now; if anything fails to read, `kekd admin restore {version} --keyring {p}`. \
+             Later, `kekd admin destroy {version} --keyring {p} --yes-destroy-key-material`"
+        ),
+        (Step::Restore(v), _) => format!("version {v} decrypts again"),
+        (Step::Destroy(v), _) => {
+            format!("the key material of version {v} is erased; its number stays reserved")
+        }
+        (Step::Promote(_), None) => String::new(),
+    }
+}
+
+/// `kekd admin list`.
+///
+/// # Errors
+/// Exit 78 when the keyring cannot be read.
+pub fn list(t: &Target) -> Result<(), CliError> {
+    let path = &t.keyring;
+    let file = store::read(path).map_err(store_error)?;
+    let usage = usage::read(path)
+        .ok()
+        .flatten()
+        .filter(|u| u.keyring_id == file.id.to_string());
+    let use_of = |v: KeyVersion| {
+        usage
+            .as_ref()
+            .and_then(|u| u.versions.get(&v.get()))
+            .copied()
+            .unwrap_or_default()
+    };
+    let versions: Vec<Value> = file
+        .versions
+        .iter()
+        .map(|s| {
+            let i = &s.info;
+            let u = use_of(i.version);
+            json!({
+                "version": i.version.get(),
+                "state": i.state.as_str(),
+                "key_id": file.key_id(i.version).as_str(),
+                "created": i.created,
+                "promoted": i.promoted,
+                "retired": i.retired,
+                "destroyed": i.destroyed,
+                "encrypts": u.encrypts,
+                "decrypts": u.decrypts,
+                "last_encrypt": u.last_encrypt,
+                "last_decrypt": u.last_decrypt,
+            })
+        })
+        .collect();
+    let mut text = format!("keyring {} (id {})\n", path.display(), file.id);
+    text.push_str(&format!(
+        "{:>7}  {:<12}  {:<20}  {:<20}  {:<20}  {:>9}  {:>9}  {:<20}\n",
+        "VERSION",
+        "STATE",
+        "CREATED",
+        "PROMOTED",
+        "RETIRED",
+        "ENCRYPTS",
+        "DECRYPTS",
+        "LAST DECRYPT"
+    ));
+    let opt = |t: Option<Timestamp>| t.map_or_else(|| "-".to_owned(), |t| t.to_string());
+    for s in &file.versions {
+        let i = &s.info;
+        let u = use_of(i.version);
+        text.push_str(&format!(
+            "{:>7}  {:<12}  {:<20}  {:<20}  {:<20}  {:>9}  {:>9}  {:<20}\n",
+            i.version.get(),
+            i.state.as_str(),
+            i.created.to_string(),
+            opt(i.promoted),
+            opt(i.retired.or(i.destroyed)),
+            u.encrypts,
+            u.decrypts,
+            opt(u.last_decrypt)
+        ));
+    }
+    let server = usage.as_ref().and_then(|u| u.serving.clone());
+    let reload_error = usage.as_ref().and_then(|u| u.reload_error.clone());
+    match (&server, usage.as_ref().and_then(|u| u.updated)) {
+        (Some(s), Some(updated)) => text.push_str(&format!(
+            "kekd (pid {}) serves version {} ({}); counts as of {updated}\n",
+            s.pid, s.primary, s.key_id
+        )),
+        _ => text.push_str("no kekd has recorded usage for this keyring yet\n"),
+    }
+    if let Some(e) = &reload_error {
+        text.push_str(&format!(
+            "WARNING: kekd refused the keyring change at {}: {}\n         it keeps serving its last good keyring; fix the file and it reloads by itself\n",
+            e.at, e.message
+        ));
+    }
+    report(
+        t.output,
+        &json!({
+            "keyring": path,
+            "keyring_id": file.id.to_string(),
+            "primary": file.primary().map(KeyVersion::get),
+            "versions": versions,
+            "server": server,
+            "reload_error": reload_error,
+            "usage_updated": usage.as_ref().and_then(|u| u.updated),
+        }),
+        &text,
+    );
+    Ok(())
+}
+
+/// `kekd admin import`.
+///
+/// # Errors
+/// Exit 78 when the copy is damaged or would lose or change key material.
+pub fn import(t: &Target, from: &Path) -> Result<(), CliError> {
+    let path = &t.keyring;
+    let incoming = read_copy(from)?;
+    let _lock = store::lock(path, LOCK_WAIT).map_err(store_error)?;
+    let now = Timestamp::now();
+    let existing = match store::read(path) {
+        Ok(f) => Some(f),
+        Err(StoreError::NotFound { .. }) => None,
+        Err(e) => return Err(store_error(e)),
+    };
+    let transitions: Vec<Transition> = match &existing {
+        Some(local) => {
+            check_successor(&local.id, &local.views(), &incoming.id, &incoming.views()).map_err(
+                |e| {
+                    CliError::config(format!(
+                        "import refused: {} cannot replace {}: {e}",
+                        from.display(),
+                        path.display()
+                    ))
+                },
+            )?;
+            incoming
+                .versions
+                .iter()
+                .filter_map(|n| {
+                    let before = local
+                        .versions
+                        .iter()
+                        .find(|o| o.info.version == n.info.version)
+                        .map(|o| o.info.state);
+                    (before != Some(n.info.state)).then_some(Transition {
+                        version: n.info.version,
+                        from: before,
+                        to: n.info.state,
+                    })
+                })
+                .collect()
+        }
+        None => incoming
+            .versions
+            .iter()
+            .map(|n| Transition {
+                version: n.info.version,
+                from: None,
+                to: n.info.state,
+            })
+            .collect(),
+    };
+    if existing.is_some()
+        && transitions.is_empty()
+        && existing.as_ref().map(KeyringFile::infos) == Some(incoming.infos())
+    {
+        report(
+            t.output,
+            &json!({"command": "import", "changed": false, "keyring": path, "message": "already identical"}),
+            &format!(
+                "import: nothing to do: {} already matches {}\n",
+                path.display(),
+                from.display()
+            ),
+        );
+        return Ok(());
+    }
+    match existing {
+        Some(_) => store::replace(path, &incoming),
+        None => store::create(path, &incoming),
+    }
+    .map_err(store_error)?;
+    let records: Vec<AuditRecord> = transitions
+        .iter()
+        .map(|tr| AuditRecord::new("import", path, &incoming.id, tr, vec![], now))
+        .collect();
+    let audit_result = audit::append(path, &records);
+    let mut text = format!(
+        "import: {} now matches {}\n",
+        path.display(),
+        from.display()
+    );
+    for tr in &transitions {
+        text.push_str(&format!(
+            "  version {} {} → {}\n",
+            tr.version,
+            tr.from.map_or("new", KeyState::as_str),
+            tr.to
+        ));
+    }
+    text.push_str(&format!(
+        "kekd serving {} picks this up within seconds (`kekd admin list` shows what it serves). \
+         Delete the copy {} once every node has it.\n",
+        path.display(),
+        from.display()
+    ));
+    report(
+        t.output,
+        &json!({
+            "command": "import",
+            "changed": true,
+            "keyring": path,
+            "from": from,
+            "transitions": transitions.iter().map(|tr| json!({
+                "version": tr.version.get(),
+                "from": tr.from.map(KeyState::as_str),
+                "to": tr.to.as_str(),
+            })).collect::<Vec<Value>>(),
+        }),
+        &text,
+    );
+    audit_result.map_err(|e| {
+        CliError::runtime(format!(
+            "imported, but the audit log could not be written: {e}"
+        ))
+    })
+}
+
+/// Reads a keyring copy that may have arrived with loose permissions (scp
+/// keeps the umask's); the checksum is what proves it intact.
+fn read_copy(from: &Path) -> Result<KeyringFile, CliError> {
+    match store::read(from) {
+        Ok(f) => Ok(f),
+        Err(StoreError::TooOpen { .. }) => {
+            let meta = fs::metadata(from).map_err(CliError::runtime)?;
+            if meta.len() > store::MAX_FILE_LEN {
+                return Err(CliError::config(StoreError::TooLarge {
+                    path: from.to_owned(),
+                    len: meta.len(),
+                }));
+            }
+            eprintln!(
+                "kekd: warning: {} is readable by other users ({:04o}); delete it after the import",
+                from.display(),
+                meta.permissions().mode() & 0o777
+            );
+            let bytes = zeroize::Zeroizing::new(fs::read(from).map_err(CliError::runtime)?);
+            KeyringFile::parse(&bytes).map_err(|error| {
+                CliError::config(StoreError::Parse {
+                    path: from.to_owned(),
+                    error,
+                })
+            })
+        }
+        Err(e) => Err(store_error(e)),
+    }
+}

@@ -1,0 +1,319 @@
+use super::*;
+
+fn v(n: u32) -> KeyVersion {
+    KeyVersion::new(n).unwrap()
+}
+
+fn t(secs: u64) -> Timestamp {
+    Timestamp::from_unix(secs)
+}
+
+const DAY: u64 = 24 * 3600;
+
+fn fresh() -> KeyringFile {
+    KeyringFile::generate(t(1_000)).unwrap()
+}
+
+fn states(f: &KeyringFile) -> Vec<(u32, KeyState)> {
+    f.versions
+        .iter()
+        .map(|s| (s.info.version.get(), s.info.state))
+        .collect()
+}
+
+fn changed(o: Outcome) -> Vec<Transition> {
+    match o {
+        Outcome::Changed(c) => c,
+        Outcome::Unchanged(why) => panic!("expected a change, got: {why}"),
+    }
+}
+
+fn unchanged(o: Outcome) -> String {
+    match o {
+        Outcome::Unchanged(why) => why,
+        Outcome::Changed(c) => panic!("expected no change, got {c:?}"),
+    }
+}
+
+#[test]
+fn staged_rotation_walks_every_state() {
+    use KeyState::*;
+    let mut f = fresh();
+    let c = changed(f.rotate(t(2_000), false, None).unwrap());
+    assert_eq!(
+        c,
+        [Transition {
+            version: v(2),
+            from: None,
+            to: Pending
+        }]
+    );
+    assert_eq!(states(&f), [(1, Primary), (2, Pending)]);
+    assert_ne!(
+        f.versions[0].kek.as_ref().unwrap().fingerprint(),
+        f.versions[1].kek.as_ref().unwrap().fingerprint()
+    );
+
+    let c = changed(f.promote(v(2), t(3_000)).unwrap());
+    assert_eq!(
+        c,
+        [
+            Transition {
+                version: v(1),
+                from: Some(Primary),
+                to: DecryptOnly
+            },
+            Transition {
+                version: v(2),
+                from: Some(Pending),
+                to: Primary
+            },
+        ]
+    );
+    assert_eq!(f.versions[1].info.promoted, Some(t(3_000)));
+
+    changed(
+        f.retire(v(1), t(4_000), None, DEFAULT_RETIRE_WINDOW, false)
+            .unwrap(),
+    );
+    assert_eq!(states(&f), [(1, Retired), (2, Primary)]);
+    assert_eq!(f.versions[0].info.retired, Some(t(4_000)));
+
+    changed(f.restore(v(1)).unwrap());
+    assert_eq!(states(&f), [(1, DecryptOnly), (2, Primary)]);
+    assert_eq!(f.versions[0].info.retired, None);
+
+    changed(
+        f.retire(v(1), t(5_000), None, DEFAULT_RETIRE_WINDOW, false)
+            .unwrap(),
+    );
+    changed(f.destroy(v(1), t(6_000)).unwrap());
+    assert_eq!(states(&f), [(1, Destroyed), (2, Primary)]);
+    assert!(f.versions[0].kek.is_none());
+    assert_eq!(f.versions[0].info.destroyed, Some(t(6_000)));
+
+    // The destroyed number is never reused.
+    changed(f.rotate(t(7_000), true, None).unwrap());
+    assert_eq!(states(&f), [(1, Destroyed), (2, DecryptOnly), (3, Primary)]);
+    // The file still round-trips.
+    let back = KeyringFile::parse(f.encode().as_bytes()).unwrap();
+    assert_eq!(back.infos(), f.infos());
+}
+
+#[test]
+fn every_command_is_idempotent() {
+    let mut f = fresh();
+    changed(f.rotate(t(2), false, None).unwrap());
+    assert_eq!(
+        unchanged(f.rotate(t(3), false, None).unwrap()),
+        "version 2 is already pending; roll it out and run `kekd admin promote 2` (or retire it) before rotating again"
+    );
+    changed(f.promote(v(2), t(4)).unwrap());
+    assert_eq!(
+        unchanged(f.promote(v(2), t(5)).unwrap()),
+        "version 2 is already primary"
+    );
+    changed(
+        f.retire(v(1), t(6), None, DEFAULT_RETIRE_WINDOW, false)
+            .unwrap(),
+    );
+    assert_eq!(
+        unchanged(
+            f.retire(v(1), t(7), None, DEFAULT_RETIRE_WINDOW, false)
+                .unwrap()
+        ),
+        "version 1 is already retired"
+    );
+    changed(f.destroy(v(1), t(8)).unwrap());
+    assert_eq!(
+        unchanged(f.destroy(v(1), t(9)).unwrap()),
+        "version 1 is already destroyed"
+    );
+    assert_eq!(
+        unchanged(f.restore(v(2)).unwrap()),
+        "version 2 is primary, not retired: nothing to restore"
+    );
+}
+
+#[test]
+fn rotate_promote_uses_a_pending_version_and_expect_primary_guards_reruns() {
+    let mut f = fresh();
+    changed(f.rotate(t(2), false, None).unwrap());
+    let c = changed(f.rotate(t(3), true, None).unwrap());
+    assert_eq!(
+        c.last(),
+        Some(&Transition {
+            version: v(2),
+            from: Some(KeyState::Pending),
+            to: KeyState::Primary
+        })
+    );
+    assert_eq!(f.versions.len(), 2, "no new key generated");
+
+    let mut f = fresh();
+    changed(f.rotate(t(2), true, Some(v(1))).unwrap());
+    assert_eq!(
+        unchanged(f.rotate(t(3), true, Some(v(1))).unwrap()),
+        "already rotated: version 2 replaced version 1 as primary"
+    );
+    assert_eq!(f.versions.len(), 2);
+    assert_eq!(
+        f.rotate(t(3), false, Some(v(7))).unwrap_err(),
+        OpError::UnexpectedPrimary {
+            expected: v(7),
+            actual: v(2)
+        }
+    );
+}
+
+#[test]
+fn guards_refuse_with_the_fix() {
+    let mut f = fresh();
+    let err = f
+        .retire(v(1), t(2), None, DEFAULT_RETIRE_WINDOW, true)
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "version 1 is primary: the primary cannot be retired; rotate to a new primary first (`kekd admin rotate --promote`)"
+    );
+    let err = f.destroy(v(1), t(2)).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "version 1 is primary: only a retired version can be destroyed; retire it first and make sure nothing needs it"
+    );
+    assert_eq!(
+        f.promote(v(9), t(2)).unwrap_err().to_string(),
+        "version 9 is not in this keyring (see `kekd admin list`)"
+    );
+    changed(f.rotate(t(2), true, None).unwrap());
+    // A former primary never becomes primary again (A -> B -> A).
+    let err = f.promote(v(1), t(3)).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            OpError::WrongState {
+                state: KeyState::DecryptOnly,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("would reuse its key id"), "{err}");
+    // Destroy needs retire first; restore cannot bring back destroyed material.
+    changed(
+        f.retire(v(1), t(4), None, DEFAULT_RETIRE_WINDOW, false)
+            .unwrap(),
+    );
+    changed(f.destroy(v(1), t(5)).unwrap());
+    let err = f.restore(v(1)).unwrap_err();
+    assert!(err.to_string().contains("cannot be restored"), "{err}");
+    let err = f.promote(v(1), t(6)).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "version 1 is destroyed: its key material is gone"
+    );
+}
+
+#[test]
+fn retire_refuses_recently_used_versions_unless_forced() {
+    let mut f = fresh();
+    changed(f.rotate(t(2), true, None).unwrap());
+    let now = t(100 * DAY);
+    let recent = Some(t(100 * DAY - 3600));
+    let err = f
+        .retire(v(1), now, recent, DEFAULT_RETIRE_WINDOW, false)
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "version 1 served a Decrypt at 1970-04-10T23:00:00Z, within the last 1day; apiservers may still need it \
+         (wait, migrate the data, or pass --force)"
+    );
+    assert_eq!(
+        states(&f)[0].1,
+        KeyState::DecryptOnly,
+        "refusal changed nothing"
+    );
+    // Just outside the window, and with --force, it goes through.
+    let old = Some(t(100 * DAY - DAY));
+    changed(
+        f.retire(v(1), now, old, DEFAULT_RETIRE_WINDOW, false)
+            .unwrap(),
+    );
+    changed(f.restore(v(1)).unwrap());
+    changed(
+        f.retire(v(1), now, recent, DEFAULT_RETIRE_WINDOW, true)
+            .unwrap(),
+    );
+}
+
+#[test]
+fn restore_returns_never_promoted_versions_to_pending() {
+    let mut f = fresh();
+    changed(f.rotate(t(2), false, None).unwrap());
+    changed(
+        f.retire(v(2), t(3), None, DEFAULT_RETIRE_WINDOW, false)
+            .unwrap(),
+    );
+    let c = changed(f.restore(v(2)).unwrap());
+    assert_eq!(
+        c,
+        [Transition {
+            version: v(2),
+            from: Some(KeyState::Retired),
+            to: KeyState::Pending
+        }]
+    );
+}
+
+#[test]
+fn successor_rules() {
+    let mut f = fresh();
+    changed(f.rotate(t(2), false, None).unwrap());
+    let old = f.views();
+    let id = f.id;
+    // Promotion, retirement and destruction are all legal successors.
+    let mut g = KeyringFile::parse(f.encode().as_bytes()).unwrap();
+    changed(g.promote(v(2), t(3)).unwrap());
+    changed(
+        g.retire(v(1), t(4), None, DEFAULT_RETIRE_WINDOW, false)
+            .unwrap(),
+    );
+    changed(g.destroy(v(1), t(5)).unwrap());
+    check_successor(&id, &old, &id, &g.views()).unwrap();
+
+    // The reverse of a promotion is not.
+    let mut h = KeyringFile::parse(f.encode().as_bytes()).unwrap();
+    changed(h.promote(v(2), t(3)).unwrap());
+    assert_eq!(
+        check_successor(&id, &h.views(), &id, &old),
+        Err(SuccessorError::PrimaryBackwards {
+            old: v(2),
+            new: v(1)
+        })
+    );
+    // Destroyed material cannot come back.
+    assert_eq!(
+        check_successor(&id, &g.views(), &id, &old),
+        Err(SuccessorError::Resurrected(v(1)))
+    );
+    // A lost version (an older copy).
+    let mut older = KeyringFile::parse(f.encode().as_bytes()).unwrap();
+    older.versions.pop();
+    assert_eq!(
+        check_successor(&id, &old, &id, &older.views()),
+        Err(SuccessorError::Missing(v(2)))
+    );
+    // Changed material under the same version.
+    let mut forged = KeyringFile::parse(f.encode().as_bytes()).unwrap();
+    forged.versions[1].kek = Some(Kek::generate().unwrap());
+    assert_eq!(
+        check_successor(&id, &old, &id, &forged.views()),
+        Err(SuccessorError::MaterialChanged(v(2)))
+    );
+    // Another keyring.
+    let other = fresh();
+    assert!(matches!(
+        check_successor(&id, &old, &other.id, &other.views()),
+        Err(SuccessorError::OtherKeyring { .. })
+    ));
+}

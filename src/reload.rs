@@ -1,0 +1,136 @@
+//! Live reload: notice keyring changes and swap in the new snapshot.
+//!
+//! Changes are noticed through inotify on the keyring's directory (admin
+//! commands replace the file by rename) and, as a fallback, by polling the
+//! backend's revision token. A changed keyring is loaded, validated, checked
+//! as a successor of the one in use ([`check_successor`]: same keyring, no
+//! version lost or altered, primary not moving back) and self-checked; only
+//! then is it swapped in, whole. Anything wrong leaves the last good snapshot
+//! serving, is logged once and recorded for `kekd admin list`, and the next
+//! good version is picked up by itself.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tracing::{error, info, warn};
+
+use crate::backend::Backend;
+use crate::keyring::Timestamp;
+use crate::keyring::ops::check_successor;
+use crate::state::{ServingState, Snapshot};
+use crate::usage::ReloadProblem;
+
+/// How long to wait after a file event for more (a `cp` writes in pieces).
+const SETTLE: Duration = Duration::from_millis(100);
+
+/// Runs until aborted: reloads whenever the keyring changes.
+pub async fn reload_loop(state: Arc<ServingState>, backend: Arc<dyn Backend>, poll: Duration) {
+    let (tx, mut rx) = mpsc::channel::<()>(1);
+    let _watcher = watch(backend.watch_paths(), tx);
+    let mut last = backend.revision();
+    let mut ticker = tokio::time::interval(poll);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            Some(()) = rx.recv() => tokio::time::sleep(SETTLE).await,
+        }
+        let revision = backend.revision();
+        if revision.is_some() && revision == last {
+            continue;
+        }
+        last = revision;
+        try_reload(&state, &backend).await;
+    }
+}
+
+/// Loads the backend's keyring and swaps it in if it is a valid successor.
+/// Returns whether the snapshot changed.
+pub async fn try_reload(state: &ServingState, backend: &Arc<dyn Backend>) -> bool {
+    let loader = Arc::clone(backend);
+    let loaded = tokio::task::spawn_blocking(move || loader.load()).await;
+    let keyring = match loaded {
+        Ok(Ok(k)) => k,
+        Ok(Err(e)) => return refuse(state, e.to_string()),
+        Err(e) => return refuse(state, format!("keyring load task failed: {e}")),
+    };
+    let current = state.current();
+    if let Err(e) = check_successor(
+        current.keyring.id(),
+        &current.keyring.views(),
+        keyring.id(),
+        &keyring.views(),
+    ) {
+        return refuse(state, format!("{}: {e}", backend.describe()));
+    }
+    if let Err(e) = keyring.self_check().await {
+        return refuse(state, format!("{}: {e}", backend.describe()));
+    }
+    let unchanged = keyring.versions().eq(current.keyring.versions());
+    let (old_id, new_id) = (
+        current.keyring.primary_key_id().clone(),
+        keyring.primary_key_id().clone(),
+    );
+    state.swap(Snapshot::new(keyring, Timestamp::now(), true));
+    if unchanged {
+        return false;
+    }
+    if old_id == new_id {
+        info!(key_id = %new_id, "keyring reloaded");
+    } else {
+        info!(key_id = %new_id, previous_key_id = %old_id, "keyring reloaded: new primary");
+    }
+    true
+}
+
+fn refuse(state: &ServingState, message: String) -> bool {
+    if state.set_reload_error(Some(ReloadProblem {
+        at: Timestamp::now(),
+        message: message.clone(),
+    })) {
+        error!(error = %message, "keyring change refused; still serving the last good keyring");
+    }
+    false
+}
+
+/// Watches the directories of `paths`; each event for one of the files sends
+/// a (coalesced) wake-up. `None` when inotify is unavailable: polling covers it.
+fn watch(paths: Vec<PathBuf>, tx: mpsc::Sender<()>) -> Option<notify::RecommendedWatcher> {
+    use notify::{RecursiveMode, Watcher};
+    if paths.is_empty() {
+        return None;
+    }
+    let names: Vec<_> = paths
+        .iter()
+        .filter_map(|p| p.file_name().map(ToOwned::to_owned))
+        .collect();
+    let handler = move |event: notify::Result<notify::Event>| {
+        if let Ok(event) = event
+            && event
+                .paths
+                .iter()
+                .any(|p| p.file_name().is_some_and(|n| names.iter().any(|w| w == n)))
+            {
+                let _ = tx.try_send(());
+            }
+    };
+    let mut watcher = match notify::recommended_watcher(handler) {
+        Ok(w) => w,
+        Err(e) => {
+            warn!(error = %e, "cannot watch the keyring for changes; polling only");
+            return None;
+        }
+    };
+    for path in &paths {
+        let dir = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(std::path::Path::new("."));
+        if let Err(e) = watcher.watch(dir, RecursiveMode::NonRecursive) {
+            warn!(error = %e, dir = %dir.display(), "cannot watch the keyring's directory; polling only");
+        }
+    }
+    Some(watcher)
+}

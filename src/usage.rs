@@ -1,0 +1,243 @@
+//! Per-version usage, kept across restarts in `<keyring>.usage.json`.
+//!
+//! The server counts Encrypts and Decrypts per key version and remembers when
+//! each version was last used; `kekd admin list` shows it and `kekd admin
+//! retire` refuses a version that served a Decrypt within the apiserver's
+//! cache lifetime. The same file tells the admin commands what the running
+//! server is serving and whether its last keyring reload was rejected.
+//!
+//! The file holds no secrets (counts, times, public key ids). It is written
+//! atomically every few seconds while something changed, and at shutdown.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use serde::{Deserialize, Serialize};
+use tracing::warn;
+
+use crate::keyring::store::{self, StoreError};
+use crate::keyring::{KeyVersion, KeyringId, Timestamp};
+
+/// What the usage file holds.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageFile {
+    /// The keyring the counts belong to.
+    pub keyring_id: String,
+    /// When the server last wrote the file.
+    pub updated: Option<Timestamp>,
+    /// What the server is serving now.
+    pub serving: Option<Serving>,
+    /// The last keyring change the server refused, while it still stands.
+    pub reload_error: Option<ReloadProblem>,
+    /// Usage per version number.
+    pub versions: BTreeMap<u32, VersionUsage>,
+}
+
+/// The server's current snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Serving {
+    /// Process id of the server.
+    pub pid: u32,
+    /// The primary version.
+    pub primary: u32,
+    /// Its key id.
+    pub key_id: String,
+    /// When this snapshot was loaded.
+    pub since: Timestamp,
+}
+
+/// A refused keyring change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReloadProblem {
+    /// When it was refused.
+    pub at: Timestamp,
+    /// Why.
+    pub message: String,
+}
+
+/// Counts and last use of one version.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionUsage {
+    /// Successful Encrypts.
+    pub encrypts: u64,
+    /// Successful Decrypts.
+    pub decrypts: u64,
+    /// Last successful Encrypt.
+    pub last_encrypt: Option<Timestamp>,
+    /// Last successful Decrypt.
+    pub last_decrypt: Option<Timestamp>,
+}
+
+/// Which operation used a version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Use {
+    /// Encrypt.
+    Encrypt,
+    /// Decrypt.
+    Decrypt,
+}
+
+/// The usage file of the keyring at `keyring`.
+pub fn usage_path(keyring: &Path) -> PathBuf {
+    store::sibling(keyring, ".usage.json")
+}
+
+/// Reads the usage file beside `keyring`; `None` if there is none.
+///
+/// # Errors
+/// When it exists but cannot be read or parsed.
+pub fn read(keyring: &Path) -> Result<Option<UsageFile>, String> {
+    let path = usage_path(keyring);
+    match std::fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| format!("usage file {}: {e}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(format!("usage file {}: {e}", path.display())),
+    }
+}
+
+/// The server's live usage counters.
+#[derive(Debug)]
+pub struct UsageTracker {
+    path: Option<PathBuf>,
+    file: Mutex<UsageFile>,
+    dirty: AtomicBool,
+}
+
+impl UsageTracker {
+    /// Counters for keyring `id`, continuing the file beside `keyring` if it
+    /// belongs to the same keyring; with `keyring: None`, kept in memory only.
+    pub fn load(keyring: Option<&Path>, id: &KeyringId) -> Self {
+        let id = id.to_string();
+        let file = match keyring.map(read) {
+            Some(Ok(Some(f))) if f.keyring_id == id => UsageFile {
+                serving: None,
+                reload_error: None,
+                ..f
+            },
+            Some(Ok(Some(_))) => {
+                warn!("usage file belongs to another keyring; starting new counts");
+                UsageFile {
+                    keyring_id: id,
+                    ..UsageFile::default()
+                }
+            }
+            Some(Err(e)) => {
+                warn!(error = %e, "usage file unreadable; starting new counts");
+                UsageFile {
+                    keyring_id: id,
+                    ..UsageFile::default()
+                }
+            }
+            _ => UsageFile {
+                keyring_id: id,
+                ..UsageFile::default()
+            },
+        };
+        Self {
+            path: keyring.map(usage_path),
+            file: Mutex::new(file),
+            dirty: AtomicBool::new(true),
+        }
+    }
+
+    /// Counts one successful use.
+    pub fn record(&self, version: KeyVersion, op: Use, now: Timestamp) {
+        self.update(|f| {
+            let u = f.versions.entry(version.get()).or_default();
+            match op {
+                Use::Encrypt => {
+                    u.encrypts += 1;
+                    u.last_encrypt = Some(now);
+                }
+                Use::Decrypt => {
+                    u.decrypts += 1;
+                    u.last_decrypt = Some(now);
+                }
+            }
+        });
+    }
+
+    /// Records what is being served.
+    pub fn set_serving(&self, serving: Serving) {
+        self.update(|f| f.serving = Some(serving));
+    }
+
+    /// Records (or clears) a refused reload.
+    pub fn set_reload_error(&self, problem: Option<ReloadProblem>) {
+        self.update(|f| f.reload_error = problem);
+    }
+
+    /// A copy of the counters.
+    pub fn snapshot(&self) -> UsageFile {
+        self.file.lock().map(|f| f.clone()).unwrap_or_default()
+    }
+
+    /// Writes the file if anything changed since the last write.
+    ///
+    /// # Errors
+    /// When the write fails; the counters stay dirty and are written next time.
+    pub fn flush(&self, now: Timestamp) -> Result<(), StoreError> {
+        let Some(path) = &self.path else {
+            return Ok(());
+        };
+        if !self.dirty.swap(false, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let mut file = self.snapshot();
+        file.updated = Some(now);
+        // Serializing plain data to a Vec cannot fail.
+        let mut bytes = serde_json::to_vec_pretty(&file).unwrap_or_default();
+        bytes.push(b'\n');
+        store::write_file_atomic(path, &bytes)
+            .inspect_err(|_| self.dirty.store(true, Ordering::Release))
+    }
+
+    fn update(&self, f: impl FnOnce(&mut UsageFile)) {
+        // A poisoned lock only means another call panicked mid-update of
+        // counters; keep counting rather than fail requests.
+        let mut guard = self
+            .file
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        f(&mut guard);
+        self.dirty.store(true, Ordering::Release);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_persist_across_restarts_of_the_same_keyring() {
+        let dir = tempfile::tempdir().unwrap();
+        let keyring = dir.path().join("keyring");
+        let id = KeyringId::generate().unwrap();
+        let v1 = KeyVersion::FIRST;
+        let t = Timestamp::from_unix(1_000);
+        let tracker = UsageTracker::load(Some(&keyring), &id);
+        tracker.record(v1, Use::Encrypt, t);
+        tracker.record(v1, Use::Decrypt, t);
+        tracker.record(v1, Use::Decrypt, Timestamp::from_unix(2_000));
+        tracker.flush(t).unwrap();
+
+        let again = UsageTracker::load(Some(&keyring), &id);
+        let u = again.snapshot().versions[&1];
+        assert_eq!(
+            u,
+            VersionUsage {
+                encrypts: 1,
+                decrypts: 2,
+                last_encrypt: Some(t),
+                last_decrypt: Some(Timestamp::from_unix(2_000))
+            }
+        );
+        // Another keyring's counts are not inherited.
+        let other = UsageTracker::load(Some(&keyring), &KeyringId::generate().unwrap());
+        assert!(other.snapshot().versions.is_empty());
+    }
+}
