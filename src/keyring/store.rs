@@ -93,6 +93,19 @@ impl KeyringFile {
                 "has a carriage return: the file was converted to CRLF line endings",
             ));
         }
+        // What the file is comes first: a stranger gets "not a kekd keyring",
+        // not a complaint about its last line.
+        let first = text.split('\n').next().unwrap_or_default();
+        if first != MAGIC {
+            return Err(ParseError::new(
+                1,
+                if first.starts_with("kekd-keyring ") {
+                    "is a keyring format this kekd does not read (expected `kekd-keyring v1`)"
+                } else {
+                    "is not `kekd-keyring v1`: not a kekd keyring"
+                },
+            ));
+        }
         let body_end = text
             .strip_suffix('\n')
             .ok_or_else(|| {
@@ -111,21 +124,7 @@ impl KeyringFile {
             .filter(|_| !body.is_empty())
             .enumerate()
             .map(|(i, l)| (i + 1, l));
-        match lines.next() {
-            Some((_, MAGIC)) => {}
-            Some((_, l)) if l.starts_with("kekd-keyring ") => {
-                return Err(ParseError::new(
-                    1,
-                    "is a keyring format this kekd does not read (expected `kekd-keyring v1`)",
-                ));
-            }
-            _ => {
-                return Err(ParseError::new(
-                    1,
-                    "is not `kekd-keyring v1`: not a kekd keyring",
-                ));
-            }
-        }
+        lines.next(); // the magic line, checked above
         let id = match lines.next() {
             Some((n, l)) => {
                 let hex = l

@@ -301,7 +301,10 @@ fn next_step(step: Step, transitions: &[Transition], path: &Path) -> String {
 /// Exit 78 when the keyring cannot be read.
 pub fn list(t: &Target) -> Result<(), CliError> {
     let path = &t.keyring;
-    let file = store::read(path).map_err(store_error)?;
+    let file = match store::read(path) {
+        Ok(f) => f,
+        Err(e) => return Err(unreadable_keyring(t, e)),
+    };
     let usage = usage::read(path)
         .ok()
         .flatten()
@@ -391,6 +394,29 @@ pub fn list(t: &Target) -> Result<(), CliError> {
         &text,
     );
     Ok(())
+}
+
+/// The keyring cannot be read: say so, and what the server still serves.
+fn unreadable_keyring(t: &Target, e: StoreError) -> CliError {
+    let usage = usage::read(&t.keyring).ok().flatten();
+    let serving = usage.as_ref().and_then(|u| u.serving.clone());
+    if let Some(s) = &serving {
+        report(
+            t.output,
+            &json!({
+                "keyring": t.keyring,
+                "error": e.to_string(),
+                "server": s,
+                "reload_error": usage.as_ref().and_then(|u| u.reload_error.clone()),
+            }),
+            &format!(
+                "kekd (pid {}) keeps serving version {} ({}) from its last good keyring;\n\
+                 it reloads by itself once the file is fixed (restore it from a backup or another node)\n",
+                s.pid, s.primary, s.key_id
+            ),
+        );
+    }
+    store_error(e)
 }
 
 /// `kekd admin import`.

@@ -202,6 +202,10 @@ fn truncation_and_edits_fail_the_checksum() {
     );
     assert_eq!(
         parse_err("\u{0}\u{ff}"),
+        "line 1 is not `kekd-keyring v1`: not a kekd keyring"
+    );
+    assert_eq!(
+        parse_err("kekd-keyring v1"),
         "line 1 does not end in a newline (truncated?)"
     );
     assert_eq!(
