@@ -19,6 +19,12 @@
 //! 4. [`backend`] is where KEKs live: [`backend::local`] reads them from a
 //!    keyring file ([`keyring::store`]: strict parser, atomic durable writes).
 //!
+//! What is served lives in [`state`]: the current snapshot behind an atomic
+//! pointer, its health, and [`usage`] counters per key version. [`reload`]
+//! watches the keyring and swaps in a changed one only after it validates
+//! and self-checks; the admin commands change the keyring through
+//! [`keyring::ops`] under a lock and record each change in [`audit`].
+//!
 //! Around it: [`config`] (flags, `KEKD_*` environment, TOML file), [`cli`]
 //! (the `kekd serve` and `kekd admin …` commands), [`client`] (a UDS client
 //! for `kekd admin probe` and tests), [`secret`] (zeroizing, redacted types
