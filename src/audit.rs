@@ -98,9 +98,10 @@ pub fn append(keyring: &Path, records: &[AuditRecord]) -> io::Result<()> {
 /// name in /etc/passwd, else the number.
 fn user_name(uid: u32) -> String {
     if let Ok(sudo) = std::env::var("SUDO_USER")
-        && !sudo.is_empty() {
-            return format!("{sudo} (via sudo)");
-        }
+        && !sudo.is_empty()
+    {
+        return format!("{sudo} (via sudo)");
+    }
     std::fs::read_to_string("/etc/passwd")
         .ok()
         .and_then(|p| {

@@ -112,9 +112,9 @@ fn watch(paths: Vec<PathBuf>, tx: mpsc::Sender<()>) -> Option<notify::Recommende
                 .paths
                 .iter()
                 .any(|p| p.file_name().is_some_and(|n| names.iter().any(|w| w == n)))
-            {
-                let _ = tx.try_send(());
-            }
+        {
+            let _ = tx.try_send(());
+        }
     };
     let mut watcher = match notify::recommended_watcher(handler) {
         Ok(w) => w,

@@ -267,15 +267,8 @@ impl BoundSocket {
                 len: path.as_os_str().len(),
             });
         }
-        if let Some(parent) = path
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty() && !p.exists())
-        {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o750)
-                .create(parent)
-                .map_err(io("create its directory"))?;
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            create_dirs(parent).map_err(io("create its directory"))?;
         }
         clear_stale(path)?;
 
@@ -285,6 +278,11 @@ impl BoundSocket {
             config.mode
         };
         let listener = {
+            // The umask is process-wide: one bind at a time sets and restores it.
+            static UMASK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+            let _guard = UMASK
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             let old = rustix::process::umask(rustix::fs::Mode::from_raw_mode(!bind_mode & 0o777));
             let bound = std::os::unix::net::UnixListener::bind(path);
             rustix::process::umask(old);
@@ -347,6 +345,28 @@ impl Drop for BoundSocket {
     fn drop(&mut self) {
         self.remove_own();
     }
+}
+
+/// Creates `dir` and its missing ancestors with mode 0750 exactly — set
+/// explicitly, since the umask may narrow a mode given at creation and a
+/// group member must be able to reach a 0660 socket inside.
+fn create_dirs(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut missing = Vec::new();
+    let mut cur = Some(dir);
+    while let Some(d) = cur.filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
+        missing.push(d);
+        cur = d.parent();
+    }
+    for d in missing.into_iter().rev() {
+        match std::fs::DirBuilder::new().mode(0o750).create(d) {
+            Ok(()) => std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o750))?,
+            // Created meanwhile by someone else: theirs to own.
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Makes `path` free for bind, or says why it cannot be.

@@ -145,14 +145,15 @@ impl KeyringFile {
     ) -> Result<Outcome, OpError> {
         let primary = self.primary();
         if let (Some(expected), Some(actual)) = (expect_primary, primary)
-            && expected != actual {
-                if promote && self.was_rotated_from(expected) {
-                    return Ok(Outcome::Unchanged(format!(
-                        "already rotated: version {actual} replaced version {expected} as primary"
-                    )));
-                }
-                return Err(OpError::UnexpectedPrimary { expected, actual });
+            && expected != actual
+        {
+            if promote && self.was_rotated_from(expected) {
+                return Ok(Outcome::Unchanged(format!(
+                    "already rotated: version {actual} replaced version {expected} as primary"
+                )));
             }
+            return Err(OpError::UnexpectedPrimary { expected, actual });
+        }
         if let Some(pending) = self
             .versions
             .iter()
@@ -181,10 +182,9 @@ impl KeyringFile {
             from: None,
             to: KeyState::Pending,
         }];
-        if promote
-            && let Outcome::Changed(more) = self.promote(version, now)? {
-                changes.extend(more);
-            }
+        if promote && let Outcome::Changed(more) = self.promote(version, now)? {
+            changes.extend(more);
+        }
         Ok(Outcome::Changed(changes))
     }
 
@@ -299,13 +299,15 @@ impl KeyringFile {
             KeyState::Pending | KeyState::DecryptOnly => {}
         }
         if let Some(last) = last_decrypt
-            && !force && now.unix() < last.unix().saturating_add(window.as_secs()) {
-                return Err(OpError::RecentlyUsed {
-                    version,
-                    last_used: last,
-                    window: HumanDuration(window),
-                });
-            }
+            && !force
+            && now.unix() < last.unix().saturating_add(window.as_secs())
+        {
+            return Err(OpError::RecentlyUsed {
+                version,
+                last_used: last,
+                window: HumanDuration(window),
+            });
+        }
         let slot = self.slot(version)?;
         slot.info.state = KeyState::Retired;
         slot.info.retired = Some(now);
@@ -479,9 +481,10 @@ pub fn check_successor(
             .map(|v| v.info.version)
     };
     if let (Some(o), Some(n)) = (primary(old), primary(new))
-        && n < o {
-            return Err(SuccessorError::PrimaryBackwards { old: o, new: n });
-        }
+        && n < o
+    {
+        return Err(SuccessorError::PrimaryBackwards { old: o, new: n });
+    }
     Ok(())
 }
 

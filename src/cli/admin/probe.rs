@@ -52,7 +52,11 @@ pub fn run(args: &ProbeArgs) -> Result<(), CliError> {
     let (mut checks, status) = runtime.block_on(probe_checks(&args.socket, args.timeout));
     if let Some(keyring) = &args.keyring {
         let result = check_keyring(keyring, status.as_ref().map(|s| s.key_id.as_str()));
-        checks.push(Check { name: "keyring", ok: result.is_ok(), detail: result.unwrap_or_else(|e| e) });
+        checks.push(Check {
+            name: "keyring",
+            ok: result.is_ok(),
+            detail: result.unwrap_or_else(|e| e),
+        });
     }
     let ok = checks.iter().all(|c| c.ok);
     match args.output {
@@ -182,25 +186,36 @@ async fn probe_checks(
 /// refuse a change to the file?
 fn check_keyring(path: &Path, served: Option<&str>) -> Result<String, String> {
     let file = crate::keyring::store::read(path).map_err(|e| e.to_string())?;
-    let primary = file.primary().map(|v| file.key_id(v).to_string()).unwrap_or_default();
-    if let Ok(Some(usage)) = crate::usage::read(path) {
-        if let Some(problem) = usage.reload_error.filter(|_| usage.keyring_id == file.id.to_string()) {
-            return Err(format!(
-                "kekd refused the change to {} at {}: {}; it still serves its last good keyring",
-                path.display(),
-                problem.at,
-                problem.message
-            ));
-        }
+    let primary = file
+        .primary()
+        .map(|v| file.key_id(v).to_string())
+        .unwrap_or_default();
+    if let Ok(Some(usage)) = crate::usage::read(path)
+        && let Some(problem) = usage
+            .reload_error
+            .filter(|_| usage.keyring_id == file.id.to_string())
+    {
+        return Err(format!(
+            "kekd refused the change to {} at {}: {}; it still serves its last good keyring",
+            path.display(),
+            problem.at,
+            problem.message
+        ));
     }
     match served {
-        Some(s) if s == primary => Ok(format!("serves the primary of {} ({primary})", path.display())),
+        Some(s) if s == primary => Ok(format!(
+            "serves the primary of {} ({primary})",
+            path.display()
+        )),
         Some(s) => Err(format!(
             "serves {s} but the primary of {} is {primary}: a reload is pending (it takes a few seconds) \
              or this is not the keyring the plugin serves",
             path.display()
         )),
-        None => Err(format!("the plugin did not report a key_id; the primary of {} is {primary}", path.display())),
+        None => Err(format!(
+            "the plugin did not report a key_id; the primary of {} is {primary}",
+            path.display()
+        )),
     }
 }
 

@@ -1,0 +1,411 @@
+//! Helpers shared by the integration tests: keyrings in tempdirs, the real
+//! server in process on a real socket, the `kekd` binary as a child process,
+//! an apiserver-rules checker ([`apiserver`]) and an independent wire client
+//! ([`wire`]).
+//!
+//! Each test binary uses a different subset, hence `dead_code`.
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
+
+pub mod apiserver;
+pub mod wire;
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+use tokio::sync::{Mutex, MutexGuard, oneshot};
+use tokio::task::JoinHandle;
+
+use kekd::backend::local::LocalBackend;
+use kekd::client::Client;
+use kekd::config::{ServeConfig, Settings};
+use kekd::keyring::Timestamp;
+use kekd::keyring::store::{self, KeyringFile};
+use kekd::server::{Server, ServerError};
+
+/// Per-call timeout of test clients: generous, so a slow CI host does not
+/// turn into a failure, while a hang still ends the test.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a child process gets to answer Status or to exit.
+pub const PROCESS_TIMEOUT: Duration = Duration::from_secs(15);
+/// Polling interval while waiting on a child process.
+const POLL: Duration = Duration::from_millis(20);
+
+/// `BoundSocket::bind` changes the process-wide umask around its bind. A
+/// directory created by another test thread in that window would lose its
+/// permission bits, and two binds interleaving could leave the umask changed
+/// for good. Every in-process bind and every tempdir creation in a test
+/// binary therefore holds this lock.
+static FS_LOCK: Mutex<()> = Mutex::const_new(());
+
+/// Holds [`FS_LOCK`] (async tests).
+pub async fn fs_lock() -> MutexGuard<'static, ()> {
+    FS_LOCK.lock().await
+}
+
+/// Holds [`FS_LOCK`] (plain `#[test]`s, outside any runtime).
+pub fn fs_lock_blocking() -> MutexGuard<'static, ()> {
+    FS_LOCK.blocking_lock()
+}
+
+/// A fresh directory with a short path, so socket paths inside it stay far
+/// below the 107-byte limit.
+pub async fn tempdir() -> TempDir {
+    let _guard = fs_lock().await;
+    make_tempdir()
+}
+
+/// [`tempdir`] outside a runtime.
+pub fn tempdir_blocking() -> TempDir {
+    let _guard = fs_lock_blocking();
+    make_tempdir()
+}
+
+fn make_tempdir() -> TempDir {
+    let base = std::env::temp_dir();
+    let base = if base.as_os_str().len() > 40 {
+        PathBuf::from("/tmp")
+    } else {
+        base
+    };
+    tempfile::Builder::new()
+        .prefix("kekd-")
+        .tempdir_in(base)
+        .expect("create a tempdir")
+}
+
+/// Creates a new keyring at `path` through the library; returns its key_id
+/// as the apiserver will see it for version 1.
+pub fn create_keyring(path: &Path) -> String {
+    let file = KeyringFile::generate(Timestamp::now()).expect("generate a keyring");
+    store::create(path, &file).expect("write the keyring");
+    format!("kekd/{}/v1", file.id)
+}
+
+/// The base64 KEKs (`kek=` fields) in a keyring file: strings that must
+/// never appear in any output.
+pub fn keks_in(path: &Path) -> Vec<String> {
+    let text = fs::read_to_string(path).expect("read the keyring");
+    let keks: Vec<String> = text
+        .split([' ', '\n'])
+        .filter_map(|w| w.strip_prefix("kek="))
+        .map(str::to_owned)
+        .collect();
+    assert!(
+        !keks.is_empty(),
+        "keyring {} holds no kek= field",
+        path.display()
+    );
+    keks
+}
+
+/// Permission bits of `path` (not following a symlink).
+pub fn mode_of(path: &Path) -> u32 {
+    fs::symlink_metadata(path)
+        .unwrap_or_else(|e| panic!("stat {}: {e}", path.display()))
+        .permissions()
+        .mode()
+        & 0o7777
+}
+
+/// A UUIDv4-shaped uid, as the apiserver sends with every Encrypt/Decrypt.
+pub fn uid(n: usize) -> String {
+    format!("00000000-0000-4000-8000-{n:012x}")
+}
+
+/// 32 random bytes: what the apiserver asks to wrap.
+pub fn seed() -> Vec<u8> {
+    let mut s = vec![0u8; 32];
+    getrandom(&mut s);
+    s
+}
+
+/// Fills `buf` from the kernel's RNG (no extra dev-dependency needed).
+pub fn getrandom(buf: &mut [u8]) {
+    use std::io::Read;
+    fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(buf))
+        .expect("read /dev/urandom");
+}
+
+/// Connects a kekd client to `socket`.
+pub async fn connect(socket: &Path) -> Client {
+    Client::connect(socket, CALL_TIMEOUT)
+        .await
+        .unwrap_or_else(|e| panic!("connect to {}: {e}", socket.display()))
+}
+
+/// The real server, in this process, on a socket in its own tempdir.
+pub struct TestServer {
+    /// Holds the keyring and the socket.
+    pub dir: TempDir,
+    /// The socket.
+    pub socket: PathBuf,
+    /// The keyring file.
+    pub keyring: PathBuf,
+    /// The key_id version 1 of the keyring has (from the file).
+    pub key_id: String,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), ServerError>>>,
+}
+
+impl TestServer {
+    /// A server with default settings over a fresh keyring.
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    /// A server whose settings `adjust` may change before they are resolved.
+    pub async fn start_with(adjust: impl FnOnce(&mut Settings)) -> Self {
+        let dir = tempdir().await;
+        let keyring = dir.path().join("keyring");
+        let key_id = create_keyring(&keyring);
+        let socket = dir.path().join("kms.sock");
+        let mut settings = Settings {
+            keyring: Some(keyring.clone()),
+            socket: Some(socket.clone()),
+            ..Settings::default()
+        };
+        adjust(&mut settings);
+        let socket = settings.socket.clone().expect("a socket path");
+        let config = ServeConfig::resolve(settings).expect("valid settings");
+        let server = {
+            let _guard = fs_lock().await;
+            Server::start(config, Arc::new(LocalBackend::new(&keyring)))
+                .await
+                .expect("server starts")
+        };
+        assert_eq!(server.socket_path(), socket);
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(server.serve(async {
+            let _ = rx.await;
+        }));
+        Self {
+            dir,
+            socket,
+            keyring,
+            key_id,
+            shutdown: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    /// A client on a connection of its own.
+    pub async fn client(&self) -> Client {
+        connect(&self.socket).await
+    }
+
+    /// Signals shutdown and waits for `serve` to return.
+    pub async fn stop(mut self) -> Result<(), ServerError> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        let task = self.task.take().expect("stopped once");
+        tokio::time::timeout(PROCESS_TIMEOUT, task)
+            .await
+            .expect("server stops within the timeout")
+            .expect("server task did not panic")
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// `kekd` with no `KEKD_*` variable inherited from the environment.
+pub fn kekd() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kekd"));
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("KEKD_") {
+            cmd.env_remove(name);
+        }
+    }
+    cmd.env_remove("RUST_LOG").stdin(Stdio::null());
+    cmd
+}
+
+/// What a finished command printed and how it ended.
+#[derive(Debug)]
+pub struct Finished {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Finished {
+    /// The exit code; panics (with the output) if a signal ended the process.
+    pub fn code(&self) -> i32 {
+        self.status
+            .code()
+            .unwrap_or_else(|| panic!("killed by a signal: {self:#?}"))
+    }
+}
+
+/// Runs `cmd` to completion (a command that serves by mistake is killed
+/// after [`PROCESS_TIMEOUT`] and fails the test).
+pub fn run(cmd: Command, logs: &Path) -> Finished {
+    let mut process = Process::spawn(cmd, Path::new("/nonexistent"), logs);
+    let deadline = Instant::now() + PROCESS_TIMEOUT;
+    loop {
+        if let Some(status) = process.try_exit() {
+            return process.finished(status);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "kekd did not exit within {PROCESS_TIMEOUT:?}\nstdout:\n{}\nstderr:\n{}",
+            process.stdout(),
+            process.stderr()
+        );
+        std::thread::sleep(POLL);
+    }
+}
+
+/// A `kekd` child process whose stdout and stderr go to files.
+pub struct Process {
+    child: Option<Child>,
+    /// Where it serves.
+    pub socket: PathBuf,
+    stdout: PathBuf,
+    stderr: PathBuf,
+}
+
+impl Process {
+    /// Spawns `cmd`; output goes to files in `logs`.
+    pub fn spawn(mut cmd: Command, socket: &Path, logs: &Path) -> Self {
+        let stdout = logs.join(format!("stdout-{}", next_id()));
+        let stderr = logs.join(format!("stderr-{}", next_id()));
+        let child = cmd
+            .stdout(fs::File::create(&stdout).expect("stdout file"))
+            .stderr(fs::File::create(&stderr).expect("stderr file"))
+            .spawn()
+            .expect("spawn kekd");
+        Self {
+            child: Some(child),
+            socket: socket.to_owned(),
+            stdout,
+            stderr,
+        }
+    }
+
+    /// Everything it wrote to stdout so far.
+    pub fn stdout(&self) -> String {
+        fs::read_to_string(&self.stdout).unwrap_or_default()
+    }
+
+    /// Everything it wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// Whether it has exited (and how), without waiting.
+    pub fn try_exit(&mut self) -> Option<ExitStatus> {
+        self.child
+            .as_mut()
+            .expect("child")
+            .try_wait()
+            .expect("try_wait")
+    }
+
+    /// Polls until the socket answers a healthy Status; returns a client.
+    /// Panics with the process's output if it exits or the time runs out.
+    pub async fn ready(&mut self) -> Client {
+        let deadline = Instant::now() + PROCESS_TIMEOUT;
+        let mut last = String::from("never tried");
+        loop {
+            if let Some(status) = self.try_exit() {
+                panic!(
+                    "kekd exited with {status} before answering Status\nstdout:\n{}\nstderr:\n{}",
+                    self.stdout(),
+                    self.stderr()
+                );
+            }
+            if self.socket.exists() {
+                match Client::connect(&self.socket, CALL_TIMEOUT).await {
+                    Ok(mut client) => match client.status().await {
+                        Ok(s) if s.healthz == "ok" => return client,
+                        Ok(s) => last = format!("unhealthy Status {s:?}"),
+                        Err(e) => last = format!("Status failed: {e}"),
+                    },
+                    Err(e) => last = e.to_string(),
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "kekd did not answer Status on {} within {PROCESS_TIMEOUT:?} ({last})\nstderr:\n{}",
+                self.socket.display(),
+                self.stderr()
+            );
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// Sends `signal` to the child.
+    pub fn signal(&self, signal: rustix::process::Signal) {
+        let child = self.child.as_ref().expect("child");
+        rustix::process::kill_process(rustix::process::Pid::from_child(child), signal)
+            .expect("signal kekd");
+    }
+
+    /// Waits until it exits; panics after [`PROCESS_TIMEOUT`].
+    pub async fn wait_exit(mut self) -> Finished {
+        let deadline = Instant::now() + PROCESS_TIMEOUT;
+        let status = loop {
+            if let Some(status) = self.try_exit() {
+                break status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "kekd did not exit within {PROCESS_TIMEOUT:?}\nstderr:\n{}",
+                self.stderr()
+            );
+            tokio::time::sleep(POLL).await;
+        };
+        self.finished(status)
+    }
+
+    fn finished(&mut self, status: ExitStatus) -> Finished {
+        self.child = None;
+        Finished {
+            status,
+            stdout: self.stdout(),
+            stderr: self.stderr(),
+        }
+    }
+
+    /// Polls stderr until it contains `needle`; panics after [`PROCESS_TIMEOUT`].
+    pub async fn wait_for_stderr(&self, needle: &str) {
+        let deadline = Instant::now() + PROCESS_TIMEOUT;
+        while !self.stderr().contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "kekd never logged {needle:?}\nstderr:\n{}",
+                self.stderr()
+            );
+            tokio::time::sleep(POLL).await;
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        // Only the child this helper started, by its own handle.
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn next_id() -> usize {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
