@@ -2,12 +2,12 @@
 //! they load snapshots through [`Backend`] and seal/open through [`KeyHandle`].
 //!
 //! - [`local`]: KEKs in a keyring file on the node, AES-256-GCM in process.
-//!
-//! A PKCS#11 backend adds a `KeyHandle` variant whose calls run on a bounded
-//! session pool off the async workers, and a `Backend` that reads the keyring
-//! metadata from the token; nothing above this module changes.
+//! - [`pkcs11`]: KEKs generated and kept in an HSM token, AES-GCM inside the
+//!   token on a bounded session pool off the async workers; the keyring
+//!   metadata lives in the token too, so every node sharing it agrees.
 
 pub mod local;
+pub mod pkcs11;
 
 use std::fmt;
 
@@ -42,7 +42,9 @@ pub trait Backend: fmt::Debug + Send + Sync + 'static {
 /// One KEK version, ready to seal and open.
 pub enum KeyHandle {
     /// Material in this process.
-    Local(local::LocalKey),
+    Local(Box<local::LocalKey>),
+    /// An object in a PKCS#11 token.
+    Pkcs11(pkcs11::Pkcs11Key),
 }
 
 impl KeyHandle {
@@ -58,6 +60,7 @@ impl KeyHandle {
     ) -> Result<Vec<u8>, BackendError> {
         match self {
             Self::Local(key) => key.seal(nonce, aad, plaintext),
+            Self::Pkcs11(key) => key.seal(nonce, aad, plaintext).await,
         }
     }
 
@@ -73,6 +76,7 @@ impl KeyHandle {
     ) -> Result<Plaintext, BackendError> {
         match self {
             Self::Local(key) => key.open(nonce, aad, sealed),
+            Self::Pkcs11(key) => key.open(nonce, aad, sealed).await,
         }
     }
 }
@@ -83,6 +87,7 @@ impl KeyHandle {
     pub fn fingerprint(&self) -> KeyFingerprint {
         match self {
             Self::Local(key) => key.fingerprint(),
+            Self::Pkcs11(key) => key.fingerprint(),
         }
     }
 }
@@ -91,6 +96,7 @@ impl fmt::Debug for KeyHandle {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Local(_) => f.write_str("KeyHandle::Local(<redacted>)"),
+            Self::Pkcs11(_) => f.write_str("KeyHandle::Pkcs11"),
         }
     }
 }
@@ -107,6 +113,9 @@ pub enum BackendError {
     /// The keyring file could not be read or is invalid.
     #[error(transparent)]
     Store(#[from] crate::keyring::store::StoreError),
+    /// The PKCS#11 token failed or refused.
+    #[error(transparent)]
+    Pkcs11(#[from] pkcs11::Pkcs11Error),
     /// The keyring's content breaks a rule.
     #[error("keyring {source_name}: {error}")]
     Keyring {

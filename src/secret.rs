@@ -60,6 +60,18 @@ impl fmt::Debug for Kek {
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct KeyFingerprint([u8; 32]);
 
+impl KeyFingerprint {
+    /// A fingerprint of public bytes under a domain label (for key handles
+    /// whose material cannot be read, such as HSM objects).
+    pub fn of_public(domain: &[u8], bytes: &[u8]) -> Self {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        h.update(domain);
+        h.update(bytes);
+        Self(h.finalize().into())
+    }
+}
+
 impl fmt::Debug for KeyFingerprint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("KeyFingerprint(<redacted>)")
@@ -99,6 +111,27 @@ impl Plaintext {
 impl fmt::Debug for Plaintext {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "Plaintext(<{} bytes redacted>)", self.0.len())
+    }
+}
+
+/// A PKCS#11 user PIN. Read from a file or the environment, never argv.
+pub struct Pin(Zeroizing<String>);
+
+impl Pin {
+    /// Wraps a PIN (trailing newlines already removed by the caller).
+    pub fn new(pin: String) -> Self {
+        Self(Zeroizing::new(pin))
+    }
+
+    /// The PIN. Call only where it is handed to C_Login.
+    pub fn expose_secret(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Pin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Pin(<redacted>)")
     }
 }
 

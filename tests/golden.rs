@@ -14,7 +14,7 @@ use std::fs;
 use std::path::Path;
 
 use kekd::backend::local::keyring_from_file;
-use kekd::keyring::store::{KeyringFile, StoredVersion};
+use kekd::keyring::store::{KeyringFile, Material, StoredVersion};
 use kekd::keyring::{KeyState, KeyVersion, Timestamp, VersionInfo};
 use kekd::secret::{Kek, Plaintext};
 
@@ -47,6 +47,7 @@ fn golden_file(v1_state: KeyState, v2: Option<KeyState>) -> KeyringFile {
         });
     }
     KeyringFile {
+        material: Material::Inline,
         id: "0123456789abcdef0123456789abcdef".parse().unwrap(),
         versions,
     }

@@ -79,7 +79,7 @@ pub fn keyring_from_file(file: store::KeyringFile) -> Result<Keyring, KeyringErr
     let versions = file
         .versions
         .into_iter()
-        .map(|v| (v.info, v.kek.map(|k| KeyHandle::Local(LocalKey::new(&k)))))
+        .map(|v| (v.info, v.kek.map(|k| KeyHandle::Local(Box::new(LocalKey::new(&k))))))
         .collect();
     Keyring::new(file.id, versions)
 }

@@ -23,7 +23,7 @@
 
 use std::time::Duration;
 
-use crate::keyring::store::{KeyringFile, StoredVersion};
+use crate::keyring::store::{KeyringFile, Material, StoredVersion};
 use crate::keyring::{KeyId, KeyState, KeyVersion, KeyringId, Timestamp, VersionInfo};
 use crate::secret::{Kek, KeyFingerprint, RandomError};
 
@@ -175,7 +175,12 @@ impl KeyringFile {
         };
         self.versions.push(StoredVersion {
             info: VersionInfo::new(version, KeyState::Pending, now),
-            kek: Some(Kek::generate()?),
+            // A token backend generates the key inside the token when the
+            // metadata is written (see `backend::pkcs11`).
+            kek: match self.material {
+                Material::Inline => Some(Kek::generate()?),
+                Material::Token => None,
+            },
         });
         let mut changes = vec![Transition {
             version,

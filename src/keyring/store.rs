@@ -34,14 +34,36 @@ use crate::keyring::{
 };
 use crate::secret::{KEK_LEN, Kek, RandomError};
 
-/// The first line of every format-1 keyring file.
+/// The first line of every format-1 keyring file (keys inline).
 pub const MAGIC: &str = "kekd-keyring v1";
+/// The first line of keyring metadata whose keys live in a token.
+pub const MAGIC_METADATA: &str = "kekd-keyring-meta v1";
+
+/// Where a keyring's key material is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Material {
+    /// In the file, as `kek=` fields (the local backend).
+    Inline,
+    /// In a PKCS#11 token, one object per version; the file is metadata only.
+    Token,
+}
+
+impl Material {
+    fn magic(self) -> &'static str {
+        match self {
+            Self::Inline => MAGIC,
+            Self::Token => MAGIC_METADATA,
+        }
+    }
+}
 /// Keyring files larger than this are refused unread.
 pub const MAX_FILE_LEN: u64 = 1 << 20;
 
 /// A keyring as stored in the local file: metadata plus material.
 #[derive(Debug)]
 pub struct KeyringFile {
+    /// Where the key material is.
+    pub material: Material,
     /// The keyring's id.
     pub id: KeyringId,
     /// Versions in increasing order.
@@ -66,11 +88,27 @@ impl KeyringFile {
         let mut info = VersionInfo::new(KeyVersion::FIRST, KeyState::Primary, now);
         info.promoted = Some(now);
         Ok(Self {
+            material: Material::Inline,
             id: KeyringId::generate()?,
             versions: vec![StoredVersion {
                 info,
                 kek: Some(Kek::generate()?),
             }],
+        })
+    }
+
+    /// New metadata for a keyring whose keys live in a token: random id,
+    /// version 1 primary (its key is generated in the token by the caller).
+    ///
+    /// # Errors
+    /// When the OS RNG fails.
+    pub fn generate_metadata(now: Timestamp) -> Result<Self, RandomError> {
+        let mut info = VersionInfo::new(KeyVersion::FIRST, KeyState::Primary, now);
+        info.promoted = Some(now);
+        Ok(Self {
+            material: Material::Token,
+            id: KeyringId::generate()?,
+            versions: vec![StoredVersion { info, kek: None }],
         })
     }
 
@@ -96,16 +134,20 @@ impl KeyringFile {
         // What the file is comes first: a stranger gets "not a kekd keyring",
         // not a complaint about its last line.
         let first = text.split('\n').next().unwrap_or_default();
-        if first != MAGIC {
-            return Err(ParseError::new(
-                1,
-                if first.starts_with("kekd-keyring ") {
-                    "is a keyring format this kekd does not read (expected `kekd-keyring v1`)"
-                } else {
-                    "is not `kekd-keyring v1`: not a kekd keyring"
-                },
-            ));
-        }
+        let material = match first {
+            MAGIC => Material::Inline,
+            MAGIC_METADATA => Material::Token,
+            _ => {
+                return Err(ParseError::new(
+                    1,
+                    if first.starts_with("kekd-keyring") {
+                        "is a keyring format this kekd does not read (expected `kekd-keyring v1`)"
+                    } else {
+                        "is not `kekd-keyring v1`: not a kekd keyring"
+                    },
+                ));
+            }
+        };
         let body_end = text
             .strip_suffix('\n')
             .ok_or_else(|| {
@@ -138,7 +180,7 @@ impl KeyringFile {
         };
         let mut versions = Vec::new();
         for (n, line) in lines {
-            versions.push(parse_version(n, line)?);
+            versions.push(parse_version(n, line, material)?);
         }
         let infos: Vec<VersionInfo> = versions
             .iter()
@@ -148,7 +190,11 @@ impl KeyringFile {
             KeyringError::Invalid(msg) => ParseError::whole(msg),
             other => ParseError::whole(other.to_string()),
         })?;
-        Ok(Self { id, versions })
+        Ok(Self {
+            material,
+            id,
+            versions,
+        })
     }
 
     /// Serializes the keyring, checksum included. The result holds key
@@ -156,7 +202,7 @@ impl KeyringFile {
     pub fn encode(&self) -> Zeroizing<String> {
         let mut out = Zeroizing::new(String::with_capacity(128 + 160 * self.versions.len()));
         // Writing to a String cannot fail.
-        let _ = writeln!(out, "{MAGIC}");
+        let _ = writeln!(out, "{}", self.material.magic());
         let _ = writeln!(out, "keyring {}", self.id);
         for v in &self.versions {
             let i = &v.info;
@@ -226,7 +272,7 @@ fn check_checksum(body: &str, last: &str, line: usize) -> Result<(), ParseError>
     Ok(())
 }
 
-fn parse_version(n: usize, line: &str) -> Result<StoredVersion, ParseError> {
+fn parse_version(n: usize, line: &str, material: Material) -> Result<StoredVersion, ParseError> {
     let mut words = line.split(' ');
     if words.next() != Some("version") {
         return Err(ParseError::new(n, "must start with `version`"));
@@ -283,6 +329,16 @@ fn parse_version(n: usize, line: &str) -> Result<StoredVersion, ParseError> {
         })?);
     }
     info.created = created.ok_or_else(|| ParseError::field(n, "created", "is missing"))?;
+    if material == Material::Token {
+        if kek.is_some() {
+            return Err(ParseError::field(
+                n,
+                "kek",
+                "must not be present: this keyring's keys live in a token",
+            ));
+        }
+        return Ok(StoredVersion { info, kek });
+    }
     match (state.has_material(), &kek) {
         (true, None) => return Err(ParseError::field(n, "kek", "is missing")),
         (false, Some(_)) => {

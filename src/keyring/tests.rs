@@ -2,7 +2,7 @@ use proptest::prelude::*;
 
 use super::*;
 use crate::backend::local::keyring_from_file;
-use crate::keyring::store::{KeyringFile, StoredVersion};
+use crate::keyring::store::{KeyringFile, Material, StoredVersion};
 use crate::secret::Kek;
 
 fn v(n: u32) -> KeyVersion {
@@ -22,6 +22,7 @@ fn four_versions() -> Keyring {
         kek: (state != KeyState::Destroyed).then(|| Kek::from_bytes([byte; 32])),
     };
     keyring_from_file(KeyringFile {
+        material: Material::Inline,
         id: ID.parse().unwrap(),
         versions: vec![
             mk(1, KeyState::DecryptOnly, 1),
@@ -268,6 +269,7 @@ fn ciphertext_moved_between_keyrings_with_same_material_fails() {
     // Same key bytes, different keyring id: the AAD binds the identity.
     let mk = |id: &str| {
         keyring_from_file(KeyringFile {
+            material: Material::Inline,
             id: id.parse().unwrap(),
             versions: vec![StoredVersion {
                 info: VersionInfo::new(v(1), KeyState::Primary, t(0)),
@@ -294,6 +296,7 @@ fn self_check_passes_for_usable_versions() {
 #[test]
 fn material_must_match_state() {
     let err = keyring_from_file(KeyringFile {
+        material: Material::Inline,
         id: ID.parse().unwrap(),
         versions: vec![StoredVersion {
             info: VersionInfo::new(v(1), KeyState::Primary, t(0)),
