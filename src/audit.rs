@@ -24,8 +24,8 @@ pub struct AuditRecord {
     pub uid: u32,
     /// The admin command (`rotate`, `promote`, …).
     pub command: &'static str,
-    /// The keyring file.
-    pub keyring: PathBuf,
+    /// The keyring (its file, or the token and label prefix).
+    pub keyring: String,
     /// Its id.
     pub keyring_id: String,
     /// The version that changed.
@@ -44,7 +44,7 @@ impl AuditRecord {
     /// A record of `transition` made by `command` now, by the calling user.
     pub fn new(
         command: &'static str,
-        keyring: &Path,
+        keyring: &str,
         id: &KeyringId,
         transition: &Transition,
         overrides: Vec<&'static str>,

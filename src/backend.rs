@@ -12,7 +12,8 @@ pub mod pkcs11;
 use std::fmt;
 
 use crate::envelope::Nonce;
-use crate::keyring::Keyring;
+use crate::keyring::store::KeyringFile;
+use crate::keyring::{Keyring, Timestamp};
 use crate::secret::{KeyFingerprint, Plaintext};
 
 /// A source of keyring snapshots.
@@ -37,6 +38,41 @@ pub trait Backend: fmt::Debug + Send + Sync + 'static {
 
     /// The file the usage counters are kept beside, if any.
     fn state_anchor(&self) -> Option<std::path::PathBuf>;
+}
+
+/// Where the admin commands read and write a keyring: the file for the
+/// local backend, the token's metadata object (and key objects) for PKCS#11.
+/// Callers hold the keyring's admin lock around read → change → replace.
+pub trait KeyringStore: fmt::Debug {
+    /// Names the keyring for messages and the audit log.
+    fn name(&self) -> String;
+
+    /// The path beside which the lock, usage file and audit log live.
+    fn anchor(&self) -> std::path::PathBuf;
+
+    /// A new keyring (version 1 primary) of this store's kind; nothing written.
+    ///
+    /// # Errors
+    /// When the RNG fails.
+    fn generate(&self, now: Timestamp) -> Result<KeyringFile, BackendError>;
+
+    /// Reads the keyring.
+    ///
+    /// # Errors
+    /// Missing, unreadable or invalid.
+    fn read(&self) -> Result<KeyringFile, BackendError>;
+
+    /// Stores a new keyring; never replaces an existing one.
+    ///
+    /// # Errors
+    /// When one exists, or the write fails (leaving nothing behind).
+    fn create(&self, file: &KeyringFile) -> Result<(), BackendError>;
+
+    /// Replaces `old` (as read under the lock) with `new`, atomically.
+    ///
+    /// # Errors
+    /// When the write fails; `old` is then still in place.
+    fn replace(&self, old: &KeyringFile, new: &KeyringFile) -> Result<(), BackendError>;
 }
 
 /// One KEK version, ready to seal and open.

@@ -19,6 +19,8 @@ pub struct Cli {
 }
 
 /// The top-level subcommands.
+// Parsed once per process: the size of the variants does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve the KMS v2 API on a Unix socket.

@@ -27,11 +27,188 @@ pub const DEFAULT_RELOAD_INTERVAL: Duration = Duration::from_secs(2);
 /// Default period of the background self-check.
 pub const DEFAULT_SELF_CHECK_INTERVAL: Duration = Duration::from_secs(60);
 
+/// Default prefix of kekd's object labels in a PKCS#11 token.
+pub const DEFAULT_KEY_LABEL_PREFIX: &str = "kekd-";
+/// Default size of the PKCS#11 session pool.
+pub const DEFAULT_POOL_SIZE: usize = 4;
+/// Default directory of per-node state for the PKCS#11 backend.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/kekd";
+
+/// Where the KEKs live: the `[backend]` table of the config file, or flags.
+#[derive(Debug, Default, Clone, clap::Args, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendSettings {
+    /// `local` (keyring file) or `pkcs11` (HSM token) [default: local].
+    #[arg(long = "backend", env = "KEKD_BACKEND", value_name = "KIND")]
+    pub kind: Option<String>,
+    /// PKCS#11 module (.so), e.g. /usr/lib/softhsm/libsofthsm2.so.
+    #[arg(
+        long = "pkcs11-module",
+        env = "KEKD_PKCS11_MODULE",
+        value_name = "PATH"
+    )]
+    pub module: Option<PathBuf>,
+    /// Label of the token holding the keys (never a slot number).
+    #[arg(
+        long = "pkcs11-token-label",
+        env = "KEKD_PKCS11_TOKEN_LABEL",
+        value_name = "LABEL"
+    )]
+    pub token_label: Option<String>,
+    /// File holding the user PIN (mode 0600); or set KEKD_PKCS11_PIN. Never a flag value.
+    #[arg(
+        long = "pkcs11-pin-file",
+        env = "KEKD_PKCS11_PIN_FILE",
+        value_name = "PATH"
+    )]
+    pub pin_file: Option<PathBuf>,
+    /// Prefix of kekd's object labels in the token [default: kekd-].
+    #[arg(
+        long = "pkcs11-key-label-prefix",
+        env = "KEKD_PKCS11_KEY_LABEL_PREFIX",
+        value_name = "PREFIX"
+    )]
+    pub key_label_prefix: Option<String>,
+    /// Most PKCS#11 sessions open at once [default: 4].
+    #[arg(
+        long = "pkcs11-pool-size",
+        env = "KEKD_PKCS11_POOL_SIZE",
+        value_name = "N"
+    )]
+    pub pool_size: Option<usize>,
+    /// Directory for this node's usage counters, audit log and admin lock
+    /// with the pkcs11 backend [default: /var/lib/kekd].
+    #[arg(long = "state-dir", env = "KEKD_STATE_DIR", value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+}
+
+impl BackendSettings {
+    /// Fills each unset field from `fallback`.
+    pub fn or(self, fallback: Self) -> Self {
+        Self {
+            kind: self.kind.or(fallback.kind),
+            module: self.module.or(fallback.module),
+            token_label: self.token_label.or(fallback.token_label),
+            pin_file: self.pin_file.or(fallback.pin_file),
+            key_label_prefix: self.key_label_prefix.or(fallback.key_label_prefix),
+            pool_size: self.pool_size.or(fallback.pool_size),
+            state_dir: self.state_dir.or(fallback.state_dir),
+        }
+    }
+}
+
+/// The validated choice of backend.
+#[derive(Debug, Clone)]
+pub enum BackendConfig {
+    /// A keyring file.
+    Local {
+        /// Its path.
+        keyring: PathBuf,
+    },
+    /// A PKCS#11 token.
+    Pkcs11(crate::backend::pkcs11::Pkcs11Settings),
+}
+
+impl BackendConfig {
+    /// Validates the backend part of merged settings. The PIN is read here,
+    /// from `pin_file` or `KEKD_PKCS11_PIN`.
+    ///
+    /// # Errors
+    /// The first missing or invalid setting, with the fix.
+    pub fn resolve(keyring: Option<PathBuf>, b: BackendSettings) -> Result<Self, ConfigError> {
+        match b.kind.as_deref().unwrap_or("local") {
+            "local" => {
+                let keyring = keyring.ok_or(ConfigError::Missing {
+                    what: "keyring",
+                    how: "--keyring PATH, KEKD_KEYRING or `keyring = \"PATH\"` in --config (or try --dev)",
+                })?;
+                Ok(Self::Local { keyring })
+            }
+            "pkcs11" => {
+                let module = b.module.ok_or(ConfigError::Missing {
+                    what: "PKCS#11 module",
+                    how: "`module = \"/path/to/module.so\"` in [backend], --pkcs11-module or KEKD_PKCS11_MODULE",
+                })?;
+                let token_label = b.token_label.ok_or(ConfigError::Missing {
+                    what: "PKCS#11 token label",
+                    how: "`token_label = \"LABEL\"` in [backend], --pkcs11-token-label or KEKD_PKCS11_TOKEN_LABEL",
+                })?;
+                let pin = read_pin(b.pin_file.as_deref())?;
+                let pool_size = b.pool_size.unwrap_or(DEFAULT_POOL_SIZE);
+                if !(1..=256).contains(&pool_size) {
+                    return Err(ConfigError::Invalid {
+                        what: "pool_size",
+                        reason: format!("{pool_size} is outside 1..=256"),
+                    });
+                }
+                let key_label_prefix = b
+                    .key_label_prefix
+                    .unwrap_or_else(|| DEFAULT_KEY_LABEL_PREFIX.to_owned());
+                if key_label_prefix.len() > 64 {
+                    return Err(ConfigError::Invalid {
+                        what: "key_label_prefix",
+                        reason: "is longer than 64 bytes".to_owned(),
+                    });
+                }
+                Ok(Self::Pkcs11(crate::backend::pkcs11::Pkcs11Settings {
+                    module,
+                    token_label,
+                    pin: std::sync::Arc::new(pin),
+                    key_label_prefix,
+                    pool_size,
+                    state_dir: b
+                        .state_dir
+                        .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
+                }))
+            }
+            other => Err(ConfigError::Invalid {
+                what: "backend kind",
+                reason: format!("{other:?} is not `local` or `pkcs11`"),
+            }),
+        }
+    }
+}
+
+/// Reads the PIN from `file` (which must not be readable by others) or,
+/// without one, from `KEKD_PKCS11_PIN`. Never from argv.
+fn read_pin(file: Option<&Path>) -> Result<crate::secret::Pin, ConfigError> {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(path) = file else {
+        return match std::env::var("KEKD_PKCS11_PIN") {
+            Ok(pin) if !pin.is_empty() => Ok(crate::secret::Pin::new(pin)),
+            _ => Err(ConfigError::Missing {
+                what: "PKCS#11 PIN",
+                how: "`pin_file = \"PATH\"` in [backend], --pkcs11-pin-file PATH or the KEKD_PKCS11_PIN environment variable",
+            }),
+        };
+    };
+    let bad = |reason: String| ConfigError::Invalid {
+        what: "pin_file",
+        reason,
+    };
+    let meta = fs::metadata(path).map_err(|e| bad(format!("{}: {e}", path.display())))?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(bad(format!(
+            "{0} has permissions {mode:04o}, which let other users read the PIN; run `chmod 600 {0}`",
+            path.display()
+        )));
+    }
+    let text = zeroize::Zeroizing::new(
+        fs::read_to_string(path).map_err(|e| bad(format!("{}: {e}", path.display())))?,
+    );
+    let pin = text.trim_end_matches(['\n', '\r']);
+    if pin.is_empty() {
+        return Err(bad(format!("{} is empty", path.display())));
+    }
+    Ok(crate::secret::Pin::new(pin.to_owned()))
+}
+
 /// Every `kekd serve` setting, each optional; as flags, env and TOML keys.
 #[derive(Debug, Default, Clone, clap::Args, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
-    /// Keyring file holding the KEKs.
+    /// Keyring file holding the KEKs (local backend).
     #[arg(long, env = "KEKD_KEYRING", value_name = "PATH")]
     pub keyring: Option<PathBuf>,
     /// Unix socket to serve on (the apiserver's `endpoint: unix://PATH`).
@@ -64,6 +241,10 @@ pub struct Settings {
     /// Log filter, e.g. `info` or `kekd=debug` [default: info].
     #[arg(long, env = "KEKD_LOG_LEVEL", value_name = "FILTER")]
     pub log_level: Option<String>,
+    /// Where the KEKs live (the `[backend]` table).
+    #[command(flatten)]
+    #[serde(default)]
+    pub backend: BackendSettings,
 }
 
 impl Settings {
@@ -96,6 +277,7 @@ impl Settings {
             reload_interval: self.reload_interval.or(fallback.reload_interval),
             log_format: self.log_format.or(fallback.log_format),
             log_level: self.log_level.or(fallback.log_level),
+            backend: self.backend.or(fallback.backend),
         }
     }
 }
@@ -103,8 +285,8 @@ impl Settings {
 /// Validated settings of `kekd serve`.
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
-    /// The keyring file.
-    pub keyring: PathBuf,
+    /// Where the KEKs live.
+    pub backend: BackendConfig,
     /// The socket.
     pub socket: SocketConfig,
     /// Largest accepted request.
@@ -140,10 +322,7 @@ impl ServeConfig {
     /// # Errors
     /// The first missing or invalid setting, with the flag that fixes it.
     pub fn resolve(s: Settings) -> Result<Self, ConfigError> {
-        let keyring = s.keyring.ok_or(ConfigError::Missing {
-            what: "keyring",
-            how: "--keyring PATH, KEKD_KEYRING or `keyring = \"PATH\"` in --config (or try --dev)",
-        })?;
+        let backend = BackendConfig::resolve(s.keyring, s.backend)?;
         let path = s.socket.ok_or(ConfigError::Missing {
             what: "socket",
             how: "--socket PATH, KEKD_SOCKET or `socket = \"PATH\"` in --config (or try --dev)",
@@ -202,7 +381,7 @@ impl ServeConfig {
             None => LogFormat::Text,
         };
         Ok(Self {
-            keyring,
+            backend,
             socket: SocketConfig { path, mode, group },
             max_request_bytes,
             max_concurrency,
@@ -337,7 +516,9 @@ mod tests {
             ..Settings::default()
         };
         let c = ServeConfig::resolve(flags.or(file)).unwrap();
-        assert_eq!(c.keyring, PathBuf::from("/flag/k"));
+        assert!(
+            matches!(c.backend, BackendConfig::Local { keyring } if keyring == Path::new("/flag/k"))
+        );
         assert_eq!(c.socket.path, PathBuf::from("/file/s"));
         assert_eq!(c.socket.mode, 0o660);
         assert_eq!(c.socket.group, Some(0));

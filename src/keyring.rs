@@ -500,7 +500,10 @@ impl Keyring {
                 continue;
             };
             let version = slot.info.version;
-            let fail = |_| KeyringError::SelfCheck { version };
+            let fail = |e: BackendError| KeyringError::SelfCheck {
+                version,
+                reason: e.to_string(),
+            };
             let mut nonce = [0u8; envelope::NONCE_LEN];
             fill_random(&mut nonce)?;
             let aad = envelope::aad(&self.id, version);
@@ -510,7 +513,10 @@ impl Keyring {
                 .map_err(fail)?;
             let opened = key.open(&nonce, &aad, &sealed).await.map_err(fail)?;
             if opened.expose_secret() != CANARY {
-                return Err(KeyringError::SelfCheck { version });
+                return Err(KeyringError::SelfCheck {
+                    version,
+                    reason: "the canary came back different".to_owned(),
+                });
             }
         }
         Ok(())
@@ -602,10 +608,12 @@ pub enum KeyringError {
     #[error("ciphertext could not be decrypted")]
     Decrypt,
     /// A version failed its seal/open round trip.
-    #[error("self-check failed for key version {version}")]
+    #[error("self-check failed for key version {version}: {reason}")]
     SelfCheck {
         /// The version that failed.
         version: KeyVersion,
+        /// Why (a backend error; never key material).
+        reason: String,
     },
     /// The keyring breaks a structural rule.
     #[error("invalid keyring: {0}")]

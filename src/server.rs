@@ -217,17 +217,33 @@ async fn flush_loop(state: Arc<ServingState>) {
 
 /// Re-runs the self-check of the served snapshot; Status reflects the result.
 async fn self_check_loop(state: Arc<ServingState>, every: Duration) {
-    let mut ticker = tokio::time::interval(every);
-    ticker.tick().await; // the startup check just ran
+    // While unhealthy, check every second so recovery shows at once.
+    const RECHECK: Duration = Duration::from_secs(1);
+    let mut last_error: Option<String> = None;
     loop {
-        ticker.tick().await;
+        let snapshot = state.current();
+        tokio::time::sleep(if snapshot.is_healthy() {
+            every
+        } else {
+            every.min(RECHECK)
+        })
+        .await;
         let snapshot = state.current();
         let result = snapshot.keyring.self_check().await;
         let was = snapshot.set_healthy(result.is_ok());
-        match (was, result) {
-            (true, Err(e)) => error!(error = %e, "self-check failed; Status now fails"),
-            (false, Ok(())) => info!("self-check passes again; Status is healthy"),
-            _ => {}
+        match result {
+            Err(e) => {
+                let msg = e.to_string();
+                if was || last_error.as_ref() != Some(&msg) {
+                    error!(error = %msg, "self-check failed; Status fails until it passes");
+                }
+                last_error = Some(msg);
+            }
+            Ok(()) if !was => {
+                last_error = None;
+                info!("self-check passes again; Status is healthy");
+            }
+            Ok(()) => {}
         }
     }
 }

@@ -14,11 +14,13 @@ use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status};
 use tracing::{Instrument, debug, error, info_span, warn};
 
+use crate::backend::BackendError;
+use crate::backend::pkcs11::Pkcs11Error;
 use crate::keyring::{KeyringError, Timestamp};
 use crate::pb;
 use crate::pb::key_management_service_server::{KeyManagementService, KeyManagementServiceServer};
 use crate::secret::Plaintext;
-use crate::state::ServingState;
+use crate::state::{ServingState, Snapshot};
 use crate::usage::Use;
 
 /// The Status `version` kekd reports; accepted by kube-apiserver 1.29+.
@@ -95,7 +97,7 @@ impl KeyManagementService for KmsService {
                         annotations: Default::default(),
                     }))
                 }
-                Err(e) => Err(ServiceError::Keyring(e).to_status(&uid)),
+                Err(e) => Err(self.fail(&snapshot, e, &uid)),
             }
         }
         .instrument(span)
@@ -135,11 +137,26 @@ impl KeyManagementService for KmsService {
                         plaintext: plaintext.into_inner(),
                     }))
                 }
-                Err(e) => Err(ServiceError::Keyring(e).to_status(&uid)),
+                Err(e) => Err(self.fail(&snapshot, e, &uid)),
             }
         }
         .instrument(span)
         .await
+    }
+}
+
+impl KmsService {
+    /// Maps a failed call; a key store outage also turns Status into an
+    /// error at once, until the background self-check passes again.
+    fn fail(&self, snapshot: &Snapshot, e: KeyringError, uid: &Uid) -> Status {
+        if matches!(
+            e,
+            KeyringError::Backend(BackendError::Pkcs11(Pkcs11Error::Unavailable { .. }))
+        ) && snapshot.set_healthy(false)
+        {
+            warn!(error = %e, "key store unavailable; Status fails until it is back");
+        }
+        ServiceError::Keyring(e).to_status(uid)
     }
 }
 
@@ -181,6 +198,9 @@ impl ServiceError {
                 | K::Envelope(_)
                 | K::Decrypt => tonic::Code::InvalidArgument,
                 K::Unusable { .. } => tonic::Code::FailedPrecondition,
+                K::Backend(BackendError::Pkcs11(Pkcs11Error::Unavailable { .. })) => {
+                    tonic::Code::Unavailable
+                }
                 K::SelfCheck { .. } | K::Invalid(_) | K::Random(_) | K::Backend(_) => {
                     tonic::Code::Internal
                 }

@@ -5,9 +5,9 @@ use std::path::{Path, PathBuf};
 use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Key};
 
-use crate::backend::{Backend, BackendError, KeyHandle};
+use crate::backend::{Backend, BackendError, KeyHandle, KeyringStore};
 use crate::envelope::Nonce;
-use crate::keyring::{Keyring, KeyringError, store};
+use crate::keyring::{Keyring, KeyringError, Timestamp, store};
 use crate::secret::{Kek, KeyFingerprint, Plaintext};
 
 /// Serves the keyring file at a path.
@@ -70,16 +70,56 @@ impl Backend for LocalBackend {
     }
 }
 
+impl KeyringStore for LocalBackend {
+    fn name(&self) -> String {
+        self.path.display().to_string()
+    }
+
+    fn anchor(&self) -> PathBuf {
+        self.path.clone()
+    }
+
+    fn generate(&self, now: Timestamp) -> Result<store::KeyringFile, BackendError> {
+        Ok(store::KeyringFile::generate(now).map_err(store::StoreError::from)?)
+    }
+
+    fn read(&self) -> Result<store::KeyringFile, BackendError> {
+        Ok(store::read(&self.path)?)
+    }
+
+    fn create(&self, file: &store::KeyringFile) -> Result<(), BackendError> {
+        Ok(store::create(&self.path, file)?)
+    }
+
+    fn replace(
+        &self,
+        _old: &store::KeyringFile,
+        new: &store::KeyringFile,
+    ) -> Result<(), BackendError> {
+        Ok(store::replace(&self.path, new)?)
+    }
+}
+
 /// Builds a serving snapshot from a parsed keyring file; the file's raw keys
 /// are dropped (and zeroed) once expanded.
 ///
 /// # Errors
 /// When the versions break a keyring rule.
 pub fn keyring_from_file(file: store::KeyringFile) -> Result<Keyring, KeyringError> {
+    if file.material != store::Material::Inline {
+        return Err(KeyringError::Invalid(
+            "this file is PKCS#11 token metadata, not a local keyring (serve it with `kind = \"pkcs11\"`)".to_owned(),
+        ));
+    }
     let versions = file
         .versions
         .into_iter()
-        .map(|v| (v.info, v.kek.map(|k| KeyHandle::Local(Box::new(LocalKey::new(&k))))))
+        .map(|v| {
+            (
+                v.info,
+                v.kek.map(|k| KeyHandle::Local(Box::new(LocalKey::new(&k)))),
+            )
+        })
         .collect();
     Keyring::new(file.id, versions)
 }

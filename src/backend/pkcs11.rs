@@ -44,13 +44,13 @@ use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::mechanism::Mechanism;
 use cryptoki::mechanism::aead::GcmParams;
-use cryptoki::object::{Attribute, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
 use cryptoki::session::{Session, UserType};
 use cryptoki::slot::Slot;
 use tokio::sync::Semaphore;
 use tracing::{info, warn};
 
-use crate::backend::{Backend, BackendError, KeyHandle};
+use crate::backend::{Backend, BackendError, KeyHandle, KeyringStore};
 use crate::envelope::Nonce;
 use crate::keyring::store::{KeyringFile, Material, StoreError};
 use crate::keyring::{KeyState, KeyVersion, Keyring, KeyringId};
@@ -86,7 +86,9 @@ pub struct Pkcs11Settings {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Pkcs11Error {
     /// The module could not be loaded.
-    #[error("cannot load PKCS#11 module {module}: {reason} (check `module`; e.g. /usr/lib/softhsm/libsofthsm2.so)")]
+    #[error(
+        "cannot load PKCS#11 module {module}: {reason} (check `module`; e.g. /usr/lib/softhsm/libsofthsm2.so)"
+    )]
     Module {
         /// The path.
         module: PathBuf,
@@ -94,7 +96,9 @@ pub enum Pkcs11Error {
         reason: String,
     },
     /// No token has the label.
-    #[error("no token labelled {label:?} in PKCS#11 module {module} (tokens present: {present}); check `token_label`")]
+    #[error(
+        "no token labelled {label:?} in PKCS#11 module {module} (tokens present: {present}); check `token_label`"
+    )]
     NoToken {
         /// The label wanted.
         label: String,
@@ -135,7 +139,9 @@ pub enum Pkcs11Error {
         label: String,
     },
     /// The token has no kekd keyring.
-    #[error("token {label:?} holds no kekd keyring with prefix {prefix:?}; create one with `kekd admin init --config …`")]
+    #[error(
+        "token {label:?} holds no kekd keyring with prefix {prefix:?}; create one with `kekd admin init --config …`"
+    )]
     NoKeyring {
         /// The token.
         label: String,
@@ -143,7 +149,9 @@ pub enum Pkcs11Error {
         prefix: String,
     },
     /// The token already has a keyring.
-    #[error("token {label:?} already holds a kekd keyring with prefix {prefix:?}; refusing to replace it")]
+    #[error(
+        "token {label:?} already holds a kekd keyring with prefix {prefix:?}; refusing to replace it"
+    )]
     KeyringExists {
         /// The token.
         label: String,
@@ -151,7 +159,9 @@ pub enum Pkcs11Error {
         prefix: String,
     },
     /// Someone else changed the metadata between our read and write.
-    #[error("the keyring metadata in token {label:?} changed while this command ran (another admin?); run it again")]
+    #[error(
+        "the keyring metadata in token {label:?} changed while this command ran (another admin?); run it again"
+    )]
     Conflict {
         /// The token.
         label: String,
@@ -212,7 +222,10 @@ fn context(module: &Path) -> Result<Pkcs11, Pkcs11Error> {
     if let Some(ctx) = map.get(module) {
         return Ok(ctx.clone());
     }
-    let fail = |reason: String| Pkcs11Error::Module { module: module.to_owned(), reason };
+    let fail = |reason: String| Pkcs11Error::Module {
+        module: module.to_owned(),
+        reason,
+    };
     if !module.exists() {
         return Err(fail("no such file".to_owned()));
     }
@@ -286,7 +299,9 @@ impl Token {
     }
 
     fn conn(&self) -> std::sync::MutexGuard<'_, Conn> {
-        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Runs `f` on a pooled session (blocking). On any error the session is
@@ -312,13 +327,19 @@ impl Token {
                     self.mark_broken(generation, &e.to_string());
                     return Err(self.unavailable(e.to_string()));
                 }
-                Err(Pkcs11Error::Call { op, reason: e.to_string() })
+                Err(Pkcs11Error::Call {
+                    op,
+                    reason: e.to_string(),
+                })
             }
         }
     }
 
     fn unavailable(&self, reason: String) -> Pkcs11Error {
-        Pkcs11Error::Unavailable { label: self.settings.token_label.clone(), reason }
+        Pkcs11Error::Unavailable {
+            label: self.settings.token_label.clone(),
+            reason,
+        }
     }
 
     fn mark_broken(&self, generation: u64, reason: &str) {
@@ -344,10 +365,14 @@ impl Token {
             return Ok((s, conn.generation));
         }
         if let Some(at) = conn.retry_at
-            && Instant::now() < at {
-                let reason = conn.last_error.clone().unwrap_or_else(|| "reconnecting".to_owned());
-                return Err(self.unavailable(format!("{reason} (next reconnect attempt soon)")));
-            }
+            && Instant::now() < at
+        {
+            let reason = conn
+                .last_error
+                .clone()
+                .unwrap_or_else(|| "reconnecting".to_owned());
+            return Err(self.unavailable(format!("{reason} (next reconnect attempt soon)")));
+        }
         let result = self.open(&mut conn);
         match &result {
             Ok(_) => {
@@ -391,12 +416,21 @@ impl Token {
         if !conn.logged_in {
             let pin = cryptoki::types::AuthPin::from(self.settings.pin.expose_secret().to_owned());
             match session.login(UserType::User, Some(&pin)) {
-                Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => conn.logged_in = true,
-                Err(CkError::Pkcs11(RvError::PinIncorrect | RvError::PinInvalid | RvError::PinLenRange, _)) => {
-                    return Err(Pkcs11Error::WrongPin { label: self.settings.token_label.clone() });
+                Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {
+                    conn.logged_in = true
+                }
+                Err(CkError::Pkcs11(
+                    RvError::PinIncorrect | RvError::PinInvalid | RvError::PinLenRange,
+                    _,
+                )) => {
+                    return Err(Pkcs11Error::WrongPin {
+                        label: self.settings.token_label.clone(),
+                    });
                 }
                 Err(CkError::Pkcs11(RvError::PinLocked, _)) => {
-                    return Err(Pkcs11Error::PinLocked { label: self.settings.token_label.clone() });
+                    return Err(Pkcs11Error::PinLocked {
+                        label: self.settings.token_label.clone(),
+                    });
                 }
                 Err(e) => {
                     conn.slot = None;
@@ -414,7 +448,9 @@ impl Token {
             .map_err(|e| self.unavailable(format!("listing slots: {e}")))?;
         let mut present = Vec::new();
         for slot in slots {
-            let Ok(info) = ctx.get_token_info(slot) else { continue };
+            let Ok(info) = ctx.get_token_info(slot) else {
+                continue;
+            };
             let label = info.label().trim_end().to_owned();
             if label == self.settings.token_label {
                 return Ok(slot);
@@ -424,7 +460,11 @@ impl Token {
         Err(Pkcs11Error::NoToken {
             label: self.settings.token_label.clone(),
             module: self.settings.module.clone(),
-            present: if present.is_empty() { "none".to_owned() } else { present.join(", ") },
+            present: if present.is_empty() {
+                "none".to_owned()
+            } else {
+                present.join(", ")
+            },
         })
     }
 
@@ -443,38 +483,68 @@ impl Token {
         let token = Arc::clone(self);
         tokio::task::spawn_blocking(move || token.with_session(op, f))
             .await
-            .map_err(|e| Pkcs11Error::Call { op, reason: e.to_string() })?
+            .map_err(|e| Pkcs11Error::Call {
+                op,
+                reason: e.to_string(),
+            })?
     }
 
     fn label_of(&self, version: KeyVersion) -> String {
         format!("{}v{version}", self.settings.key_label_prefix)
     }
 
-    fn metadata_label(&self) -> String {
-        format!("{}{METADATA_LABEL}", self.settings.key_label_prefix)
+    fn metadata_prefix(&self) -> String {
+        format!("{}{METADATA_LABEL}@", self.settings.key_label_prefix)
     }
 
-    fn metadata_template(&self) -> Vec<Attribute> {
-        vec![
+    /// Every metadata object of this keyring, as (revision, handle), oldest first.
+    ///
+    /// Metadata is never modified in place (tokens such as SoftHSM refuse to
+    /// change a data object's value): each write creates revision n+1, then
+    /// deletes the older ones. A crash in between leaves both; readers take
+    /// the newest and the next write removes the rest.
+    fn metadata_objects(&self, s: &Session) -> Result<Vec<(u64, ObjectHandle)>, CkError> {
+        let prefix = self.metadata_prefix();
+        let mut out = Vec::new();
+        for handle in s.find_objects(&[
             Attribute::Class(ObjectClass::DATA),
             Attribute::Application(APPLICATION.as_bytes().to_vec()),
-            Attribute::Label(self.metadata_label().into_bytes()),
-        ]
+        ])? {
+            let label = s
+                .get_attributes(handle, &[AttributeType::Label])?
+                .into_iter()
+                .find_map(|a| match a {
+                    Attribute::Label(l) => Some(l),
+                    _ => None,
+                })
+                .unwrap_or_default();
+            let revision = std::str::from_utf8(&label)
+                .ok()
+                .and_then(|l| l.strip_prefix(&prefix))
+                .and_then(|r| r.parse::<u64>().ok());
+            if let Some(r) = revision {
+                out.push((r, handle));
+            }
+        }
+        out.sort_unstable_by_key(|&(revision, _)| revision);
+        Ok(out)
     }
 
-    /// Reads the metadata object's bytes and handle, if there is one.
-    fn read_metadata(&self, s: &Session) -> Result<Option<(ObjectHandle, Vec<u8>)>, CkError> {
-        let found = s.find_objects(&self.metadata_template())?;
-        let Some(&handle) = found.first() else { return Ok(None) };
+    /// The newest metadata revision and its bytes, if there is any.
+    fn read_metadata(&self, s: &Session) -> Result<Option<(u64, Vec<u8>)>, CkError> {
+        let objects = self.metadata_objects(s)?;
+        let Some(&(revision, handle)) = objects.last() else {
+            return Ok(None);
+        };
         let value = s
-            .get_attributes(handle, &[cryptoki::object::AttributeType::Value])?
+            .get_attributes(handle, &[AttributeType::Value])?
             .into_iter()
             .find_map(|a| match a {
                 Attribute::Value(v) => Some(v),
                 _ => None,
             })
             .unwrap_or_default();
-        Ok(Some((handle, value)))
+        Ok(Some((revision, value)))
     }
 
     /// The keyring metadata stored in the token.
@@ -488,7 +558,10 @@ impl Token {
             prefix: self.settings.key_label_prefix.clone(),
         })?;
         let file = KeyringFile::parse(&bytes).map_err(|error| {
-            BackendError::Store(StoreError::Parse { path: PathBuf::from(self.describe()), error })
+            BackendError::Store(StoreError::Parse {
+                path: PathBuf::from(self.describe()),
+                error,
+            })
         })?;
         if file.material != Material::Token {
             return Err(BackendError::Store(StoreError::Parse {
@@ -504,7 +577,10 @@ impl Token {
     }
 
     fn describe(&self) -> String {
-        format!("pkcs11 token {:?} (prefix {:?})", self.settings.token_label, self.settings.key_label_prefix)
+        format!(
+            "pkcs11 token {:?} (prefix {:?})",
+            self.settings.token_label, self.settings.key_label_prefix
+        )
     }
 
     fn key_template(&self, id: &KeyringId, version: KeyVersion) -> Vec<Attribute> {
@@ -515,7 +591,12 @@ impl Token {
         ]
     }
 
-    fn find_key(&self, s: &Session, id: &KeyringId, version: KeyVersion) -> Result<Vec<ObjectHandle>, CkError> {
+    fn find_key(
+        &self,
+        s: &Session,
+        id: &KeyringId,
+        version: KeyVersion,
+    ) -> Result<Vec<ObjectHandle>, CkError> {
         s.find_objects(&self.key_template(id, version))
     }
 
@@ -526,7 +607,11 @@ impl Token {
     /// # Errors
     /// Token errors; [`Pkcs11Error::Conflict`]; [`Pkcs11Error::KeyringExists`]
     /// when `old` is `None` but a keyring exists.
-    pub fn write_metadata(&self, old: Option<&KeyringFile>, new: &KeyringFile) -> Result<(), BackendError> {
+    pub fn write_metadata(
+        &self,
+        old: Option<&KeyringFile>,
+        new: &KeyringFile,
+    ) -> Result<(), BackendError> {
         let encoded = new.encode();
         let old_encoded = old.map(KeyringFile::encode);
         self.with_session("write the keyring metadata", |s, _| {
@@ -536,7 +621,11 @@ impl Token {
                     continue;
                 }
                 let existing = self.find_key(s, &new.id, v.info.version)?;
-                let is_new = old.is_none_or(|o| !o.versions.iter().any(|ov| ov.info.version == v.info.version));
+                let is_new = old.is_none_or(|o| {
+                    !o.versions
+                        .iter()
+                        .any(|ov| ov.info.version == v.info.version)
+                });
                 if is_new {
                     // Left by a rotate that died before writing metadata:
                     // never used, so safe to replace.
@@ -546,30 +635,44 @@ impl Token {
                     self.generate_key(s, &new.id, v.info.version)?;
                 }
             }
-            // 2. Compare and write the metadata.
+            // 2. Compare, then write a new revision and drop the older ones.
+            let objects = self.metadata_objects(s)?;
             let current = self.read_metadata(s)?;
-            match (&current, &old_encoded) {
-                (None, None) => {
-                    let mut template = self.metadata_template();
-                    template.extend([
-                        Attribute::Token(true),
-                        Attribute::Private(true),
-                        Attribute::Modifiable(true),
-                        Attribute::Value(encoded.as_bytes().to_vec()),
-                    ]);
-                    s.create_object(&template)?;
+            let revision = match (&current, &old_encoded) {
+                (None, None) => 1,
+                (Some((rev, bytes)), Some(expected)) if bytes.as_slice() == expected.as_bytes() => {
+                    rev + 1
                 }
-                (Some((handle, bytes)), Some(expected)) if bytes.as_slice() == expected.as_bytes() => {
-                    s.update_attributes(*handle, &[Attribute::Value(encoded.as_bytes().to_vec())])?;
+                (Some(_), None) => {
+                    return Ok(Err(Pkcs11Error::KeyringExists {
+                        label: self.settings.token_label.clone(),
+                        prefix: self.settings.key_label_prefix.clone(),
+                    }));
                 }
-                (Some(_), None) => return Ok(Err(Pkcs11Error::KeyringExists {
-                    label: self.settings.token_label.clone(),
-                    prefix: self.settings.key_label_prefix.clone(),
-                })),
-                _ => return Ok(Err(Pkcs11Error::Conflict { label: self.settings.token_label.clone() })),
+                _ => {
+                    return Ok(Err(Pkcs11Error::Conflict {
+                        label: self.settings.token_label.clone(),
+                    }));
+                }
+            };
+            s.create_object(&[
+                Attribute::Class(ObjectClass::DATA),
+                Attribute::Application(APPLICATION.as_bytes().to_vec()),
+                Attribute::Label(format!("{}{revision}", self.metadata_prefix()).into_bytes()),
+                Attribute::Token(true),
+                Attribute::Private(true),
+                Attribute::Modifiable(false),
+                Attribute::Value(encoded.as_bytes().to_vec()),
+            ])?;
+            for (_, handle) in objects {
+                s.destroy_object(handle)?;
             }
             // 3. Erase the material of destroyed versions.
-            for v in new.versions.iter().filter(|v| v.info.state == KeyState::Destroyed) {
+            for v in new
+                .versions
+                .iter()
+                .filter(|v| v.info.state == KeyState::Destroyed)
+            {
                 for h in self.find_key(s, &new.id, v.info.version)? {
                     s.destroy_object(h)?;
                 }
@@ -579,7 +682,12 @@ impl Token {
         Ok(())
     }
 
-    fn generate_key(&self, s: &Session, id: &KeyringId, version: KeyVersion) -> Result<ObjectHandle, CkError> {
+    fn generate_key(
+        &self,
+        s: &Session,
+        id: &KeyringId,
+        version: KeyVersion,
+    ) -> Result<ObjectHandle, CkError> {
         let mut template = self.key_template(id, version);
         template.extend([
             Attribute::Label(self.label_of(version).into_bytes()),
@@ -620,7 +728,9 @@ impl Pkcs11Backend {
     /// # Errors
     /// See [`Token::connect`].
     pub fn connect(settings: Pkcs11Settings) -> Result<Self, Pkcs11Error> {
-        Ok(Self { token: Token::connect(settings)? })
+        Ok(Self {
+            token: Token::connect(settings)?,
+        })
     }
 
     /// The connection to the token.
@@ -643,12 +753,16 @@ impl Backend for Pkcs11Backend {
             let key = if v.info.state.has_material() {
                 // Resolve the object now: a key deleted behind kekd's back
                 // makes this keyring invalid rather than fail per call.
-                let found = self
-                    .token
-                    .with_session("find a key object", |s, g| Ok((self.token.find_key(s, &id, version)?, g)))?;
+                let found = self.token.with_session("find a key object", |s, g| {
+                    Ok((self.token.find_key(s, &id, version)?, g))
+                })?;
                 let (handles, generation) = found;
                 let &[handle] = handles.as_slice() else {
-                    return Err(Pkcs11Error::KeyMissing { version, label: self.token.label_of(version) }.into());
+                    return Err(Pkcs11Error::KeyMissing {
+                        version,
+                        label: self.token.label_of(version),
+                    }
+                    .into());
                 };
                 Some(KeyHandle::Pkcs11(Pkcs11Key {
                     token: Arc::clone(&self.token),
@@ -662,7 +776,10 @@ impl Backend for Pkcs11Backend {
             };
             versions.push((v.info, key));
         }
-        Keyring::new(id, versions).map_err(|e| BackendError::Keyring { source_name: self.describe(), error: Box::new(e) })
+        Keyring::new(id, versions).map_err(|e| BackendError::Keyring {
+            source_name: self.describe(),
+            error: Box::new(e),
+        })
     }
 
     fn revision(&self) -> Option<String> {
@@ -678,11 +795,51 @@ impl Backend for Pkcs11Backend {
     }
 }
 
+impl KeyringStore for Pkcs11Backend {
+    fn name(&self) -> String {
+        self.token.describe()
+    }
+
+    fn anchor(&self) -> PathBuf {
+        state_anchor(&self.token.settings)
+    }
+
+    fn generate(&self, now: crate::keyring::Timestamp) -> Result<KeyringFile, BackendError> {
+        Ok(KeyringFile::generate_metadata(now).map_err(StoreError::from)?)
+    }
+
+    fn read(&self) -> Result<KeyringFile, BackendError> {
+        self.token.load_metadata()
+    }
+
+    fn create(&self, file: &KeyringFile) -> Result<(), BackendError> {
+        self.token.write_metadata(None, file)
+    }
+
+    fn replace(&self, old: &KeyringFile, new: &KeyringFile) -> Result<(), BackendError> {
+        self.token.write_metadata(Some(old), new)
+    }
+}
+
 /// The per-node file the usage counters, audit log and admin lock of a
 /// token keyring sit beside: `<state_dir>/pkcs11-<token label>-<prefix>`.
 pub fn state_anchor(s: &Pkcs11Settings) -> PathBuf {
-    let clean = |x: &str| x.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect::<String>();
-    s.state_dir.join(format!("pkcs11-{}-{}", clean(&s.token_label), clean(&s.key_label_prefix)))
+    let clean = |x: &str| {
+        x.chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect::<String>()
+    };
+    s.state_dir.join(format!(
+        "pkcs11-{}-{}",
+        clean(&s.token_label),
+        clean(&s.key_label_prefix)
+    ))
 }
 
 /// One version's key object in the token.
@@ -699,7 +856,10 @@ struct KeyObject {
 
 impl KeyObject {
     fn handle(&self, s: &Session, generation: u64) -> Result<ObjectHandle, CkError> {
-        let mut cached = self.cached.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut cached = self
+            .cached
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if cached.0 == generation {
             return Ok(cached.1);
         }

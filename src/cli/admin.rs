@@ -13,6 +13,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::cli::{CliError, Output};
+use crate::config::BackendSettings;
 use crate::keyring::KeyVersion;
 
 /// The `kekd admin` subcommands.
@@ -43,9 +44,16 @@ pub enum AdminCommand {
 /// The keyring a command acts on, and the report format.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Target {
-    /// The keyring file.
+    /// The keyring file (local backend).
     #[arg(long, env = "KEKD_KEYRING", value_name = "PATH")]
-    pub keyring: PathBuf,
+    pub keyring: Option<PathBuf>,
+    /// A kekd config file: its `keyring` and `[backend]` table say where the
+    /// keyring is (e.g. a PKCS#11 token). Flags and KEKD_* win over it.
+    #[arg(long, env = "KEKD_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Where the KEKs live.
+    #[command(flatten)]
+    pub backend: BackendSettings,
     /// Report format.
     #[arg(long, value_enum, default_value_t)]
     pub output: Output,

@@ -7,9 +7,11 @@ use std::sync::Arc;
 
 use tracing::info;
 
+use crate::backend::Backend;
 use crate::backend::local::LocalBackend;
+use crate::backend::pkcs11::{Pkcs11Backend, Pkcs11Error};
 use crate::cli::CliError;
-use crate::config::{ServeConfig, Settings};
+use crate::config::{BackendConfig, ServeConfig, Settings};
 use crate::keyring::Timestamp;
 use crate::keyring::store::{self, KeyringFile, StoreError};
 use crate::{server, telemetry};
@@ -54,12 +56,44 @@ pub fn run(args: ServeArgs) -> Result<(), CliError> {
         .thread_name("kekd")
         .build()
         .map_err(CliError::runtime)?;
-    let backend = Arc::new(LocalBackend::new(&config.keyring));
+    let backend: Arc<dyn Backend> = match &config.backend {
+        BackendConfig::Local { keyring } => Arc::new(LocalBackend::new(keyring)),
+        BackendConfig::Pkcs11(settings) => {
+            ensure_state_dir(&settings.state_dir)?;
+            Arc::new(Pkcs11Backend::connect(settings.clone()).map_err(pkcs11_error)?)
+        }
+    };
     runtime
         .block_on(server::run(config, backend, shutdown_signal()))
         .map_err(|e| CliError {
             code: e.exit_code(),
             message: e.to_string(),
+        })
+}
+
+/// Exit 78 for what the operator must fix (module, token, PIN), 1 otherwise.
+pub(crate) fn pkcs11_error(e: Pkcs11Error) -> CliError {
+    CliError {
+        code: if e.is_configuration() {
+            CliError::CONFIG
+        } else {
+            CliError::RUNTIME
+        },
+        message: e.to_string(),
+    }
+}
+
+/// Creates the per-node state directory (0700) if missing.
+pub(crate) fn ensure_state_dir(dir: &Path) -> Result<(), CliError> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| {
+            CliError::config(format!(
+                "cannot create state directory {}: {e} (set `state_dir`)",
+                dir.display()
+            ))
         })
 }
 

@@ -78,10 +78,22 @@ fn error_to_status_table() {
         assert_eq!(status.code(), code, "{err}");
         assert_eq!(status.message(), message);
     }
+    let outage = ServiceError::from(K::Backend(BackendError::Pkcs11(
+        crate::backend::pkcs11::Pkcs11Error::Unavailable {
+            label: "t".into(),
+            reason: "gone".into(),
+        },
+    )));
+    let status = outage.to_status(&uid);
+    assert_eq!(status.code(), Code::Unavailable);
+    assert_eq!(status.message(), "PKCS#11 token \"t\" is unavailable: gone");
     let internal_message =
         "internal error in kekd (request uid 0b7d1b43-6cbe-4a57-8a1e-5f36bd2a1a53); see kekd's log";
     for err in [
-        ServiceError::from(K::SelfCheck { version: v(1) }),
+        ServiceError::from(K::SelfCheck {
+            version: v(1),
+            reason: "x".into(),
+        }),
         ServiceError::from(K::Invalid("x".into())),
         ServiceError::from(K::Backend(BackendError::Seal)),
     ] {

@@ -8,18 +8,53 @@
 
 use std::fs;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::{Value, json};
 
 use super::{LOCK_WAIT, Target, report};
 use crate::audit::{self, AuditRecord};
+use crate::backend::local::LocalBackend;
+use crate::backend::pkcs11::Pkcs11Backend;
+use crate::backend::{BackendError, KeyringStore};
 use crate::cli::CliError;
+use crate::cli::serve::{ensure_state_dir, pkcs11_error};
+use crate::config::{BackendConfig, Settings};
 use crate::keyring::ops::{Outcome, Transition, check_successor};
 use crate::keyring::store::{self, KeyringFile, StoreError};
 use crate::keyring::{KeyState, KeyVersion, Timestamp};
 use crate::usage;
+
+impl Target {
+    /// Resolves where the keyring is (flags, then KEKD_*, then --config) and
+    /// opens it: the file, or a connection to the token.
+    fn open(&self) -> Result<Box<dyn KeyringStore>, CliError> {
+        let file = match &self.config {
+            Some(path) => Settings::from_file(path).map_err(CliError::config)?,
+            None => Settings::default(),
+        };
+        let keyring = self.keyring.clone().or(file.keyring);
+        let config = BackendConfig::resolve(keyring, self.backend.clone().or(file.backend))
+            .map_err(CliError::config)?;
+        Ok(match config {
+            BackendConfig::Local { keyring } => Box::new(LocalBackend::new(keyring)),
+            BackendConfig::Pkcs11(settings) => {
+                ensure_state_dir(&settings.state_dir)?;
+                Box::new(Pkcs11Backend::connect(settings).map_err(pkcs11_error)?)
+            }
+        })
+    }
+}
+
+fn backend_error(e: BackendError) -> CliError {
+    match e {
+        BackendError::Store(e) => store_error(e),
+        BackendError::Pkcs11(e) => pkcs11_error(e),
+        BackendError::Keyring { .. } => CliError::config(e),
+        BackendError::Decrypt | BackendError::Seal => CliError::runtime(e),
+    }
+}
 
 /// A lifecycle step.
 #[derive(Debug, Clone, Copy)]
@@ -76,9 +111,10 @@ fn store_error(e: StoreError) -> CliError {
 /// # Errors
 /// Exit 78 if the keyring exists (it is left untouched) or cannot be written.
 pub fn init(t: &Target) -> Result<(), CliError> {
-    let path = &t.keyring;
-    if let Some(dir) = path
-        .parent()
+    if let Some(dir) = t
+        .keyring
+        .as_deref()
+        .and_then(Path::parent)
         .filter(|d| !d.as_os_str().is_empty() && !d.exists())
     {
         fs::DirBuilder::new()
@@ -89,8 +125,12 @@ pub fn init(t: &Target) -> Result<(), CliError> {
                 CliError::config(format!("cannot create directory {}: {e}", dir.display()))
             })?;
     }
-    let file = KeyringFile::generate(Timestamp::now()).map_err(CliError::runtime)?;
-    store::create(path, &file).map_err(store_error)?;
+    let store = t.open()?;
+    let anchor = store.anchor();
+    let _lock = store::lock(&anchor, LOCK_WAIT).map_err(store_error)?;
+    let now = Timestamp::now();
+    let file = store.generate(now).map_err(backend_error)?;
+    store.create(&file).map_err(backend_error)?;
     let version = KeyVersion::FIRST;
     let key_id = file.key_id(version);
     let transition = Transition {
@@ -99,14 +139,14 @@ pub fn init(t: &Target) -> Result<(), CliError> {
         to: KeyState::Primary,
     };
     audit::append(
-        path,
+        &anchor,
         &[AuditRecord::new(
             "init",
-            path,
+            &store.name(),
             &file.id,
             &transition,
             vec![],
-            Timestamp::now(),
+            now,
         )],
     )
     .map_err(|e| {
@@ -119,16 +159,20 @@ pub fn init(t: &Target) -> Result<(), CliError> {
         &json!({
             "command": "init",
             "changed": true,
-            "keyring": path,
+            "keyring": store.name(),
             "keyring_id": file.id.to_string(),
             "primary_version": version.get(),
             "key_id": key_id.as_str(),
         }),
         &format!(
-            "created keyring {}\n  keyring id  {}\n  version 1   primary\n  key_id      {key_id}\n\
-             Back this file up now: if it is lost, every Secret it protects is unreadable.\n",
-            path.display(),
-            file.id
+            "created keyring {}\n  keyring id  {}\n  version 1   primary\n  key_id      {key_id}\n{}",
+            store.name(),
+            file.id,
+            if file.material == store::Material::Inline {
+                "Back this file up now: if it is lost, every Secret it protects is unreadable.\n"
+            } else {
+                "The key was generated inside the token and cannot leave it: back up the token as its vendor documents.\n"
+            }
         ),
     );
     Ok(())
@@ -139,9 +183,13 @@ pub fn init(t: &Target) -> Result<(), CliError> {
 /// # Errors
 /// Exit 1 when the step is refused, 75 when locked, 78 for keyring problems.
 pub fn change(t: &Target, step: Step) -> Result<(), CliError> {
-    let path = &t.keyring;
+    let store = t.open()?;
+    let anchor = store.anchor();
+    let path = &anchor;
+    let name = store.name();
     let _lock = store::lock(path, LOCK_WAIT).map_err(store_error)?;
-    let mut file = store::read(path).map_err(store_error)?;
+    let original = store.read().map_err(backend_error)?;
+    let mut file = store.read().map_err(backend_error)?;
     let now = Timestamp::now();
     let mut overrides = Vec::new();
     let mut warning = None;
@@ -174,21 +222,21 @@ pub fn change(t: &Target, step: Step) -> Result<(), CliError> {
         Outcome::Unchanged(why) => {
             report(
                 t.output,
-                &json!({"command": step.name(), "changed": false, "keyring": path, "message": why}),
+                &json!({"command": step.name(), "changed": false, "keyring": name, "message": why}),
                 &format!("{}: nothing to do: {why}\n", step.name()),
             );
             return Ok(());
         }
         Outcome::Changed(transitions) => transitions,
     };
-    store::replace(path, &file).map_err(store_error)?;
+    store.replace(&original, &file).map_err(backend_error)?;
     let records: Vec<AuditRecord> = transitions
         .iter()
-        .map(|tr| AuditRecord::new(step.name(), path, &file.id, tr, overrides.clone(), now))
+        .map(|tr| AuditRecord::new(step.name(), &name, &file.id, tr, overrides.clone(), now))
         .collect();
     let audit_result = audit::append(path, &records);
 
-    let next = next_step(step, &transitions, path);
+    let next = next_step(step, &transitions, &target_flags(t));
     let mut text = String::new();
     for tr in &transitions {
         text.push_str(&format!(
@@ -209,7 +257,7 @@ pub fn change(t: &Target, step: Step) -> Result<(), CliError> {
         &json!({
             "command": step.name(),
             "changed": true,
-            "keyring": path,
+            "keyring": name,
             "transitions": transitions.iter().map(|tr| json!({
                 "version": tr.version.get(),
                 "key_id": file.key_id(tr.version).as_str(),
@@ -257,8 +305,16 @@ fn last_decrypt(
     }
 }
 
-fn next_step(step: Step, transitions: &[Transition], path: &Path) -> String {
-    let p = path.display();
+/// How the operator named the keyring, to repeat it in suggested commands.
+fn target_flags(t: &Target) -> String {
+    match (&t.keyring, &t.config) {
+        (Some(k), _) => format!("--keyring {}", k.display()),
+        (None, Some(c)) => format!("--config {}", c.display()),
+        (None, None) => String::new(),
+    }
+}
+
+fn next_step(step: Step, transitions: &[Transition], flags: &str) -> String {
     let primary = transitions
         .iter()
         .find(|t| t.to == KeyState::Primary)
@@ -271,8 +327,8 @@ fn next_step(step: Step, transitions: &[Transition], path: &Path) -> String {
         (Step::Rotate { .. }, None) => {
             let v = transitions.first().map_or(0, |t| t.version.get());
             format!(
-                "copy {p} to every other control-plane node and run `kekd admin import --keyring {p} --from COPY` there; \
-                 then run `kekd admin promote {v} --keyring {p}` on every node"
+                "copy the keyring to every other control-plane node and run `kekd admin import {flags} --from COPY` there \
+                 (nodes sharing one HSM token need no copy); then run `kekd admin promote {v} {flags}` on every node"
             )
         }
         (Step::Rotate { .. } | Step::Promote(_), Some(v)) => format!(
@@ -280,12 +336,12 @@ fn next_step(step: Step, transitions: &[Transition], path: &Path) -> String {
              minutes), rewrite stored data: `kubectl get secrets -A -o json | kubectl replace -f -`; then retire the \
              old version{}",
             demoted.map_or(String::new(), |d| format!(
-                " (`kekd admin retire {d} --keyring {p}`)"
+                " (`kekd admin retire {d} {flags}`)"
             ))
         ),
         (Step::Retire { version, .. }, _) => format!(
-            "version {version} refuses to decrypt now; if anything fails to read, `kekd admin restore {version} --keyring {p}`. \
-             Later, `kekd admin destroy {version} --keyring {p} --yes-destroy-key-material`"
+            "version {version} refuses to decrypt now; if anything fails to read, `kekd admin restore {version} {flags}`. \
+             Later, `kekd admin destroy {version} {flags} --yes-destroy-key-material`"
         ),
         (Step::Restore(v), _) => format!("version {v} decrypts again"),
         (Step::Destroy(v), _) => {
@@ -300,10 +356,12 @@ fn next_step(step: Step, transitions: &[Transition], path: &Path) -> String {
 /// # Errors
 /// Exit 78 when the keyring cannot be read.
 pub fn list(t: &Target) -> Result<(), CliError> {
-    let path = &t.keyring;
-    let file = match store::read(path) {
+    let store = t.open()?;
+    let anchor = store.anchor();
+    let path = &anchor;
+    let file = match store.read() {
         Ok(f) => f,
-        Err(e) => return Err(unreadable_keyring(t, e)),
+        Err(e) => return Err(unreadable_keyring(t, path, e)),
     };
     let usage = usage::read(path)
         .ok()
@@ -337,7 +395,7 @@ pub fn list(t: &Target) -> Result<(), CliError> {
             })
         })
         .collect();
-    let mut text = format!("keyring {} (id {})\n", path.display(), file.id);
+    let mut text = format!("keyring {} (id {})\n", store.name(), file.id);
     text.push_str(&format!(
         "{:>7}  {:<12}  {:<20}  {:<20}  {:<20}  {:>9}  {:>9}  {:<20}\n",
         "VERSION",
@@ -383,7 +441,7 @@ pub fn list(t: &Target) -> Result<(), CliError> {
     report(
         t.output,
         &json!({
-            "keyring": path,
+            "keyring": store.name(),
             "keyring_id": file.id.to_string(),
             "primary": file.primary().map(KeyVersion::get),
             "versions": versions,
@@ -397,14 +455,14 @@ pub fn list(t: &Target) -> Result<(), CliError> {
 }
 
 /// The keyring cannot be read: say so, and what the server still serves.
-fn unreadable_keyring(t: &Target, e: StoreError) -> CliError {
-    let usage = usage::read(&t.keyring).ok().flatten();
+fn unreadable_keyring(t: &Target, anchor: &Path, e: BackendError) -> CliError {
+    let usage = usage::read(anchor).ok().flatten();
     let serving = usage.as_ref().and_then(|u| u.serving.clone());
     if let Some(s) = &serving {
         report(
             t.output,
             &json!({
-                "keyring": t.keyring,
+                "keyring": anchor,
                 "error": e.to_string(),
                 "server": s,
                 "reload_error": usage.as_ref().and_then(|u| u.reload_error.clone()),
@@ -416,7 +474,7 @@ fn unreadable_keyring(t: &Target, e: StoreError) -> CliError {
             ),
         );
     }
-    store_error(e)
+    backend_error(e)
 }
 
 /// `kekd admin import`.
@@ -424,7 +482,18 @@ fn unreadable_keyring(t: &Target, e: StoreError) -> CliError {
 /// # Errors
 /// Exit 78 when the copy is damaged or would lose or change key material.
 pub fn import(t: &Target, from: &Path) -> Result<(), CliError> {
-    let path = &t.keyring;
+    let store = t.open()?;
+    if store
+        .read()
+        .is_ok_and(|f| f.material == store::Material::Token)
+        || t.backend.kind.as_deref() == Some("pkcs11")
+    {
+        return Err(CliError::runtime(
+            "import is for local keyrings: every kekd pointed at the same PKCS#11 token already shares its keyring",
+        ));
+    }
+    let path: PathBuf = store.anchor();
+    let path = &path;
     let incoming = read_copy(from)?;
     let _lock = store::lock(path, LOCK_WAIT).map_err(store_error)?;
     let now = Timestamp::now();
@@ -493,7 +562,7 @@ pub fn import(t: &Target, from: &Path) -> Result<(), CliError> {
     .map_err(store_error)?;
     let records: Vec<AuditRecord> = transitions
         .iter()
-        .map(|tr| AuditRecord::new("import", path, &incoming.id, tr, vec![], now))
+        .map(|tr| AuditRecord::new("import", &store.name(), &incoming.id, tr, vec![], now))
         .collect();
     let audit_result = audit::append(path, &records);
     let mut text = format!(
