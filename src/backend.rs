@@ -84,7 +84,8 @@ pub enum KeyHandle {
 }
 
 impl KeyHandle {
-    /// AES-256-GCM seal; returns ciphertext followed by the 16-byte tag.
+    /// AES-256-GCM seal with `nonce`; returns the nonce actually used (an
+    /// HSM may substitute its own) and the ciphertext followed by the tag.
     ///
     /// # Errors
     /// When the backend cannot perform the operation.
@@ -93,9 +94,11 @@ impl KeyHandle {
         nonce: &Nonce,
         aad: &[u8],
         plaintext: &Plaintext,
-    ) -> Result<Vec<u8>, BackendError> {
+    ) -> Result<(Nonce, Vec<u8>), BackendError> {
         match self {
-            Self::Local(key) => key.seal(nonce, aad, plaintext),
+            Self::Local(key) => key
+                .seal(nonce, aad, plaintext)
+                .map(|sealed| (*nonce, sealed)),
             Self::Pkcs11(key) => key.seal(nonce, aad, plaintext).await,
         }
     }

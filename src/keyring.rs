@@ -447,7 +447,7 @@ impl Keyring {
         let mut nonce = [0u8; envelope::NONCE_LEN];
         fill_random(&mut nonce)?;
         let aad = envelope::aad(&self.id, self.primary);
-        let sealed = key.seal(&nonce, &aad, plaintext).await?;
+        let (nonce, sealed) = key.seal(&nonce, &aad, plaintext).await?;
         Ok((
             self.primary_key_id.clone(),
             Envelope::encode(self.primary, &nonce, &sealed),
@@ -507,7 +507,7 @@ impl Keyring {
             let mut nonce = [0u8; envelope::NONCE_LEN];
             fill_random(&mut nonce)?;
             let aad = envelope::aad(&self.id, version);
-            let sealed = key
+            let (nonce, sealed) = key
                 .seal(&nonce, &aad, &Plaintext::new(CANARY.to_vec()))
                 .await
                 .map_err(fail)?;

@@ -158,6 +158,17 @@ pub enum Pkcs11Error {
         /// The prefix.
         prefix: String,
     },
+    /// The token lacks a mechanism kekd needs.
+    #[error(
+        "token {label:?} does not offer {mechanism}, which kekd needs (YubiHSM 2 and TPMs through tpm2-pkcs11 \
+         do not implement AES-GCM); use a token that does"
+    )]
+    MechanismMissing {
+        /// The token.
+        label: String,
+        /// The mechanism.
+        mechanism: &'static str,
+    },
     /// Someone else changed the metadata between our read and write.
     #[error(
         "the keyring metadata in token {label:?} changed while this command ran (another admin?); run it again"
@@ -188,6 +199,7 @@ impl Pkcs11Error {
                 | Self::NoKeyring { .. }
                 | Self::KeyringExists { .. }
                 | Self::KeyMissing { .. }
+                | Self::MechanismMissing { .. }
         )
     }
 }
@@ -401,6 +413,7 @@ impl Token {
             Some(s) => s,
             None => {
                 let s = self.find_slot(&ctx)?;
+                self.check_mechanisms(&ctx, s)?;
                 conn.slot = Some(s);
                 s
             }
@@ -440,6 +453,25 @@ impl Token {
             }
         }
         Ok(session)
+    }
+
+    fn check_mechanisms(&self, ctx: &Pkcs11, slot: Slot) -> Result<(), Pkcs11Error> {
+        use cryptoki::mechanism::MechanismType;
+        let list = ctx
+            .get_mechanism_list(slot)
+            .map_err(|e| self.unavailable(format!("listing mechanisms: {e}")))?;
+        for (mechanism, name) in [
+            (MechanismType::AES_GCM, "CKM_AES_GCM"),
+            (MechanismType::AES_KEY_GEN, "CKM_AES_KEY_GEN"),
+        ] {
+            if !list.contains(&mechanism) {
+                return Err(Pkcs11Error::MechanismMissing {
+                    label: self.settings.token_label.clone(),
+                    mechanism: name,
+                });
+            }
+        }
+        Ok(())
     }
 
     fn find_slot(&self, ctx: &Pkcs11) -> Result<Slot, Pkcs11Error> {
@@ -883,15 +915,21 @@ impl Pkcs11Key {
         nonce: &Nonce,
         aad: &[u8],
         plaintext: &Plaintext,
-    ) -> Result<Vec<u8>, BackendError> {
+    ) -> Result<(Nonce, Vec<u8>), BackendError> {
         let (mut iv, aad) = (*nonce, aad.to_vec());
         let data = zeroize::Zeroizing::new(plaintext.expose_secret().to_vec());
         let object = Arc::clone(&self.object);
         self.token
             .run("encrypt", move |s, g| {
                 let handle = object.handle(s, g)?;
-                let params = GcmParams::new(&mut iv, &aad, TAG_BITS.into())?;
-                s.encrypt(&Mechanism::AesGcm(params), handle, &data)
+                let sealed = {
+                    let params = GcmParams::new(&mut iv, &aad, TAG_BITS.into())?;
+                    s.encrypt(&Mechanism::AesGcm(params), handle, &data)?
+                };
+                // Some HSMs (FIPS modes) generate the IV themselves and write
+                // it back into the parameters: the envelope must carry
+                // whatever IV was really used.
+                Ok((iv, sealed))
             })
             .await
             .map_err(BackendError::from)

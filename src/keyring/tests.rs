@@ -163,7 +163,7 @@ fn sealed_under(kr: &Keyring, version: KeyVersion) -> Vec<u8> {
     let key = kr.versions.get(&version).unwrap().key.as_ref().unwrap();
     let nonce = [5u8; envelope::NONCE_LEN];
     let aad = envelope::aad(kr.id(), version);
-    let sealed = block_on(key.seal(&nonce, &aad, &seed())).unwrap();
+    let (nonce, sealed) = block_on(key.seal(&nonce, &aad, &seed())).unwrap();
     Envelope::encode(version, &nonce, &sealed)
 }
 
