@@ -24,6 +24,8 @@ pub const DEFAULT_MAX_CONCURRENCY: usize = 1024;
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// Default period of the keyring change poll (inotify usually reacts first).
 pub const DEFAULT_RELOAD_INTERVAL: Duration = Duration::from_secs(2);
+/// Default period of the background self-check with the pkcs11 backend.
+pub const DEFAULT_PKCS11_SELF_CHECK_INTERVAL: Duration = Duration::from_secs(10);
 /// Default period of the background self-check.
 pub const DEFAULT_SELF_CHECK_INTERVAL: Duration = Duration::from_secs(60);
 
@@ -351,11 +353,14 @@ impl ServeConfig {
             s.shutdown_grace.as_deref(),
             DEFAULT_SHUTDOWN_GRACE,
         )?;
-        let self_check_interval = parse_duration(
-            "self_check_interval",
-            s.self_check_interval.as_deref(),
-            DEFAULT_SELF_CHECK_INTERVAL,
-        )?;
+        // An HSM can vanish; a keyring file in memory cannot: probe the
+        // token more often so Status reflects an outage quickly.
+        let default_check = match backend {
+            BackendConfig::Pkcs11(_) => DEFAULT_PKCS11_SELF_CHECK_INTERVAL,
+            BackendConfig::Local { .. } => DEFAULT_SELF_CHECK_INTERVAL,
+        };
+        let self_check_interval =
+            parse_duration("self_check_interval", s.self_check_interval.as_deref(), default_check)?;
         if self_check_interval < Duration::from_secs(1) {
             return Err(ConfigError::Invalid {
                 what: "self_check_interval",
