@@ -359,8 +359,11 @@ impl ServeConfig {
             BackendConfig::Pkcs11(_) => DEFAULT_PKCS11_SELF_CHECK_INTERVAL,
             BackendConfig::Local { .. } => DEFAULT_SELF_CHECK_INTERVAL,
         };
-        let self_check_interval =
-            parse_duration("self_check_interval", s.self_check_interval.as_deref(), default_check)?;
+        let self_check_interval = parse_duration(
+            "self_check_interval",
+            s.self_check_interval.as_deref(),
+            default_check,
+        )?;
         if self_check_interval < Duration::from_secs(1) {
             return Err(ConfigError::Invalid {
                 what: "self_check_interval",

@@ -255,6 +255,8 @@ pub struct Token {
     settings: Pkcs11Settings,
     permits: Semaphore,
     state: Mutex<Conn>,
+    /// Signalled whenever a session goes back to the pool or is closed.
+    freed: std::sync::Condvar,
 }
 
 struct Conn {
@@ -263,6 +265,8 @@ struct Conn {
     /// from an older generation are looked up again.
     generation: u64,
     idle: Vec<Session>,
+    /// Sessions open now, idle or in use; never more than `pool_size`.
+    open: usize,
     logged_in: bool,
     pin_rejected: Option<Pkcs11Error>,
     retry_at: Option<Instant>,
@@ -290,10 +294,12 @@ impl Token {
         let token = Arc::new(Self {
             permits: Semaphore::new(settings.pool_size.max(1)),
             settings,
+            freed: std::sync::Condvar::new(),
             state: Mutex::new(Conn {
                 slot: None,
                 generation: 0,
                 idle: Vec::new(),
+                open: 0,
                 logged_in: false,
                 pin_rejected: None,
                 retry_at: None,
@@ -325,16 +331,22 @@ impl Token {
         f: impl FnOnce(&Session, u64) -> Result<T, CkError>,
     ) -> Result<T, Pkcs11Error> {
         let (session, generation) = self.checkout()?;
-        match f(&session, generation) {
-            Ok(v) => {
-                let mut conn = self.conn();
-                if conn.generation == generation && conn.idle.len() < self.settings.pool_size {
-                    conn.idle.push(session);
-                }
-                Ok(v)
-            }
-            Err(e) => {
+        let result = f(&session, generation);
+        {
+            let mut conn = self.conn();
+            if result.is_ok() && conn.generation == generation {
+                conn.idle.push(session);
+            } else {
+                // Closed, never reused: it saw an error, or belongs to a
+                // connection that has since been rebuilt.
                 drop(session);
+                conn.open = conn.open.saturating_sub(1);
+            }
+        }
+        self.freed.notify_one();
+        match result {
+            Ok(v) => Ok(v),
+            Err(e) => {
                 if is_connection_loss(&e) {
                     self.mark_broken(generation, &e.to_string());
                     return Err(self.unavailable(e.to_string()));
@@ -360,6 +372,7 @@ impl Token {
             return; // someone already reset this connection
         }
         warn!(token = %self.settings.token_label, error = %reason, "lost the PKCS#11 token; reconnecting with backoff");
+        conn.open = conn.open.saturating_sub(conn.idle.len());
         conn.idle.clear();
         conn.slot = None;
         conn.logged_in = false;
@@ -369,12 +382,32 @@ impl Token {
     }
 
     fn checkout(&self) -> Result<(Session, u64), Pkcs11Error> {
+        /// Longest wait for a free session (the apiserver's default timeout).
+        const WAIT: Duration = Duration::from_secs(3);
+        let deadline = Instant::now() + WAIT;
         let mut conn = self.conn();
-        if let Some(e) = &conn.pin_rejected {
-            return Err(e.clone());
-        }
-        if let Some(s) = conn.idle.pop() {
-            return Ok((s, conn.generation));
+        loop {
+            if let Some(e) = &conn.pin_rejected {
+                return Err(e.clone());
+            }
+            if let Some(s) = conn.idle.pop() {
+                return Ok((s, conn.generation));
+            }
+            if conn.open < self.settings.pool_size {
+                break;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(self.unavailable(format!(
+                    "all {} sessions stayed busy for {WAIT:?} (raise pool_size?)",
+                    self.settings.pool_size
+                )));
+            }
+            conn = self
+                .freed
+                .wait_timeout(conn, deadline - now)
+                .map(|(guard, _)| guard)
+                .unwrap_or_else(|e| e.into_inner().0);
         }
         if let Some(at) = conn.retry_at
             && Instant::now() < at
@@ -388,6 +421,7 @@ impl Token {
         let result = self.open(&mut conn);
         match &result {
             Ok(_) => {
+                conn.open += 1;
                 if conn.retry_at.take().is_some() {
                     info!(token = %self.settings.token_label, "PKCS#11 token reconnected");
                 }
