@@ -68,15 +68,17 @@ pub async fn try_reload(state: &ServingState, backend: &Arc<dyn Backend>) -> boo
     if let Err(e) = keyring.self_check().await {
         return refuse(state, format!("{}: {e}", backend.describe()));
     }
-    let unchanged = keyring.versions().eq(current.keyring.versions());
+    if keyring.versions().eq(current.keyring.versions()) {
+        // Same keyring (a touch, or a token poll): keep the snapshot, but a
+        // problem reported earlier is gone.
+        state.set_reload_error(None);
+        return false;
+    }
     let (old_id, new_id) = (
         current.keyring.primary_key_id().clone(),
         keyring.primary_key_id().clone(),
     );
     state.swap(Snapshot::new(keyring, Timestamp::now(), true));
-    if unchanged {
-        return false;
-    }
     if old_id == new_id {
         info!(key_id = %new_id, "keyring reloaded");
     } else {
