@@ -61,6 +61,8 @@ pub struct CliError {
     pub code: u8,
     /// The message, naming what failed and how to fix it.
     pub message: String,
+    /// The command already printed its own report of the failure on stdout.
+    pub reported: bool,
 }
 
 impl CliError {
@@ -69,12 +71,18 @@ impl CliError {
     /// Exit code for a runtime failure.
     pub const RUNTIME: u8 = 1;
 
+    /// A failure with exit code `code`.
+    pub fn new(code: u8, e: impl std::fmt::Display) -> Self {
+        Self {
+            code,
+            message: e.to_string(),
+            reported: false,
+        }
+    }
+
     /// A configuration or keyring problem.
     pub fn config(e: impl std::fmt::Display) -> Self {
-        Self {
-            code: Self::CONFIG,
-            message: e.to_string(),
-        }
+        Self::new(Self::CONFIG, e)
     }
 
     /// Exit code when another admin command holds the keyring lock (EX_TEMPFAIL).
@@ -82,9 +90,6 @@ impl CliError {
 
     /// A runtime failure.
     pub fn runtime(e: impl std::fmt::Display) -> Self {
-        Self {
-            code: Self::RUNTIME,
-            message: e.to_string(),
-        }
+        Self::new(Self::RUNTIME, e)
     }
 }

@@ -592,9 +592,7 @@ pub enum KeyringError {
         version: KeyVersion,
     },
     /// The version exists but may not be used.
-    #[error(
-        "key version {version} is {state} and cannot decrypt (restore it with `kekd admin restore`)"
-    )]
+    #[error("key version {version} is {state} and cannot decrypt {}", unusable_hint(*state))]
     Unusable {
         /// The version asked for.
         version: KeyVersion,
@@ -624,6 +622,13 @@ pub enum KeyringError {
     /// The backend holding the key failed.
     #[error(transparent)]
     Backend(#[from] BackendError),
+}
+
+fn unusable_hint(state: KeyState) -> &'static str {
+    match state {
+        KeyState::Destroyed => "(its key material was erased; only a backup taken before can help)",
+        _ => "(restore it with `kekd admin restore`)",
+    }
 }
 
 impl KeyringError {

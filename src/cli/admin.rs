@@ -141,6 +141,37 @@ fn parse_version(s: &str) -> Result<KeyVersion, String> {
 /// # Errors
 /// A [`CliError`] with the exit code.
 pub fn run(cmd: AdminCommand) -> Result<(), CliError> {
+    let output = cmd.output();
+    let result = dispatch(cmd);
+    if let (Output::Json, Err(e)) = (output, &result)
+        && !e.reported
+    {
+        // Scripts reading stdout get a document either way; the message
+        // also goes to stderr as for every failure.
+        println!(
+            "{}",
+            serde_json::json!({"error": e.message, "exit_code": e.code})
+        );
+    }
+    result
+}
+
+impl AdminCommand {
+    fn output(&self) -> Output {
+        match self {
+            Self::Init(t) | Self::List(t) => t.output,
+            Self::Rotate(a) => a.target.output,
+            Self::Promote(a) | Self::Restore(a) => a.target.output,
+            Self::Retire(a) => a.target.output,
+            Self::Destroy(a) => a.target.output,
+            Self::Import(a) => a.target.output,
+            // probe prints its own report, failed or not.
+            Self::Probe(_) => Output::Text,
+        }
+    }
+}
+
+fn dispatch(cmd: AdminCommand) -> Result<(), CliError> {
     use keyring::Step;
     match cmd {
         AdminCommand::Init(t) => keyring::init(&t),

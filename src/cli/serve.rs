@@ -65,22 +65,19 @@ pub fn run(args: ServeArgs) -> Result<(), CliError> {
     };
     runtime
         .block_on(server::run(config, backend, shutdown_signal()))
-        .map_err(|e| CliError {
-            code: e.exit_code(),
-            message: e.to_string(),
-        })
+        .map_err(|e| CliError::new(e.exit_code(), &e))
 }
 
 /// Exit 78 for what the operator must fix (module, token, PIN), 1 otherwise.
 pub(crate) fn pkcs11_error(e: Pkcs11Error) -> CliError {
-    CliError {
-        code: if e.is_configuration() {
+    CliError::new(
+        if e.is_configuration() {
             CliError::CONFIG
         } else {
             CliError::RUNTIME
         },
-        message: e.to_string(),
-    }
+        &e,
+    )
 }
 
 /// Creates the per-node state directory (0700) if missing.

@@ -102,7 +102,12 @@ pub struct HumanDuration(pub Duration);
 
 impl std::fmt::Display for HumanDuration {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        humantime::format_duration(self.0).fmt(f)
+        let secs = self.0.as_secs();
+        if secs > 0 && secs % 3600 == 0 && self.0.subsec_nanos() == 0 {
+            write!(f, "{}h", secs / 3600)
+        } else {
+            humantime::format_duration(self.0).fmt(f)
+        }
     }
 }
 

@@ -614,7 +614,12 @@ pub fn lock(path: &Path, wait: std::time::Duration) -> Result<KeyringLock, Store
         .truncate(false)
         .mode(0o600)
         .open(&lock)
-        .map_err(io("open the lock file"))?;
+        .map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => StoreError::NotFound {
+                path: path.to_owned(),
+            },
+            _ => io("open the lock file")(e),
+        })?;
     let deadline = std::time::Instant::now() + wait;
     loop {
         match flock(&file, FlockOperation::NonBlockingLockExclusive) {

@@ -409,3 +409,168 @@ fn next_id() -> usize {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
     NEXT.fetch_add(1, Ordering::Relaxed)
 }
+
+// ------------------------------------------ rotation, admin and multi-node
+
+/// Exit code of an admin command another admin command kept locked out.
+pub const EX_TEMPFAIL: i32 = 75;
+/// Exit code of a keyring or configuration problem.
+pub const EX_CONFIG: i32 = 78;
+/// Exit code of a command-line usage error.
+pub const EX_USAGE: i32 = 64;
+
+/// [`run`], but spawned while holding [`FS_LOCK`], so the child never
+/// inherits the narrowed umask of an in-process bind running on another
+/// thread. Call it outside any runtime (a plain `#[test]` or
+/// `spawn_blocking`).
+pub fn run_guarded(cmd: Command, logs: &Path) -> Finished {
+    let mut process = {
+        let _guard = fs_lock_blocking();
+        Process::spawn(cmd, Path::new("/nonexistent"), logs)
+    };
+    let deadline = Instant::now() + PROCESS_TIMEOUT;
+    loop {
+        if let Some(status) = process.try_exit() {
+            return process.finished(status);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "kekd did not exit within {PROCESS_TIMEOUT:?}\nstdout:\n{}\nstderr:\n{}",
+            process.stdout(),
+            process.stderr()
+        );
+        std::thread::sleep(POLL);
+    }
+}
+
+/// `kekd admin ARGS…`, run to completion (outside any runtime).
+pub fn admin(args: &[&str], logs: &Path) -> Finished {
+    let mut cmd = kekd();
+    cmd.arg("admin").args(args);
+    run_guarded(cmd, logs)
+}
+
+/// [`admin`] from async code, without blocking a runtime worker (an
+/// in-process server may need it).
+pub async fn admin_async(args: &[&str], logs: &Path) -> Finished {
+    let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+    let logs = logs.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        admin(&args, &logs)
+    })
+    .await
+    .expect("admin task")
+}
+
+/// `kekd serve --keyring K --socket S --reload-interval 200ms EXTRA…`.
+pub async fn spawn_serve(keyring: &Path, socket: &Path, logs: &Path, extra: &[&str]) -> Process {
+    let mut cmd = kekd();
+    cmd.arg("serve")
+        .arg("--keyring")
+        .arg(keyring)
+        .arg("--socket")
+        .arg(socket)
+        .args(["--reload-interval", "200ms"])
+        .args(extra);
+    let _guard = fs_lock().await;
+    Process::spawn(cmd, socket, logs)
+}
+
+/// The message of the one `kekd: error: …` line on stderr.
+#[track_caller]
+pub fn error_message(out: &Finished) -> &str {
+    let lines: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter_map(|l| l.strip_prefix("kekd: error: "))
+        .collect();
+    assert_eq!(lines.len(), 1, "expected one `kekd: error:` line: {out:#?}");
+    lines[0]
+}
+
+/// stdout parsed as one JSON document.
+#[track_caller]
+pub fn json_of(out: &Finished) -> serde_json::Value {
+    serde_json::from_str(out.stdout.trim())
+        .unwrap_or_else(|e| panic!("stdout is not one JSON document ({e}): {out:#?}"))
+}
+
+/// The version number at the end of a key id `kekd/<id>/vN`.
+#[track_caller]
+pub fn version_of(key_id: &str) -> u32 {
+    key_id
+        .rsplit_once("/v")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or_else(|| panic!("not a kekd key id: {key_id:?}"))
+}
+
+/// The key version in an envelope's header (bytes 1..5, big-endian).
+#[track_caller]
+pub fn header_version(ciphertext: &[u8]) -> u32 {
+    assert!(ciphertext.len() > 5, "ciphertext too short: {ciphertext:?}");
+    u32::from_be_bytes(ciphertext[1..5].try_into().unwrap())
+}
+
+/// Polls `check` every 25 ms until it returns `Some`; panics naming `what`
+/// (and the last state `check` described) after `timeout`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        match check().await {
+            Ok(v) => return v,
+            Err(last) => assert!(
+                Instant::now() < deadline,
+                "{what}: not within {timeout:?}; last: {last}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// A small deterministic PRNG (xorshift64*), seeded from the OS and printed
+/// by the tests that use it so a failure can be replayed.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// Seeded from /dev/urandom.
+    pub fn from_os() -> Self {
+        let mut b = [0u8; 8];
+        getrandom(&mut b);
+        Self::seeded(u64::from_le_bytes(b))
+    }
+
+    /// Seeded with `seed` (0 is mapped to a fixed non-zero seed).
+    pub fn seeded(seed: u64) -> Self {
+        Self(if seed == 0 {
+            0x9e37_79b9_7f4a_7c15
+        } else {
+            seed
+        })
+    }
+
+    /// The seed to replay this generator's current state.
+    pub fn state(&self) -> u64 {
+        self.0
+    }
+
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// Uniform in `0..n` (`n > 0`).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+}

@@ -47,6 +47,15 @@ impl Target {
     }
 }
 
+/// How long to wait for another admin command's lock: `KEKD_LOCK_WAIT`
+/// (e.g. `30s`) or [`LOCK_WAIT`].
+fn lock_wait() -> Duration {
+    std::env::var("KEKD_LOCK_WAIT")
+        .ok()
+        .and_then(|v| humantime::parse_duration(&v).ok())
+        .unwrap_or(LOCK_WAIT)
+}
+
 fn backend_error(e: BackendError) -> CliError {
     match e {
         BackendError::Store(e) => store_error(e),
@@ -97,10 +106,7 @@ impl Step {
 
 fn store_error(e: StoreError) -> CliError {
     match e {
-        StoreError::Locked { .. } => CliError {
-            code: CliError::LOCKED,
-            message: e.to_string(),
-        },
+        StoreError::Locked { .. } => CliError::new(CliError::LOCKED, &e),
         StoreError::Io { .. } | StoreError::Random(_) => CliError::runtime(e),
         _ => CliError::config(e),
     }
@@ -127,7 +133,7 @@ pub fn init(t: &Target) -> Result<(), CliError> {
     }
     let store = t.open()?;
     let anchor = store.anchor();
-    let _lock = store::lock(&anchor, LOCK_WAIT).map_err(store_error)?;
+    let _lock = store::lock(&anchor, lock_wait()).map_err(store_error)?;
     let now = Timestamp::now();
     let file = store.generate(now).map_err(backend_error)?;
     store.create(&file).map_err(backend_error)?;
@@ -187,7 +193,10 @@ pub fn change(t: &Target, step: Step) -> Result<(), CliError> {
     let anchor = store.anchor();
     let path = &anchor;
     let name = store.name();
-    let _lock = store::lock(path, LOCK_WAIT).map_err(store_error)?;
+    // Read once before locking: a missing keyring is reported as such (exit
+    // 78) instead of as a lock file that cannot be created beside it.
+    store.read().map_err(backend_error)?;
+    let _lock = store::lock(path, lock_wait()).map_err(store_error)?;
     let original = store.read().map_err(backend_error)?;
     let mut file = store.read().map_err(backend_error)?;
     let now = Timestamp::now();
@@ -363,13 +372,14 @@ pub fn list(t: &Target) -> Result<(), CliError> {
         Ok(f) => f,
         Err(e) => return Err(unreadable_keyring(t, path, e)),
     };
-    let usage = usage::read(path)
-        .ok()
-        .flatten()
+    // What the server serves and its refusals are shown whatever keyring the
+    // file now holds; the counts only when they belong to this keyring.
+    let usage = usage::read(path).ok().flatten();
+    let counts = usage
+        .as_ref()
         .filter(|u| u.keyring_id == file.id.to_string());
     let use_of = |v: KeyVersion| {
-        usage
-            .as_ref()
+        counts
             .and_then(|u| u.versions.get(&v.get()))
             .copied()
             .unwrap_or_default()
@@ -458,12 +468,15 @@ pub fn list(t: &Target) -> Result<(), CliError> {
 fn unreadable_keyring(t: &Target, anchor: &Path, e: BackendError) -> CliError {
     let usage = usage::read(anchor).ok().flatten();
     let serving = usage.as_ref().and_then(|u| u.serving.clone());
+    let mut error = backend_error(e);
     if let Some(s) = &serving {
+        error.reported = true;
         report(
             t.output,
             &json!({
                 "keyring": anchor,
-                "error": e.to_string(),
+                "error": error.message,
+                "exit_code": error.code,
                 "server": s,
                 "reload_error": usage.as_ref().and_then(|u| u.reload_error.clone()),
             }),
@@ -474,7 +487,7 @@ fn unreadable_keyring(t: &Target, anchor: &Path, e: BackendError) -> CliError {
             ),
         );
     }
-    backend_error(e)
+    error
 }
 
 /// `kekd admin import`.
@@ -495,7 +508,7 @@ pub fn import(t: &Target, from: &Path) -> Result<(), CliError> {
     let path: PathBuf = store.anchor();
     let path = &path;
     let incoming = read_copy(from)?;
-    let _lock = store::lock(path, LOCK_WAIT).map_err(store_error)?;
+    let _lock = store::lock(path, lock_wait()).map_err(store_error)?;
     let now = Timestamp::now();
     let existing = match store::read(path) {
         Ok(f) => Some(f),

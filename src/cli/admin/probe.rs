@@ -191,9 +191,7 @@ fn check_keyring(path: &Path, served: Option<&str>) -> Result<String, String> {
         .map(|v| file.key_id(v).to_string())
         .unwrap_or_default();
     if let Ok(Some(usage)) = crate::usage::read(path)
-        && let Some(problem) = usage
-            .reload_error
-            .filter(|_| usage.keyring_id == file.id.to_string())
+        && let Some(problem) = usage.reload_error
     {
         return Err(format!(
             "kekd refused the change to {} at {}: {}; it still serves its last good keyring",

@@ -225,7 +225,7 @@ fn retire_refuses_recently_used_versions_unless_forced() {
         .unwrap_err();
     assert_eq!(
         err.to_string(),
-        "version 1 served a Decrypt at 1970-04-10T23:00:00Z, within the last 1day; apiservers may still need it \
+        "version 1 served a Decrypt at 1970-04-10T23:00:00Z, within the last 24h; apiservers may still need it \
          (wait, migrate the data, or pass --force)"
     );
     assert_eq!(
