@@ -103,7 +103,7 @@ pub struct HumanDuration(pub Duration);
 impl std::fmt::Display for HumanDuration {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let secs = self.0.as_secs();
-        if secs > 0 && secs % 3600 == 0 && self.0.subsec_nanos() == 0 {
+        if secs > 0 && secs.is_multiple_of(3600) && self.0.subsec_nanos() == 0 {
             write!(f, "{}h", secs / 3600)
         } else {
             humantime::format_duration(self.0).fmt(f)
