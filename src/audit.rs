@@ -94,6 +94,22 @@ pub fn append(keyring: &Path, records: &[AuditRecord]) -> io::Result<()> {
     f.sync_all()
 }
 
+/// Appends one JSON value as a line to the audit log at `path` and fsyncs it.
+///
+/// # Errors
+/// When the log cannot be opened, written or synced.
+pub fn append_line(path: &Path, value: &serde_json::Value) -> io::Result<()> {
+    let mut buf = serde_json::to_vec(value).map_err(io::Error::other)?;
+    buf.push(b'\n');
+    let mut f = OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(&buf)?;
+    f.sync_all()
+}
+
 /// The login name for `uid`: `$SUDO_USER` when run through sudo, else the
 /// name in /etc/passwd, else the number.
 fn user_name(uid: u32) -> String {

@@ -21,6 +21,13 @@ pub trait Backend: fmt::Debug + Send + Sync + 'static {
     /// Names the source for logs and errors (a path, a token label); no secrets.
     fn describe(&self) -> String;
 
+    /// `local` or `pkcs11`, for metrics.
+    fn kind(&self) -> &'static str;
+
+    /// Hands the backend the metrics registry (for HSM latency and pool
+    /// gauges). The default ignores it.
+    fn attach_metrics(&self, _metrics: std::sync::Arc<crate::metrics::Metrics>) {}
+
     /// Reads the keyring as it is now and returns a snapshot ready to serve.
     /// Blocking: call it from a blocking context.
     ///

@@ -22,6 +22,8 @@ pub const DEFAULT_MAX_REQUEST_BYTES: usize = 64 * 1024;
 pub const DEFAULT_MAX_CONCURRENCY: usize = 1024;
 /// Default time in-flight calls get to finish after SIGTERM.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// Default age past which rotating the primary is due (Kubernetes guidance).
+pub const DEFAULT_MAX_KEY_AGE: Duration = Duration::from_secs(90 * 24 * 3600);
 /// Default period of the keyring change poll (inotify usually reacts first).
 pub const DEFAULT_RELOAD_INTERVAL: Duration = Duration::from_secs(2);
 /// Default period of the background self-check with the pkcs11 backend.
@@ -237,6 +239,12 @@ pub struct Settings {
     /// Period of the keyring change poll, the fallback to inotify [default: 2s].
     #[arg(long, env = "KEKD_RELOAD_INTERVAL", value_name = "DURATION")]
     pub reload_interval: Option<String>,
+    /// Address of the ops listener (/metrics, /livez, /readyz), e.g. 127.0.0.1:9464 [default: off].
+    #[arg(long, env = "KEKD_OPS_ADDR", value_name = "ADDR")]
+    pub ops_addr: Option<String>,
+    /// Age of the primary key past which rotation is due (metric + warning) [default: 90d].
+    #[arg(long, env = "KEKD_MAX_KEY_AGE", value_name = "DURATION")]
+    pub max_key_age: Option<String>,
     /// `text` or `json` [default: text].
     #[arg(long, env = "KEKD_LOG_FORMAT", value_name = "FORMAT")]
     pub log_format: Option<String>,
@@ -277,6 +285,8 @@ impl Settings {
             shutdown_grace: self.shutdown_grace.or(fallback.shutdown_grace),
             self_check_interval: self.self_check_interval.or(fallback.self_check_interval),
             reload_interval: self.reload_interval.or(fallback.reload_interval),
+            ops_addr: self.ops_addr.or(fallback.ops_addr),
+            max_key_age: self.max_key_age.or(fallback.max_key_age),
             log_format: self.log_format.or(fallback.log_format),
             log_level: self.log_level.or(fallback.log_level),
             backend: self.backend.or(fallback.backend),
@@ -301,6 +311,10 @@ pub struct ServeConfig {
     pub self_check_interval: Duration,
     /// Keyring change poll period.
     pub reload_interval: Duration,
+    /// The ops listener's address, if any.
+    pub ops_addr: Option<std::net::SocketAddr>,
+    /// Primary age past which rotation is due.
+    pub max_key_age: Duration,
     /// Log line format.
     pub log_format: LogFormat,
     /// Log filter directive.
@@ -381,6 +395,18 @@ impl ServeConfig {
                 reason: "must be between 100ms and 1h".to_owned(),
             });
         }
+        let ops_addr = s
+            .ops_addr
+            .as_deref()
+            .map(|a| {
+                a.parse().map_err(|_| ConfigError::Invalid {
+                    what: "ops_addr",
+                    reason: format!("{a:?} is not an address like 127.0.0.1:9464"),
+                })
+            })
+            .transpose()?;
+        let max_key_age =
+            parse_duration("max_key_age", s.max_key_age.as_deref(), DEFAULT_MAX_KEY_AGE)?;
         let log_format = match s.log_format {
             Some(f) => f.parse().map_err(|reason| ConfigError::Invalid {
                 what: "log_format",
@@ -396,6 +422,8 @@ impl ServeConfig {
             shutdown_grace,
             self_check_interval,
             reload_interval,
+            ops_addr,
+            max_key_age,
             log_format,
             log_level: s.log_level.unwrap_or_else(|| "info".to_owned()),
         })

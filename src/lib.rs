@@ -39,6 +39,8 @@ pub mod client;
 pub mod config;
 pub mod envelope;
 pub mod keyring;
+pub mod metrics;
+pub mod ops;
 pub mod reload;
 pub mod secret;
 pub mod server;

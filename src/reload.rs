@@ -19,7 +19,7 @@ use tracing::{error, info, warn};
 use crate::backend::Backend;
 use crate::keyring::Timestamp;
 use crate::keyring::ops::check_successor;
-use crate::state::{ServingState, Snapshot};
+use crate::state::{Event, ServingState, Snapshot};
 use crate::usage::ReloadProblem;
 
 /// How long to wait after a file event for more (a `cp` writes in pieces).
@@ -72,6 +72,7 @@ pub async fn try_reload(state: &ServingState, backend: &Arc<dyn Backend>) -> boo
         // Same keyring (a touch, or a token poll): keep the snapshot, but a
         // problem reported earlier is gone.
         state.set_reload_error(None);
+        state.metrics().reload("unchanged", Timestamp::now().unix());
         return false;
     }
     let (old_id, new_id) = (
@@ -79,6 +80,11 @@ pub async fn try_reload(state: &ServingState, backend: &Arc<dyn Backend>) -> boo
         keyring.primary_key_id().clone(),
     );
     state.swap(Snapshot::new(keyring, Timestamp::now(), true));
+    state.metrics().reload("applied", Timestamp::now().unix());
+    state.event(Event::SnapshotSwitched {
+        from: old_id.to_string(),
+        to: new_id.to_string(),
+    });
     if old_id == new_id {
         info!(key_id = %new_id, "keyring reloaded");
     } else {
@@ -88,11 +94,13 @@ pub async fn try_reload(state: &ServingState, backend: &Arc<dyn Backend>) -> boo
 }
 
 fn refuse(state: &ServingState, message: String) -> bool {
+    state.metrics().reload("refused", Timestamp::now().unix());
     if state.set_reload_error(Some(ReloadProblem {
         at: Timestamp::now(),
         message: message.clone(),
     })) {
         error!(error = %message, "keyring change refused; still serving the last good keyring");
+        state.event(Event::KeyringRejected { reason: message });
     }
     false
 }

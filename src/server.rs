@@ -22,9 +22,12 @@ use tracing::{error, info, warn};
 use crate::backend::{Backend, BackendError};
 use crate::config::{ServeConfig, SocketConfig};
 use crate::keyring::KeyringError;
-use crate::keyring::Timestamp;
+use crate::keyring::{KeyVersion, Timestamp};
+use crate::metrics::Metrics;
+use crate::ops::{self, Readiness};
 use crate::reload;
 use crate::service::KmsService;
+use crate::state::Event;
 use crate::state::{ServingState, Snapshot};
 use crate::usage::UsageTracker;
 
@@ -41,6 +44,7 @@ pub struct Server {
     socket: BoundSocket,
     config: ServeConfig,
     backend: Arc<dyn Backend>,
+    ops: Option<tokio::net::TcpListener>,
 }
 
 impl Server {
@@ -66,18 +70,37 @@ impl Server {
             "keyring loaded and self-checked"
         );
         let usage = UsageTracker::load(backend.state_anchor().as_deref(), keyring.id());
+        let metrics = Arc::new(Metrics::new(backend.kind()));
+        backend.attach_metrics(Arc::clone(&metrics));
+        let events = backend.state_anchor().map(|a| crate::audit::audit_path(&a));
         let state = Arc::new(ServingState::new(
             Snapshot::new(keyring, Timestamp::now(), true),
             usage,
+            metrics,
+            events,
         ));
         let socket = BoundSocket::bind(&config.socket)?;
         info!(socket = %socket.path.display(), mode = format_args!("{:04o}", config.socket.mode), "listening");
+        let ops = match config.ops_addr {
+            Some(addr) => Some(
+                ops::bind(addr)
+                    .await
+                    .map_err(|source| ServerError::Ops { addr, source })?,
+            ),
+            None => None,
+        };
         Ok(Self {
             state,
             socket,
             config,
             backend,
+            ops,
         })
+    }
+
+    /// The ops listener's address, when one is bound.
+    pub fn ops_addr(&self) -> Option<std::net::SocketAddr> {
+        self.ops.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     /// The shared serving state (for tests and future reload tasks).
@@ -101,8 +124,20 @@ impl Server {
             socket,
             config,
             backend,
+            ops,
         } = self;
-        let _ = backend; // kept for the reload task of the rotation work
+        let readiness = Arc::new(Readiness::default());
+        let (ops_stop_tx, ops_stop_rx) = oneshot::channel::<()>();
+        let ops_task = ops.map(|listener| {
+            tokio::spawn(ops::serve(
+                listener,
+                Arc::clone(&state),
+                Arc::clone(&readiness),
+                async {
+                    let _ = ops_stop_rx.await;
+                },
+            ))
+        });
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let (conn_tx, conn_rx) = mpsc::channel(64);
         let listener = socket.take_listener()?;
@@ -110,6 +145,7 @@ impl Server {
         let checker = tokio::spawn(self_check_loop(
             Arc::clone(&state),
             config.self_check_interval,
+            config.max_key_age,
         ));
         let reloader = tokio::spawn(reload::reload_loop(
             Arc::clone(&state),
@@ -128,11 +164,13 @@ impl Server {
             let _ = stop_rx.await;
         });
         tokio::pin!(serving);
+        readiness.set_serving(true);
 
         let result = tokio::select! {
             r = &mut serving => r.map_err(|e| ServerError::Transport(e.to_string())),
             () = shutdown => {
                 info!(grace = ?config.shutdown_grace, "shutting down: no new connections, draining calls");
+                readiness.set_serving(false);
                 let _ = stop_tx.send(());
                 accept.abort();
                 match tokio::time::timeout(config.shutdown_grace, &mut serving).await {
@@ -144,10 +182,15 @@ impl Server {
                 }
             }
         };
+        readiness.set_serving(false);
         accept.abort();
         checker.abort();
         reloader.abort();
         flusher.abort();
+        let _ = ops_stop_tx.send(());
+        if let Some(task) = ops_task {
+            let _ = task.await;
+        }
         if let Err(e) = state.usage().flush(Timestamp::now()) {
             warn!(error = %e, "could not write usage counters at shutdown");
         }
@@ -216,12 +259,14 @@ async fn flush_loop(state: Arc<ServingState>) {
 }
 
 /// Re-runs the self-check of the served snapshot; Status reflects the result.
-async fn self_check_loop(state: Arc<ServingState>, every: Duration) {
+async fn self_check_loop(state: Arc<ServingState>, every: Duration, max_key_age: Duration) {
     // While unhealthy, check every second so recovery shows at once.
     const RECHECK: Duration = Duration::from_secs(1);
     let mut last_error: Option<String> = None;
+    let mut warned_due: Option<KeyVersion> = None;
     loop {
         let snapshot = state.current();
+        check_key_age(&state, &snapshot, max_key_age, &mut warned_due);
         tokio::time::sleep(if snapshot.is_healthy() {
             every
         } else {
@@ -229,22 +274,59 @@ async fn self_check_loop(state: Arc<ServingState>, every: Duration) {
         })
         .await;
         let snapshot = state.current();
-        let result = snapshot.keyring.self_check().await;
-        let was = snapshot.set_healthy(result.is_ok());
+        let result = snapshot
+            .keyring
+            .self_check()
+            .await
+            .map_err(|e| e.to_string());
+        let was = state.record_self_check(&snapshot, result.clone());
         match result {
-            Err(e) => {
-                let msg = e.to_string();
+            Err(msg) => {
                 if was || last_error.as_ref() != Some(&msg) {
                     error!(error = %msg, "self-check failed; Status fails until it passes");
+                    if was {
+                        state.event(Event::HealthLost {
+                            reason: msg.clone(),
+                        });
+                    }
                 }
                 last_error = Some(msg);
             }
             Ok(()) if !was => {
                 last_error = None;
                 info!("self-check passes again; Status is healthy");
+                state.event(Event::HealthRecovered);
             }
             Ok(()) => {}
         }
+    }
+}
+
+/// Updates the key-age metrics and warns once per primary when it is older
+/// than `max_key_age`. Readiness is not affected: an old key still works.
+fn check_key_age(
+    state: &ServingState,
+    snapshot: &Snapshot,
+    max_key_age: Duration,
+    warned: &mut Option<KeyVersion>,
+) {
+    let keyring = &snapshot.keyring;
+    let primary = keyring.primary();
+    let Some(info) = keyring.versions().find(|v| v.version == primary) else {
+        return;
+    };
+    let since = info.promoted.unwrap_or(info.created);
+    let age = Duration::from_secs(Timestamp::now().unix().saturating_sub(since.unix()));
+    let due = age > max_key_age;
+    state.metrics().key_age(age, due);
+    if due && *warned != Some(primary) {
+        *warned = Some(primary);
+        warn!(
+            key.version = primary.get(),
+            age_days = age.as_secs() / 86_400,
+            max_days = max_key_age.as_secs() / 86_400,
+            "the primary key is older than max_key_age: rotation is due (kekd admin rotate)"
+        );
     }
 }
 
@@ -490,6 +572,14 @@ pub enum ServerError {
     /// The gRPC transport failed.
     #[error("transport error: {0}")]
     Transport(String),
+    /// The ops listener could not be bound.
+    #[error("cannot listen on ops address {addr}: {source} (change --ops-addr)")]
+    Ops {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
     /// A background task died.
     #[error("internal task failed: {0}")]
     Task(String),
@@ -500,7 +590,7 @@ impl ServerError {
     /// in the setup, 1 for runtime failures.
     pub fn exit_code(&self) -> u8 {
         match self {
-            Self::Keyring(_) | Self::SelfCheck(_) | Self::Socket(_) => 78,
+            Self::Keyring(_) | Self::SelfCheck(_) | Self::Socket(_) | Self::Ops { .. } => 78,
             Self::Transport(_) | Self::Task(_) => 1,
         }
     }

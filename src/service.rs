@@ -9,6 +9,7 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::time::Instant;
 
 use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status};
@@ -17,6 +18,7 @@ use tracing::{Instrument, debug, error, info_span, warn};
 use crate::backend::BackendError;
 use crate::backend::pkcs11::Pkcs11Error;
 use crate::keyring::{KeyringError, Timestamp};
+use crate::metrics::Method;
 use crate::pb;
 use crate::pb::key_management_service_server::{KeyManagementService, KeyManagementServiceServer};
 use crate::secret::Plaintext;
@@ -52,6 +54,38 @@ impl KmsService {
 impl KeyManagementService for KmsService {
     async fn status(
         &self,
+        request: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        let started = Instant::now();
+        let result = self.do_status(request).await;
+        self.observe(Method::Status, started, &result);
+        result
+    }
+
+    async fn encrypt(
+        &self,
+        request: Request<pb::EncryptRequest>,
+    ) -> Result<Response<pb::EncryptResponse>, Status> {
+        let started = Instant::now();
+        let result = self.do_encrypt(request).await;
+        self.observe(Method::Encrypt, started, &result);
+        result
+    }
+
+    async fn decrypt(
+        &self,
+        request: Request<pb::DecryptRequest>,
+    ) -> Result<Response<pb::DecryptResponse>, Status> {
+        let started = Instant::now();
+        let result = self.do_decrypt(request).await;
+        self.observe(Method::Decrypt, started, &result);
+        result
+    }
+}
+
+impl KmsService {
+    async fn do_status(
+        &self,
         _request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
         // Answered from cached state: the apiserver polls this constantly.
@@ -68,7 +102,7 @@ impl KeyManagementService for KmsService {
         }))
     }
 
-    async fn encrypt(
+    async fn do_encrypt(
         &self,
         request: Request<pb::EncryptRequest>,
     ) -> Result<Response<pb::EncryptResponse>, Status> {
@@ -104,7 +138,7 @@ impl KeyManagementService for KmsService {
         .await
     }
 
-    async fn decrypt(
+    async fn do_decrypt(
         &self,
         request: Request<pb::DecryptRequest>,
     ) -> Result<Response<pb::DecryptResponse>, Status> {
@@ -146,6 +180,13 @@ impl KeyManagementService for KmsService {
 }
 
 impl KmsService {
+    fn observe<T>(&self, method: Method, started: Instant, result: &Result<T, Status>) {
+        let code = result
+            .as_ref()
+            .map_or_else(Status::code, |_| tonic::Code::Ok);
+        self.state.metrics().rpc(method, code, started.elapsed());
+    }
+
     /// Maps a failed call; a key store outage also turns Status into an
     /// error at once, until the background self-check passes again.
     fn fail(&self, snapshot: &Snapshot, e: KeyringError, uid: &Uid) -> Status {

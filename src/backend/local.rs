@@ -33,6 +33,10 @@ impl Backend for LocalBackend {
         format!("local keyring {}", self.path.display())
     }
 
+    fn kind(&self) -> &'static str {
+        "local"
+    }
+
     fn revision(&self) -> Option<String> {
         use std::os::unix::fs::MetadataExt;
         // Any replacement (rename: new inode), edit (mtime, size) or

@@ -253,6 +253,7 @@ fn context(module: &Path) -> Result<Pkcs11, Pkcs11Error> {
 /// A connection to one token: context, slot, login state and session pool.
 pub struct Token {
     settings: Pkcs11Settings,
+    metrics: OnceLock<Arc<crate::metrics::Metrics>>,
     permits: Semaphore,
     state: Mutex<Conn>,
     /// Signalled whenever a session goes back to the pool or is closed.
@@ -292,6 +293,7 @@ impl Token {
     /// Module, token or PIN problems.
     pub fn connect(settings: Pkcs11Settings) -> Result<Arc<Self>, Pkcs11Error> {
         let token = Arc::new(Self {
+            metrics: OnceLock::new(),
             permits: Semaphore::new(settings.pool_size.max(1)),
             settings,
             freed: std::sync::Condvar::new(),
@@ -331,7 +333,11 @@ impl Token {
         f: impl FnOnce(&Session, u64) -> Result<T, CkError>,
     ) -> Result<T, Pkcs11Error> {
         let (session, generation) = self.checkout()?;
+        let started = Instant::now();
         let result = f(&session, generation);
+        if let Some(m) = self.metrics.get() {
+            m.hsm_operation(op, started.elapsed());
+        }
         {
             let mut conn = self.conn();
             if result.is_ok() && conn.generation == generation {
@@ -341,6 +347,9 @@ impl Token {
                 // connection that has since been rebuilt.
                 drop(session);
                 conn.open = conn.open.saturating_sub(1);
+            }
+            if let Some(m) = self.metrics.get() {
+                m.hsm_sessions(conn.open, conn.open.saturating_sub(conn.idle.len()));
             }
         }
         self.freed.notify_one();
@@ -808,6 +817,14 @@ impl Pkcs11Backend {
 impl Backend for Pkcs11Backend {
     fn describe(&self) -> String {
         self.token.describe()
+    }
+
+    fn kind(&self) -> &'static str {
+        "pkcs11"
+    }
+
+    fn attach_metrics(&self, metrics: Arc<crate::metrics::Metrics>) {
+        let _ = self.token.metrics.set(metrics);
     }
 
     fn load(&self) -> Result<Keyring, BackendError> {
