@@ -24,6 +24,8 @@
 //! watches the keyring and swaps in a changed one only after it validates
 //! and self-checks; the admin commands change the keyring through
 //! [`keyring::ops`] under a lock and record each change in [`audit`].
+//! [`backup`] seals a local keyring under a passphrase (argon2id,
+//! AES-256-GCM) and decides when a restore may replace a keyring.
 //!
 //! Around it: [`config`] (flags, `KEKD_*` environment, TOML file), [`cli`]
 //! (the `kekd serve` and `kekd admin …` commands), [`client`] (a UDS client
@@ -34,6 +36,7 @@
 
 pub mod audit;
 pub mod backend;
+pub mod backup;
 pub mod cli;
 pub mod client;
 pub mod config;

@@ -87,6 +87,7 @@ pub struct Metrics {
     rotation_due: Gauge,
     reloads: Family<ResultLabels, Counter>,
     last_reload: Gauge,
+    reload_refused: Gauge,
     self_check_ok: Gauge,
     hsm_duration: HistogramFamily<OpLabels>,
     hsm_sessions_open: Gauge,
@@ -106,6 +107,7 @@ impl Metrics {
         let rotation_due = Gauge::default();
         let reloads = Family::<ResultLabels, Counter>::default();
         let last_reload = Gauge::default();
+        let reload_refused = Gauge::default();
         let self_check_ok = Gauge::default();
         let hsm_duration = HistogramFamily::<OpLabels>::new_with_constructor(
             latency_histogram as fn() -> Histogram,
@@ -150,6 +152,11 @@ impl Metrics {
             last_reload.clone(),
         );
         registry.register(
+            "keyring_reload_refused",
+            "1 while the keyring on disk (or in the token) is refused and the last good one is served",
+            reload_refused.clone(),
+        );
+        registry.register(
             "self_check_ok",
             "1 when the latest self-check of every decrypt-capable key passed (Status is healthy)",
             self_check_ok.clone(),
@@ -185,6 +192,7 @@ impl Metrics {
             rotation_due,
             reloads,
             last_reload,
+            reload_refused,
             self_check_ok,
             hsm_duration,
             hsm_sessions_open,
@@ -229,6 +237,11 @@ impl Metrics {
             self.last_reload
                 .set(i64::try_from(unix_now).unwrap_or(i64::MAX));
         }
+    }
+
+    /// Records whether a changed keyring is currently refused.
+    pub fn reload_refused(&self, refused: bool) {
+        self.reload_refused.set(i64::from(refused));
     }
 
     /// Records the latest self-check result.

@@ -237,6 +237,7 @@ impl ServingState {
         let changed = guard.as_ref().map(|p| &p.message) != problem.as_ref().map(|p| &p.message);
         if changed {
             self.usage.set_reload_error(problem.clone());
+            self.metrics.reload_refused(problem.is_some());
         }
         *guard = problem;
         changed

@@ -6,6 +6,8 @@
 //! already done, 1 refused or failed, 64 usage, 75 keyring locked by another
 //! admin command (retry), 78 keyring or configuration problem.
 
+pub mod backup;
+pub mod doctor;
 pub mod keyring;
 pub mod probe;
 
@@ -39,6 +41,15 @@ pub enum AdminCommand {
     /// Check a running plugin: Status, Encrypt and Decrypt, checked against
     /// the apiserver's rules.
     Probe(probe::ProbeArgs),
+    /// Check this node's setup end to end (keyring or token, socket,
+    /// EncryptionConfiguration, live probe) and say what to fix.
+    Doctor(doctor::DoctorArgs),
+    /// Write the local keyring to a file sealed under a passphrase
+    /// (argon2id, AES-256-GCM). The passphrase is never a flag value.
+    Backup(backup::BackupArgs),
+    /// Bring a keyring back from a backup: creates a missing keyring, never
+    /// replaces one holding versions the backup lacks.
+    RestoreBackup(backup::RestoreBackupArgs),
 }
 
 /// The keyring a command acts on, and the report format.
@@ -165,8 +176,10 @@ impl AdminCommand {
             Self::Retire(a) => a.target.output,
             Self::Destroy(a) => a.target.output,
             Self::Import(a) => a.target.output,
-            // probe prints its own report, failed or not.
-            Self::Probe(_) => Output::Text,
+            Self::Backup(a) => a.target.output,
+            Self::RestoreBackup(a) => a.target.output,
+            // probe and doctor print their own report, failed or not.
+            Self::Probe(_) | Self::Doctor(_) => Output::Text,
         }
     }
 }
@@ -206,6 +219,9 @@ fn dispatch(cmd: AdminCommand) -> Result<(), CliError> {
         AdminCommand::List(t) => keyring::list(&t),
         AdminCommand::Import(a) => keyring::import(&a.target, &a.from),
         AdminCommand::Probe(a) => probe::run(&a),
+        AdminCommand::Backup(a) => backup::backup(&a),
+        AdminCommand::RestoreBackup(a) => backup::restore(&a),
+        AdminCommand::Doctor(a) => doctor::run(&a),
     }
 }
 

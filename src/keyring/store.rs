@@ -668,6 +668,17 @@ pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
     write_durable(path, bytes, Replace::Always)
 }
 
+/// Durably writes `bytes` as a new file at `path` (mode 0600), the same way
+/// a new keyring is written: never replacing anything already there, even
+/// something created meanwhile. For kekd's backups.
+///
+/// # Errors
+/// [`StoreError::AlreadyExists`] when `path` exists; I/O errors otherwise,
+/// in which case nothing is left at `path`.
+pub fn write_file_new(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    write_durable(path, bytes, Replace::Never)
+}
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Replace {
     Never,

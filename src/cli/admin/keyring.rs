@@ -49,7 +49,7 @@ impl Target {
 
 /// How long to wait for another admin command's lock: `KEKD_LOCK_WAIT`
 /// (e.g. `30s`) or [`LOCK_WAIT`].
-fn lock_wait() -> Duration {
+pub(super) fn lock_wait() -> Duration {
     std::env::var("KEKD_LOCK_WAIT")
         .ok()
         .and_then(|v| humantime::parse_duration(&v).ok())
@@ -104,7 +104,7 @@ impl Step {
     }
 }
 
-fn store_error(e: StoreError) -> CliError {
+pub(super) fn store_error(e: StoreError) -> CliError {
     match e {
         StoreError::Locked { .. } => CliError::new(CliError::LOCKED, &e),
         StoreError::Io { .. } | StoreError::Random(_) => CliError::runtime(e),

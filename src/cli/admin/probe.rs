@@ -33,10 +33,10 @@ pub struct ProbeArgs {
 
 /// One check of `probe`.
 #[derive(Debug, Serialize)]
-struct Check {
-    name: &'static str,
-    ok: bool,
-    detail: String,
+pub(crate) struct Check {
+    pub(crate) name: &'static str,
+    pub(crate) ok: bool,
+    pub(crate) detail: String,
 }
 
 /// Runs `kekd admin probe`.
@@ -94,7 +94,7 @@ pub fn run(args: &ProbeArgs) -> Result<(), CliError> {
     }
 }
 
-async fn probe_checks(
+pub(crate) async fn probe_checks(
     socket: &Path,
     timeout: Duration,
 ) -> (Vec<Check>, Option<crate::client::StatusReply>) {
