@@ -299,6 +299,7 @@ impl Backup {
         // What the file is comes first: a stranger gets "not a kekd backup",
         // not a complaint about its last line.
         let first = text.split('\n').next().unwrap_or_default();
+        let first = first.strip_suffix('\r').unwrap_or(first);
         if text.is_empty() {
             return Err(FormatError::line(1, "is missing: the file is empty"));
         }
@@ -308,7 +309,7 @@ impl Backup {
             } else if first.starts_with("kekd-backup") {
                 "is a backup format this kekd does not read (expected `kekd-backup v1`)"
             } else if first.starts_with("kekd-keyring") {
-                "shows a keyring file, not a backup (copy a keyring into place with `kekd admin import`)"
+                "is `kekd-keyring …`: a keyring file, not a backup"
             } else {
                 "is not `kekd-backup v1`: not a kekd backup"
             };

@@ -41,6 +41,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod envelope;
+pub mod hardening;
 pub mod keyring;
 pub mod metrics;
 pub mod ops;

@@ -9,6 +9,8 @@ use clap::error::ErrorKind;
 const EXIT_USAGE: u8 = 64;
 
 fn main() -> ExitCode {
+    // Before any key or PIN is read: no core dumps of this process.
+    kekd::hardening::harden_process();
     let cli = match kekd::cli::Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
