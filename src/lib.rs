@@ -17,7 +17,9 @@
 //!    the public key id, and seals or opens an [`envelope`] (our versioned,
 //!    authenticated ciphertext format) with the version's [`backend::KeyHandle`].
 //! 4. [`backend`] is where KEKs live: [`backend::local`] reads them from a
-//!    keyring file ([`keyring::store`]: strict parser, atomic durable writes).
+//!    keyring file ([`keyring::store`]: strict parser, atomic durable writes);
+//!    [`backend::pkcs11`] keeps them in an HSM token, with the keyring's
+//!    metadata in the token too, reached through a bounded session pool.
 //!
 //! What is served lives in [`state`]: the current snapshot behind an atomic
 //! pointer, its health, and [`usage`] counters per key version. [`reload`]
@@ -26,6 +28,10 @@
 //! [`keyring::ops`] under a lock and record each change in [`audit`].
 //! [`backup`] seals a local keyring under a passphrase (argon2id,
 //! AES-256-GCM) and decides when a restore may replace a keyring.
+//!
+//! Operators see it through [`ops`] (the `/metrics`, `/livez`, `/readyz`
+//! listener) with [`metrics`], and through the audit log. [`hardening`] turns
+//! off core dumps before any key is read.
 //!
 //! Around it: [`config`] (flags, `KEKD_*` environment, TOML file), [`cli`]
 //! (the `kekd serve` and `kekd admin …` commands), [`client`] (a UDS client

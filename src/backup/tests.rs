@@ -645,8 +645,9 @@ fn a_newer_backup_replaces_an_older_keyring() {
 fn an_older_backup_never_replaces_a_keyring_with_more_versions() {
     let older = keyring();
     let mut current = copy(&older);
-    current.rotate(at(30), true, None).unwrap();
-    current.rotate(at(40), false, None).unwrap();
+    current.rotate(at(30), true, None).unwrap(); // promotes the pending 3
+    current.rotate(at(40), true, None).unwrap(); // 4, primary
+    current.rotate(at(50), false, None).unwrap(); // 5, pending
     let e = plan_restore(Some(&current), &older).unwrap_err();
     match &e {
         BackupError::WouldLose { missing, changed } => {
