@@ -40,7 +40,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use cryptoki::context::{CInitializeArgs, CInitializeFlags, Function, Pkcs11};
 use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::mechanism::Mechanism;
 use cryptoki::mechanism::aead::GcmParams;
@@ -269,6 +269,7 @@ struct Conn {
     /// Sessions open now, idle or in use; never more than `pool_size`.
     open: usize,
     logged_in: bool,
+    reinit: bool,
     pin_rejected: Option<Pkcs11Error>,
     retry_at: Option<Instant>,
     backoff: Duration,
@@ -303,6 +304,7 @@ impl Token {
                 idle: Vec::new(),
                 open: 0,
                 logged_in: false,
+                reinit: false,
                 pin_rejected: None,
                 retry_at: None,
                 backoff: BACKOFF_MIN,
@@ -334,19 +336,46 @@ impl Token {
     ) -> Result<T, Pkcs11Error> {
         let (session, generation) = self.checkout()?;
         let started = Instant::now();
-        let result = f(&session, generation);
+        let mut result = f(&session, generation);
         if let Some(m) = self.metrics.get() {
             m.hsm_operation(op, started.elapsed());
         }
+        if let Err(CkError::Pkcs11(RvError::ObjectHandleInvalid | RvError::KeyHandleInvalid, _)) =
+            &result
+        {
+            // A handle vanished: one deleted object, or the whole token gone?
+            // Without the keyring metadata in sight, treat it as an outage.
+            if self
+                .metadata_objects(&session)
+                .map_or(true, |m| m.is_empty())
+            {
+                result = Err(CkError::Pkcs11(
+                    RvError::TokenNotPresent,
+                    Function::FindObjects,
+                ));
+            }
+        }
         {
             let mut conn = self.conn();
-            if result.is_ok() && conn.generation == generation {
+            // A failed C_Encrypt/C_Decrypt ends its operation (PKCS#11
+            // 2.40 5.8/5.9) and a failed *Init starts none: the session is
+            // clean; only a lost connection makes it useless.
+            let reusable = result
+                .as_ref()
+                .map_or_else(|e| !is_connection_loss(e), |_| true);
+            if reusable && conn.generation == generation {
                 conn.idle.push(session);
             } else {
                 // Closed, never reused: it saw an error, or belongs to a
                 // connection that has since been rebuilt.
                 drop(session);
                 conn.open = conn.open.saturating_sub(1);
+                if conn.open == 0 && conn.logged_in {
+                    // PKCS#11: closing an application's last session logs
+                    // it out; private-object handles are gone with it.
+                    conn.logged_in = false;
+                    conn.generation += 1;
+                }
             }
             if let Some(m) = self.metrics.get() {
                 m.hsm_sessions(conn.open, conn.open.saturating_sub(conn.idle.len()));
@@ -387,6 +416,7 @@ impl Token {
         conn.logged_in = false;
         conn.generation += 1;
         conn.retry_at = Some(Instant::now() + conn.backoff);
+        conn.reinit = true;
         conn.last_error = Some(reason.to_owned());
     }
 
@@ -442,6 +472,7 @@ impl Token {
             }
             Err(e) => {
                 conn.retry_at = Some(Instant::now() + conn.backoff);
+                conn.reinit = true;
                 conn.backoff = (conn.backoff * 2).min(BACKOFF_MAX);
                 conn.last_error = Some(e.to_string());
             }
@@ -452,6 +483,18 @@ impl Token {
     /// Opens a session, finding the slot and logging in as needed.
     fn open(&self, conn: &mut Conn) -> Result<Session, Pkcs11Error> {
         let ctx = context(&self.settings.module)?;
+        if conn.reinit && conn.open == 0 {
+            // Some modules (SoftHSM) only rescan their tokens at C_Initialize.
+            let _ = ctx.clone().finalize();
+            match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+                Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
+                Err(e) => return Err(self.unavailable(format!("C_Initialize: {e}"))),
+            }
+            conn.reinit = false;
+            conn.slot = None;
+            conn.logged_in = false;
+            conn.generation += 1;
+        }
         let slot = match conn.slot {
             Some(s) => s,
             None => {
@@ -500,18 +543,19 @@ impl Token {
 
     fn check_mechanisms(&self, ctx: &Pkcs11, slot: Slot) -> Result<(), Pkcs11Error> {
         use cryptoki::mechanism::MechanismType;
-        let list = ctx
-            .get_mechanism_list(slot)
-            .map_err(|e| self.unavailable(format!("listing mechanisms: {e}")))?;
         for (mechanism, name) in [
             (MechanismType::AES_GCM, "CKM_AES_GCM"),
             (MechanismType::AES_KEY_GEN, "CKM_AES_KEY_GEN"),
         ] {
-            if !list.contains(&mechanism) {
-                return Err(Pkcs11Error::MechanismMissing {
-                    label: self.settings.token_label.clone(),
-                    mechanism: name,
-                });
+            match ctx.get_mechanism_info(slot, mechanism) {
+                Ok(_) => {}
+                Err(CkError::Pkcs11(RvError::MechanismInvalid, _)) => {
+                    return Err(Pkcs11Error::MechanismMissing {
+                        label: self.settings.token_label.clone(),
+                        mechanism: name,
+                    });
+                }
+                Err(e) => return Err(self.unavailable(format!("querying {name}: {e}"))),
             }
         }
         Ok(())
@@ -690,6 +734,26 @@ impl Token {
         let encoded = new.encode();
         let old_encoded = old.map(KeyringFile::encode);
         self.with_session("write the keyring metadata", |s, _| {
+            // 1. Compare first (nothing touched on a refusal), then write a new revision and drop the older ones.
+            let objects = self.metadata_objects(s)?;
+            let current = self.read_metadata(s)?;
+            let revision = match (&current, &old_encoded) {
+                (None, None) => 1,
+                (Some((rev, bytes)), Some(expected)) if bytes.as_slice() == expected.as_bytes() => {
+                    rev + 1
+                }
+                (Some(_), None) => {
+                    return Ok(Err(Pkcs11Error::KeyringExists {
+                        label: self.settings.token_label.clone(),
+                        prefix: self.settings.key_label_prefix.clone(),
+                    }));
+                }
+                _ => {
+                    return Ok(Err(Pkcs11Error::Conflict {
+                        label: self.settings.token_label.clone(),
+                    }));
+                }
+            };
             // 1. Keys for versions that have none yet.
             for v in &new.versions {
                 if !v.info.state.has_material() {
@@ -710,26 +774,6 @@ impl Token {
                     self.generate_key(s, &new.id, v.info.version)?;
                 }
             }
-            // 2. Compare, then write a new revision and drop the older ones.
-            let objects = self.metadata_objects(s)?;
-            let current = self.read_metadata(s)?;
-            let revision = match (&current, &old_encoded) {
-                (None, None) => 1,
-                (Some((rev, bytes)), Some(expected)) if bytes.as_slice() == expected.as_bytes() => {
-                    rev + 1
-                }
-                (Some(_), None) => {
-                    return Ok(Err(Pkcs11Error::KeyringExists {
-                        label: self.settings.token_label.clone(),
-                        prefix: self.settings.key_label_prefix.clone(),
-                    }));
-                }
-                _ => {
-                    return Ok(Err(Pkcs11Error::Conflict {
-                        label: self.settings.token_label.clone(),
-                    }));
-                }
-            };
             s.create_object(&[
                 Attribute::Class(ObjectClass::DATA),
                 Attribute::Application(APPLICATION.as_bytes().to_vec()),
@@ -953,7 +997,7 @@ impl KeyObject {
         ])?;
         let handle = *found.first().ok_or(CkError::Pkcs11(
             RvError::KeyHandleInvalid,
-            cryptoki::context::Function::FindObjects,
+            Function::FindObjects,
         ))?;
         *cached = (generation, handle);
         Ok(handle)
@@ -999,15 +1043,24 @@ impl Pkcs11Key {
             .run("decrypt", move |s, g| {
                 let handle = object.handle(s, g)?;
                 let params = GcmParams::new(&mut iv, &aad, TAG_BITS.into())?;
-                s.decrypt(&Mechanism::AesGcm(params), handle, &data)
+                match s.decrypt(&Mechanism::AesGcm(params), handle, &data) {
+                    Ok(pt) => Ok(Some(pt)),
+                    // C_Decrypt itself refused the data (a bad tag: SoftHSM
+                    // says GENERAL_ERROR, others ENCRYPTED_DATA_INVALID). The
+                    // operation is over and the session clean: an answer,
+                    // not a failure of the token.
+                    Err(e @ CkError::Pkcs11(_, Function::Decrypt)) if !is_connection_loss(&e) => {
+                        Ok(None)
+                    }
+                    Err(e) => Err(e),
+                }
             })
             .await
         {
-            Ok(pt) => Ok(Plaintext::new(pt)),
-            // SoftHSM reports a bad tag as CKR_GENERAL_ERROR, others as
-            // ENCRYPTED_DATA_INVALID: any failure that is not an outage means
-            // "cannot be decrypted".
-            Err(Pkcs11Error::Call { .. }) => Err(BackendError::Decrypt),
+            Ok(Some(pt)) => Ok(Plaintext::new(pt)),
+            Ok(None) => Err(BackendError::Decrypt),
+            // A key handle that cannot be used, or any other token failure,
+            // is kekd's problem, never "bad ciphertext".
             Err(e) => Err(e.into()),
         }
     }

@@ -245,7 +245,7 @@ pub fn change(t: &Target, step: Step) -> Result<(), CliError> {
         .collect();
     let audit_result = audit::append(path, &records);
 
-    let next = next_step(step, &transitions, &target_flags(t));
+    let next = next_step(step, &transitions, &target_flags(t), file.material);
     let mut text = String::new();
     for tr in &transitions {
         text.push_str(&format!(
@@ -323,7 +323,12 @@ fn target_flags(t: &Target) -> String {
     }
 }
 
-fn next_step(step: Step, transitions: &[Transition], flags: &str) -> String {
+fn next_step(
+    step: Step,
+    transitions: &[Transition],
+    flags: &str,
+    material: store::Material,
+) -> String {
     let primary = transitions
         .iter()
         .find(|t| t.to == KeyState::Primary)
@@ -333,6 +338,13 @@ fn next_step(step: Step, transitions: &[Transition], flags: &str) -> String {
         .find(|t| t.to == KeyState::DecryptOnly)
         .map(|t| t.version);
     match (step, primary) {
+        (Step::Rotate { .. }, None) if material == store::Material::Token => {
+            let v = transitions.first().map_or(0, |t| t.version.get());
+            format!(
+                "every kekd sharing this token sees version {v} within seconds (`kekd admin list` on each node); \
+                 then run `kekd admin promote {v} {flags}` once"
+            )
+        }
         (Step::Rotate { .. }, None) => {
             let v = transitions.first().map_or(0, |t| t.version.get());
             format!(

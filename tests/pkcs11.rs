@@ -1,0 +1,1870 @@
+//! The PKCS#11 backend on real SoftHSM2 tokens (issue 4): a fresh token per
+//! test (`softhsm::Token`), kekd as child processes configured through a
+//! `[backend]` table, and the token inspected from outside with
+//! `pkcs11-tool`.
+//!
+//! - the local backend's API conformance checks, against a token;
+//! - the key objects really are in the token, sensitive and unextractable,
+//!   and the envelope is the documented one (recomputed from AES blocks the
+//!   token computes for pkcs11-tool, GHASH done here);
+//! - the admin lifecycle through `--config`, several keyrings and several
+//!   kekd instances on one token;
+//! - 64 clients through a pool of 4 sessions;
+//! - configuration mistakes (exit 78, never the PIN), a wrong PIN tried
+//!   exactly once (counted with OpenSC's pkcs11-spy);
+//! - a key object deleted behind kekd's back, and token outages.
+//!
+//! Without SoftHSM2 every test prints `SKIPPED` and passes, unless
+//! `KEKD_REQUIRE_ALL=1` (CI), which makes them fail.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+mod softhsm;
+
+use std::collections::{HashMap, HashSet};
+use std::fs;
+use std::future::Future;
+use std::os::unix::fs::PermissionsExt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tonic::{Code, Status};
+
+use common::apiserver::{check_decrypt, check_encrypt, check_status};
+use common::{Process, seed, uid};
+use kekd::client::Client;
+use softhsm::{
+    Node, P11_KIT_CLIENT, P11KitServer, SPY_MODULE, Token, error_message, json_of, unhex,
+};
+
+const OPAQUE: &str = "ciphertext could not be decrypted";
+const NOT_OURS: &str = "key_id was not issued by this keyring";
+const EX_CONFIG: i32 = 78;
+
+fn no_annotations() -> HashMap<String, Vec<u8>> {
+    HashMap::new()
+}
+
+/// Asserts that a call was refused with `code` and exactly `message`.
+#[track_caller]
+fn assert_refused<T: std::fmt::Debug>(result: Result<T, Status>, code: Code, message: &str) {
+    match result {
+        Ok(v) => panic!("expected {code:?} {message:?}, got a success: {v:?}"),
+        Err(status) => assert_eq!(
+            (status.code(), status.message()),
+            (code, message),
+            "wrong refusal"
+        ),
+    }
+}
+
+/// The 32-hex keyring id inside a key_id `kekd/<id>/v<N>`, checking the
+/// whole shape on the way.
+#[track_caller]
+fn keyring_id_of(key_id: &str) -> String {
+    let parts: Vec<&str> = key_id.split('/').collect();
+    assert!(
+        parts.len() == 3
+            && parts[0] == "kekd"
+            && parts[1].len() == 32
+            && parts[1]
+                .bytes()
+                .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
+            && parts[2].strip_prefix('v').is_some_and(|v| {
+                !v.is_empty()
+                    && !v.starts_with('0')
+                    && v.bytes().all(|c| c.is_ascii_digit())
+                    && v.parse::<u32>().is_ok()
+            }),
+        "key_id {key_id:?} is not kekd/<32 lowercase hex>/v<N>"
+    );
+    parts[1].to_owned()
+}
+
+/// The version at the end of a key_id.
+#[track_caller]
+fn version_of(key_id: &str) -> u32 {
+    keyring_id_of(key_id);
+    key_id.rsplit_once("/v").unwrap().1.parse().unwrap()
+}
+
+/// `CKA_ID` (hex) of a version's key object: keyring id ‖ version (BE u32).
+fn object_id(key_id: &str, version: u32) -> String {
+    format!("{}{version:08x}", keyring_id_of(key_id))
+}
+
+/// Spawns `kekd serve` for `node` and waits for a healthy Status.
+async fn serving(token: &Token, node: &Node) -> (Process, Client) {
+    let mut process = token.spawn_serve(node);
+    let client = process.ready().await;
+    (process, client)
+}
+
+/// Polls `check` every 25 ms until it returns `Ok`; panics naming `what`
+/// and the last state after `timeout`.
+async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        match check().await {
+            Ok(v) => return v,
+            Err(last) => assert!(
+                Instant::now() < deadline,
+                "{what}: not within {timeout:?}; last: {last}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Asserts that none of `outputs` contains `secret`.
+#[track_caller]
+fn assert_never_printed(secret: &str, outputs: &[(&str, &str)]) {
+    for (name, text) in outputs {
+        assert!(
+            !text.contains(secret),
+            "{name} contains the PIN {secret:?}:\n{text}"
+        );
+    }
+}
+
+// ------------------------------------------------------------- conformance
+
+#[tokio::test]
+async fn status_encrypt_decrypt_from_the_token_pass_every_apiserver_check() {
+    let Some(token) = Token::create() else { return };
+    let node = token.default_node("a");
+    let key_id = token.init(&node);
+    assert_eq!(version_of(&key_id), 1);
+    let (server, mut client) = serving(&token, &node).await;
+
+    for n in 0..20 {
+        let status = client.status().await.unwrap();
+        check_status(&status.version, &status.healthz, &status.key_id).unwrap();
+        assert_eq!(status.version, "v2");
+        assert_eq!(status.key_id, key_id, "Status reports the key_id init made");
+
+        let seed = seed();
+        let enc = client.encrypt(seed.clone(), &uid(n)).await.unwrap();
+        check_encrypt(
+            &status.key_id,
+            &enc.key_id,
+            &enc.ciphertext,
+            &enc.annotations,
+        )
+        .unwrap();
+        assert_eq!(enc.key_id, status.key_id, "Encrypt key_id = Status key_id");
+        // format 0x01, version 1 (BE), 12-byte nonce, 32 + 16 sealed bytes.
+        assert_eq!(enc.ciphertext.len(), 1 + 4 + 12 + 32 + 16);
+        assert_eq!(&enc.ciphertext[..5], &[1, 0, 0, 0, 1]);
+
+        let plaintext = client
+            .decrypt(enc.ciphertext, &enc.key_id, enc.annotations, &uid(n))
+            .await
+            .unwrap();
+        check_decrypt(&seed, &plaintext).unwrap();
+    }
+
+    // Equal plaintexts: kekd's own IVs never repeat, nor do ciphertexts.
+    let seed = seed();
+    let (mut nonces, mut ciphertexts) = (HashSet::new(), HashSet::new());
+    for n in 0..100 {
+        let enc = client.encrypt(seed.clone(), &uid(n)).await.unwrap();
+        assert!(
+            nonces.insert(enc.ciphertext[5..17].to_vec()),
+            "IV reused at {n}"
+        );
+        assert!(
+            ciphertexts.insert(enc.ciphertext.clone()),
+            "ciphertext repeated"
+        );
+        assert_eq!(
+            client
+                .decrypt(enc.ciphertext, &enc.key_id, no_annotations(), &uid(n))
+                .await
+                .unwrap(),
+            seed
+        );
+    }
+    assert_never_printed(&token.pin, &[("serve stderr", &server.stderr())]);
+}
+
+#[tokio::test]
+async fn plaintext_limits_are_the_same_as_the_local_backends() {
+    let Some(token) = Token::create() else { return };
+    let node = token.default_node("a");
+    let key_id = token.init(&node);
+    let (_server, mut client) = serving(&token, &node).await;
+
+    let mut largest = vec![0u8; 991];
+    common::getrandom(&mut largest);
+    let enc = client.encrypt(largest.clone(), &uid(1)).await.unwrap();
+    assert_eq!(enc.ciphertext.len(), 1024);
+    check_encrypt(&key_id, &enc.key_id, &enc.ciphertext, &enc.annotations).unwrap();
+    let plaintext = client
+        .decrypt(enc.ciphertext, &enc.key_id, no_annotations(), &uid(1))
+        .await
+        .unwrap();
+    assert_eq!(plaintext, largest);
+
+    assert_refused(
+        client.encrypt(vec![7u8; 992], &uid(2)).await,
+        Code::InvalidArgument,
+        "plaintext is 992 bytes; at most 991 fit the apiserver's 1024-byte ciphertext limit",
+    );
+    assert_refused(
+        client.encrypt(Vec::new(), &uid(3)).await,
+        Code::InvalidArgument,
+        "plaintext is empty",
+    );
+}
+
+/// Every single-bit flip is refused: the structural error for the header,
+/// the one opaque error for nonce, body and tag (the token's GCM decides).
+#[tokio::test]
+async fn every_tampered_ciphertext_is_refused_by_the_token() {
+    let Some(token) = Token::create() else { return };
+    let node = token.default_node("a");
+    token.init(&node);
+    let (_server, mut client) = serving(&token, &node).await;
+    let seed = seed();
+    let enc = client.encrypt(seed.clone(), &uid(0)).await.unwrap();
+    let ct = &enc.ciphertext;
+    let tag_start = ct.len() - 16;
+    for i in 0..ct.len() {
+        for bit in 0..8 {
+            let mut tampered = ct.clone();
+            tampered[i] ^= 1 << bit;
+            let expected = match i {
+                0 => format!(
+                    "malformed ciphertext: ciphertext has unknown format byte {:#04x} (this kekd reads format 0x01)",
+                    tampered[0]
+                ),
+                1..=4 => match u32::from_be_bytes(tampered[1..5].try_into().unwrap()) {
+                    0 => "malformed ciphertext: ciphertext names key version 0, which is never assigned"
+                        .to_owned(),
+                    v => format!("key_id names version 1 but the ciphertext header names version {v}"),
+                },
+                _ => OPAQUE.to_owned(),
+            };
+            let region = match i {
+                0 => "format",
+                1..=4 => "version",
+                5..=16 => "nonce",
+                _ if i < tag_start => "body",
+                _ => "tag",
+            };
+            match client
+                .decrypt(tampered, &enc.key_id, no_annotations(), &uid(i * 8 + bit))
+                .await
+            {
+                Ok(p) => panic!(
+                    "flip of bit {bit} in byte {i} ({region}) decrypted (to the seed: {})",
+                    p == seed
+                ),
+                Err(status) => assert_eq!(
+                    (status.code(), status.message()),
+                    (Code::InvalidArgument, expected.as_str()),
+                    "flip of bit {bit} in byte {i} ({region})"
+                ),
+            }
+        }
+    }
+    // Truncated and extended.
+    for len in [0, 1, 33, 34, ct.len() - 1] {
+        let expected = match len {
+            0 => "malformed ciphertext: ciphertext is empty".to_owned(),
+            1..=33 => format!(
+                "malformed ciphertext: ciphertext is truncated ({len} bytes, at least 34 needed)"
+            ),
+            _ => OPAQUE.to_owned(),
+        };
+        assert_refused(
+            client
+                .decrypt(ct[..len].to_vec(), &enc.key_id, no_annotations(), &uid(1))
+                .await,
+            Code::InvalidArgument,
+            &expected,
+        );
+    }
+    let mut longer = ct.clone();
+    longer.push(0);
+    assert_refused(
+        client
+            .decrypt(longer, &enc.key_id, no_annotations(), &uid(2))
+            .await,
+        Code::InvalidArgument,
+        OPAQUE,
+    );
+    // The untouched ciphertext still opens: no session was left poisoned.
+    assert_eq!(
+        client
+            .decrypt(ct.clone(), &enc.key_id, no_annotations(), &uid(3))
+            .await
+            .unwrap(),
+        seed
+    );
+}
+
+/// Two keyrings share one token under different label prefixes; neither
+/// opens the other's ciphertexts.
+#[tokio::test]
+async fn a_second_keyring_on_the_same_token_is_foreign() {
+    let Some(token) = Token::create() else { return };
+    let ours = token.default_node("a");
+    let mut other_backend = token.backend("b");
+    other_backend.key_label_prefix = Some("other-".to_owned());
+    let other = token.node("b", &other_backend, &[]);
+    let our_key_id = token.init(&ours);
+    let their_key_id = token.init(&other);
+    assert_ne!(keyring_id_of(&our_key_id), keyring_id_of(&their_key_id));
+    assert_eq!(
+        token.secret_key_labels(),
+        ["kekd-v1", "other-v1"],
+        "one key object per keyring"
+    );
+
+    let (_a, mut client) = serving(&token, &ours).await;
+    let (_b, mut foreign) = serving(&token, &other).await;
+    assert_eq!(foreign.status().await.unwrap().key_id, their_key_id);
+    let theirs = foreign.encrypt(seed(), &uid(0)).await.unwrap();
+    let mine = client.encrypt(seed(), &uid(1)).await.unwrap();
+
+    // Their ciphertext with their key_id: not our key_id.
+    assert_refused(
+        client
+            .decrypt(
+                theirs.ciphertext.clone(),
+                &theirs.key_id,
+                no_annotations(),
+                &uid(2),
+            )
+            .await,
+        Code::InvalidArgument,
+        NOT_OURS,
+    );
+    // Their ciphertext under our key_id: the header parses, only the
+    // token's authentication (AAD binds the keyring id) can refuse it.
+    assert_refused(
+        client
+            .decrypt(theirs.ciphertext, &our_key_id, no_annotations(), &uid(3))
+            .await,
+        Code::InvalidArgument,
+        OPAQUE,
+    );
+    // And the other way round.
+    assert_refused(
+        foreign
+            .decrypt(mine.ciphertext, &their_key_id, no_annotations(), &uid(4))
+            .await,
+        Code::InvalidArgument,
+        OPAQUE,
+    );
+    for key_id in [
+        String::new(),
+        "garbage".to_owned(),
+        our_key_id.to_uppercase(),
+        our_key_id.replace("/v1", "/v01"),
+        format!("{our_key_id} "),
+    ] {
+        let enc = client.encrypt(seed(), &uid(5)).await.unwrap();
+        assert_refused(
+            client
+                .decrypt(enc.ciphertext, &key_id, no_annotations(), &uid(5))
+                .await,
+            Code::InvalidArgument,
+            NOT_OURS,
+        );
+    }
+}
+
+// ----------------------------------------- the token's objects, from outside
+
+#[test]
+fn key_objects_are_in_the_token_sensitive_unextractable_and_metadata_holds_no_key() {
+    let Some(token) = Token::create() else { return };
+    let node = token.default_node("a");
+    let key_id = token.init(&node);
+    let id = keyring_id_of(&key_id);
+
+    let objects = token.objects();
+    let keys: Vec<_> = objects.iter().filter(|o| o.is_secret_key()).collect();
+    assert_eq!(keys.len(), 1, "one key object after init: {objects:#?}");
+    let key = keys[0];
+    assert_eq!(key.heading, "Secret Key Object; AES length 32", "AES-256");
+    assert_eq!(key.label(), "kekd-v1");
+    assert_eq!(key.field("ID"), format!("{id}00000001"), "CKA_ID = id ‖ v1");
+    assert_eq!(
+        key.items("Usage"),
+        ["encrypt", "decrypt"],
+        "encrypt/decrypt only"
+    );
+    let access = key.items("Access");
+    for flag in [
+        "sensitive",
+        "always sensitive",
+        "never extractable",
+        "local",
+    ] {
+        assert!(
+            access.contains(&flag),
+            "key access lacks {flag:?}: {access:?}"
+        );
+    }
+    assert!(
+        !access.contains(&"extractable"),
+        "key is extractable: {access:?}"
+    );
+
+    // CKA_LOCAL ("local"): generated inside the token, never imported.
+    // CKA_TOKEN: this listing comes from another process (pkcs11-tool), so
+    // the object persisted in the token. CKA_PRIVATE: without a login, no
+    // kekd object is visible at all.
+    let public = token.tool_public(&["--list-objects"]);
+    assert!(public.status.success(), "{public:?}");
+    let public = String::from_utf8_lossy(&public.stdout);
+    assert!(
+        !public.contains("Secret Key Object") && !public.contains("Data object"),
+        "kekd objects visible without login:\n{public}"
+    );
+
+    // CKA_VALUE cannot be read: the token refuses.
+    let read = token.read_value("secrkey", "kekd-v1");
+    let refusal = read.expect_err("the key's CKA_VALUE was readable");
+    assert!(
+        refusal.contains("CKR_ATTRIBUTE_SENSITIVE"),
+        "reading CKA_VALUE failed for another reason: {refusal}"
+    );
+
+    // The metadata object: private, application "kekd", revision 1, and
+    // nothing but public facts.
+    let data: Vec<_> = objects.iter().filter(|o| o.is_data()).collect();
+    assert_eq!(data.len(), 1, "one metadata object: {objects:#?}");
+    assert_eq!(data[0].label(), "kekd-keyring@1");
+    assert_eq!(data[0].field("application"), "'kekd'");
+    assert_eq!(data[0].field("flags"), "private");
+    let metadata = token
+        .read_value("data", "kekd-keyring@1")
+        .expect("read the metadata object");
+    let text = String::from_utf8(metadata).expect("metadata is text");
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        lines.len(),
+        4,
+        "magic, keyring, one version, checksum:\n{text}"
+    );
+    assert_eq!(lines[0], "kekd-keyring-meta v1");
+    assert_eq!(lines[1], format!("keyring {id}"));
+    assert!(lines[2].starts_with("version 1 primary created="), "{text}");
+    assert!(!text.contains("kek="), "key material in metadata:\n{text}");
+    let sha = lines[3].strip_prefix("sha256 ").expect("checksum line");
+    assert_eq!(sha.len(), 64);
+    // No other long opaque token (base64 or hex of 32 bytes) but the
+    // keyring id and the checksum.
+    for word in text.split([' ', '\n', '=']) {
+        if word.len() >= 32 {
+            assert!(
+                word == id || word == sha,
+                "unexpected opaque value {word:?} in metadata:\n{text}"
+            );
+        }
+    }
+}
+
+/// GCM rebuilt from raw AES blocks: `E(0)` gives the hash key, `E(J0)` masks
+/// the tag and `E(J0+1…)` is the key stream (NIST SP 800-38D, 96-bit IV).
+/// `aes_blocks` encrypts whole blocks (ECB) under the key.
+fn gcm_seal(
+    aes_blocks: &dyn Fn(&[u8]) -> Vec<u8>,
+    nonce: &[u8; 12],
+    aad: &[u8],
+    plaintext: &[u8],
+) -> (Vec<u8>, [u8; 16]) {
+    let counter = |i: u32| {
+        let mut b = [0u8; 16];
+        b[..12].copy_from_slice(nonce);
+        b[12..].copy_from_slice(&i.to_be_bytes());
+        b
+    };
+    let n = plaintext.len().div_ceil(16);
+    let mut input = vec![0u8; 16];
+    for i in 0..=n {
+        input.extend_from_slice(&counter(1 + i as u32));
+    }
+    let out = aes_blocks(&input);
+    let h = u128::from_be_bytes(out[..16].try_into().unwrap());
+    let ej0 = u128::from_be_bytes(out[16..32].try_into().unwrap());
+    let body: Vec<u8> = plaintext
+        .iter()
+        .zip(&out[32..])
+        .map(|(p, k)| p ^ k)
+        .collect();
+    let tag = (ghash(h, aad, &body) ^ ej0).to_be_bytes();
+    (body, tag)
+}
+
+/// GHASH over `aad` and `ciphertext` with hash key `h` (bit-reflected
+/// GF(2^128) multiplication, as in SP 800-38D §6.3).
+fn ghash(h: u128, aad: &[u8], ciphertext: &[u8]) -> u128 {
+    fn mul(x: u128, y: u128) -> u128 {
+        let r = 0xe1u128 << 120;
+        let (mut z, mut v) = (0u128, y);
+        for i in 0..128 {
+            if (x >> (127 - i)) & 1 == 1 {
+                z ^= v;
+            }
+            v = if v & 1 == 1 { (v >> 1) ^ r } else { v >> 1 };
+        }
+        z
+    }
+    let mut y = 0u128;
+    for data in [aad, ciphertext] {
+        for chunk in data.chunks(16) {
+            let mut block = [0u8; 16];
+            block[..chunk.len()].copy_from_slice(chunk);
+            y = mul(y ^ u128::from_be_bytes(block), h);
+        }
+    }
+    let lengths =
+        (u128::from(aad.len() as u64 * 8) << 64) | u128::from(ciphertext.len() as u64 * 8);
+    mul(y ^ lengths, h)
+}
+
+/// The additional authenticated data of the documented envelope format.
+fn envelope_aad(keyring_id_hex: &str, version: u32) -> Vec<u8> {
+    let mut aad = b"kekd/envelope\0".to_vec();
+    aad.push(0x01);
+    aad.extend_from_slice(&unhex(keyring_id_hex));
+    aad.extend_from_slice(&version.to_be_bytes());
+    aad
+}
+
+/// The GCM rebuild above agrees with the aes-gcm crate (the local
+/// backend's cipher), so the token test below checks the format, not the
+/// helper.
+#[test]
+fn gcm_rebuilt_from_aes_blocks_matches_aes_gcm() {
+    use aes_gcm::aead::{Aead, KeyInit, Payload};
+    use aes_gcm::aes::cipher::BlockCipherEncrypt;
+    let mut key = [0u8; 32];
+    common::getrandom(&mut key);
+    let aes = aes_gcm::aes::Aes256::new(&key.into());
+    let blocks = |input: &[u8]| {
+        let mut out = input.to_vec();
+        for chunk in out.chunks_mut(16) {
+            let mut block = aes_gcm::aes::Block::try_from(&*chunk).unwrap();
+            aes.encrypt_block(&mut block);
+            chunk.copy_from_slice(&block);
+        }
+        out
+    };
+    let gcm = aes_gcm::Aes256Gcm::new(&key.into());
+    for len in [1usize, 15, 16, 17, 32, 991] {
+        let mut plaintext = vec![0u8; len];
+        common::getrandom(&mut plaintext);
+        let mut nonce = [0u8; 12];
+        common::getrandom(&mut nonce);
+        let aad = envelope_aad(&softhsm::random_hex(16), 7);
+        let (body, tag) = gcm_seal(&blocks, &nonce, &aad, &plaintext);
+        let expected = gcm
+            .encrypt(
+                (&nonce).into(),
+                Payload {
+                    msg: &plaintext,
+                    aad: &aad,
+                },
+            )
+            .unwrap();
+        assert_eq!([body, tag.to_vec()].concat(), expected, "length {len}");
+    }
+}
+
+/// The envelope is the documented format, whatever the backend: kekd's
+/// ciphertext is opened outside kekd (AES blocks from the token through
+/// pkcs11-tool, GCM rebuilt here), and an envelope sealed outside kekd opens
+/// in kekd. Relies on the key allowing CKM_AES_ECB (it has CKA_ENCRYPT and
+/// no CKA_ALLOWED_MECHANISMS); OpenSC 0.23's pkcs11-tool has no AES-GCM.
+#[tokio::test]
+async fn envelopes_from_the_token_follow_the_documented_format() {
+    let Some(token) = Token::create() else { return };
+    let node = token.default_node("a");
+    let key_id = token.init(&node);
+    let id = keyring_id_of(&key_id);
+    let object = object_id(&key_id, 1);
+    let blocks = |input: &[u8]| token.aes_ecb(&object, input);
+    let (_server, mut client) = serving(&token, &node).await;
+
+    // kekd → outside.
+    let seed = seed();
+    let enc = client.encrypt(seed.clone(), &uid(0)).await.unwrap();
+    let ct = &enc.ciphertext;
+    assert_eq!(&ct[..5], &[0x01, 0, 0, 0, 1], "format 1, version 1");
+    let nonce: [u8; 12] = ct[5..17].try_into().unwrap();
+    let (body, tag) = (&ct[17..ct.len() - 16], &ct[ct.len() - 16..]);
+    let (stream, _) = gcm_seal(&blocks, &nonce, &[], &vec![0u8; body.len()]);
+    let opened: Vec<u8> = body.iter().zip(&stream).map(|(c, k)| c ^ k).collect();
+    assert_eq!(opened, seed, "the body is the seed under the token key");
+    let aad = envelope_aad(&id, 1);
+    let (resealed, expected_tag) = gcm_seal(&blocks, &nonce, &aad, &opened);
+    assert_eq!(resealed, body);
+    assert_eq!(expected_tag.as_slice(), tag, "tag over the documented AAD");
+
+    // outside → kekd.
+    let mut nonce = [0u8; 12];
+    common::getrandom(&mut nonce);
+    let mine = common::seed();
+    let (body, tag) = gcm_seal(&blocks, &nonce, &aad, &mine);
+    let envelope = [&[0x01, 0, 0, 0, 1][..], &nonce, &body, &tag].concat();
+    assert_eq!(
+        client
+            .decrypt(envelope, &key_id, no_annotations(), &uid(1))
+            .await
+            .unwrap(),
+        mine,
+        "kekd opens an envelope sealed outside it"
+    );
+    // The same, sealed for version 2 of the keyring, or for another keyring,
+    // but presented as version 1: the AAD binding makes it fail.
+    for aad in [
+        envelope_aad(&id, 2),
+        envelope_aad(&softhsm::random_hex(16), 1),
+    ] {
+        let (body, tag) = gcm_seal(&blocks, &nonce, &aad, &mine);
+        let envelope = [&[0x01, 0, 0, 0, 1][..], &nonce, &body, &tag].concat();
+        assert_refused(
+            client
+                .decrypt(envelope, &key_id, no_annotations(), &uid(2))
+                .await,
+            Code::InvalidArgument,
+            OPAQUE,
+        );
+    }
+}
+
+// ------------------------------------------------------------ admin commands
+
+/// One `kekd admin … --output json` that must succeed.
+#[track_caller]
+fn admin_json(token: &Token, node: &Node, command: &str, args: &[&str]) -> serde_json::Value {
+    let mut all = args.to_vec();
+    all.extend(["--output", "json"]);
+    let out = token.admin(node, command, &all);
+    assert_eq!(out.code(), 0, "admin {command} {args:?}: {out:#?}");
+    assert_never_printed(
+        &token.pin,
+        &[("stdout", &out.stdout), ("stderr", &out.stderr)],
+    );
+    json_of(&out)
+}
+
+/// `(version, from, to)` of a change report.
+fn transitions(report: &serde_json::Value) -> Vec<(u64, Option<String>, String)> {
+    report["transitions"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no transitions: {report}"))
+        .iter()
+        .map(|t| {
+            (
+                t["version"].as_u64().unwrap(),
+                t["from"].as_str().map(str::to_owned),
+                t["to"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+fn tr(version: u64, from: Option<&str>, to: &str) -> (u64, Option<String>, String) {
+    (version, from.map(str::to_owned), to.to_owned())
+}
+
+/// The labels of the metadata objects.
+fn metadata_labels(token: &Token) -> Vec<String> {
+    token
+        .objects()
+        .iter()
+        .filter(|o| o.is_data())
+        .map(softhsm::Object::label)
+        .collect()
+}
+
+#[test]
+fn admin_lifecycle_on_the_token_through_config() {
+    let Some(token) = Token::create() else { return };
+    let node = token.default_node("a");
+    let init = admin_json(&token, &node, "init", &[]);
+    assert_eq!(init["changed"], true);
+    let key_id1 = init["key_id"].as_str().unwrap().to_owned();
+    let id = keyring_id_of(&key_id1);
+    assert_eq!(init["keyring_id"], id.as_str());
+    assert_eq!(
+        init["keyring"],
+        format!("pkcs11 token {:?} (prefix \"kekd-\")", token.label)
+    );
+
+    let rotate = admin_json(&token, &node, "rotate", &[]);
+    assert_eq!(transitions(&rotate), [tr(2, None, "pending")]);
+    assert_eq!(
+        rotate["transitions"][0]["key_id"],
+        format!("kekd/{id}/v2"),
+        "same keyring, next version"
+    );
+    let keys = token.secret_keys();
+    let mut found: Vec<(String, String)> = keys
+        .iter()
+        .map(|k| (k.label(), k.field("ID").to_owned()))
+        .collect();
+    found.sort(); // pkcs11-tool lists objects in no particular order
+    assert_eq!(
+        found,
+        [
+            ("kekd-v1".to_owned(), format!("{id}00000001")),
+            ("kekd-v2".to_owned(), format!("{id}00000002")),
+        ],
+        "rotate generated v2 in the token"
+    );
+    let v2 = keys.iter().find(|k| k.label() == "kekd-v2").unwrap();
+    assert_eq!(v2.heading, "Secret Key Object; AES length 32");
+    assert_eq!(v2.items("Usage"), ["encrypt", "decrypt"]);
+    for flag in [
+        "sensitive",
+        "always sensitive",
+        "never extractable",
+        "local",
+    ] {
+        assert!(v2.items("Access").contains(&flag), "{v2:#?}");
+    }
+
+    let promote = admin_json(&token, &node, "promote", &["2"]);
+    let mut got = transitions(&promote);
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            tr(1, Some("primary"), "decrypt-only"),
+            tr(2, Some("pending"), "primary")
+        ]
+    );
+
+    let retire = admin_json(&token, &node, "retire", &["1"]);
+    assert_eq!(
+        transitions(&retire),
+        [tr(1, Some("decrypt-only"), "retired")]
+    );
+    let restore = admin_json(&token, &node, "restore", &["1"]);
+    assert_eq!(
+        transitions(&restore),
+        [tr(1, Some("retired"), "decrypt-only")]
+    );
+    admin_json(&token, &node, "retire", &["1"]);
+
+    let unconfirmed = token.admin(&node, "destroy", &["1"]);
+    assert_eq!(unconfirmed.code(), 1, "{unconfirmed:#?}");
+    assert!(
+        error_message(&unconfirmed)
+            .starts_with("destroy erases the key material of version 1 forever"),
+        "{unconfirmed:#?}"
+    );
+    assert_eq!(token.secret_key_labels(), ["kekd-v1", "kekd-v2"]);
+
+    let destroy = admin_json(
+        &token,
+        &node,
+        "destroy",
+        &["1", "--yes-destroy-key-material"],
+    );
+    assert_eq!(transitions(&destroy), [tr(1, Some("retired"), "destroyed")]);
+    assert_eq!(
+        token.secret_key_labels(),
+        ["kekd-v2"],
+        "destroy removed the key object from the token"
+    );
+
+    // Version numbers (and so key_ids) are never reused.
+    let rotate = admin_json(&token, &node, "rotate", &[]);
+    assert_eq!(transitions(&rotate), [tr(3, None, "pending")]);
+    assert_eq!(rotate["transitions"][0]["key_id"], format!("kekd/{id}/v3"));
+    assert_eq!(token.secret_key_labels(), ["kekd-v2", "kekd-v3"]);
+
+    let list = admin_json(&token, &node, "list", &[]);
+    assert_eq!(list["keyring_id"], id.as_str());
+    assert_eq!(list["primary"], 2);
+    let versions: Vec<(u64, String, String)> = list["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| {
+            (
+                v["version"].as_u64().unwrap(),
+                v["state"].as_str().unwrap().to_owned(),
+                v["key_id"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        versions,
+        [
+            (1, "destroyed".to_owned(), format!("kekd/{id}/v1")),
+            (2, "primary".to_owned(), format!("kekd/{id}/v2")),
+            (3, "pending".to_owned(), format!("kekd/{id}/v3")),
+        ]
+    );
+
+    // Eight writes, one live metadata revision: older ones are removed.
+    assert_eq!(metadata_labels(&token), ["kekd-keyring@8"]);
+
+    // The audit log of this node, in its state_dir.
+    let state_dir = node.state_dir.clone().unwrap();
+    let audit = state_dir.join(format!("pkcs11-{}-kekd-.audit.jsonl", token.label));
+    let text =
+        fs::read_to_string(&audit).unwrap_or_else(|e| panic!("audit log {}: {e}", audit.display()));
+    assert_never_printed(&token.pin, &[("audit log", &text)]);
+    let records: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("audit line is JSON"))
+        .collect();
+    let mut summary: Vec<(String, u64, Option<String>, String)> = records
+        .iter()
+        .map(|r| {
+            assert_eq!(r["keyring_id"], id.as_str(), "{r}");
+            assert_eq!(r["keyring"], init["keyring"], "{r}");
+            assert_eq!(r["key_id"], format!("kekd/{id}/v{}", r["version"]), "{r}");
+            (
+                r["command"].as_str().unwrap().to_owned(),
+                r["version"].as_u64().unwrap(),
+                r["from"].as_str().map(str::to_owned),
+                r["to"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    // The two promote lines may come in either order.
+    summary[3..5].sort();
+    let step = |c: &str, v: u64, from: Option<&str>, to: &str| {
+        (c.to_owned(), v, from.map(str::to_owned), to.to_owned())
+    };
+    assert_eq!(
+        summary,
+        [
+            step("init", 1, None, "primary"),
+            step("rotate", 2, None, "pending"),
+            step("promote", 1, Some("primary"), "decrypt-only"),
+            step("promote", 2, Some("pending"), "primary"),
+            step("retire", 1, Some("decrypt-only"), "retired"),
+            step("restore", 1, Some("retired"), "decrypt-only"),
+            step("retire", 1, Some("decrypt-only"), "retired"),
+            step("destroy", 1, Some("retired"), "destroyed"),
+            step("rotate", 3, None, "pending"),
+        ]
+    );
+    let destroy_line = &records[7];
+    assert_eq!(
+        destroy_line["overrides"],
+        serde_json::json!(["--yes-destroy-key-material"])
+    );
+
+    // The keyring exists: init refuses to replace it (whether it leaves
+    // anything behind is `a_refused_init_leaves_no_object_behind`).
+    let again = token.admin(&node, "init", &[]);
+    assert_eq!(again.code(), EX_CONFIG, "{again:#?}");
+    assert_eq!(
+        error_message(&again),
+        format!(
+            "token {:?} already holds a kekd keyring with prefix \"kekd-\"; refusing to replace it",
+            token.label
+        )
+    );
+    let list = admin_json(&token, &node, "list", &[]);
+    assert_eq!(list["keyring_id"], id.as_str(), "the keyring is untouched");
+    assert_eq!(metadata_labels(&token), ["kekd-keyring@8"]);
+}
+
+/// A refused `init` must leave the token as it was: no key object
+/// generated for a keyring that was never written.
+#[test]
+fn a_refused_init_leaves_no_object_behind() {
+    let Some(token) = Token::create() else { return };
+    let node = token.default_node("a");
+    token.init(&node);
+    let before = token.objects();
+    for _ in 0..2 {
+        let again = token.admin(&node, "init", &[]);
+        assert_eq!(again.code(), EX_CONFIG, "{again:#?}");
+    }
+    let after = token.objects();
+    let keys: Vec<String> = after
+        .iter()
+        .filter(|o| o.is_secret_key())
+        .map(|k| format!("{} (CKA_ID {})", k.label(), k.field("ID")))
+        .collect();
+    assert_eq!(
+        keys.len(),
+        1,
+        "refused inits left key objects of keyrings that were never written: {keys:#?}"
+    );
+    assert_eq!(after, before, "a refused init changed the token");
+}
+
+// -------------------------------------------------- two kekd on one token
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_on_one_token_switch_together_and_read_each_other() {
+    let Some(token) = Token::create() else { return };
+    let a = token.default_node("a");
+    // Node b takes its PIN from KEKD_PKCS11_PIN instead of a pin file.
+    let mut b_backend = token.backend("b");
+    b_backend.pin_file = None;
+    let b = token.node("b", &b_backend, &[]);
+    let key_id1 = token.init(&a);
+
+    let (server_a, mut ca) = serving(&token, &a).await;
+    let mut b_cmd = token.kekd();
+    b_cmd
+        .args(["serve", "--config", b.config_arg()])
+        .env("KEKD_PKCS11_PIN", &token.pin);
+    let mut server_b = Process::spawn(b_cmd, &b.socket, token.path());
+    let mut cb = server_b.ready().await;
+    assert_eq!(ca.status().await.unwrap().key_id, key_id1);
+    assert_eq!(cb.status().await.unwrap().key_id, key_id1);
+
+    let (sa1, sb1) = (seed(), seed());
+    let ea1 = ca.encrypt(sa1.clone(), &uid(1)).await.unwrap();
+    let eb1 = cb.encrypt(sb1.clone(), &uid(2)).await.unwrap();
+    assert_eq!((&ea1.key_id, &eb1.key_id), (&key_id1, &key_id1));
+    let cross = |client: &Client, enc: &kekd::client::EncryptReply, n: usize| {
+        let mut client = client.clone();
+        let enc = enc.clone();
+        async move {
+            client
+                .decrypt(enc.ciphertext, &enc.key_id, no_annotations(), &uid(n))
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(cross(&cb, &ea1, 3).await, sa1, "b opens a's ciphertext");
+    assert_eq!(cross(&ca, &eb1, 4).await, sb1, "a opens b's ciphertext");
+
+    // One rotation, made once, through a's config.
+    let rotate = admin_json(&token, &a, "rotate", &["--promote"]);
+    let key_id2 = format!("kekd/{}/v2", keyring_id_of(&key_id1));
+    let mut got = transitions(&rotate);
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            tr(1, Some("primary"), "decrypt-only"),
+            tr(2, None, "pending"),
+            tr(2, Some("pending"), "primary"),
+        ]
+    );
+
+    for (name, client) in [("a", &ca), ("b", &cb)] {
+        let mut client = client.clone();
+        let (k1, k2) = (key_id1.clone(), key_id2.clone());
+        eventually(
+            &format!("kekd {name} reports the new key_id"),
+            Duration::from_secs(10),
+            || {
+                let mut client = client.clone();
+                let (k1, k2) = (k1.clone(), k2.clone());
+                async move {
+                    let status = client.status().await.map_err(|e| e.to_string())?;
+                    check_status(&status.version, &status.healthz, &status.key_id)?;
+                    assert!(
+                        status.key_id == k1 || status.key_id == k2,
+                        "kekd {name} reported {:?}",
+                        status.key_id
+                    );
+                    (status.key_id == k2).then_some(()).ok_or(status.key_id)
+                }
+            },
+        )
+        .await;
+        // Once switched, it stays switched.
+        for _ in 0..5 {
+            assert_eq!(client.status().await.unwrap().key_id, key_id2);
+        }
+    }
+
+    let (sa2, sb2) = (seed(), seed());
+    let ea2 = ca.encrypt(sa2.clone(), &uid(5)).await.unwrap();
+    let eb2 = cb.encrypt(sb2.clone(), &uid(6)).await.unwrap();
+    assert_eq!((&ea2.key_id, &eb2.key_id), (&key_id2, &key_id2));
+    assert_eq!(cross(&cb, &ea2, 7).await, sa2, "b opens a's new ciphertext");
+    assert_eq!(cross(&ca, &eb2, 8).await, sb2, "a opens b's new ciphertext");
+    assert_eq!(cross(&cb, &ea1, 9).await, sa1, "b still opens a's old one");
+    assert_eq!(cross(&ca, &eb1, 10).await, sb1, "a still opens b's old one");
+    assert_eq!(cross(&ca, &ea1, 11).await, sa1);
+    assert_eq!(cross(&cb, &eb1, 12).await, sb1);
+
+    assert_never_printed(
+        &token.pin,
+        &[
+            ("a stderr", &server_a.stderr()),
+            ("b stderr", &server_b.stderr()),
+        ],
+    );
+}
+
+/// A refused Decrypt (a bad tag: the token's C_Decrypt fails) must not
+/// cost kekd its login or poison what comes after: the next calls succeed
+/// and Status stays healthy through the next self-checks. (PKCS#11: closing
+/// an application's last session logs it out of the token.)
+#[tokio::test]
+async fn a_refused_decrypt_does_not_break_the_calls_after_it() {
+    let Some(token) = Token::create() else { return };
+    let node = token.node("a", &token.backend("a"), &["self_check_interval = \"1s\""]);
+    let key_id = token.init(&node);
+    let (server, mut client) = serving(&token, &node).await;
+    let seed = seed();
+    let enc = client.encrypt(seed.clone(), &uid(0)).await.unwrap();
+    let mut bad = enc.ciphertext.clone();
+    *bad.last_mut().unwrap() ^= 1;
+    assert_refused(
+        client
+            .decrypt(bad, &enc.key_id, no_annotations(), &uid(1))
+            .await,
+        Code::InvalidArgument,
+        OPAQUE,
+    );
+    let opened = client
+        .decrypt(
+            enc.ciphertext.clone(),
+            &enc.key_id,
+            no_annotations(),
+            &uid(2),
+        )
+        .await;
+    assert_eq!(
+        opened.as_ref().ok(),
+        Some(&seed),
+        "the good ciphertext after a refused one: {opened:?}\n{}",
+        log_excerpt(&server.stderr())
+    );
+    let again = client.encrypt(seed.clone(), &uid(3)).await;
+    assert!(
+        again.as_ref().is_ok_and(|e| e.key_id == key_id),
+        "Encrypt after a refused Decrypt: {again:?}"
+    );
+    // Through at least one background self-check (every 1 s).
+    let until = Instant::now() + Duration::from_millis(2500);
+    while Instant::now() < until {
+        let status = client.status().await;
+        assert!(
+            status.as_ref().is_ok_and(|s| s.key_id == key_id),
+            "Status after a refused Decrypt: {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+// -------------------------------------------------------------- concurrency
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixty_four_clients_through_a_pool_of_four_sessions() {
+    const CLIENTS: usize = 64;
+    const ROUNDS: usize = 20;
+    let Some(token) = Token::create() else { return };
+    let mut backend = token.backend("a");
+    backend.pool_size = Some(4);
+    let node = token.node("a", &backend, &[]);
+    let key_id = token.init(&node);
+    let (server, _client) = serving(&token, &node).await;
+
+    let barrier = Arc::new(tokio::sync::Barrier::new(CLIENTS));
+    let mut tasks = tokio::task::JoinSet::new();
+    for c in 0..CLIENTS {
+        let socket = node.socket.clone();
+        let barrier = Arc::clone(&barrier);
+        let key_id = key_id.clone();
+        tasks.spawn(async move {
+            let mut client = common::connect(&socket).await;
+            barrier.wait().await;
+            let mut errors = Vec::new();
+            for n in 0..ROUNDS {
+                let seed = seed();
+                let id = uid(c * 1000 + n);
+                match client.encrypt(seed.clone(), &id).await {
+                    Ok(enc) if enc.key_id == key_id => {
+                        match client
+                            .decrypt(enc.ciphertext, &enc.key_id, no_annotations(), &id)
+                            .await
+                        {
+                            Ok(p) if p == seed => {}
+                            Ok(_) => errors.push(format!("{id}: decrypt returned another seed")),
+                            Err(e) => errors.push(format!("{id}: decrypt: {e:?}")),
+                        }
+                    }
+                    Ok(enc) => errors.push(format!("{id}: key_id {}", enc.key_id)),
+                    Err(e) => errors.push(format!("{id}: encrypt: {e:?}")),
+                }
+            }
+            errors
+        });
+    }
+    let mut errors = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        errors.extend(r.expect("client task"));
+    }
+    assert!(
+        errors.is_empty(),
+        "{} of {} round trips failed: {:#?}",
+        errors.len(),
+        CLIENTS * ROUNDS,
+        &errors[..errors.len().min(10)]
+    );
+    let log = server.stderr();
+    for bad in [
+        "internal error",
+        "lost the PKCS#11 token",
+        "request refused",
+    ] {
+        assert!(!log.contains(bad), "kekd logged {bad:?}:\n{log}");
+    }
+}
+
+/// Every PKCS#11 call kekd makes, logged by pkcs11-spy in front of SoftHSM:
+/// the user logs in once, at most `pool_size` sessions are open at any time
+/// however many clients call, and serving creates no objects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_session_pool_is_bounded_and_logs_in_once() {
+    let Some(token) = Token::create() else { return };
+    let node = token.default_node("init");
+    token.init(&node);
+    let mut backend = token.backend("a");
+    backend.module = Some(SPY_MODULE.to_owned());
+    backend.pool_size = Some(2);
+    let spied = token.node("a", &backend, &[]);
+    let spy_log = token.path().join("spy.log");
+    let mut cmd = token.kekd();
+    cmd.args(["serve", "--config", spied.config_arg()])
+        .env("PKCS11SPY", softhsm::MODULE)
+        .env("PKCS11SPY_OUTPUT", &spy_log);
+    let mut server = Process::spawn(cmd, &spied.socket, token.path());
+    let client = server.ready().await;
+
+    let mut tasks = tokio::task::JoinSet::new();
+    for c in 0..32 {
+        let mut client = client.clone();
+        tasks.spawn(async move {
+            for n in 0..4 {
+                let seed = seed();
+                let enc = client
+                    .encrypt(seed.clone(), &uid(c * 10 + n))
+                    .await
+                    .unwrap();
+                let p = client
+                    .decrypt(enc.ciphertext, &enc.key_id, no_annotations(), &uid(n))
+                    .await
+                    .unwrap();
+                assert_eq!(p, seed);
+            }
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.expect("client task");
+    }
+    drop(client);
+    server.signal(rustix::process::Signal::TERM);
+    let out = server.wait_exit().await;
+    assert!(out.status.success(), "{out:#?}");
+
+    let calls = SpyLog::read(&spy_log);
+    assert_eq!(calls.count("C_Login"), 1, "logged in once");
+    // How many the pool needed depends on timing (pkcs11-spy serializes
+    // calls while it logs them); more than pool_size must never be open.
+    let max = calls.max_open_sessions();
+    assert!(
+        (1..=2).contains(&max),
+        "{max} sessions open at once with pool_size 2 (+ open, - close): {}",
+        calls.session_trace()
+    );
+
+    for create in ["C_CreateObject", "C_GenerateKey", "C_DestroyObject"] {
+        assert_eq!(calls.count(create), 0, "serving called {create}");
+    }
+}
+
+/// The calls in a pkcs11-spy log: `N: C_Name` lines and what they returned.
+struct SpyLog {
+    calls: Vec<(String, String)>,
+}
+
+impl SpyLog {
+    fn read(path: &std::path::Path) -> Self {
+        let text = fs::read_to_string(path)
+            .unwrap_or_else(|e| panic!("pkcs11-spy log {}: {e}", path.display()));
+        let mut calls: Vec<(String, String)> = Vec::new();
+        for line in text.lines() {
+            if let Some((n, name)) = line.split_once(": ")
+                && n.bytes().all(|c| c.is_ascii_digit())
+                && name.starts_with("C_")
+            {
+                calls.push((name.trim().to_owned(), String::new()));
+            } else if let (Some(rv), Some(last)) =
+                (line.strip_prefix("Returned:"), calls.last_mut())
+            {
+                last.1 = rv.split_whitespace().nth(1).unwrap_or_default().to_owned();
+            }
+        }
+        assert!(!calls.is_empty(), "empty pkcs11-spy log:\n{text}");
+        Self { calls }
+    }
+
+    fn count(&self, name: &str) -> usize {
+        self.calls.iter().filter(|(n, _)| n == name).count()
+    }
+
+    fn returns(&self, name: &str) -> Vec<&str> {
+        self.calls
+            .iter()
+            .filter(|(n, _)| n == name)
+            .map(|(_, rv)| rv.as_str())
+            .collect()
+    }
+
+    /// The open/close sequence of sessions.
+    fn session_trace(&self) -> String {
+        self.calls
+            .iter()
+            .filter_map(|(n, rv)| match (n.as_str(), rv.as_str()) {
+                ("C_OpenSession", "CKR_OK") => Some('+'),
+                ("C_CloseSession", "CKR_OK") => Some('-'),
+                ("C_CloseAllSessions", _) => Some('0'),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn max_open_sessions(&self) -> i64 {
+        let (mut open, mut max) = (0i64, 0i64);
+        for c in self.session_trace().chars() {
+            open = match c {
+                '+' => open + 1,
+                '-' => open - 1,
+                _ => 0,
+            };
+            max = max.max(open);
+        }
+        max
+    }
+}
+
+// ---------------------------------------------------- configuration mistakes
+
+/// Each mistake: `serve` and `admin list` exit 78 at once, with the message
+/// naming the problem and the fix, never printing the PIN, leaving no socket.
+#[test]
+fn configuration_mistakes_exit_78_naming_the_fix() {
+    let Some(token) = Token::create() else { return };
+    let node = token.default_node("ok");
+    token.init(&node);
+    let dir = token.path().to_owned();
+    let loose_pin = dir.join("pin-0644");
+    fs::write(&loose_pin, format!("{}\n", token.pin)).unwrap();
+    fs::set_permissions(&loose_pin, fs::Permissions::from_mode(0o644)).unwrap();
+    let no_module = dir.join("no-such-module.so");
+    let not_a_module = token.conf.clone();
+
+    type Check = Box<dyn Fn(&str) -> bool>;
+    let exact = |m: String| -> Check { Box::new(move |got: &str| got == m) };
+    let mut cases: Vec<(&str, softhsm::BackendTable, Check)> = Vec::new();
+    let base = token.backend("bad");
+
+    let mut b = base.clone();
+    b.module = Some(no_module.display().to_string());
+    cases.push((
+        "missing module file",
+        b,
+        exact(format!(
+            "cannot load PKCS#11 module {}: no such file (check `module`; e.g. /usr/lib/softhsm/libsofthsm2.so)",
+            no_module.display()
+        )),
+    ));
+    let mut b = base.clone();
+    b.module = Some(not_a_module.display().to_string());
+    let prefix = format!("cannot load PKCS#11 module {}: ", not_a_module.display());
+    cases.push((
+        "not a module",
+        b,
+        Box::new(move |got: &str| {
+            got.starts_with(&prefix)
+                && got.ends_with(" (check `module`; e.g. /usr/lib/softhsm/libsofthsm2.so)")
+        }),
+    ));
+    let mut b = base.clone();
+    b.module = None;
+    cases.push((
+        "no module",
+        b,
+        exact(
+            "no PKCS#11 module given: set `module = \"/path/to/module.so\"` in [backend], --pkcs11-module or KEKD_PKCS11_MODULE"
+                .to_owned(),
+        ),
+    ));
+    let mut b = base.clone();
+    b.token_label = Some("no-such-token".to_owned());
+    let (start, present) = (
+        format!(
+            "no token labelled \"no-such-token\" in PKCS#11 module {} (tokens present: ",
+            softhsm::MODULE
+        ),
+        format!("{:?}", token.label),
+    );
+    cases.push((
+        "unknown token label",
+        b,
+        Box::new(move |got: &str| {
+            got.starts_with(&start)
+                && got.contains(&present)
+                && got.ends_with("); check `token_label`")
+        }),
+    ));
+    let mut b = base.clone();
+    b.token_label = None;
+    cases.push((
+        "no token label",
+        b,
+        exact(
+            "no PKCS#11 token label given: set `token_label = \"LABEL\"` in [backend], --pkcs11-token-label or KEKD_PKCS11_TOKEN_LABEL"
+                .to_owned(),
+        ),
+    ));
+    let mut b = base.clone();
+    b.pin_file = None;
+    cases.push((
+        "no PIN",
+        b,
+        exact(
+            "no PKCS#11 PIN given: set `pin_file = \"PATH\"` in [backend], --pkcs11-pin-file PATH or the KEKD_PKCS11_PIN environment variable"
+                .to_owned(),
+        ),
+    ));
+    let mut b = base.clone();
+    b.pin_file = Some(loose_pin.clone());
+    cases.push((
+        "pin file readable by others",
+        b,
+        exact(format!(
+            "invalid pin_file: {0} has permissions 0644, which let other users read the PIN; run `chmod 600 {0}`",
+            loose_pin.display()
+        )),
+    ));
+    let mut b = base.clone();
+    b.key_label_prefix = Some("nothing-here-".to_owned());
+    cases.push((
+        "no keyring under this prefix",
+        b,
+        exact(format!(
+            "token {:?} holds no kekd keyring with prefix \"nothing-here-\"; create one with `kekd admin init --config …`",
+            token.label
+        )),
+    ));
+
+    for (what, backend, check) in cases {
+        let bad = token.node("bad", &backend, &[]);
+        for args in [
+            vec!["serve", "--config", bad.config_arg()],
+            vec!["admin", "list", "--config", bad.config_arg()],
+        ] {
+            let started = Instant::now();
+            let out = token.run(&args);
+            let took = started.elapsed();
+            assert_eq!(out.code(), EX_CONFIG, "{what}: {args:?}: {out:#?}");
+            let message = error_message(&out);
+            assert!(check(&message), "{what}: {args:?}: message {message:?}");
+            assert_never_printed(
+                &token.pin,
+                &[("stdout", &out.stdout), ("stderr", &out.stderr)],
+            );
+            assert!(
+                took < Duration::from_secs(5),
+                "{what}: {args:?} took {took:?}"
+            );
+            assert!(!bad.socket.exists(), "{what}: a socket was left behind");
+        }
+    }
+}
+
+/// A wrong PIN: exit 78 naming it, and exactly one C_Login attempt (counted
+/// by pkcs11-spy), so a token's lockout counter is never run down. The
+/// right PIN still works afterwards.
+#[test]
+fn a_wrong_pin_is_tried_exactly_once() {
+    let Some(token) = Token::create() else { return };
+    let node = token.default_node("ok");
+    token.init(&node);
+    let wrong_pin = format!("wrong-{}", softhsm::random_hex(6));
+    let wrong_file = token.path().join("wrong-pin");
+    softhsm::write_private(&wrong_file, &format!("{wrong_pin}\n"));
+    let mut backend = token.backend("bad");
+    backend.module = Some(SPY_MODULE.to_owned());
+    backend.pin_file = Some(wrong_file);
+    let bad = token.node("bad", &backend, &[]);
+
+    for (n, args) in [
+        vec!["serve", "--config", bad.config_arg()],
+        vec!["admin", "rotate", "--config", bad.config_arg()],
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let spy_log = token.path().join(format!("spy-{n}.log"));
+        let mut cmd = token.kekd();
+        cmd.args(&args)
+            .env("PKCS11SPY", softhsm::MODULE)
+            .env("PKCS11SPY_OUTPUT", &spy_log);
+        let started = Instant::now();
+        let out = common::run(cmd, token.path());
+        let took = started.elapsed();
+        assert_eq!(out.code(), EX_CONFIG, "{args:?}: {out:#?}");
+        assert_eq!(
+            error_message(&out),
+            format!(
+                "the token {:?} rejected the PIN; kekd will not try again (to protect the token from lockout): \
+                 fix the PIN in `pin_file` or KEKD_PKCS11_PIN and restart",
+                token.label
+            )
+        );
+        for secret in [&token.pin, &wrong_pin] {
+            assert_never_printed(secret, &[("stdout", &out.stdout), ("stderr", &out.stderr)]);
+        }
+        assert!(took < Duration::from_secs(5), "{args:?} took {took:?}");
+        let calls = SpyLog::read(&spy_log);
+        assert_eq!(
+            calls.returns("C_Login"),
+            ["CKR_PIN_INCORRECT"],
+            "{args:?}: exactly one login attempt"
+        );
+        assert!(!bad.socket.exists());
+    }
+    assert_eq!(
+        token.secret_key_labels(),
+        ["kekd-v1"],
+        "the refused rotate changed nothing"
+    );
+    let list = token.admin(&node, "list", &[]);
+    assert_eq!(list.code(), 0, "the right PIN still works: {list:#?}");
+}
+
+// ------------------------------------------- key deleted behind kekd's back
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_object_deleted_behind_kekds_back() {
+    let Some(token) = Token::create() else { return };
+    let node = token.node("a", &token.backend("a"), &["self_check_interval = \"1s\""]);
+    let key_id1 = token.init(&node);
+    let (mut server, mut client) = serving(&token, &node).await;
+    let s1 = seed();
+    let c1 = client.encrypt(s1.clone(), &uid(1)).await.unwrap();
+
+    admin_json(&token, &node, "rotate", &["--promote"]);
+    let key_id2 = format!("kekd/{}/v2", keyring_id_of(&key_id1));
+    {
+        let key_id2 = key_id2.clone();
+        eventually("kekd serves v2", Duration::from_secs(10), || {
+            let mut client = client.clone();
+            let key_id2 = key_id2.clone();
+            async move {
+                let s = client.status().await.map_err(|e| e.to_string())?;
+                (s.key_id == key_id2).then_some(()).ok_or(s.key_id)
+            }
+        })
+        .await;
+    }
+    let s2 = seed();
+    let c2 = client.encrypt(s2.clone(), &uid(2)).await.unwrap();
+    assert_eq!(c2.key_id, key_id2);
+
+    token.delete_secret_key(&object_id(&key_id1, 2));
+    assert_eq!(token.secret_key_labels(), ["kekd-v1"]);
+
+    // kekd keeps running on its snapshot: v1 still decrypts, and Status
+    // never reports another key_id than v2. Without v2's key it cannot
+    // encrypt, so Status fails (an RPC error) instead of claiming health.
+    let status = eventually(
+        "Status fails once the primary's key object is gone",
+        Duration::from_secs(10),
+        || {
+            let mut client = client.clone();
+            let key_id2 = key_id2.clone();
+            async move {
+                match client.status().await {
+                    Ok(s) => {
+                        assert_eq!(s.key_id, key_id2, "Status flipped key_id");
+                        Err(format!("still healthy: {s:?}"))
+                    }
+                    Err(e) => Ok(e),
+                }
+            }
+        },
+    )
+    .await;
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    for n in 0..5 {
+        assert_eq!(
+            client
+                .decrypt(
+                    c1.ciphertext.clone(),
+                    &c1.key_id,
+                    no_annotations(),
+                    &uid(10 + n)
+                )
+                .await
+                .unwrap(),
+            s1,
+            "v1 still decrypts"
+        );
+    }
+    server.wait_for_stderr("keyring change refused").await;
+
+    // The refused reload is reported by `kekd admin list`.
+    let missing = "the key object of version 2 (kekd-v2) is missing from the token";
+    eventually(
+        "admin list reports the refused reload",
+        Duration::from_secs(12),
+        || {
+            let token = &token;
+            let node = &node;
+            async move {
+                let out = token.admin(node, "list", &["--output", "json"]);
+                if out.code() != 0 {
+                    // SoftHSM readers can catch the token files mid-write
+                    // by another process; the next poll reads them whole.
+                    return Err(format!("{out:?}"));
+                }
+                let json = json_of(&out);
+                match json["reload_error"]["message"].as_str() {
+                    Some(m) if m == missing => Ok(()),
+                    _ => Err(format!("{json}")),
+                }
+            }
+        },
+    )
+    .await;
+    let text = token.admin(&node, "list", &[]);
+    assert!(
+        text.stdout
+            .contains("WARNING: kekd refused the keyring change at "),
+        "{text:#?}"
+    );
+    assert!(text.stdout.contains(missing), "{text:#?}");
+
+    // A fresh kekd refuses to start on the broken keyring.
+    let fresh = token.default_node("fresh");
+    let out = token.run(&["serve", "--config", fresh.config_arg()]);
+    assert_eq!(out.code(), EX_CONFIG, "{out:#?}");
+    assert_eq!(error_message(&out), missing);
+    assert!(!fresh.socket.exists());
+
+    // A ciphertext under the deleted key is not a bad ciphertext: the
+    // refusal must not say so (INVALID_ARGUMENT "could not be decrypted"
+    // tells the operator the stored data is damaged). It is kekd's side
+    // that lacks the key: INTERNAL (details in the log) or
+    // FAILED_PRECONDITION naming the key, as for a destroyed version.
+    let err = client
+        .decrypt(
+            c2.ciphertext.clone(),
+            &c2.key_id,
+            no_annotations(),
+            &uid(20),
+        )
+        .await
+        .expect_err("decrypted under a deleted key");
+    assert!(
+        matches!(err.code(), Code::Internal | Code::FailedPrecondition) && err.message() != OPAQUE,
+        "Decrypt under the deleted key v2: {err:?}"
+    );
+    assert!(
+        server.try_exit().is_none(),
+        "kekd died: {}",
+        server.stderr()
+    );
+}
+
+// ------------------------------------------------------------------ outages
+
+/// What an outage scenario observed that breaks the contract.
+#[derive(Default)]
+struct Violations(Vec<String>);
+
+impl Violations {
+    fn check(&mut self, ok: bool, what: impl FnOnce() -> String) {
+        if !ok {
+            self.0.push(what());
+        }
+    }
+
+    #[track_caller]
+    fn assert_none(&self, scenario: &str, log: &str) {
+        assert!(
+            self.0.is_empty(),
+            "{scenario}:\n  - {}\nkekd's log (excerpt):\n{}",
+            self.0.join("\n  - "),
+            log_excerpt(log)
+        );
+    }
+}
+
+/// kekd's log without cryptoki's mechanism-list noise, each message once
+/// (timestamps dropped), at most the last 30.
+fn log_excerpt(log: &str) -> String {
+    let mut seen = HashSet::new();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| !l.contains("Mechanism type"))
+        .filter(|l| seen.insert(l.split_once(' ').map_or(*l, |(_, rest)| rest)))
+        .collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
+/// A way to make the token unavailable and bring it back.
+trait Outage {
+    fn begin(&mut self);
+    fn end(&mut self);
+}
+
+/// SoftHSM's token directory moved away and back.
+struct MovedTokenDir<'a> {
+    token: &'a Token,
+    away: Option<softhsm::TakenAway>,
+}
+
+impl Outage for MovedTokenDir<'_> {
+    fn begin(&mut self) {
+        self.away = Some(self.token.take_away());
+    }
+
+    fn end(&mut self) {
+        self.away.take().expect("taken away").put_back();
+    }
+}
+
+/// The `p11-kit server` in front of the token killed and started again on
+/// the same address.
+struct KilledP11Kit<'a> {
+    token: &'a Token,
+    server: P11KitServer,
+}
+
+impl Outage for KilledP11Kit<'_> {
+    fn begin(&mut self) {
+        self.server.kill();
+    }
+
+    fn end(&mut self) {
+        self.server = P11KitServer::start(self.token);
+    }
+}
+
+/// The outage contract: while the token is gone Status fails as an RPC
+/// error (UNAVAILABLE), Decrypt fails fast with UNAVAILABLE, kekd stays up
+/// and keeps its key_id; once the token is back kekd recovers by itself with
+/// the same key_id and opens what it sealed before.
+async fn outage_scenario(
+    server: &mut Process,
+    client: &Client,
+    key_id: &str,
+    outage: &mut dyn Outage,
+) -> Violations {
+    let mut v = Violations::default();
+    let mut client = client.clone();
+    let seed = seed();
+    let before = client.encrypt(seed.clone(), &uid(0)).await.unwrap();
+
+    outage.begin();
+
+    // Status fails as an RPC error within a few seconds (self-check every 1 s).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let status_error = loop {
+        match client.status().await {
+            Err(e) => break Some(e),
+            Ok(s) => {
+                v.check(s.key_id == key_id, || {
+                    format!("Status changed key_id during the outage: {s:?}")
+                });
+                if Instant::now() > deadline {
+                    break None;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    match &status_error {
+        Some(e) => v.check(e.code() == Code::Unavailable, || {
+            format!(
+                "Status failed with {:?} {:?}, not UNAVAILABLE",
+                e.code(),
+                e.message()
+            )
+        }),
+        None => v.check(false, || {
+            "Status still answered ok 5 s into the outage".to_owned()
+        }),
+    }
+
+    // Decrypt fails fast (the apiserver gives up after 3 s) with UNAVAILABLE.
+    let started = Instant::now();
+    let decrypt = client
+        .decrypt(
+            before.ciphertext.clone(),
+            &before.key_id,
+            no_annotations(),
+            &uid(1),
+        )
+        .await;
+    let took = started.elapsed();
+    v.check(took < Duration::from_secs(1), || {
+        format!("Decrypt took {took:?} during the outage")
+    });
+    match &decrypt {
+        Ok(_) => v.check(false, || {
+            "Decrypt succeeded while the token was gone".to_owned()
+        }),
+        Err(e) => v.check(e.code() == Code::Unavailable, || {
+            format!(
+                "Decrypt during the outage failed with {:?} {:?}, not UNAVAILABLE",
+                e.code(),
+                e.message()
+            )
+        }),
+    }
+    let encrypt = client.encrypt(common::seed(), &uid(2)).await;
+    match &encrypt {
+        Ok(e) => v.check(false, || {
+            format!("Encrypt succeeded while the token was gone: {:?}", e.key_id)
+        }),
+        Err(e) => v.check(e.code() == Code::Unavailable, || {
+            format!(
+                "Encrypt during the outage failed with {:?} {:?}, not UNAVAILABLE",
+                e.code(),
+                e.message()
+            )
+        }),
+    }
+    v.check(server.try_exit().is_none(), || {
+        "kekd exited during the outage".to_owned()
+    });
+
+    outage.end();
+
+    // Recovery by itself, same key_id, old ciphertext opens.
+    let deadline = Instant::now() + Duration::from_secs(12);
+    let recovered = loop {
+        let status = client.status().await;
+        if let Ok(s) = &status {
+            v.check(s.key_id == key_id, || {
+                format!("key_id changed after the outage: {s:?}")
+            });
+            let opened = client
+                .decrypt(
+                    before.ciphertext.clone(),
+                    &before.key_id,
+                    no_annotations(),
+                    &uid(3),
+                )
+                .await;
+            if opened.as_ref().is_ok_and(|p| *p == seed) {
+                break Ok(());
+            }
+            if Instant::now() > deadline {
+                break Err(format!("Status ok but Decrypt: {opened:?}"));
+            }
+        } else if Instant::now() > deadline {
+            break Err(format!("Status: {status:?}"));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    v.check(recovered.is_ok(), || {
+        format!(
+            "kekd did not recover within 12 s of the token coming back (last: {})",
+            recovered.clone().unwrap_err()
+        )
+    });
+    if recovered.is_ok() {
+        let enc = client.encrypt(common::seed(), &uid(4)).await;
+        v.check(enc.as_ref().is_ok_and(|e| e.key_id == key_id), || {
+            format!("Encrypt after recovery: {enc:?}")
+        });
+    }
+    v.check(server.try_exit().is_none(), || "kekd exited".to_owned());
+    v
+}
+
+/// The token directory of a plain SoftHSM token is moved away while kekd
+/// serves, then moved back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_directory_moved_away_and_back_while_serving() {
+    let Some(token) = Token::create() else { return };
+    let node = token.node("a", &token.backend("a"), &["self_check_interval = \"1s\""]);
+    let key_id = token.init(&node);
+    let (mut server, client) = serving(&token, &node).await;
+    let mut outage = MovedTokenDir {
+        token: &token,
+        away: None,
+    };
+    let violations = outage_scenario(&mut server, &client, &key_id, &mut outage).await;
+    violations.assert_none("token directory moved away and back", &server.stderr());
+}
+
+/// The token behind `p11-kit server`, kekd on p11-kit's client module. The
+/// p11-kit of Debian 12 (0.24.1) does not carry CKM_AES_GCM over its RPC
+/// (the client module filters it out of the mechanism list), so kekd must
+/// refuse such a token at startup naming the missing mechanism. With a
+/// p11-kit that carries AES-GCM, the server is killed and restarted on the
+/// same address while kekd serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_behind_p11_kit_server() {
+    let Some(token) = Token::create() else { return };
+    if !P11KitServer::available() {
+        assert!(
+            std::env::var("KEKD_REQUIRE_ALL").as_deref() != Ok("1"),
+            "p11-kit is required: apt-get install -y p11-kit p11-kit-modules"
+        );
+        use std::io::Write as _;
+        let _ = writeln!(
+            std::io::stderr(),
+            "*** SKIPPED: p11-kit not installed (apt-get install -y p11-kit p11-kit-modules) ***"
+        );
+        return;
+    }
+    let direct = token.default_node("direct");
+    let key_id = token.init(&direct);
+    let p11 = P11KitServer::start(&token);
+    let mut backend = token.backend("a");
+    backend.module = Some(P11_KIT_CLIENT.to_owned());
+    let node = token.node("a", &backend, &["self_check_interval = \"1s\""]);
+    let address = p11.address.clone();
+    let serve = |token: &Token| {
+        let mut cmd = token.kekd();
+        cmd.args(["serve", "--config", node.config_arg()])
+            .env("P11_KIT_SERVER_ADDRESS", &address)
+            .env_remove("SOFTHSM2_CONF");
+        cmd
+    };
+
+    if !p11.client_mechanisms().contains("AES-GCM") {
+        let out = common::run(serve(&token), token.path());
+        assert_eq!(out.code(), EX_CONFIG, "{out:#?}");
+        assert_eq!(
+            error_message(&out),
+            format!(
+                "token {:?} does not offer CKM_AES_GCM, which kekd needs (YubiHSM 2 and TPMs through \
+                 tpm2-pkcs11 do not implement AES-GCM); use a token that does",
+                token.label
+            )
+        );
+        assert!(!node.socket.exists());
+        return;
+    }
+
+    let mut server = Process::spawn(serve(&token), &node.socket, token.path());
+    let client = server.ready().await;
+    let mut outage = KilledP11Kit {
+        token: &token,
+        server: p11,
+    };
+    let violations = outage_scenario(&mut server, &client, &key_id, &mut outage).await;
+    violations.assert_none("p11-kit server killed and restarted", &server.stderr());
+}
