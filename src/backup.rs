@@ -29,7 +29,7 @@
 //! sealed body are one opaque error ([`BackupError::Open`]).
 
 use std::fmt::{self, Write as _};
-use std::fs::{self, File};
+use std::fs::File;
 use std::io::{self, Read};
 use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
@@ -110,7 +110,7 @@ pub struct KdfParams {
 
 impl KdfParams {
     /// What every backup is written with: 64 MiB and 3 passes (RFC 9106's
-    /// second recommended setting) in one lane, about 0.3 s on a server core.
+    /// second recommended setting) in one lane: a few tenths of a second.
     pub const WRITE: Self = Self {
         memory_kib: 64 * 1024,
         passes: 3,
@@ -244,8 +244,8 @@ impl Backup {
     }
 
     /// Derives the key from `passphrase`, opens the sealed keyring and parses
-    /// it strictly. Takes as long as the header's KDF parameters say (about
-    /// 0.3 s for [`KdfParams::WRITE`]).
+    /// it strictly. Takes as long as the header's KDF parameters say (a few
+    /// tenths of a second for [`KdfParams::WRITE`]).
     ///
     /// # Errors
     /// [`BackupError::Open`] for a wrong passphrase or any change to the
@@ -455,12 +455,6 @@ pub fn write(path: &Path, backup: &Backup, overwrite: Overwrite) -> Result<(), B
             source: io::Error::other(other.to_string()),
         },
     })
-}
-
-/// Whether something (anything: a file, a symlink, a dangling symlink) is at
-/// `path`.
-pub fn exists(path: &Path) -> bool {
-    fs::symlink_metadata(path).is_ok()
 }
 
 /// What restoring a backup over the keyring at a path would do.

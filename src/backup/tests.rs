@@ -1,3 +1,5 @@
+use std::fs;
+
 use proptest::prelude::*;
 
 use super::*;
@@ -561,7 +563,7 @@ fn debug_shows_no_secret() {
 
 // ---------------------------------------------------------------- restore
 
-fn views_equal(a: &KeyringFile, b: &KeyringFile) -> bool {
+fn same_bytes(a: &KeyringFile, b: &KeyringFile) -> bool {
     *a.encode() == *b.encode()
 }
 
@@ -594,7 +596,7 @@ fn restoring_where_nothing_is_creates_every_version() {
 #[test]
 fn restoring_the_same_keyring_is_a_no_op() {
     let k = keyring();
-    assert!(views_equal(&k, &copy(&k)));
+    assert!(same_bytes(&k, &copy(&k)));
     assert_eq!(
         plan_restore(Some(&k), &copy(&k)).unwrap(),
         RestorePlan::Unchanged

@@ -186,20 +186,27 @@ pub fn backup(a: &BackupArgs) -> Result<(), CliError> {
             "cipher": "aes-256-gcm",
             "verified": true,
         }),
-        &format!(
-            "backup: wrote {out} (mode 0600) from keyring {path}\n\
-             \x20 keyring id  {id}\n\
-             \x20 versions    {versions}\n\
-             \x20 sealed      AES-256-GCM, key from the passphrase by argon2id ({kdf}); it opens again\n\
-             next: keep {out} off this node and the passphrase apart from it. Take a new backup after every \
-             rotate: a backup holds only the versions that existed when it was taken. To restore: \
-             `kekd admin restore-backup --keyring {path} --from {out}`\n",
-            out = out.display(),
-            path = path.display(),
-            id = header.keyring_id,
-            versions = versions_text(header),
-            kdf = kdf_text(kdf),
-        ),
+        &[
+            format!(
+                "backup: wrote {} (mode 0600) from keyring {}",
+                out.display(),
+                path.display()
+            ),
+            format!("  keyring id  {}", header.keyring_id),
+            format!("  versions    {}", versions_text(header)),
+            format!(
+                "  sealed      AES-256-GCM, key from the passphrase by argon2id ({}); it opens again",
+                kdf_text(kdf)
+            ),
+            format!(
+                "next: keep {out} off this node and the passphrase apart from it. Take a new backup after \
+                 every rotate: a backup holds only the versions that existed when it was taken. To restore: \
+                 `kekd admin restore-backup --keyring {path} --from {out}`\n",
+                out = out.display(),
+                path = path.display()
+            ),
+        ]
+        .join("\n"),
     );
     Ok(())
 }
@@ -359,16 +366,18 @@ fn existing_backup(
     force: bool,
     keyring: &KeyringFile,
 ) -> Result<Option<Backup>, CliError> {
-    if !backup::exists(out) {
+    // Anything at all: a file, a directory, a dangling symlink.
+    if fs::symlink_metadata(out).is_err() {
         return Ok(None);
     }
     let old = backup::read(out).map_err(|e| {
-        let why = match e {
-            BackupError::Malformed { error, .. } => error.to_string(),
-            e => e.to_string(),
+        let what = match e {
+            BackupError::Malformed { error, .. } => format!("is not a kekd backup ({error})"),
+            e @ BackupError::TooLarge { .. } => format!("is not a kekd backup ({e})"),
+            e => format!("cannot be read ({e})"),
         };
         CliError::runtime(format!(
-            "backup refused: {} already exists and is not a kekd backup ({why}); {}",
+            "backup refused: {} already exists and {what}; {}",
             out.display(),
             if force {
                 "--force replaces only an older kekd backup: choose another --out"
