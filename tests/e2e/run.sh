@@ -1,0 +1,898 @@
+#!/usr/bin/env bash
+# End to end: a real kube-apiserver and etcd store real Secrets through kekd.
+#
+#   tests/e2e/run.sh
+#
+# Builds kube-apiserver + kubectl (k8s.io/kubernetes v1.37.2), etcd + etcdctl
+# (go.etcd.io/etcd v3.7.3) and a small helper once into a cache, kekd with
+# `cargo build --release --locked` (unless KEKD_BIN is set), then runs the
+# scenario of tests/e2e/README.md against our shipped deploy/encryption-config.yaml
+# (only its endpoint rewritten) and deploy/kekd-pkcs11.toml (only its paths
+# rewritten). Prints PASS/FAIL lines and ends with "N passed, M failed".
+#
+# Environment:
+#   KEKD_BIN=PATH        use this kekd instead of building it
+#   KEKD_REQUIRE_ALL=1   a missing tool or a failed build is a failure, never a skip
+#   KEKD_E2E_CACHE=DIR   binary cache (default ${XDG_CACHE_HOME:-$HOME/.cache}/kekd-e2e)
+#   KEKD_E2E_SECRETS=N   Secrets created in step 1 (default 200)
+#   KEKD_E2E_STEPS="1 2 3 4 5 6 7"  which steps to run (1-3 always run with 4 or 5)
+#   KEKD_E2E_KEEP=1      keep etcd's data directory after a passing run
+
+# Functions are called through check/wait_for: shellcheck cannot see that.
+# shellcheck disable=SC2317
+set -uo pipefail
+
+E2E_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(cd "$E2E_DIR/../.." && pwd)
+K8S_VERSION=v1.37.2
+ETCD_VERSION=v3.7.3
+CACHE=${KEKD_E2E_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kekd-e2e}
+REQUIRE_ALL=${KEKD_REQUIRE_ALL:-0}
+N_SECRETS=${KEKD_E2E_SECRETS:-200}
+STEPS=${KEKD_E2E_STEPS:-1 2 3 4 5 6 7}
+export GOTOOLCHAIN=local # go.mod files say go 1.26.0: never download a toolchain
+
+WORK=$(mktemp -d /tmp/kekd-e2e.XXXXXX)
+LOGS=$WORK/logs
+mkdir -p "$LOGS"
+RUNID=$(od -An -N4 -tx1 /dev/urandom | tr -d ' \n')
+MARKER="e2eplain-$RUNID" # every Secret/ConfigMap value contains it; etcd must not
+
+PASSED=0 FAILED=0 SKIPPED=0
+CUR_STEP="-"
+declare -a REPORT=()   # "step|seconds|passed|failed" lines for the closing report
+declare -a TIMINGS=()  # notable measurements
+declare -A PIDS=()     # process name -> pid
+declare -A TOTAL=()    # etcd prefix -> labelled Secrets the apiserver must return
+FINISHED=0
+
+# ---------------------------------------------------------------- output
+
+now() { echo "${EPOCHREALTIME/,/.}"; }
+T0=$(now)
+since() { awk -v a="$1" -v b="$(now)" 'BEGIN{printf "%.1f", b-a}'; }
+stamp() { printf '%6ss' "$(since "$T0")"; }
+pass() { PASSED=$((PASSED + 1)); echo "PASS [$(stamp)] $CUR_STEP: $*"; }
+fail() { FAILED=$((FAILED + 1)); echo "FAIL [$(stamp)] $CUR_STEP: $*"; }
+info() { echo "     [$(stamp)] $*"; }
+timing() { TIMINGS+=("$1"); info "timing: $1"; }
+# check DESCRIPTION COMMAND...: PASS when the command succeeds. A command may
+# set REASON to say why it failed.
+REASON=
+check() {
+    local d=$1; shift
+    REASON=
+    if "$@"; then pass "$d"; else fail "$d${REASON:+ — $REASON}"; return 1; fi
+}
+
+STEP_T=0 STEP_P=0 STEP_F=0
+begin_step() {
+    end_step
+    CUR_STEP=$1
+    STEP_T=$(now) STEP_P=$PASSED STEP_F=$FAILED
+    echo
+    echo "=== $1: $2"
+}
+end_step() {
+    [[ $CUR_STEP == "-" ]] && return 0
+    REPORT+=("$CUR_STEP|$(since "$STEP_T")|$((PASSED - STEP_P))|$((FAILED - STEP_F))")
+    CUR_STEP="-"
+}
+
+# A prerequisite is missing: fail with KEKD_REQUIRE_ALL=1, skip otherwise.
+# `missing REASON fatal` ends the run.
+missing() {
+    if [[ $REQUIRE_ALL == 1 ]]; then
+        fail "$1 (KEKD_REQUIRE_ALL=1)"
+    else
+        SKIPPED=$((SKIPPED + 1))
+        echo "SKIP [$(stamp)] $CUR_STEP: $1 (set KEKD_REQUIRE_ALL=1 to make this a failure)"
+    fi
+    [[ ${2:-} == fatal ]] && finish
+    return 0
+}
+
+# ---------------------------------------------------------------- processes
+
+# start_proc NAME COMMAND...: runs it in the background, output in $LOGS/NAME.log.
+start_proc() {
+    local name=$1; shift
+    echo "--- $(date -u +%FT%TZ) start: $*" >>"$LOGS/$name.log"
+    "$@" >>"$LOGS/$name.log" 2>&1 &
+    PIDS[$name]=$!
+}
+
+alive() { [[ -n ${PIDS[$1]:-} ]] && kill -0 "${PIDS[$1]}" 2>/dev/null; }
+
+# until_up NAME COMMAND...: for wait_for: done when COMMAND succeeds, or when
+# process NAME has exited (REASON says so, and the status is then 1).
+until_up() {
+    local name=$1; shift
+    "$@" && return 0
+    alive "$name" && return 1
+    REASON="$name exited (log $LOGS/$name.log)"
+    return 0
+}
+# wait_up SECONDS NAME COMMAND...: COMMAND succeeded before the time ran out, and NAME runs.
+wait_up() {
+    local secs=$1 name=$2; shift 2
+    wait_for "$secs" until_up "$name" "$@" && alive "$name"
+}
+
+# stop_proc NAME [SIGNAL]: signal it (TERM by default), wait up to 20 s, then KILL.
+stop_proc() {
+    local name=$1 sig=${2:-TERM} pid=${PIDS[$1]:-} i
+    [[ -z $pid ]] && return 0
+    kill -s "$sig" "$pid" 2>/dev/null
+    for ((i = 0; i < 200; i++)); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    if kill -0 "$pid" 2>/dev/null; then
+        info "$name (pid $pid) ignored SIG$sig for 20 s: SIGKILL"
+        kill -s KILL "$pid" 2>/dev/null
+    fi
+    wait "$pid" 2>/dev/null
+    unset "PIDS[$name]"
+}
+
+cleanup() {
+    local name
+    for name in "${!PIDS[@]}"; do
+        kill -s TERM "${PIDS[$name]}" 2>/dev/null
+    done
+    for name in "${!PIDS[@]}"; do
+        stop_proc "$name" TERM
+    done
+}
+
+finish() {
+    end_step
+    cleanup
+    FINISHED=1
+    echo
+    echo "=== report"
+    local r s t p f
+    for r in "${REPORT[@]}"; do
+        IFS='|' read -r s t p f <<<"$r"
+        printf '  %-9s %7ss  %3d passed  %3d failed\n' "$s" "$t" "$p" "$f"
+    done
+    for r in "${TIMINGS[@]}"; do echo "  $r"; done
+    echo "  total $(since "$T0")s; logs of every process: $LOGS"
+    if ((FAILED == 0)) && [[ ${KEKD_E2E_KEEP:-0} != 1 ]]; then
+        rm -rf "$WORK/etcd"
+    fi
+    if ((SKIPPED > 0)); then
+        echo "$PASSED passed, $FAILED failed, $SKIPPED skipped"
+    else
+        echo "$PASSED passed, $FAILED failed"
+    fi
+    ((FAILED == 0))
+    exit
+}
+
+on_exit() {
+    local rc=$?
+    if ((FINISHED == 0)); then
+        fail "run.sh stopped early (exit $rc)"
+        finish
+    fi
+}
+trap on_exit EXIT
+trap 'fail "interrupted"; finish' INT TERM
+
+# wait_for SECONDS COMMAND...: polls every 0.5 s until the command succeeds.
+wait_for() {
+    local deadline=$(($(date +%s) + $1)); shift
+    until "$@"; do
+        (($(date +%s) >= deadline)) && return 1
+        sleep 0.5
+    done
+}
+
+# ---------------------------------------------------------------- builds
+
+go_key() { # a hash of a tools module's sources and the Go version
+    (cd "$1" && cat go.mod go.sum && find . -name '*.go' -print0 | LC_ALL=C sort -z | xargs -0 cat && go version) |
+        sha256sum | cut -c1-12
+}
+
+# prune DIR: removes older builds of the same family (kubernetes-*, etcd-*).
+prune() {
+    local d base=${1##*/}
+    for d in "${1%/*}/${base%%-*}"-*; do
+        [[ $d != "$1" && $d != *.tmp.* && -d $d ]] && rm -rf "$d"
+    done
+    return 0
+}
+
+build_tools() {
+    begin_step build "binaries (cache $CACHE/bin)"
+    if ! command -v go >/dev/null; then
+        missing "go is not installed: cannot build kube-apiserver, kubectl and etcd" fatal
+    fi
+    local k8s_dir etcd_dir t ld
+    k8s_dir="$CACHE/bin/kubernetes-$K8S_VERSION-$(go_key "$E2E_DIR/tools/k8s")"
+    etcd_dir="$CACHE/bin/etcd-$ETCD_VERSION-$(go_key "$E2E_DIR/tools/etcd")"
+    if [[ -x $k8s_dir/kube-apiserver && -x $k8s_dir/kubectl ]]; then
+        info "kube-apiserver, kubectl $K8S_VERSION: cached in $k8s_dir"
+    else
+        info "building kube-apiserver and kubectl $K8S_VERSION (cold: about 15 minutes on 2 cores)"
+        t=$(now)
+        ld="-s -w"
+        for v in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+            ld+=" -X $v.gitVersion=$K8S_VERSION -X $v.gitMajor=1 -X $v.gitMinor=37 -X $v.gitTreeState=clean"
+        done
+        rm -rf "$k8s_dir.tmp.$$" && mkdir -p "$k8s_dir.tmp.$$"
+        if (cd "$E2E_DIR/tools/k8s" && go build -trimpath -ldflags "$ld" -o "$k8s_dir.tmp.$$/" \
+            k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kubectl) >"$LOGS/build-kubernetes.log" 2>&1 &&
+            mv "$k8s_dir.tmp.$$" "$k8s_dir"; then
+            timing "build of kube-apiserver + kubectl: $(since "$t")s"
+            prune "$k8s_dir"
+        else
+            tail -20 "$LOGS/build-kubernetes.log"
+            missing "building kube-apiserver/kubectl failed (log $LOGS/build-kubernetes.log)" fatal
+        fi
+    fi
+    if [[ -x $etcd_dir/etcd && -x $etcd_dir/etcdctl && -x $etcd_dir/e2ehelper ]]; then
+        info "etcd, etcdctl $ETCD_VERSION, e2ehelper: cached in $etcd_dir"
+    else
+        info "building etcd, etcdctl $ETCD_VERSION and e2ehelper"
+        t=$(now)
+        rm -rf "$etcd_dir.tmp.$$" && mkdir -p "$etcd_dir.tmp.$$"
+        if (cd "$E2E_DIR/tools/etcd" && go build -trimpath -ldflags "-s -w" -o "$etcd_dir.tmp.$$/" \
+            ./cmd/etcd ./cmd/e2ehelper go.etcd.io/etcd/etcdctl/v3) >"$LOGS/build-etcd.log" 2>&1 &&
+            mv "$etcd_dir.tmp.$$" "$etcd_dir"; then
+            timing "build of etcd + etcdctl + e2ehelper: $(since "$t")s"
+            prune "$etcd_dir"
+        else
+            tail -20 "$LOGS/build-etcd.log"
+            missing "building etcd/etcdctl failed (log $LOGS/build-etcd.log)" fatal
+        fi
+    fi
+    KUBE_APISERVER=$k8s_dir/kube-apiserver KUBECTL=$k8s_dir/kubectl
+    ETCD=$etcd_dir/etcd ETCDCTL=$etcd_dir/etcdctl HELPER=$etcd_dir/e2ehelper
+
+    if [[ -n ${KEKD_BIN:-} ]]; then
+        KEKD=$KEKD_BIN
+        [[ -x $KEKD ]] || { fail "KEKD_BIN=$KEKD is not executable"; finish; }
+        info "kekd: $KEKD (KEKD_BIN)"
+    else
+        if ! command -v cargo >/dev/null; then
+            missing "cargo is not installed and KEKD_BIN is not set" fatal
+        fi
+        info "building kekd: cargo build --release --locked"
+        t=$(now)
+        if (cd "$ROOT" && cargo build --release --locked) >"$LOGS/build-kekd.log" 2>&1; then
+            timing "cargo build --release --locked: $(since "$t")s"
+        else
+            tail -20 "$LOGS/build-kekd.log"
+            fail "cargo build --release --locked failed (log $LOGS/build-kekd.log)"
+            finish
+        fi
+        KEKD=${CARGO_TARGET_DIR:-$ROOT/target}/release/kekd
+    fi
+    info "$("$KUBE_APISERVER" --version 2>&1 | head -1); etcd $("$ETCD" --version 2>&1 | awk '/etcd Version/{print $3}'); $("$KEKD" --version 2>&1 | head -1)"
+}
+
+# ---------------------------------------------------------------- cluster plumbing
+
+make_pki() {
+    PKI=$WORK/pki
+    mkdir -p "$PKI"
+    if command -v openssl >/dev/null; then
+        (
+            cd "$PKI" || exit 1
+            set -e
+            ec="-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes"
+            # shellcheck disable=SC2086
+            openssl req -x509 $ec -keyout ca.key -out ca.crt -days 2 -subj /CN=kekd-e2e-ca
+            # shellcheck disable=SC2086
+            openssl req $ec -keyout serving.key -out serving.csr -subj /CN=kube-apiserver
+            printf 'subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes.default\nextendedKeyUsage=serverAuth\nkeyUsage=critical,digitalSignature\n' >serving.ext
+            openssl x509 -req -in serving.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 2 -extfile serving.ext -out serving.crt
+            # shellcheck disable=SC2086
+            openssl req $ec -keyout admin.key -out admin.csr -subj "/O=system:masters/CN=kekd-e2e-admin"
+            printf 'extendedKeyUsage=clientAuth\nkeyUsage=critical,digitalSignature\n' >admin.ext
+            openssl x509 -req -in admin.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 2 -extfile admin.ext -out admin.crt
+            openssl genrsa -out sa.key 2048
+            openssl rsa -in sa.key -pubout -out sa.pub
+        ) >"$LOGS/pki.log" 2>&1
+        check "certificates and service-account keys made with openssl" test -s "$PKI/sa.pub" -a -s "$PKI/admin.crt" || finish
+    else
+        "$HELPER" certs "$PKI" >"$LOGS/pki.log" 2>&1
+        check "certificates and service-account keys made by e2ehelper (no openssl)" test -s "$PKI/sa.pub" || finish
+    fi
+}
+
+start_etcd() {
+    local ports
+    mapfile -t ports < <("$HELPER" ports 5)
+    ETCD_URL=http://127.0.0.1:${ports[0]}
+    APISERVER_PORT_A=${ports[2]} APISERVER_PORT_B=${ports[3]} APISERVER_PORT_H=${ports[4]}
+    start_proc etcd "$ETCD" --name e2e --data-dir "$WORK/etcd" \
+        --listen-client-urls "$ETCD_URL" --advertise-client-urls "$ETCD_URL" \
+        --listen-peer-urls "http://127.0.0.1:${ports[1]}" --initial-advertise-peer-urls "http://127.0.0.1:${ports[1]}" \
+        --initial-cluster "e2e=http://127.0.0.1:${ports[1]}" --unsafe-no-fsync --log-level warn
+    check "etcd $ETCD_VERSION serves $ETCD_URL" wait_up 30 etcd etcd_healthy || finish
+}
+
+etcd_healthy() { etcdctl endpoint health >/dev/null 2>&1; }
+etcdctl() { "$ETCDCTL" --endpoints "$ETCD_URL" --command-timeout 20s "$@"; }
+
+declare -A NODE_KIND=() NODE_PORT=() NODE_PREFIX=()
+
+# The node's copy of OUR deploy/encryption-config.yaml, endpoint rewritten.
+encryption_config() {
+    local n=$1 src=$ROOT/deploy/encryption-config.yaml dst=$WORK/$1/encryption-config.yaml
+    sed "s#endpoint: unix:///var/run/kekd/kms.sock#endpoint: unix://$WORK/$n/kms.sock#" "$src" >"$dst"
+    local changed
+    changed=$(diff "$src" "$dst" | grep -c '^>')
+    check "node $n: deploy/encryption-config.yaml copied with only its endpoint rewritten ($changed line)" \
+        test "$changed" = 1
+}
+
+kubeconfig() {
+    local n=$1
+    cat >"$WORK/$n/kubeconfig" <<EOF
+apiVersion: v1
+kind: Config
+clusters:
+- name: $n
+  cluster: {server: "https://127.0.0.1:${NODE_PORT[$n]}", certificate-authority: "$PKI/ca.crt"}
+users:
+- name: admin
+  user: {client-certificate: "$PKI/admin.crt", client-key: "$PKI/admin.key"}
+contexts:
+- name: $n
+  context: {cluster: $n, user: admin}
+current-context: $n
+EOF
+}
+
+# kc NODE ARGS...: kubectl against that node's apiserver.
+kc() {
+    local n=$1; shift
+    "$KUBECTL" --kubeconfig "$WORK/$n/kubeconfig" --cache-dir "$WORK/kube-cache" --request-timeout=30s "$@"
+}
+
+# kekd_admin NODE ARGS...: `kekd admin ARGS` on that node's keyring.
+kekd_admin() {
+    local n=$1 cmd=$2; shift 2
+    case ${NODE_KIND[$n]} in
+    local) "$KEKD" admin "$cmd" "$@" --keyring "$WORK/$n/keyring" ;;
+    pkcs11) SOFTHSM2_CONF=$WORK/$n/softhsm2.conf "$KEKD" admin "$cmd" "$@" --config "$WORK/$n/kekd.toml" ;;
+    esac
+}
+
+# keyring NODE: "VERSION STATE KEY_ID ENCRYPTS DECRYPTS" lines, "primary N", "serving KEY_ID".
+keyring() { kekd_admin "$1" list --output json 2>>"$LOGS/admin.log" | "$HELPER" kekdlist; }
+key_id() { keyring "$1" | awk -v v="$2" '$1==v{print $3}'; }
+state_of() { keyring "$1" | awk -v v="$2" '$1==v{print $2}'; }
+primary_of() { keyring "$1" | awk '$1=="primary"{print $2}'; }
+# status_key_id NODE: the key_id kekd's Status answers (through `kekd admin probe`).
+status_key_id() {
+    "$KEKD" admin probe --socket "$WORK/$1/kms.sock" 2>&1 | tee -a "$LOGS/probe-$1.log" |
+        awk '$1=="ok" && $2=="status" {for (i = 3; i < NF; i++) if ($i == "key_id") print $(i + 1)}'
+}
+serving_is() { [[ $(status_key_id "$1") == "$2" ]]; }
+
+probe_ok() { "$KEKD" admin probe --socket "$WORK/$1/kms.sock" >>"$LOGS/probe-$1.log" 2>&1; }
+
+start_kekd() {
+    local n=$1
+    case ${NODE_KIND[$n]} in
+    local) start_proc "kekd-$n" "$KEKD" serve --keyring "$WORK/$n/keyring" --socket "$WORK/$n/kms.sock" \
+        --reload-interval 200ms --log-format text ;;
+    pkcs11) start_proc "kekd-$n" env "SOFTHSM2_CONF=$WORK/$n/softhsm2.conf" "$KEKD" serve --config "$WORK/$n/kekd.toml" ;;
+    esac
+    check "node $n: kekd serves $WORK/$n/kms.sock (admin probe: Status, Encrypt, Decrypt ok)" \
+        wait_up 30 "kekd-$n" probe_ok "$n" || { tail -3 "$LOGS/kekd-$n.log" | sed 's/^/     | /'; return 1; }
+}
+
+start_apiserver() {
+    local n=$1 t
+    t=$(now)
+    mkdir -p "$WORK/$n/certs"
+    start_proc "kube-apiserver-$n" "$KUBE_APISERVER" \
+        --etcd-servers="$ETCD_URL" --etcd-prefix="${NODE_PREFIX[$n]}" \
+        --bind-address=127.0.0.1 --advertise-address=127.0.0.1 --secure-port="${NODE_PORT[$n]}" \
+        --cert-dir="$WORK/$n/certs" --tls-cert-file="$PKI/serving.crt" --tls-private-key-file="$PKI/serving.key" \
+        --client-ca-file="$PKI/ca.crt" \
+        --service-account-issuer=https://kubernetes.default.svc \
+        --service-account-key-file="$PKI/sa.pub" --service-account-signing-key-file="$PKI/sa.key" \
+        --service-cluster-ip-range=10.96.0.0/24 --endpoint-reconciler-type=none \
+        --authorization-mode=RBAC --profiling=false \
+        --encryption-provider-config="$WORK/$n/encryption-config.yaml" \
+        --v=2
+    if check "node $n: kube-apiserver $K8S_VERSION ready on :${NODE_PORT[$n]} (/readyz ok)" wait_up 180 "kube-apiserver-$n" readyz_ok "$n" ""; then
+        timing "kube-apiserver $n start to /readyz ok: $(since "$t")s"
+    else
+        tail -5 "$LOGS/kube-apiserver-$n.log" | sed 's/^/     | /'
+        return 1
+    fi
+}
+
+# readyz_ok NODE [CHECK]: /readyz or /readyz/CHECK answers "ok".
+readyz_ok() { [[ $(kc "$1" get --raw "/readyz${2:+/$2}" 2>/dev/null) == ok ]]; }
+readyz_fails() { ! kc "$1" get --raw "/readyz/$2" >/dev/null 2>&1; }
+
+setup_node() { # NODE KIND PORT ETCD_PREFIX
+    NODE_KIND[$1]=$2 NODE_PORT[$1]=$3 NODE_PREFIX[$1]=$4
+    mkdir -p "$WORK/$1"
+    chmod 700 "$WORK/$1"
+    encryption_config "$1"
+    kubeconfig "$1"
+}
+
+# ---------------------------------------------------------------- data
+
+# create_secrets NODE NAMESPACE NAME-PREFIX FROM TO: labelled Secrets whose
+# value is "$MARKER-<name>"; adds them to TOTAL.
+create_secrets() {
+    local n=$1 ns=$2 p=$3 i f=$WORK/secrets-$RANDOM.yaml count
+    {
+        echo "apiVersion: v1"
+        echo "kind: List"
+        echo "items:"
+        for ((i = $4; i <= $5; i++)); do
+            printf -- '- apiVersion: v1\n  kind: Secret\n  type: Opaque\n  metadata: {name: %s-%04d, namespace: %s, labels: {kekd-e2e: "1"}}\n  stringData: {token: "%s-%s-%04d"}\n' \
+                "$p" "$i" "$ns" "$MARKER" "$p" "$i"
+        done
+    } >"$f"
+    count=$(kc "$n" create -f "$f" -o name 2>>"$LOGS/kubectl.log" | grep -c '^secret/')
+    rm -f "$f"
+    local prefix=${NODE_PREFIX[$n]}
+    TOTAL[$prefix]=$((${TOTAL[$prefix]:-0} + count))
+    [[ $count == $(($5 - $4 + 1)) ]]
+}
+
+create_configmaps() { # NODE NAMESPACE COUNT
+    local n=$1 i f=$WORK/configmaps.yaml
+    {
+        echo "apiVersion: v1"
+        echo "kind: List"
+        echo "items:"
+        for ((i = 1; i <= $3; i++)); do
+            printf -- '- apiVersion: v1\n  kind: ConfigMap\n  metadata: {name: cm-%04d, namespace: %s, labels: {kekd-e2e: "1"}}\n  data: {token: "%s-cm-%04d"}\n' \
+                "$i" "$2" "$MARKER" "$i"
+        done
+    } >"$f"
+    [[ $(kc "$n" create -f "$f" -o name 2>>"$LOGS/kubectl.log" | grep -c '^configmap/') == "$3" ]]
+}
+
+# verify_reads NODE: every labelled Secret reads back with its own value, and
+# there are exactly TOTAL of them. Prints a reason on failure.
+verify_reads() {
+    local n=$1 out expected=${TOTAL[${NODE_PREFIX[$1]}]:-0} got bad
+    if ! out=$(kc "$n" get secrets -A -l kekd-e2e -o go-template \
+        --template='{{range .items}}{{.metadata.name}} {{index .data "token" | base64decode}}{{"\n"}}{{end}}' 2>&1); then
+        REASON="kubectl get secrets failed: $(echo "$out" | tail -1)"
+        return 1
+    fi
+    got=$(grep -c . <<<"$out")
+    bad=$(awk -v m="$MARKER" '$2 != m"-"$1' <<<"$out" | grep -c .)
+    if [[ $got != "$expected" || $bad != 0 ]]; then
+        REASON="read $got Secrets (expected $expected), $bad with a wrong value"
+        return 1
+    fi
+}
+
+# verify_gets NODE: GETs every Secret of steps 1 and 2 by name. A GET without
+# resourceVersion is read from etcd and decrypted (the LISTs of verify_reads
+# come from the apiserver's watch cache). e2ehelper does the GETs: kubectl's
+# client-side rate limit (5/s) would make 220 of them take 40 s.
+verify_gets() {
+    local n=$1 half=$((N_SECRETS / 2)) out
+    # shellcheck disable=SC2046
+    out=$("$HELPER" gets --server "https://127.0.0.1:${NODE_PORT[$n]}" --ca "$PKI/ca.crt" \
+        --cert "$PKI/admin.crt" --key "$PKI/admin.key" --marker "$MARKER" \
+        $(seq -f 'default/s-%04g' 1 "$half") $(seq -f 'kekd-e2e/s-%04g' $((half + 1)) "$N_SECRETS") \
+        $(seq -f 'kekd-e2e/r-%04g' 1 20) 2>&1) || { REASON="$(head -2 <<<"$out" | tr '\n' ' ')$(tail -1 <<<"$out")"; return 1; }
+}
+
+verify_configmaps() { # NODE COUNT
+    local out
+    out=$(kc "$1" get configmaps -A -l kekd-e2e -o go-template \
+        --template='{{range .items}}{{.metadata.name}} {{.data.token}}{{"\n"}}{{end}}' 2>&1) || return 1
+    [[ $(grep -c . <<<"$out") == "$2" && $(awk -v m="$MARKER" '$2 != m"-"$1' <<<"$out" | grep -c .) == 0 ]]
+}
+
+# scan NODE RESOURCE: "KEY VERDICT KEY_ID SOURCE_TYPE" per stored object, read raw from etcd.
+scan() {
+    etcdctl get --prefix "${NODE_PREFIX[$1]}/$2/" -w json | "$HELPER" scan --provider kekd --marker "$MARKER"
+}
+
+# assert_stored NODE RESOURCE MIN_COUNT KEY_ID: every stored object of that
+# resource starts with k8s:enc:kms:v2:kekd:, parses as an EncryptedObject, does
+# not contain its plaintext, and carries KEY_ID ("" = any).
+assert_stored() {
+    local n=$1 res=$2 min=$3 kid=$4 out total ok wrongkid
+    out=$(scan "$n" "$res")
+    total=$(grep -c . <<<"$out")
+    ok=$(awk -F'\t' '$2=="ok"' <<<"$out" | grep -c .)
+    wrongkid=$(awk -F'\t' -v k="$kid" 'k!="" && $3!=k' <<<"$out" | grep -c .)
+    local summary
+    summary=$(awk -F'\t' '{c[$2" "$3]++} END{for (k in c) printf "%s×%d; ", k, c[k]}' <<<"$out")
+    if ((total >= min)) && [[ $ok == "$total" && $wrongkid == 0 ]]; then
+        pass "etcd: all $total $res under ${NODE_PREFIX[$n]}/$res/ start with k8s:enc:kms:v2:kekd:, hold no plaintext${kid:+, key_id $kid}"
+    else
+        fail "etcd: $res under ${NODE_PREFIX[$n]}/$res/: $total stored (want ≥ $min), $ok encrypted, $wrongkid not under ${kid:-any}: $summary"
+        awk -F'\t' -v k="$kid" '$2!="ok" || (k!="" && $3!=k)' <<<"$out" | head -5 | sed 's/^/     | /'
+        return 1
+    fi
+}
+
+stored_key_id() { # NODE RESOURCE NAMESPACE NAME
+    etcdctl get "${NODE_PREFIX[$1]}/$2/$3/$4" -w json | "$HELPER" scan --provider kekd --marker "$MARKER" | awk -F'\t' '{print $2 == "ok" ? $3 : "INVALID:" $2}'
+}
+
+sha() { printf 'sha256:%s' "$(printf '%s' "$1" | sha256sum | cut -d' ' -f1)"; }
+
+# status_saw NODE KEY_ID: the apiserver recorded KEY_ID from a Status call
+# (apiserver_envelope_encryption_key_id_hash_status_last_timestamp_seconds).
+status_saw() {
+    kc "$1" get --raw /readyz/kms-providers >/dev/null 2>&1 # a probe calls Status (cached 20 s)
+    kc "$1" get --raw /metrics 2>/dev/null |
+        grep '^apiserver_envelope_encryption_key_id_hash_status_last_timestamp_seconds{' |
+        grep -q "key_id_hash=\"$(sha "$2")\""
+}
+to_storage_seen() {
+    kc "$1" get --raw /metrics 2>/dev/null | grep '^apiserver_envelope_encryption_key_id_hash_total{' |
+        grep 'transformation_type="to_storage"' | grep -q "key_id_hash=\"$(sha "$2")\""
+}
+decrypt_calls() {
+    kc "$1" get --raw /metrics 2>/dev/null |
+        awk '/^apiserver_envelope_encryption_kms_operations_latency_seconds_count\{/ && /Decrypt/ {s += $NF} END {print s + 0}'
+}
+
+PROBE_SEQ=0 LAST_KID=
+# new_write NODE: creates one labelled Secret; LAST_KID = the key_id etcd shows for it.
+new_write() {
+    local n=$1 name
+    PROBE_SEQ=$((PROBE_SEQ + 1)) LAST_KID=
+    create_secrets "$n" default "probe-$n" "$PROBE_SEQ" "$PROBE_SEQ" || return 1
+    name=$(printf 'probe-%s-%04d' "$n" "$PROBE_SEQ")
+    LAST_KID=$(stored_key_id "$n" secrets default "$name")
+}
+writes_under() { new_write "$1" && [[ $LAST_KID == "$2" ]]; }
+
+# wait_rotation NODE KEY_ID: the apiserver saw KEY_ID in Status and new writes carry it.
+wait_rotation() {
+    local n=$1 kid=$2 t
+    t=$(now)
+    if check "node $n: kube-apiserver saw key_id $kid in Status (metric key_id_hash_status_last_timestamp_seconds)" \
+        wait_for 90 status_saw "$n" "$kid"; then
+        timing "node $n: rotation to $kid noticed by the apiserver after $(since "$t")s"
+    else
+        return 1
+    fi
+    check "node $n: new writes are stored under $kid" wait_for 30 writes_under "$n" "$kid"
+}
+
+# migrate NODE: rewrites stale Secrets and ConfigMaps; retries on conflicts.
+migrate() {
+    local n=$1 res try ok
+    for res in secrets configmaps; do
+        for try in 1 2 3; do
+            if kc "$n" get "$res" -A -o json 2>>"$LOGS/kubectl.log" | kc "$n" replace -f - >>"$LOGS/migrate.log" 2>&1; then
+                ok=1 && break
+            fi
+            ok=0
+            info "kubectl replace of $res reported errors (try $try, see $LOGS/migrate.log)"
+            sleep 1
+        done
+        check "node $n: \`kubectl get $res -A -o json | kubectl replace -f -\` succeeded" test "$ok" = 1
+    done
+}
+
+# ---------------------------------------------------------------- steps 1-4
+
+# KID[node:version] = key_id
+declare -A KID=()
+
+step1() { # NODE LABEL
+    local n=$1 t v1
+    begin_step "$2" "encrypt: 200 Secrets through kekd (${NODE_KIND[$n]} backend)"
+    check "node $n: /readyz/kms-providers is ok" wait_for 60 readyz_ok "$n" kms-providers || return 1
+    v1=$(primary_of "$n")
+    KID[$n:1]=$(key_id "$n" "$v1")
+    info "kekd primary: version $v1, key_id ${KID[$n:1]}"
+    check "node $n: kekd's Status answers key_id ${KID[$n:1]}" serving_is "$n" "${KID[$n:1]}"
+    kc "$n" create namespace kekd-e2e >>"$LOGS/kubectl.log" 2>&1
+    t=$(now)
+    local half=$((N_SECRETS / 2))
+    check "created $N_SECRETS Secrets ($half in default, $((N_SECRETS - half)) in kekd-e2e) with kubectl create" \
+        create_two_halves "$n" "$half"
+    timing "node $n: created $N_SECRETS Secrets in $(since "$t")s"
+    check "created 10 ConfigMaps" create_configmaps "$n" kekd-e2e 10
+    assert_stored "$n" secrets "$N_SECRETS" "${KID[$n:1]}"
+    assert_stored "$n" configmaps 10 "${KID[$n:1]}"
+    info "the bytes etcd holds for default/s-0001 (first 96):"
+    etcdctl get "${NODE_PREFIX[$n]}/secrets/default/s-0001" --print-value-only | head -c 96 | od -An -c | head -6 | sed 's/^/     | /'
+    check "kubectl get returns the value of all ${TOTAL[${NODE_PREFIX[$n]}]} Secrets" verify_reads "$n"
+    check "kubectl get returns the value of all 10 ConfigMaps" verify_configmaps "$n" 10
+}
+
+create_two_halves() {
+    create_secrets "$1" default s 1 "$2" && create_secrets "$1" kekd-e2e s $(($2 + 1)) "$N_SECRETS"
+}
+
+step2() { # NODE LABEL
+    local n=$1 old new
+    begin_step "$2" "rotate: kekd admin rotate --promote; the apiserver follows"
+    old=$(primary_of "$n")
+    KID[$n:old]=$(key_id "$n" "$old")
+    check "node $n: kekd admin rotate --promote" kekd_admin "$n" rotate --promote >>"$LOGS/admin.log" 2>&1 || return 1
+    new=$(primary_of "$n")
+    KID[$n:2]=$(key_id "$n" "$new")
+    OLD_V[$n]=$old
+    check "version $new is primary, version $old decrypt-only" \
+        test "$(state_of "$n" "$new")/$(state_of "$n" "$old")" = primary/decrypt-only
+    check "kekd's Status switched to ${KID[$n:2]} without a restart" wait_for 15 serving_is "$n" "${KID[$n:2]}"
+    wait_rotation "$n" "${KID[$n:2]}" || return 1
+    local before=${TOTAL[${NODE_PREFIX[$n]}]}
+    create_secrets "$n" kekd-e2e r 1 20 || fail "creating 20 Secrets after the rotation"
+    local kids
+    kids=$(for i in $(seq 1 20); do stored_key_id "$n" secrets kekd-e2e "$(printf 'r-%04d' "$i")"; done | sort | uniq -c | awk '{printf "%s×%s ", $2, $1}')
+    check "20 new Secrets are stored under ${KID[$n:2]} ($kids)" test "$kids" = "${KID[$n:2]}×20 "
+    check "apiserver metric key_id_hash_total{to_storage} counts ${KID[$n:2]}" to_storage_seen "$n" "${KID[$n:2]}"
+    check "all $((before + 20)) Secrets read (old ones through decrypt-only version $old)" verify_reads "$n"
+}
+declare -A OLD_V=()
+
+step3() { # NODE LABEL
+    local n=$1 old=${OLD_V[$1]:-1} t saved_old saved_new
+    begin_step "$2" "migrate, retire the old version, restart kube-apiserver (cold cache)"
+    # Keep the bytes of one value under the old key to prove retirement below.
+    saved_old=$WORK/$n/s-0001.old saved_new=$WORK/$n/s-0001.new
+    etcdctl get "${NODE_PREFIX[$n]}/secrets/default/s-0001" -w json | "$HELPER" value >"$saved_old"
+    migrate "$n"
+    assert_stored "$n" secrets "$N_SECRETS" "${KID[$n:2]}"
+    assert_stored "$n" configmaps 10 "${KID[$n:2]}"
+    etcdctl get "${NODE_PREFIX[$n]}/secrets/default/s-0001" -w json | "$HELPER" value >"$saved_new"
+    local out rc
+    out=$(kekd_admin "$n" retire "$old" 2>&1)
+    rc=$?
+    check "retire $old without --force is refused (exit 1: it served a Decrypt within 24h)" test "$rc" = 1
+    echo "$out" | head -2 | sed 's/^/     | /'
+    check "kekd admin retire $old --force" kekd_admin "$n" retire "$old" --force >>"$LOGS/admin.log" 2>&1
+    check "version $old is retired" test "$(state_of "$n" "$old")" = retired
+    sleep 3 # kekd reloads within reload_interval (200 ms local, 2 s pkcs11)
+    t=$(now)
+    stop_proc "kube-apiserver-$n" TERM
+    start_apiserver "$n" || return 1
+    check "cold cache: all ${TOTAL[${NODE_PREFIX[$n]}]} Secrets read after the restart (LIST)" verify_reads "$n"
+    if check "cold cache: GET of each Secret by name (from etcd)" verify_gets "$n"; then
+        timing "node $n: kube-apiserver restart to every Secret read (cold cache): $(since "$t")s, $(decrypt_calls "$n") Decrypt calls"
+    fi
+    check "cold cache: all 10 ConfigMaps read" verify_configmaps "$n" 10
+    # A value still under the retired version must not read any more.
+    etcdctl put "${NODE_PREFIX[$n]}/secrets/default/s-0001" <"$saved_old" >/dev/null
+    check "a value put back under retired version $old no longer reads (kekd refuses it)" \
+        wait_for 15 not_readable "$n" default s-0001
+    etcdctl put "${NODE_PREFIX[$n]}/secrets/default/s-0001" <"$saved_new" >/dev/null
+    # The watch events of both puts carry the undecryptable value (as object or
+    # previous object): the apiserver's watch retries them until etcd compacts
+    # them away, which it does every 5 minutes. Compact now, so the steps that
+    # follow see a healthy watch cache.
+    local rev
+    rev=$(etcdctl get "${NODE_PREFIX[$n]}/secrets/default/s-0001" -w json | grep -o '"revision":[0-9]*' | head -1 | cut -d: -f2)
+    etcdctl compact "$rev" >/dev/null 2>&1
+    check "the current value reads again" wait_for 30 verify_reads "$n"
+}
+write_and_read() { writes_under "$1" "$2" && [[ $(read_token "$1" default "$(printf 'probe-%s-%04d' "$1" "$PROBE_SEQ")") == "$MARKER-$(printf 'probe-%s-%04d' "$1" "$PROBE_SEQ")" ]]; }
+# not_readable NODE NS NAME: GET fails, and because kekd refused to decrypt.
+not_readable() {
+    local out
+    if out=$(kc "$1" get secret -n "$2" "$3" -o name 2>&1); then
+        REASON="it still reads"
+        return 1
+    fi
+    [[ $out == *rpc\ error* ]] || { REASON="not a KMS error: $out"; return 1; }
+    info "apiserver: $(tail -1 <<<"$out" | cut -c1-400)"
+}
+
+step4() { # NODE LABEL
+    local n=$1 pid t
+    begin_step "$2" "kill -9 kekd while kube-apiserver runs; restart it"
+    pid=${PIDS[kube-apiserver-$n]}
+    kill -s KILL "${PIDS[kekd-$n]}"
+    wait "${PIDS[kekd-$n]}" 2>/dev/null
+    unset "PIDS[kekd-$n]"
+    t=$(now)
+    info "kekd killed with SIGKILL; socket file left behind: $([[ -S $WORK/$n/kms.sock ]] && echo yes || echo no)"
+    local calls
+    calls=$(decrypt_calls "$n")
+    check "LIST of all Secrets keeps working (watch cache)" verify_reads "$n"
+    check "GET of each of the $((N_SECRETS + 20)) Secrets keeps working (read from etcd, decrypted with cached seeds)" verify_gets "$n"
+    check "…without a single KMS call (apiserver Decrypt calls stay at $calls)" test "$(decrypt_calls "$n")" = "$calls"
+    check "a new Secret is written (cached seed, within the apiserver's 3-minute window) and reads back" \
+        write_and_read "$n" "${KID[$n:2]}"
+    if check "/readyz/kms-providers reports the failure" wait_for 60 readyz_fails "$n" kms-providers; then
+        timing "node $n: kekd death reported by /readyz/kms-providers after $(since "$t")s"
+        info "/readyz?verbose: $(kc "$n" get --raw '/readyz?verbose' 2>&1 | grep -o '\[-\][^\\]*' | head -3 | tr '\n' ' ')"
+    fi
+    check "/readyz fails as a whole while kekd is down" readyz_fails "$n" ""
+    check "reads still work while readyz fails" verify_reads "$n"
+    start_kekd "$n" || return 1
+    t=$(now)
+    if check "the apiserver recovers: /readyz/kms-providers ok" wait_for 60 readyz_ok "$n" kms-providers; then
+        timing "node $n: recovery after kekd restart: $(since "$t")s"
+    fi
+    check "…without restarting kube-apiserver (same pid $pid, alive)" \
+        test "${PIDS[kube-apiserver-$n]}" = "$pid" -a -d "/proc/$pid"
+    check "a new write after the recovery is stored under ${KID[$n:2]}" writes_under "$n" "${KID[$n:2]}"
+    check "all Secrets read (LIST, and GET of each)" verify_reads_and_gets "$n"
+}
+verify_reads_and_gets() { verify_reads "$1" && verify_gets "$1"; }
+
+# ---------------------------------------------------------------- step 5
+
+# cross TAG KID_A KID_B: each apiserver writes a Secret; the other reads it;
+# etcd shows the key ids each node's kekd used.
+cross() {
+    local tag=$1 ka=$2 kb=$3 got
+    if ! { create_secrets a default "x-$tag-a" 1 1 && create_secrets b default "x-$tag-b" 1 1; }; then
+        fail "$tag: writing through both apiservers"
+        return 1
+    fi
+    got="$(stored_key_id a secrets default "x-$tag-a-0001") $(stored_key_id b secrets default "x-$tag-b-0001")"
+    check "$tag: A writes under $ka, B under $kb (etcd: $got)" test "$got" = "$ka $kb"
+    check "$tag: B reads what A wrote, A reads what B wrote" cross_read "$tag"
+}
+cross_read() {
+    [[ $(read_token b default "x-$1-a-0001") == "$MARKER-x-$1-a-0001" &&
+        $(read_token a default "x-$1-b-0001") == "$MARKER-x-$1-b-0001" ]]
+}
+read_token() { kc "$1" get secret -n "$2" "$3" -o go-template --template='{{index .data "token" | base64decode}}' 2>>"$LOGS/kubectl.log"; }
+
+copy_keyring() { # FROM_NODE TO_NODE: what `scp` + `kekd admin import --from` do
+    local copy=$WORK/$2/keyring.from-$1
+    cp "$WORK/$1/keyring" "$copy"
+    kekd_admin "$2" import --from "$copy" >>"$LOGS/admin.log" 2>&1
+    local rc=$?
+    rm -f "$copy"
+    return "$rc"
+}
+same_versions() { diff <(keyring "$1" | awk '$1 ~ /^[0-9]+$/ {print $1, $2, $3}') <(keyring "$2" | awk '$1 ~ /^[0-9]+$/ {print $1, $2, $3}') >/dev/null; }
+
+step5() {
+    begin_step "step 5" "two apiservers on one etcd, each with its own kekd and keyring copy: staged rotation"
+    local v2 v3 k2 k3
+    setup_node b local "$APISERVER_PORT_B" /registry
+    check "node b: kekd admin import --from a copy of node a's keyring" copy_keyring a b || return 1
+    check "node b's keyring has node a's versions and states" same_versions a b
+    start_kekd b || return 1
+    start_apiserver b || return 1
+    check "node b: /readyz/kms-providers is ok" wait_for 60 readyz_ok b kms-providers
+    v2=$(primary_of a) k2=$(key_id a "$v2")
+    check "B (cold) reads all ${TOTAL[/registry]} Secrets written through A" verify_reads b
+    cross base "$k2" "$k2"
+
+    check "5.1 rotate on A: kekd admin rotate (pending)" kekd_admin a rotate >>"$LOGS/admin.log" 2>&1 || return 1
+    v3=$(keyring a | awk '$2=="pending"{print $1}' | tail -1) k3=$(key_id a "$v3")
+    check "A: version $v3 is pending, $v2 still primary" test "$(state_of a "$v3")/$(primary_of a)" = "pending/$v2"
+    sleep 1
+    cross rotated-on-a "$k2" "$k2"
+
+    check "5.2 import on B: kekd admin import --from A's copy" copy_keyring a b
+    check "B: version $v3 is pending" test "$(state_of b "$v3")" = pending
+    sleep 1
+    cross imported-on-b "$k2" "$k2"
+
+    check "5.3 promote $v3 on A" kekd_admin a promote "$v3" >>"$LOGS/admin.log" 2>&1
+    wait_rotation a "$k3"
+    cross promoted-on-a "$k3" "$k2"
+
+    check "5.4 promote $v3 on B" kekd_admin b promote "$v3" >>"$LOGS/admin.log" 2>&1
+    wait_rotation b "$k3"
+    cross promoted-on-b "$k3" "$k3"
+
+    info "5.5 migrate through A"
+    migrate a
+    assert_stored a secrets "$N_SECRETS" "$k3"
+    assert_stored a configmaps 10 "$k3"
+    cross migrated "$k3" "$k3"
+
+    check "5.6 retire $v2 --force on A" kekd_admin a retire "$v2" --force >>"$LOGS/admin.log" 2>&1
+    check "5.6 retire $v2 --force on B" kekd_admin b retire "$v2" --force >>"$LOGS/admin.log" 2>&1
+    check "version $v2 retired on both nodes" test "$(state_of a "$v2")/$(state_of b "$v2")" = retired/retired
+    sleep 1
+    cross retired "$k3" "$k3"
+    stop_proc kube-apiserver-b TERM
+    start_apiserver b || return 1
+    check "B restarted (cold cache) reads all ${TOTAL[/registry]} Secrets" verify_reads b
+    check "A reads all ${TOTAL[/registry]} Secrets" verify_reads a
+    cross restarted-b "$k3" "$k3"
+}
+
+# ---------------------------------------------------------------- step 7
+
+step7() {
+    begin_step "step 7" "our deploy/kekd-static-pod.yaml is accepted by this apiserver"
+    local f=$ROOT/deploy/kekd-static-pod.yaml out
+    if [[ ! -f $f ]]; then
+        fail "deploy/kekd-static-pod.yaml does not exist"
+        return 1
+    fi
+    # The ServiceAccount admission plugin looks up kube-system/default, which
+    # kube-controller-manager (not run here) would have created.
+    kc a create serviceaccount default -n kube-system >>"$LOGS/kubectl.log" 2>&1
+    if out=$(kc a create --dry-run=server -f "$f" -o name 2>&1); then
+        pass "kubectl create --dry-run=server -f deploy/kekd-static-pod.yaml: $out"
+    else
+        fail "kubectl create --dry-run=server -f deploy/kekd-static-pod.yaml: $out"
+    fi
+}
+
+# ---------------------------------------------------------------- step 6
+
+setup_hsm_node() {
+    local n=h d=$WORK/h
+    setup_node h pkcs11 "$APISERVER_PORT_H" /kekd-e2e-hsm
+    mkdir -p "$d/tokens" "$d/state"
+    printf 'directories.tokendir = %s/tokens\nobjectstore.backend = file\nlog.level = ERROR\n' "$d" >"$d/softhsm2.conf"
+    SOFTHSM2_CONF=$d/softhsm2.conf softhsm2-util --init-token --free --label kekd --pin 1234 --so-pin 123456 \
+        >>"$LOGS/softhsm.log" 2>&1 || { fail "softhsm2-util --init-token"; return 1; }
+    (umask 077 && printf '1234\n' >"$d/pin")
+    # OUR deploy/kekd-pkcs11.toml with only its paths rewritten.
+    sed -e "s#^socket = \"/var/run/kekd/kms.sock\"#socket = \"$d/kms.sock\"#" \
+        -e "s#^pin_file = \"/etc/kekd/pin\"#pin_file = \"$d/pin\"#" \
+        -e "s#^state_dir = \"/var/lib/kekd\"#state_dir = \"$d/state\"#" \
+        "$ROOT/deploy/kekd-pkcs11.toml" >"$d/kekd.toml"
+    local changed
+    changed=$(diff "$ROOT/deploy/kekd-pkcs11.toml" "$d/kekd.toml" | grep -c '^>')
+    check "node h: deploy/kekd-pkcs11.toml copied with only socket, pin_file, state_dir rewritten ($changed lines)" \
+        test "$changed" = 3
+    check "node h: kekd admin init --config (KEK generated in the SoftHSM token)" \
+        kekd_admin h init >>"$LOGS/admin.log" 2>&1
+}
+
+# ---------------------------------------------------------------- main
+
+want() { [[ " $STEPS " == *" $1 "* ]]; }
+
+main() {
+    echo "kekd end-to-end: kube-apiserver $K8S_VERSION + etcd $ETCD_VERSION + kekd; work dir $WORK"
+    build_tools
+    begin_step setup "certificates, etcd, node a (kekd + kube-apiserver)"
+    make_pki
+    start_etcd
+
+    local ok14=0
+    if want 1 || want 2 || want 3 || want 4 || want 5 || want 7; then
+        setup_node a local "$APISERVER_PORT_A" /registry
+        check "node a: kekd admin init --keyring" kekd_admin a init >>"$LOGS/admin.log" 2>&1 || finish
+        start_kekd a || finish
+        start_apiserver a || finish
+        if want 1 || want 2 || want 3 || want 4 || want 5; then
+            if step1 a "step 1" && step2 a "step 2" && step3 a "step 3"; then ok14=1; fi
+            end_step
+            ((ok14)) || fail "steps 1-3: a step failed, the steps after it were not run"
+            if ((ok14)) && want 4; then step4 a "step 4"; end_step; fi
+            if ((ok14)) && want 5; then step5; end_step; fi
+        fi
+        if want 7; then step7; end_step; fi
+        local p
+        for p in kube-apiserver-b kekd-b kube-apiserver-a kekd-a; do stop_proc "$p"; done
+    fi
+
+    if want 6; then
+        begin_step "step 6" "steps 1-4 with the pkcs11 backend on a SoftHSM2 token"
+        if ! command -v softhsm2-util >/dev/null || [[ ! -e /usr/lib/softhsm/libsofthsm2.so ]]; then
+            missing "softhsm2 is not installed (apt-get install softhsm2)"
+        elif setup_hsm_node && start_kekd h && start_apiserver h; then
+            end_step
+            if step1 h "step 6.1" && step2 h "step 6.2" && step3 h "step 6.3"; then
+                step4 h "step 6.4"
+            else
+                fail "steps 6.1-6.3: a step failed, the steps after it were not run"
+            fi
+            end_step
+        fi
+    fi
+    finish
+}
+
+main "$@"
