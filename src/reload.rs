@@ -14,9 +14,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
-use crate::backend::Backend;
+use crate::backend::pkcs11::Pkcs11Error;
+use crate::backend::{Backend, BackendError};
 use crate::keyring::Timestamp;
 use crate::keyring::ops::check_successor;
 use crate::state::{Event, ServingState, Snapshot};
@@ -53,6 +54,13 @@ pub async fn try_reload(state: &ServingState, backend: &Arc<dyn Backend>) -> boo
     let loaded = tokio::task::spawn_blocking(move || loader.load()).await;
     let keyring = match loaded {
         Ok(Ok(k)) => k,
+        // The token is unreachable: an outage, not a bad keyring. The
+        // self-check and the calls report it; keep the snapshot and say
+        // nothing here, or every poll would log a "refused" keyring.
+        Ok(Err(BackendError::Pkcs11(e @ Pkcs11Error::Unavailable { .. }))) => {
+            debug!(error = %e, "keyring not re-read: the token is unavailable");
+            return false;
+        }
         Ok(Err(e)) => return refuse(state, e.to_string()),
         Err(e) => return refuse(state, format!("keyring load task failed: {e}")),
     };

@@ -22,7 +22,7 @@ use crate::metrics::Method;
 use crate::pb;
 use crate::pb::key_management_service_server::{KeyManagementService, KeyManagementServiceServer};
 use crate::secret::Plaintext;
-use crate::state::{ServingState, Snapshot};
+use crate::state::{Event, ServingState, Snapshot};
 use crate::usage::Use;
 
 /// The Status `version` kekd reports; accepted by kube-apiserver 1.29+.
@@ -119,6 +119,9 @@ impl KmsService {
                     self.state
                         .usage()
                         .record(version, Use::Encrypt, Timestamp::now());
+                    self.state
+                        .metrics()
+                        .key_operation("encrypt", version.get(), key_id.as_str());
                     debug!(
                         key.version = version.get(),
                         plaintext.len = plaintext.len(),
@@ -162,6 +165,12 @@ impl KmsService {
                     self.state
                         .usage()
                         .record(version, Use::Decrypt, Timestamp::now());
+                    self.state.metrics().key_operation(
+                        "decrypt",
+                        version.get(),
+                        crate::keyring::KeyId::new(snapshot.keyring.id(), version).as_str(),
+                    );
+                    self.state.note_decrypt(&snapshot, version);
                     debug!(
                         key.version = version.get(),
                         plaintext.len = plaintext.len(),
@@ -193,9 +202,12 @@ impl KmsService {
         if matches!(
             e,
             KeyringError::Backend(BackendError::Pkcs11(Pkcs11Error::Unavailable { .. }))
-        ) && snapshot.set_healthy(false)
+        ) && self.state.record_self_check(snapshot, Err(e.to_string()))
         {
             warn!(error = %e, "key store unavailable; Status fails until it is back");
+            self.state.event(Event::HealthLost {
+                reason: e.to_string(),
+            });
         }
         ServiceError::Keyring(e).to_status(uid)
     }

@@ -233,11 +233,8 @@ async fn check_keyring(t: &Target, out: &mut Vec<Finding>) {
                 k
             }
             Ok(Err(e)) => {
-                out.push(fail(
-                    "keyring",
-                    e.to_string(),
-                    "restore the keyring from a backup or another node (docs/runbook.md)",
-                ));
+                let fix = keyring_fix(&e);
+                out.push(fail("keyring", e.to_string(), fix));
                 return;
             }
             Err(e) => {
@@ -255,6 +252,25 @@ async fn check_keyring(t: &Target, out: &mut Vec<Finding>) {
             e.to_string(),
             "restore the damaged version from a backup",
         )),
+    }
+}
+
+/// The fix for a keyring that does not load, by what is wrong with it.
+fn keyring_fix(e: &crate::backend::BackendError) -> String {
+    use crate::backend::BackendError as B;
+    use crate::keyring::store::StoreError as S;
+    match e {
+        B::Store(S::TooOpen { path, .. }) => format!("chmod 600 {}", path.display()),
+        B::Store(S::NotFound { path }) => format!(
+            "create it with `kekd admin init --keyring {0}`, or restore it \
+             (`kekd admin restore-backup --keyring {0} --from BACKUP`)",
+            path.display()
+        ),
+        B::Store(S::NotAFile { path }) => {
+            format!("{} must be the keyring file itself", path.display())
+        }
+        B::Pkcs11(_) => "check module, token_label and the PIN (docs/hsm.md)".to_owned(),
+        _ => "restore the keyring from a backup or another node (docs/runbook.md)".to_owned(),
     }
 }
 
