@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/protoadapt"
 	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/apiserver/pkg/server/healthz"
 	"k8s.io/apiserver/pkg/server/options/encryptionconfig"
@@ -153,7 +154,9 @@ func decode(t *testing.T, stored []byte) *kmstypes.EncryptedObject {
 		t.Fatalf("stored value starts with %q, want prefix %q", stored[:n], storedPrefix)
 	}
 	o := &kmstypes.EncryptedObject{}
-	if err := proto.Unmarshal(stored[len(storedPrefix):], o); err != nil {
+	// MessageV2Of: the apiserver's EncryptedObject is a protobuf-go message
+	// in v0.37 but a gogo-generated one in v0.32 (compat/v0.32 runs this file).
+	if err := proto.Unmarshal(stored[len(storedPrefix):], protoadapt.MessageV2Of(o)); err != nil {
 		t.Fatalf("stored value is not an EncryptedObject: %v", err)
 	}
 	if err := envelopekmsv2.ValidateEncryptedObject(o); err != nil {

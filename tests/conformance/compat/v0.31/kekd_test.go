@@ -1,0 +1,1 @@
+../../kekd_test.go
