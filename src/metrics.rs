@@ -177,6 +177,19 @@ impl Metrics {
             hsm_sessions_in_use.clone(),
         );
         registry.register("build_info", "kekd build information", build_info.clone());
+        // Known series exist from the start, so rate() sees the first event
+        // and dashboards show 0 rather than no data.
+        for method in [Method::Status, Method::Encrypt, Method::Decrypt] {
+            let labels = RpcLabels {
+                method,
+                code: "Ok".to_owned(),
+            };
+            let _ = rpc_requests.get_or_create(&labels);
+            let _ = rpc_duration.get_or_create(&labels);
+        }
+        for result in ["applied", "unchanged", "refused"] {
+            let _ = reloads.get_or_create(&ResultLabels { result });
+        }
         build_info
             .get_or_create(&BuildLabels {
                 version: env!("CARGO_PKG_VERSION"),

@@ -57,8 +57,18 @@ pub async fn try_reload(state: &ServingState, backend: &Arc<dyn Backend>) -> boo
         // The token is unreachable: an outage, not a bad keyring. The
         // self-check and the calls report it; keep the snapshot and say
         // nothing here, or every poll would log a "refused" keyring.
-        Ok(Err(BackendError::Pkcs11(e @ Pkcs11Error::Unavailable { .. }))) => {
+        Ok(Err(BackendError::Pkcs11(
+            e @ (Pkcs11Error::Unavailable { .. } | Pkcs11Error::NoToken { .. }),
+        ))) => {
             debug!(error = %e, "keyring not re-read: the token is unavailable");
+            return false;
+        }
+        // A token that comes back half-way (SoftHSM rescanning) may briefly
+        // show no keyring; while the self-check fails, that is the outage too.
+        Ok(Err(BackendError::Pkcs11(e @ Pkcs11Error::NoKeyring { .. })))
+            if !state.current().is_healthy() =>
+        {
+            debug!(error = %e, "keyring not re-read during a token outage");
             return false;
         }
         Ok(Err(e)) => return refuse(state, e.to_string()),

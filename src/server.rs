@@ -138,7 +138,6 @@ impl Server {
                 },
             ))
         });
-        let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let (conn_tx, conn_rx) = mpsc::channel(64);
         let listener = socket.take_listener()?;
         let accept = tokio::spawn(accept_loop(listener, conn_tx));
@@ -160,9 +159,15 @@ impl Server {
             .concurrency_limit_per_connection(config.max_concurrency)
             .layer(GlobalConcurrencyLimitLayer::new(config.max_concurrency))
             .add_service(KmsService::new(Arc::clone(&state)).into_server(config.max_request_bytes));
-        let serving = router.serve_with_incoming_shutdown(ReceiverStream::new(conn_rx), async {
-            let _ = stop_rx.await;
-        });
+        // Shutdown is driven by the end of `incoming`, not by a signal: when
+        // the accept task stops, tonic still takes every connection already
+        // accepted (queued in the channel), then stops accepting and drains
+        // them gracefully (GOAWAY, in-flight calls finish). A signal would
+        // drop the queued connections, and with them calls already sent.
+        let serving = router.serve_with_incoming_shutdown(
+            ReceiverStream::new(conn_rx),
+            std::future::pending::<()>(),
+        );
         tokio::pin!(serving);
         readiness.set_serving(true);
 
@@ -171,7 +176,6 @@ impl Server {
             () = shutdown => {
                 info!(grace = ?config.shutdown_grace, "shutting down: no new connections, draining calls");
                 readiness.set_serving(false);
-                let _ = stop_tx.send(());
                 accept.abort();
                 match tokio::time::timeout(config.shutdown_grace, &mut serving).await {
                     Ok(r) => r.map_err(|e| ServerError::Transport(e.to_string())),
@@ -323,8 +327,8 @@ fn check_key_age(
         *warned = Some(primary);
         warn!(
             key.version = primary.get(),
-            age_days = age.as_secs() / 86_400,
-            max_days = max_key_age.as_secs() / 86_400,
+            age = %humantime::format_duration(age),
+            max_key_age = %humantime::format_duration(max_key_age),
             "the primary key is older than max_key_age: rotation is due (kekd admin rotate)"
         );
     }

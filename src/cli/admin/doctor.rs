@@ -110,7 +110,12 @@ pub fn run(args: &DoctorArgs) -> Result<(), CliError> {
         findings.extend(check_socket(socket));
     }
     if let Some(config) = &args.encryption_config {
-        findings.extend(check_encryption_config(config, args.socket.as_deref()));
+        // The apiserver's endpoint is absolute: compare (and suggest) that.
+        let socket = args
+            .socket
+            .as_deref()
+            .map(|s| std::path::absolute(s).unwrap_or_else(|_| s.to_owned()));
+        findings.extend(check_encryption_config(config, socket.as_deref()));
     }
     if let Some(socket) = &args.socket {
         let (checks, _) = runtime.block_on(super::probe::probe_checks(socket, args.timeout));
