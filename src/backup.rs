@@ -482,17 +482,9 @@ pub fn plan_restore(
     restored: &KeyringFile,
 ) -> Result<RestorePlan, BackupError> {
     let Some(current) = current else {
-        return Ok(RestorePlan::Create(
-            restored
-                .versions
-                .iter()
-                .map(|v| Transition {
-                    version: v.info.version,
-                    from: None,
-                    to: v.info.state,
-                })
-                .collect(),
-        ));
+        return Ok(RestorePlan::Create(crate::keyring::ops::transitions(
+            None, restored,
+        )));
     };
     if current.id != restored.id {
         return Err(BackupError::OtherKeyring {
@@ -523,24 +515,10 @@ pub fn plan_restore(
     if *current.encode() == *restored.encode() {
         return Ok(RestorePlan::Unchanged);
     }
-    Ok(RestorePlan::Replace(
-        restored
-            .versions
-            .iter()
-            .filter_map(|n| {
-                let before = current
-                    .versions
-                    .iter()
-                    .find(|o| o.info.version == n.info.version)
-                    .map(|o| o.info.state);
-                (before != Some(n.info.state)).then_some(Transition {
-                    version: n.info.version,
-                    from: before,
-                    to: n.info.state,
-                })
-            })
-            .collect(),
-    ))
+    Ok(RestorePlan::Replace(crate::keyring::ops::transitions(
+        Some(current),
+        restored,
+    )))
 }
 
 /// Every version's number and state.

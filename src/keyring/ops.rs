@@ -411,6 +411,24 @@ impl KeyringFile {
     }
 }
 
+/// The state changes that turn `old` into `new`, version by version (a
+/// version new in `new` has `from: None`), for reports and the audit log.
+pub fn transitions(old: Option<&KeyringFile>, new: &KeyringFile) -> Vec<Transition> {
+    new.versions
+        .iter()
+        .filter_map(|n| {
+            let before = old
+                .and_then(|o| o.versions.iter().find(|o| o.info.version == n.info.version))
+                .map(|o| o.info.state);
+            (before != Some(n.info.state)).then_some(Transition {
+                version: n.info.version,
+                from: before,
+                to: n.info.state,
+            })
+        })
+        .collect()
+}
+
 /// A version's public facts and a fingerprint of its material.
 #[derive(Debug, Clone)]
 pub struct VersionView {

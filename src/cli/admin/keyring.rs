@@ -538,32 +538,9 @@ pub fn import(t: &Target, from: &Path) -> Result<(), CliError> {
                     ))
                 },
             )?;
-            incoming
-                .versions
-                .iter()
-                .filter_map(|n| {
-                    let before = local
-                        .versions
-                        .iter()
-                        .find(|o| o.info.version == n.info.version)
-                        .map(|o| o.info.state);
-                    (before != Some(n.info.state)).then_some(Transition {
-                        version: n.info.version,
-                        from: before,
-                        to: n.info.state,
-                    })
-                })
-                .collect()
+            crate::keyring::ops::transitions(Some(local), &incoming)
         }
-        None => incoming
-            .versions
-            .iter()
-            .map(|n| Transition {
-                version: n.info.version,
-                from: None,
-                to: n.info.state,
-            })
-            .collect(),
+        None => crate::keyring::ops::transitions(None, &incoming),
     };
     if existing.is_some()
         && transitions.is_empty()
