@@ -239,6 +239,24 @@ pub struct Settings {
     /// Period of the keyring change poll, the fallback to inotify [default: 2s].
     #[arg(long, env = "KEKD_RELOAD_INTERVAL", value_name = "DURATION")]
     pub reload_interval: Option<String>,
+    /// Only callers with this uid may call (repeatable, or comma-separated) [default: anyone the socket lets in].
+    #[arg(
+        long,
+        env = "KEKD_ALLOW_UID",
+        value_name = "UID",
+        value_delimiter = ','
+    )]
+    #[serde(default)]
+    pub allow_uid: Vec<u32>,
+    /// Only callers whose primary gid is this may call (repeatable, or comma-separated).
+    #[arg(
+        long,
+        env = "KEKD_ALLOW_GID",
+        value_name = "GID",
+        value_delimiter = ','
+    )]
+    #[serde(default)]
+    pub allow_gid: Vec<u32>,
     /// Address of the ops listener (/metrics, /livez, /readyz), e.g. 127.0.0.1:9464 [default: off].
     #[arg(long, env = "KEKD_OPS_ADDR", value_name = "ADDR")]
     pub ops_addr: Option<String>,
@@ -286,6 +304,16 @@ impl Settings {
             self_check_interval: self.self_check_interval.or(fallback.self_check_interval),
             reload_interval: self.reload_interval.or(fallback.reload_interval),
             ops_addr: self.ops_addr.or(fallback.ops_addr),
+            allow_uid: if self.allow_uid.is_empty() {
+                fallback.allow_uid
+            } else {
+                self.allow_uid
+            },
+            allow_gid: if self.allow_gid.is_empty() {
+                fallback.allow_gid
+            } else {
+                self.allow_gid
+            },
             max_key_age: self.max_key_age.or(fallback.max_key_age),
             log_format: self.log_format.or(fallback.log_format),
             log_level: self.log_level.or(fallback.log_level),
@@ -313,6 +341,8 @@ pub struct ServeConfig {
     pub reload_interval: Duration,
     /// The ops listener's address, if any.
     pub ops_addr: Option<std::net::SocketAddr>,
+    /// Which callers may call.
+    pub peers: crate::service::PeerPolicy,
     /// Primary age past which rotation is due.
     pub max_key_age: Duration,
     /// Log line format.
@@ -423,6 +453,10 @@ impl ServeConfig {
             self_check_interval,
             reload_interval,
             ops_addr,
+            peers: crate::service::PeerPolicy {
+                uids: s.allow_uid,
+                gids: s.allow_gid,
+            },
             max_key_age,
             log_format,
             log_level: s.log_level.unwrap_or_else(|| "info".to_owned()),

@@ -158,7 +158,10 @@ impl Server {
             .max_concurrent_streams(limit)
             .concurrency_limit_per_connection(config.max_concurrency)
             .layer(GlobalConcurrencyLimitLayer::new(config.max_concurrency))
-            .add_service(KmsService::new(Arc::clone(&state)).into_server(config.max_request_bytes));
+            .add_service(
+                KmsService::new(Arc::clone(&state), config.peers.clone())
+                    .into_server(config.max_request_bytes),
+            );
         // Shutdown is driven by the end of `incoming`, not by a signal: when
         // the accept task stops, tonic still takes every connection already
         // accepted (queued in the channel), then stops accepting and drains

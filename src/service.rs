@@ -34,12 +34,52 @@ pub const HEALTHZ_OK: &str = "ok";
 #[derive(Debug, Clone)]
 pub struct KmsService {
     state: Arc<ServingState>,
+    peers: PeerPolicy,
+}
+
+/// Which local users may call: by the caller's uid or gid as the kernel
+/// reports them for the socket (`SO_PEERCRED`). Empty lists allow everyone
+/// the socket's permissions let in.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeerPolicy {
+    /// Allowed uids.
+    pub uids: Vec<u32>,
+    /// Allowed gids (primary group of the calling process).
+    pub gids: Vec<u32>,
+}
+
+impl PeerPolicy {
+    /// Whether a caller with these credentials may call; `None` when the
+    /// kernel gave none (then only an unrestricted policy allows it).
+    pub fn allows(&self, cred: Option<(u32, u32)>) -> bool {
+        if self.uids.is_empty() && self.gids.is_empty() {
+            return true;
+        }
+        cred.is_some_and(|(uid, gid)| self.uids.contains(&uid) || self.gids.contains(&gid))
+    }
 }
 
 impl KmsService {
-    /// A service answering from `state`.
-    pub fn new(state: Arc<ServingState>) -> Self {
-        Self { state }
+    /// A service answering from `state`, to callers `peers` allows.
+    pub fn new(state: Arc<ServingState>, peers: PeerPolicy) -> Self {
+        Self { state, peers }
+    }
+
+    /// Refuses callers the peer policy does not allow, before any crypto.
+    fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        let cred = request
+            .extensions()
+            .get::<UdsConnectInfo>()
+            .and_then(|i| i.peer_cred)
+            .map(|c| (c.uid(), c.gid()));
+        if self.peers.allows(cred) {
+            return Ok(());
+        }
+        Err(ServiceError::PeerNotAllowed {
+            uid: cred.map(|c| c.0),
+            gid: cred.map(|c| c.1),
+        }
+        .to_status(&Uid::none()))
     }
 
     /// The tonic server for this service, with message size caps.
@@ -57,7 +97,10 @@ impl KeyManagementService for KmsService {
         request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
         let started = Instant::now();
-        let result = self.do_status(request).await;
+        let result = match self.authorize(&request) {
+            Ok(()) => self.do_status(request).await,
+            Err(e) => Err(e),
+        };
         self.observe(Method::Status, started, &result);
         result
     }
@@ -67,7 +110,10 @@ impl KeyManagementService for KmsService {
         request: Request<pb::EncryptRequest>,
     ) -> Result<Response<pb::EncryptResponse>, Status> {
         let started = Instant::now();
-        let result = self.do_encrypt(request).await;
+        let result = match self.authorize(&request) {
+            Ok(()) => self.do_encrypt(request).await,
+            Err(e) => Err(e),
+        };
         self.observe(Method::Encrypt, started, &result);
         result
     }
@@ -77,7 +123,10 @@ impl KeyManagementService for KmsService {
         request: Request<pb::DecryptRequest>,
     ) -> Result<Response<pb::DecryptResponse>, Status> {
         let started = Instant::now();
-        let result = self.do_decrypt(request).await;
+        let result = match self.authorize(&request) {
+            Ok(()) => self.do_decrypt(request).await,
+            Err(e) => Err(e),
+        };
         self.observe(Method::Decrypt, started, &result);
         result
     }
@@ -221,6 +270,10 @@ fn peer_uid<T>(request: &Request<T>) -> i64 {
         .map_or(-1, |c| i64::from(c.uid()))
 }
 
+fn fmt_id(id: Option<u32>) -> String {
+    id.map_or_else(|| "unknown".to_owned(), |i| i.to_string())
+}
+
 /// Why a call failed, before it becomes a gRPC status.
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
@@ -233,6 +286,14 @@ pub enum ServiceError {
     /// The latest self-check failed.
     #[error("kekd is unhealthy: the KEK self-check failed (see kekd's log)")]
     Unhealthy,
+    /// The caller's uid/gid is not in --allow-uid / --allow-gid.
+    #[error("caller uid {} gid {} is not allowed by kekd's --allow-uid/--allow-gid", fmt_id(*uid), fmt_id(*gid))]
+    PeerNotAllowed {
+        /// The caller's uid, if the kernel reported it.
+        uid: Option<u32>,
+        /// The caller's gid, if the kernel reported it.
+        gid: Option<u32>,
+    },
 }
 
 impl ServiceError {
@@ -242,6 +303,7 @@ impl ServiceError {
         let code = match self {
             Self::UnexpectedAnnotations => tonic::Code::InvalidArgument,
             Self::Unhealthy => tonic::Code::Unavailable,
+            Self::PeerNotAllowed { .. } => tonic::Code::PermissionDenied,
             Self::Keyring(e) => match e {
                 K::EmptyPlaintext
                 | K::PlaintextTooLong { .. }

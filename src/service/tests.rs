@@ -72,6 +72,14 @@ fn error_to_status_table() {
             Code::Unavailable,
             "kekd is unhealthy: the KEK self-check failed (see kekd's log)",
         ),
+        (
+            ServiceError::PeerNotAllowed {
+                uid: Some(1000),
+                gid: None,
+            },
+            Code::PermissionDenied,
+            "caller uid 1000 gid unknown is not allowed by kekd's --allow-uid/--allow-gid",
+        ),
     ];
     for (err, code, message) in cases {
         let status = err.to_status(&uid);
@@ -128,4 +136,27 @@ fn plaintext_messages_debug_without_bytes() {
         format!("{resp:?}"),
         "DecryptResponse { plaintext: <32 bytes redacted> }"
     );
+}
+
+#[test]
+fn peer_policy() {
+    let open = PeerPolicy::default();
+    assert!(open.allows(Some((1000, 1000))));
+    assert!(open.allows(None));
+    let root_only = PeerPolicy {
+        uids: vec![0],
+        gids: vec![],
+    };
+    assert!(root_only.allows(Some((0, 5))));
+    assert!(!root_only.allows(Some((1000, 0))));
+    assert!(
+        !root_only.allows(None),
+        "no credentials never pass a restriction"
+    );
+    let group = PeerPolicy {
+        uids: vec![],
+        gids: vec![42],
+    };
+    assert!(group.allows(Some((1000, 42))));
+    assert!(!group.allows(Some((42, 1000))));
 }
