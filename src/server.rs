@@ -103,7 +103,7 @@ impl Server {
         self.ops.as_ref().and_then(|l| l.local_addr().ok())
     }
 
-    /// The shared serving state (for tests and future reload tasks).
+    /// The shared serving state (snapshot, usage, metrics).
     pub fn state(&self) -> &Arc<ServingState> {
         &self.state
     }
