@@ -574,3 +574,64 @@ impl Rng {
         self.next_u64() % n
     }
 }
+
+/// Flips every bit of `enc`'s ciphertext, one at a time, and asserts each
+/// flip is refused with exactly the message the envelope layer defines:
+/// structural errors for the format byte and version, the one opaque
+/// message for nonce, body and tag. The same suite runs against every
+/// backend (tests/api.rs: local; tests/pkcs11.rs: a SoftHSM2 token).
+#[allow(dead_code)]
+pub async fn assert_every_bit_flip_refused(
+    client: &mut kekd::client::Client,
+    enc: &kekd::client::EncryptReply,
+    seed: &[u8],
+) {
+    const OPAQUE: &str = "ciphertext could not be decrypted";
+    let ct = &enc.ciphertext;
+    let tag_start = ct.len() - 16;
+    for i in 0..ct.len() {
+        for bit in 0..8 {
+            let mut tampered = ct.clone();
+            tampered[i] ^= 1 << bit;
+            let expected = match i {
+                0 => format!(
+                    "malformed ciphertext: ciphertext has unknown format byte {:#04x} (this kekd reads format 0x01)",
+                    tampered[0]
+                ),
+                1..=4 => match u32::from_be_bytes(tampered[1..5].try_into().unwrap()) {
+                    0 => "malformed ciphertext: ciphertext names key version 0, which is never assigned"
+                        .to_owned(),
+                    v => format!("key_id names version 1 but the ciphertext header names version {v}"),
+                },
+                // Nonce (5..17), sealed body (17..tag_start), tag (tag_start..).
+                _ => OPAQUE.to_owned(),
+            };
+            let region = match i {
+                0 => "format",
+                1..=4 => "version",
+                5..=16 => "nonce",
+                _ if i < tag_start => "body",
+                _ => "tag",
+            };
+            match client
+                .decrypt(
+                    tampered,
+                    &enc.key_id,
+                    std::collections::HashMap::new(),
+                    &uid(i * 8 + bit),
+                )
+                .await
+            {
+                Ok(p) => panic!(
+                    "flip of bit {bit} in byte {i} ({region}) decrypted (to the seed: {})",
+                    p == seed
+                ),
+                Err(status) => assert_eq!(
+                    (status.code(), status.message()),
+                    (tonic::Code::InvalidArgument, expected.as_str()),
+                    "flip of bit {bit} in byte {i} ({region})"
+                ),
+            }
+        }
+    }
+}
