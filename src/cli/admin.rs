@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::cli::{CliError, Output};
-use crate::config::BackendSettings;
+use crate::config::{BackendConfig, BackendSettings, ConfigError, Settings};
 use crate::keyring::KeyVersion;
 
 /// The `kekd admin` subcommands.
@@ -227,6 +227,48 @@ fn dispatch(cmd: AdminCommand) -> Result<(), CliError> {
 
 /// How long an admin command waits for another to release the keyring lock.
 pub const LOCK_WAIT: Duration = Duration::from_secs(10);
+
+impl Target {
+    /// The keyring path and backend settings this target names: a flag
+    /// beats its `KEKD_*` variable, which beats the `--config` file.
+    ///
+    /// # Errors
+    /// When the config file cannot be read.
+    pub(crate) fn settings(&self) -> Result<(Option<PathBuf>, BackendSettings), CliError> {
+        let file = match &self.config {
+            Some(path) => Settings::from_file(path).map_err(CliError::config)?,
+            None => Settings::default(),
+        };
+        Ok((
+            self.keyring.clone().or(file.keyring),
+            self.backend.clone().or(file.backend),
+        ))
+    }
+
+    /// Where the keyring is, validated (for PKCS#11 this reads the PIN).
+    ///
+    /// # Errors
+    /// Exit 78 naming the missing or invalid setting.
+    pub(crate) fn backend_config(&self) -> Result<BackendConfig, CliError> {
+        let (keyring, backend) = self.settings()?;
+        resolve_backend(keyring, backend)
+    }
+}
+
+/// [`BackendConfig::resolve`] with the admin commands' way to name a keyring
+/// in the error (no `--dev` here).
+pub(crate) fn resolve_backend(
+    keyring: Option<PathBuf>,
+    backend: BackendSettings,
+) -> Result<BackendConfig, CliError> {
+    BackendConfig::resolve(keyring, backend).map_err(|e| match e {
+        ConfigError::Missing { what: "keyring", .. } => CliError::config(
+            "no keyring given: set --keyring PATH (or KEKD_KEYRING), or --config FILE with `keyring = \"PATH\"` \
+             or a [backend] table",
+        ),
+        e => CliError::config(e),
+    })
+}
 
 /// Prints a report: the JSON document, or the text.
 fn report(output: Output, json: &serde_json::Value, text: &str) {

@@ -27,7 +27,7 @@ use crate::audit::{self, AuditRecord};
 use crate::backup::{self, Backup, BackupError, Header, KdfParams, Overwrite, Passphrase};
 use crate::backup::{MAX_PASSPHRASE_LEN, RestorePlan};
 use crate::cli::CliError;
-use crate::config::{BackendConfig, Settings};
+use crate::config::BackendConfig;
 use crate::keyring::ops::Transition;
 use crate::keyring::store::{self, KeyringFile, Material, StoreError};
 use crate::keyring::{KeyState, Timestamp};
@@ -337,11 +337,7 @@ pub fn restore(a: &RestoreBackupArgs) -> Result<(), CliError> {
 /// The local keyring the target names; a PKCS#11 target is refused before
 /// anything connects to a token (or asks for its PIN).
 fn local_keyring(t: &Target, command: &str) -> Result<PathBuf, CliError> {
-    let file = match &t.config {
-        Some(path) => Settings::from_file(path).map_err(CliError::config)?,
-        None => Settings::default(),
-    };
-    let backend = t.backend.clone().or(file.backend);
+    let (keyring, backend) = t.settings()?;
     let token = || {
         CliError::runtime(format!(
             "{command} is for local keyrings. {}",
@@ -351,9 +347,7 @@ fn local_keyring(t: &Target, command: &str) -> Result<PathBuf, CliError> {
     if backend.kind.as_deref() == Some("pkcs11") {
         return Err(token());
     }
-    match BackendConfig::resolve(t.keyring.clone().or(file.keyring), backend)
-        .map_err(CliError::config)?
-    {
+    match super::resolve_backend(keyring, backend)? {
         BackendConfig::Local { keyring } => Ok(keyring),
         BackendConfig::Pkcs11(_) => Err(token()),
     }

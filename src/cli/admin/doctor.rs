@@ -23,7 +23,7 @@ use crate::backend::Backend;
 use crate::backend::local::LocalBackend;
 use crate::backend::pkcs11::Pkcs11Backend;
 use crate::cli::CliError;
-use crate::config::{BackendConfig, Settings};
+use crate::config::BackendConfig;
 
 /// Arguments of `kekd admin doctor`.
 #[derive(Debug, clap::Args)]
@@ -163,28 +163,13 @@ pub fn run(args: &DoctorArgs) -> Result<(), CliError> {
 }
 
 async fn check_keyring(t: &Target, out: &mut Vec<Finding>) {
-    let file = match &t.config {
-        Some(path) => match Settings::from_file(path) {
-            Ok(s) => s,
-            Err(e) => {
-                out.push(fail(
-                    "config",
-                    e.to_string(),
-                    "fix the TOML file given with --config",
-                ));
-                return;
-            }
-        },
-        None => Settings::default(),
-    };
-    let keyring = t.keyring.clone().or(file.keyring);
-    let config = match BackendConfig::resolve(keyring, t.backend.clone().or(file.backend)) {
+    let config = match t.backend_config() {
         Ok(c) => c,
         Err(e) => {
             out.push(fail(
                 "keyring",
-                e.to_string(),
-                "name the keyring with --keyring or --config",
+                e.message,
+                "name the keyring with --keyring, or fix the TOML file given with --config",
             ));
             return;
         }

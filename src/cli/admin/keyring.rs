@@ -20,7 +20,7 @@ use crate::backend::pkcs11::Pkcs11Backend;
 use crate::backend::{BackendError, KeyringStore};
 use crate::cli::CliError;
 use crate::cli::serve::{ensure_state_dir, pkcs11_error};
-use crate::config::{BackendConfig, Settings};
+use crate::config::BackendConfig;
 use crate::keyring::ops::{Outcome, Transition, check_successor};
 use crate::keyring::store::{self, KeyringFile, StoreError};
 use crate::keyring::{KeyState, KeyVersion, Timestamp};
@@ -30,13 +30,7 @@ impl Target {
     /// Resolves where the keyring is (flags, then KEKD_*, then --config) and
     /// opens it: the file, or a connection to the token.
     fn open(&self) -> Result<Box<dyn KeyringStore>, CliError> {
-        let file = match &self.config {
-            Some(path) => Settings::from_file(path).map_err(CliError::config)?,
-            None => Settings::default(),
-        };
-        let keyring = self.keyring.clone().or(file.keyring);
-        let config = BackendConfig::resolve(keyring, self.backend.clone().or(file.backend))
-            .map_err(CliError::config)?;
+        let config = self.backend_config()?;
         Ok(match config {
             BackendConfig::Local { keyring } => Box::new(LocalBackend::new(keyring)),
             BackendConfig::Pkcs11(settings) => {
