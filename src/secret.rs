@@ -3,19 +3,27 @@
 //! Secrets are read only through `expose_secret()` at the call that needs
 //! them, so `grep expose_secret` is the audit list. None of these types
 //! derives `Clone`, `Serialize` or a `Debug` that shows bytes, and all of
-//! them zero their memory on drop.
+//! them zero their memory on drop. KEKs and PINs live in pages of their own
+//! that are left out of core dumps and locked into RAM ([`key_memory`]).
 
 use std::fmt;
 
 use rand::{TryRng, rngs::SysRng};
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
+mod locked;
+
+use locked::LockedBytes;
+pub use locked::{KeyMemory, key_memory};
+
 /// Length of a key-encryption key: AES-256.
 pub const KEK_LEN: usize = 32;
 
-/// A 256-bit key-encryption key held in process memory (the local backend).
-#[derive(Zeroize, ZeroizeOnDrop)]
-pub struct Kek([u8; KEK_LEN]);
+/// A 256-bit key-encryption key held in process memory (the local backend),
+/// in a locked page excluded from core dumps; zeroed on drop.
+pub struct Kek(LockedBytes);
+
+impl ZeroizeOnDrop for Kek {}
 
 impl Kek {
     /// Draws a fresh key from the operating system's random number generator.
@@ -24,14 +32,17 @@ impl Kek {
     /// Fails only when the OS cannot provide entropy; no weaker source is
     /// ever used in its place.
     pub fn generate() -> Result<Self, RandomError> {
-        let mut key = Self([0; KEK_LEN]);
-        fill_random(&mut key.0)?;
-        Ok(key)
+        let mut bytes = Zeroizing::new([0; KEK_LEN]);
+        fill_random(&mut *bytes)?;
+        Ok(Self::from_bytes(*bytes))
     }
 
     /// Wraps bytes decoded from a keyring file. The caller zeroes its copy.
     pub fn from_bytes(bytes: [u8; KEK_LEN]) -> Self {
-        Self(bytes)
+        let mut bytes = bytes;
+        let kek = Self(LockedBytes::new(&bytes));
+        bytes.zeroize();
+        kek
     }
 
     /// A one-way fingerprint of the key, to tell whether two copies of a
@@ -40,13 +51,17 @@ impl Kek {
         use sha2::{Digest, Sha256};
         let mut h = Sha256::new();
         h.update(b"kekd/key-fingerprint/v1\0");
-        h.update(self.0);
+        h.update(self.expose_secret());
         KeyFingerprint(h.finalize().into())
     }
 
     /// The raw key. Call only where the key is handed to a cipher or encoder.
     pub fn expose_secret(&self) -> &[u8; KEK_LEN] {
-        &self.0
+        match self.0.as_slice().try_into() {
+            Ok(key) => key,
+            // `from_bytes` is the only constructor and copies exactly KEK_LEN.
+            Err(_) => unreachable!("a KEK holds {KEK_LEN} bytes"),
+        }
     }
 }
 
@@ -114,18 +129,25 @@ impl fmt::Debug for Plaintext {
     }
 }
 
-/// A PKCS#11 user PIN. Read from a file or the environment, never argv.
-pub struct Pin(Zeroizing<String>);
+/// A PKCS#11 user PIN. Read from a file or the environment, never argv;
+/// held in a locked page excluded from core dumps, zeroed on drop.
+pub struct Pin(LockedBytes);
 
 impl Pin {
-    /// Wraps a PIN (trailing newlines already removed by the caller).
+    /// Takes a PIN (trailing newlines already removed by the caller); the
+    /// string it came in is zeroed.
     pub fn new(pin: String) -> Self {
-        Self(Zeroizing::new(pin))
+        let pin = Zeroizing::new(pin);
+        Self(LockedBytes::new(pin.as_bytes()))
     }
 
     /// The PIN. Call only where it is handed to C_Login.
     pub fn expose_secret(&self) -> &str {
-        &self.0
+        match std::str::from_utf8(self.0.as_slice()) {
+            Ok(pin) => pin,
+            // `new` is the only constructor and copies a `String`'s bytes.
+            Err(_) => unreachable!("a PIN is the bytes of a String"),
+        }
     }
 }
 

@@ -128,25 +128,30 @@ pub fn keyring_from_file(file: store::KeyringFile) -> Result<Keyring, KeyringErr
     Keyring::new(file.id, versions)
 }
 
-/// An expanded AES-256-GCM key. The cipher state is zeroed on drop
-/// (aes-gcm's `zeroize` feature).
+/// A version's KEK for AES-256-GCM.
+///
+/// The raw key stays in its locked, non-dumpable page ([`Kek`]); the expanded
+/// cipher state exists only for the length of one seal or open and is zeroed
+/// when dropped (aes-gcm's `zeroize` feature). Expanding an AES-256 key costs
+/// far less than the gRPC call around it (`benches/envelope.rs`), and it keeps
+/// the round keys — as good as the key itself — out of long-lived heap memory.
 pub struct LocalKey {
-    cipher: Aes256Gcm,
+    kek: Kek,
     fingerprint: KeyFingerprint,
 }
 
 impl LocalKey {
-    /// Expands `kek`; the caller keeps (and zeroes) the raw key.
+    /// Holds a copy of `kek` in locked memory; the caller keeps (and zeroes)
+    /// its own.
     pub fn new(kek: &Kek) -> Self {
-        let key = Key::<Aes256Gcm>::from(*kek.expose_secret());
-        let cipher = Aes256Gcm::new(&key);
-        // `key` is a stack copy of the raw bytes; clear it before returning.
-        let mut key = key;
-        zeroize::Zeroize::zeroize(key.as_mut_slice());
         Self {
-            cipher,
+            kek: Kek::from_bytes(*kek.expose_secret()),
             fingerprint: kek.fingerprint(),
         }
+    }
+
+    fn cipher(&self) -> Aes256Gcm {
+        Aes256Gcm::new(<&Key<Aes256Gcm>>::from(self.kek.expose_secret()))
     }
 
     pub(crate) fn fingerprint(&self) -> KeyFingerprint {
@@ -159,7 +164,7 @@ impl LocalKey {
         aad: &[u8],
         plaintext: &Plaintext,
     ) -> Result<Vec<u8>, BackendError> {
-        self.cipher
+        self.cipher()
             .encrypt(
                 nonce.into(),
                 Payload {
@@ -176,7 +181,7 @@ impl LocalKey {
         aad: &[u8],
         sealed: &[u8],
     ) -> Result<Plaintext, BackendError> {
-        self.cipher
+        self.cipher()
             .decrypt(nonce.into(), Payload { msg: sealed, aad })
             .map(Plaintext::new)
             .map_err(|_| BackendError::Decrypt)
