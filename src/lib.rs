@@ -28,6 +28,9 @@
 //! [`keyring::ops`] under a lock and record each change in [`audit`].
 //! [`backup`] seals a local keyring under a passphrase (argon2id,
 //! AES-256-GCM) and decides when a restore may replace a keyring.
+//! [`scan`] reads what the apiserver stored in etcd, page by page, and
+//! counts which provider and which of our key versions each object needs,
+//! so `kekd admin retire --scan` can refuse a version still in use.
 //!
 //! Operators see it through [`ops`] (the `/metrics`, `/livez`, `/readyz`
 //! listener) with [`metrics`], and through the audit log. [`hardening`] turns
@@ -52,6 +55,7 @@ pub mod keyring;
 pub mod metrics;
 pub mod ops;
 pub mod reload;
+pub mod scan;
 pub mod secret;
 pub mod server;
 pub mod service;

@@ -10,6 +10,7 @@ pub mod backup;
 pub mod doctor;
 pub mod keyring;
 pub mod probe;
+pub mod scan;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -50,6 +51,9 @@ pub enum AdminCommand {
     /// Bring a keyring back from a backup: creates a missing keyring, never
     /// replaces one holding versions the backup lacks.
     RestoreBackup(backup::RestoreBackupArgs),
+    /// Read every object the apiserver stored in etcd (read-only, paged) and
+    /// report per resource which provider and which kekd key version holds it.
+    Scan(scan::ScanArgs),
 }
 
 /// The keyring a command acts on, and the report format.
@@ -109,6 +113,11 @@ pub struct RetireArgs {
     /// Retire even if the version was used within the window.
     #[arg(long)]
     pub force: bool,
+    /// The JSON result of a fresh `kekd admin scan` (at most 24h old): refuse
+    /// while any stored object still references the version (--force does
+    /// not override this).
+    #[arg(long, value_name = "FILE")]
+    pub scan: Option<PathBuf>,
     /// The keyring.
     #[command(flatten)]
     pub target: Target,
@@ -178,6 +187,7 @@ impl AdminCommand {
             Self::Import(a) => a.target.output,
             Self::Backup(a) => a.target.output,
             Self::RestoreBackup(a) => a.target.output,
+            Self::Scan(a) => a.target.output,
             // probe and doctor print their own report, failed or not.
             Self::Probe(_) | Self::Doctor(_) => Output::Text,
         }
@@ -196,14 +206,22 @@ fn dispatch(cmd: AdminCommand) -> Result<(), CliError> {
             },
         ),
         AdminCommand::Promote(a) => keyring::change(&a.target, Step::Promote(a.version)),
-        AdminCommand::Retire(a) => keyring::change(
-            &a.target,
-            Step::Retire {
+        AdminCommand::Retire(a) => {
+            let step = Step::Retire {
                 version: a.version,
                 window: a.window,
                 force: a.force,
-            },
-        ),
+            };
+            match &a.scan {
+                None => keyring::change(&a.target, step),
+                Some(file) => {
+                    let scan = scan::read_scan(file)?;
+                    keyring::change_checked(&a.target, step, |keyring| {
+                        scan::check_retire(&scan, file, keyring, a.version)
+                    })
+                }
+            }
+        }
         AdminCommand::Restore(a) => keyring::change(&a.target, Step::Restore(a.version)),
         AdminCommand::Destroy(a) => {
             if !a.yes_destroy_key_material {
@@ -222,6 +240,7 @@ fn dispatch(cmd: AdminCommand) -> Result<(), CliError> {
         AdminCommand::Backup(a) => backup::backup(&a),
         AdminCommand::RestoreBackup(a) => backup::restore(&a),
         AdminCommand::Doctor(a) => doctor::run(&a),
+        AdminCommand::Scan(a) => scan::run(&a),
     }
 }
 

@@ -29,7 +29,7 @@ use crate::usage;
 impl Target {
     /// Resolves where the keyring is (flags, then KEKD_*, then --config) and
     /// opens it: the file, or a connection to the token.
-    fn open(&self) -> Result<Box<dyn KeyringStore>, CliError> {
+    pub(super) fn open(&self) -> Result<Box<dyn KeyringStore>, CliError> {
         let config = self.backend_config()?;
         Ok(match config {
             BackendConfig::Local { keyring } => Box::new(LocalBackend::new(keyring)),
@@ -50,7 +50,7 @@ pub(super) fn lock_wait() -> Duration {
         .unwrap_or(LOCK_WAIT)
 }
 
-fn backend_error(e: BackendError) -> CliError {
+pub(super) fn backend_error(e: BackendError) -> CliError {
     match e {
         BackendError::Store(e) => store_error(e),
         BackendError::Pkcs11(e) => pkcs11_error(e),
@@ -183,6 +183,19 @@ pub fn init(t: &Target) -> Result<(), CliError> {
 /// # Errors
 /// Exit 1 when the step is refused, 75 when locked, 78 for keyring problems.
 pub fn change(t: &Target, step: Step) -> Result<(), CliError> {
+    change_checked(t, step, |_| Ok(()))
+}
+
+/// [`change`], with one more guard: `check` sees the keyring as read under
+/// the lock and may refuse a step that would change it (`retire --scan`).
+///
+/// # Errors
+/// As [`change`], and whatever `check` returns.
+pub fn change_checked(
+    t: &Target,
+    step: Step,
+    check: impl FnOnce(&KeyringFile) -> Result<(), CliError>,
+) -> Result<(), CliError> {
     let store = t.open()?;
     let anchor = store.anchor();
     let path = &anchor;
@@ -232,6 +245,7 @@ pub fn change(t: &Target, step: Step) -> Result<(), CliError> {
         }
         Outcome::Changed(transitions) => transitions,
     };
+    check(&original)?;
     store.replace(&original, &file).map_err(backend_error)?;
     let records: Vec<AuditRecord> = transitions
         .iter()

@@ -1,0 +1,394 @@
+//! `kekd admin scan`: which of our key versions the objects stored in etcd
+//! still need, per resource, and what else is stored there.
+//!
+//! Read-only. The values are classified as they stream past and only
+//! counters and a few keys are kept (`crate::scan`); no value's bytes are
+//! ever printed. With `--keyring`/`--config` the versions found are matched
+//! against that keyring's states. `--output json` writes the `kekd-scan v1`
+//! document that `kekd admin retire --scan FILE` takes.
+
+use std::fmt::Write as _;
+use std::io::{IsTerminal as _, Write as _};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use super::Target;
+use crate::cli::{CliError, Output};
+use crate::keyring::{KeyState, Timestamp};
+use crate::scan::etcd::{EtcdError, EtcdTarget, Paging, Progress};
+use crate::scan::{KeyringSeen, KeyringVersion, ScanReport, ScanRun, Tally, peak_rss_bytes};
+
+/// Arguments of `scan`.
+#[derive(Debug, clap::Args)]
+pub struct ScanArgs {
+    /// etcd's client URLs, as the apiserver's --etcd-servers
+    /// (e.g. https://127.0.0.1:2379).
+    #[arg(long, value_name = "URL[,URL]", value_delimiter = ',', required = true)]
+    pub etcd_endpoints: Vec<String>,
+    /// The CA of etcd's serving certificate (PEM), for https:// endpoints.
+    #[arg(long, value_name = "FILE")]
+    pub cacert: Option<PathBuf>,
+    /// A client certificate etcd trusts (PEM), e.g. the apiserver's etcd client certificate.
+    #[arg(long, value_name = "FILE", requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// The key of --cert (PEM).
+    #[arg(long, value_name = "FILE", requires = "cert")]
+    pub key: Option<PathBuf>,
+    /// The key prefix to read: the apiserver's --etcd-prefix and a slash.
+    #[arg(long, default_value = "/registry/", value_name = "PREFIX")]
+    pub prefix: String,
+    /// The provider name of kekd in the EncryptionConfiguration.
+    #[arg(long, default_value = "kekd", value_name = "NAME")]
+    pub provider_name: String,
+    /// Keys per Range request.
+    #[arg(long, default_value_t = 500, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub page_size: u32,
+    /// Serializable reads (the member's own copy, may lag the leader)
+    /// instead of linearizable ones.
+    #[arg(long)]
+    pub serializable: bool,
+    /// Per-request timeout.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+    /// The keyring to match the versions against (optional).
+    #[command(flatten)]
+    pub target: Target,
+}
+
+/// Runs `kekd admin scan`.
+///
+/// # Errors
+/// Exit 64 for flags that do not fit, 78 for an unreadable keyring or TLS
+/// file, 1 when etcd cannot be read.
+pub fn run(args: &ScanArgs) -> Result<(), CliError> {
+    if args.prefix.is_empty() {
+        return Err(CliError::new(
+            64,
+            "--prefix must not be empty (the apiserver's --etcd-prefix and a slash, e.g. /registry/)",
+        ));
+    }
+    let keyring = keyring_seen(&args.target)?;
+    let etcd = EtcdTarget {
+        endpoints: args.etcd_endpoints.clone(),
+        cacert: args.cacert.clone(),
+        client_cert: args.cert.clone().zip(args.key.clone()),
+        timeout: args.timeout,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(CliError::runtime)?;
+    let prefix = args.prefix.as_bytes();
+    let started_at = Timestamp::now();
+    let clock = Instant::now();
+    let mut tally = Tally::default();
+    let mut bar = ProgressLine::new();
+    let paged = runtime
+        .block_on(etcd.scan(
+            prefix,
+            Paging {
+                page_size: args.page_size,
+                serializable: args.serializable,
+            },
+            |key, value| tally.add(key, value, prefix),
+            |p| bar.update(p),
+        ))
+        .map_err(etcd_error);
+    bar.clear();
+    let paged = paged?;
+    let report = tally.finish(
+        ScanRun {
+            started_at,
+            finished_at: Timestamp::now(),
+            endpoints: args.etcd_endpoints.clone(),
+            prefix: args.prefix.clone(),
+            provider_name: args.provider_name.clone(),
+            consistency: if args.serializable {
+                "serializable"
+            } else {
+                "linearizable"
+            }
+            .to_owned(),
+            revision: paged.revision,
+            expected_keys: paged.expected,
+            pages: paged.pages,
+            page_size: args.page_size,
+            final_page_size: paged.final_page_size,
+            peak_rss_bytes: peak_rss_bytes(),
+        },
+        keyring,
+    );
+    match args.target.output {
+        Output::Json => {
+            let json = serde_json::to_string_pretty(&report).map_err(CliError::runtime)?;
+            println!("{json}");
+        }
+        Output::Text => print!("{}", text(&report, clock.elapsed())),
+    }
+    Ok(())
+}
+
+fn etcd_error(e: EtcdError) -> CliError {
+    match e {
+        EtcdError::Usage(_) => CliError::new(64, e),
+        EtcdError::File { .. } => CliError::config(e),
+        _ => CliError::runtime(e),
+    }
+}
+
+/// The keyring named by --keyring/--config/KEKD_*, if any: its id and states.
+fn keyring_seen(t: &Target) -> Result<Option<KeyringSeen>, CliError> {
+    let (keyring, backend) = t.settings()?;
+    if keyring.is_none() && backend.kind.as_deref() != Some("pkcs11") {
+        return Ok(None);
+    }
+    let store = t.open()?;
+    let file = store.read().map_err(super::keyring::backend_error)?;
+    Ok(Some(KeyringSeen {
+        name: store.name(),
+        id: file.id.to_string(),
+        versions: file
+            .versions
+            .iter()
+            .map(|s| KeyringVersion {
+                version: s.info.version.get(),
+                state: s.info.state.as_str().to_owned(),
+                key_id: file.key_id(s.info.version).to_string(),
+            })
+            .collect(),
+    }))
+}
+
+/// A one-line progress indicator on stderr, only when stderr is a terminal.
+struct ProgressLine {
+    on: bool,
+    last: Option<Instant>,
+}
+
+impl ProgressLine {
+    fn new() -> Self {
+        Self {
+            on: std::io::stderr().is_terminal(),
+            last: None,
+        }
+    }
+
+    fn update(&mut self, p: Progress) {
+        if !self.on
+            || self
+                .last
+                .is_some_and(|t| t.elapsed() < Duration::from_millis(100))
+        {
+            return;
+        }
+        self.last = Some(Instant::now());
+        let pct = (p.keys * 100).checked_div(p.expected).unwrap_or(100);
+        let mut err = std::io::stderr().lock();
+        let _ = write!(
+            err,
+            "\r\x1b[Kscanning: {}/{} keys ({pct}%), {} pages",
+            p.keys, p.expected, p.pages
+        );
+        let _ = err.flush();
+    }
+
+    fn clear(&mut self) {
+        if self.on && self.last.is_some() {
+            let _ = write!(std::io::stderr().lock(), "\r\x1b[K");
+        }
+    }
+}
+
+/// The report for people.
+fn text(r: &ScanReport, elapsed: Duration) -> String {
+    let mut s = String::new();
+    let run = &r.run;
+    let _ = writeln!(
+        s,
+        "scan of {} on {} at revision {} ({} reads): {} keys, {} bytes, {} pages of up to {} in {:.1}s",
+        run.prefix,
+        run.endpoints.join(","),
+        run.revision,
+        run.consistency,
+        r.keys,
+        r.value_bytes,
+        run.pages,
+        run.final_page_size,
+        elapsed.as_secs_f64()
+    );
+    let ours = format!("kms:v2:{}", run.provider_name);
+    let _ = writeln!(
+        s,
+        "\n{:<40}  {:>8}  {:<28}  {:>8}",
+        "RESOURCE", "OBJECTS", "PROVIDER", "COUNT"
+    );
+    for res in &r.resources {
+        let mut first = true;
+        for (provider, n) in &res.providers {
+            let (name, objects) = if first {
+                (res.resource.as_str(), res.objects.to_string())
+            } else {
+                ("", String::new())
+            };
+            first = false;
+            let mark = if *provider == ours { " (ours)" } else { "" };
+            let _ = writeln!(
+                s,
+                "{name:<40}  {objects:>8}  {:<28}  {n:>8}",
+                format!("{provider}{mark}")
+            );
+        }
+        for (key_id, n) in &res.key_ids {
+            let _ = writeln!(s, "{:<40}  {:>8}    key_id {key_id}  {n}", "", "");
+        }
+    }
+    let _ = writeln!(s, "\ntotals:");
+    for (provider, n) in &r.totals {
+        let _ = writeln!(s, "  {provider:<30} {n:>8}");
+    }
+    match &r.keyring {
+        Some(k) => {
+            let _ = writeln!(s, "\nkeyring {} (id {}):", k.name, k.id);
+        }
+        None => {
+            let _ = writeln!(
+                s,
+                "\nkekd key versions (no --keyring given: states unknown):"
+            );
+        }
+    }
+    let _ = writeln!(
+        s,
+        "  {:>7}  {:<12}  {:>8}  {:<53}  EXAMPLE",
+        "VERSION", "STATE", "OBJECTS", "KEY_ID"
+    );
+    for v in &r.versions {
+        let state = v.state.as_deref().unwrap_or("-");
+        let mut objects = v.objects.to_string();
+        if v.header_mismatches > 0 {
+            let _ = write!(objects, "+{}", v.header_mismatches);
+        }
+        let _ = writeln!(
+            s,
+            "  {:>7}  {:<12}  {:>8}  {:<53}  {}",
+            v.version,
+            state,
+            objects,
+            v.key_id,
+            v.examples.first().map_or("", String::as_str)
+        );
+        let retired = state == KeyState::Retired.as_str() || state == KeyState::Destroyed.as_str();
+        if retired && v.references() > 0 {
+            let _ = writeln!(
+                s,
+                "  WARNING: version {} is {state} but {} stored object(s) need it: they cannot be read \
+                 (`kekd admin restore {}` if its material is kept)",
+                v.version,
+                v.references(),
+                v.version
+            );
+        }
+        if r.keyring.as_ref().is_some_and(|k| k.id == v.keyring_id) && v.state.is_none() {
+            let _ = writeln!(
+                s,
+                "  WARNING: version {} is not in this keyring: {} object(s) cannot be read",
+                v.version,
+                v.references()
+            );
+        }
+    }
+    if let Some(k) = &r.keyring {
+        let others: u64 = r
+            .versions
+            .iter()
+            .filter(|v| v.keyring_id != k.id)
+            .map(|v| v.objects)
+            .sum();
+        if others > 0 {
+            let _ = writeln!(
+                s,
+                "  {others} object(s) carry key ids of another kekd keyring (listed with state -)"
+            );
+        }
+    }
+    if r.mismatch_total > 0 {
+        let _ = writeln!(
+            s,
+            "\nWARNING: {} kekd value(s) whose key id and envelope header disagree (kekd refuses to decrypt them):",
+            r.mismatch_total
+        );
+        for m in &r.mismatches {
+            let _ = writeln!(
+                s,
+                "  {}  key_id v{}, header {}",
+                m.key, m.key_id_version, m.header
+            );
+        }
+    }
+    if r.unparseable_total > 0 {
+        let _ = writeln!(
+            s,
+            "\n{} value(s) are in no known form (listed by key; values are never shown):",
+            r.unparseable_total
+        );
+        for p in &r.unparseable {
+            let _ = writeln!(s, "  {}  {}", p.key, p.reason);
+        }
+        if r.unparseable_total > r.unparseable.len() as u64 {
+            let _ = writeln!(
+                s,
+                "  … and {} more",
+                r.unparseable_total - r.unparseable.len() as u64
+            );
+        }
+    }
+    s
+}
+
+/// Largest scan document `retire --scan` reads (its lists are bounded, so
+/// real ones are far smaller).
+const MAX_SCAN_FILE: u64 = 16 * 1024 * 1024;
+
+/// Reads a `kekd-scan v1` document for `retire --scan`.
+///
+/// # Errors
+/// Exit 78 when the file cannot be read or is not a scan result.
+pub(super) fn read_scan(file: &std::path::Path) -> Result<ScanReport, CliError> {
+    let name = file.display().to_string();
+    let meta = std::fs::metadata(file)
+        .map_err(|e| CliError::config(format!("cannot read --scan {name}: {e}")))?;
+    if meta.len() > MAX_SCAN_FILE {
+        return Err(CliError::config(format!(
+            "--scan {name} is {} bytes, more than a scan result ever holds ({MAX_SCAN_FILE}); \
+             pass the output of `kekd admin scan … --output json`",
+            meta.len()
+        )));
+    }
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| CliError::config(format!("cannot read --scan {name}: {e}")))?;
+    ScanReport::from_json(&name, &text).map_err(CliError::config)
+}
+
+/// The `retire --scan` guard, run under the keyring lock on the keyring as read.
+///
+/// # Errors
+/// Exit 1 ("retire refused: …") when the scan is stale, of another keyring,
+/// saw nothing of this keyring, or shows objects still under `version`.
+pub(super) fn check_retire(
+    scan: &ScanReport,
+    file: &std::path::Path,
+    keyring: &crate::keyring::store::KeyringFile,
+    version: crate::keyring::KeyVersion,
+) -> Result<(), CliError> {
+    let evidence = scan
+        .check_retire(
+            &file.display().to_string(),
+            &keyring.id,
+            version,
+            Timestamp::now(),
+        )
+        .map_err(|e| CliError::runtime(format!("retire refused: {e}")))?;
+    eprintln!("kekd: {evidence}");
+    Ok(())
+}
