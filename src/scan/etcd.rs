@@ -281,15 +281,36 @@ impl EtcdTarget {
         } else if lower.contains("notvalidforname") || lower.contains("not valid for name") {
             " — etcd's certificate does not name this host: use the address the apiserver's --etcd-servers uses"
                 .to_owned()
-        } else if lower.contains("certificate required")
-            || lower.contains("certificaterequired")
-            || lower.contains("bad certificate")
-            || lower.contains("badcertificate")
-            || lower.contains("unknown ca")
+        } else if self.cacert.is_some()
+            && [
+                "certificate required",
+                "certificaterequired",
+                "bad certificate",
+                "badcertificate",
+                "unknown ca",
+                "unknownca",
+                "connection closed",
+                "connection reset",
+                "broken pipe",
+            ]
+            .iter()
+            .any(|s| lower.contains(s))
         {
-            " — etcd refused our client certificate: pass --cert and --key of a client certificate etcd trusts \
-             (kubeadm: /etc/kubernetes/pki/apiserver-etcd-client.crt and .key)"
-                .to_owned()
+            // With TLS 1.3 a server refusing the client certificate may
+            // send an alert or just close the connection after the
+            // handshake: which one the client sees depends on timing.
+            match &self.client_cert {
+                None => {
+                    " — etcd requires a client certificate: pass --cert and --key of one it trusts \
+                         (kubeadm: /etc/kubernetes/pki/apiserver-etcd-client.crt and .key)"
+                        .to_owned()
+                }
+                Some((cert, _)) => format!(
+                    " — etcd refused the client certificate --cert {}: pass --cert and --key of one it trusts \
+                     (kubeadm: /etc/kubernetes/pki/apiserver-etcd-client.crt and .key)",
+                    cert.display()
+                ),
+            }
         } else if lower.contains("connection refused")
             || lower.contains("timed out")
             || lower.contains("deadline")

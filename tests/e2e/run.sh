@@ -17,6 +17,8 @@
 #   KEKD_E2E_SECRETS=N   Secrets created in step 1 (default 200)
 #   KEKD_E2E_STEPS="1 2 3 4 5 6 7"  which steps to run (1-3 always run with 4 or 5)
 #   KEKD_E2E_KEEP=1      keep etcd's data directory after a passing run
+#   KEKD_E2E_BUILD_ONLY=1  only build (or find cached) kube-apiserver, kubectl, etcd, etcdctl and
+#                        e2ehelper, then stop: CI runs this before `cargo test` (tests/scan.rs needs etcd)
 
 # Functions are called through check/wait_for: shellcheck cannot see that.
 # shellcheck disable=SC2317
@@ -252,6 +254,11 @@ build_tools() {
     fi
     KUBE_APISERVER=$k8s_dir/kube-apiserver KUBECTL=$k8s_dir/kubectl
     ETCD=$etcd_dir/etcd ETCDCTL=$etcd_dir/etcdctl HELPER=$etcd_dir/e2ehelper
+    if [[ ${KEKD_E2E_BUILD_ONLY:-0} == 1 ]]; then
+        # For suites that need only the binaries (tests/scan.rs finds etcd here).
+        pass "binaries ready: $ETCD, $KUBE_APISERVER (KEKD_E2E_BUILD_ONLY=1: no scenario run)"
+        finish
+    fi
 
     if [[ -n ${KEKD_BIN:-} ]]; then
         KEKD=$KEKD_BIN
