@@ -13,10 +13,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{mpsc, oneshot};
+use tokio::net::UnixListener;
+use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
-use tower::limit::GlobalConcurrencyLimitLayer;
 use tracing::{error, info, warn};
 
 use crate::backend::{Backend, BackendError};
@@ -31,11 +30,22 @@ use crate::state::Event;
 use crate::state::{ServingState, Snapshot};
 use crate::usage::UsageTracker;
 
+pub mod connection;
+
+use connection::{CallLimit, Connection};
+
 /// How often changed usage counters are written to disk.
 pub const USAGE_FLUSH_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Longest socket path Linux accepts (`sun_path` is 108 bytes with its NUL).
 pub const MAX_SOCKET_PATH: usize = 107;
+
+/// An idle connection is sent an HTTP/2 PING this often...
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(60);
+/// ...and closed when the peer has not answered it within this time. Every
+/// live HTTP/2 stack answers PINGs by itself, so this only ends connections
+/// whose peer is gone or not speaking HTTP/2.
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// A server that has loaded its keyring and bound its socket.
 #[derive(Debug)]
@@ -140,7 +150,13 @@ impl Server {
         });
         let (conn_tx, conn_rx) = mpsc::channel(64);
         let listener = socket.take_listener()?;
-        let accept = tokio::spawn(accept_loop(listener, conn_tx));
+        let (max_connections, nofile) = connection::connection_limit();
+        info!(
+            max_connections,
+            rlimit_nofile = nofile.map_or_else(|| "unlimited".to_owned(), |n| n.to_string()),
+            "serving at most {max_connections} connections at once"
+        );
+        let accept = tokio::spawn(accept_loop(listener, conn_tx, max_connections));
         let checker = tokio::spawn(self_check_loop(
             Arc::clone(&state),
             config.self_check_interval,
@@ -154,10 +170,22 @@ impl Server {
         let flusher = tokio::spawn(flush_loop(Arc::clone(&state)));
 
         let limit = u32::try_from(config.max_concurrency).unwrap_or(u32::MAX);
+        let hsm_sessions = match &config.backend {
+            crate::config::BackendConfig::Pkcs11(s) => s.pool_size,
+            crate::config::BackendConfig::Local { .. } => 0,
+        };
+        let running = connection::running_limit(config.max_concurrency, hsm_sessions);
+        info!(
+            running,
+            max_concurrency = config.max_concurrency,
+            "at most {running} Encrypt/Decrypt calls run at once; Status never waits for one"
+        );
         let router = tonic::transport::Server::builder()
             .max_concurrent_streams(limit)
             .concurrency_limit_per_connection(config.max_concurrency)
-            .layer(GlobalConcurrencyLimitLayer::new(config.max_concurrency))
+            .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+            .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+            .layer(CallLimit::new(running))
             .add_service(
                 KmsService::new(Arc::clone(&state), config.peers.clone())
                     .into_server(config.max_request_bytes),
@@ -219,10 +247,19 @@ pub async fn run(
     Server::start(config, backend).await?.serve(shutdown).await
 }
 
-/// Accepts connections and hands them to tonic. Accept errors (EMFILE under
-/// a connection flood) are logged and retried after a pause instead of
-/// ending the server or spinning.
-async fn accept_loop(listener: UnixListener, tx: mpsc::Sender<io::Result<UnixStream>>) {
+/// Accepts connections and hands them to tonic, at most `max_connections`
+/// at once (`server::connection`): past that, a new connection is closed at
+/// once and a warning (at most one per interval) says so. Accept errors
+/// (EMFILE under a connection flood) are logged and retried after a pause
+/// instead of ending the server or spinning.
+async fn accept_loop(
+    listener: UnixListener,
+    tx: mpsc::Sender<io::Result<Connection>>,
+    max_connections: usize,
+) {
+    let slots = Arc::new(Semaphore::new(max_connections));
+    let mut refused: u64 = 0;
+    let mut last_warning: Option<tokio::time::Instant> = None;
     let mut backoff = Duration::from_millis(5);
     loop {
         tokio::select! {
@@ -230,7 +267,25 @@ async fn accept_loop(listener: UnixListener, tx: mpsc::Sender<io::Result<UnixStr
             r = listener.accept() => match r {
                 Ok((stream, _)) => {
                     backoff = Duration::from_millis(5);
-                    if tx.send(Ok(stream)).await.is_err() {
+                    let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+                        refused += 1;
+                        if last_warning.is_none_or(|t| t.elapsed() >= connection::REFUSAL_LOG_INTERVAL) {
+                            let peer = stream.peer_cred().ok();
+                            warn!(
+                                max_connections,
+                                refused,
+                                peer.uid = peer.map(|c| c.uid()),
+                                peer.pid = peer.and_then(|c| c.pid()),
+                                "connection limit reached: {max_connections} connections are open, closing new ones \
+                                 until some close (a client is leaking connections; find it by peer.pid)"
+                            );
+                            last_warning = Some(tokio::time::Instant::now());
+                            refused = 0;
+                        }
+                        drop(stream);
+                        continue;
+                    };
+                    if tx.send(Ok(Connection::new(stream, slot))).await.is_err() {
                         return;
                     }
                 }

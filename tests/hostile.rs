@@ -1,0 +1,1269 @@
+//! Hostile clients against a real `kekd serve` process on its Unix socket
+//! (issue 9): oversized and malformed gRPC messages, malformed HTTP/2,
+//! thousands of idle connections, kekd at a small file-descriptor limit,
+//! a client holding streams open, and a request flood.
+//!
+//! Throughout every attack an apiserver-like client — one connection opened
+//! before the attack, as kube-apiserver keeps one — probes Status every
+//! 50 ms with a 100 ms gRPC deadline, and every probe must succeed. kekd's
+//! memory is read from `/proc/PID/status` (VmRSS, VmHWM) and must stay under
+//! [`RSS_BOUND_KIB`]; kekd must still be running afterwards and the same
+//! client must still Encrypt and Decrypt.
+//!
+//! The attacks run one at a time (`ATTACK`): on a 2-core CI host, two
+//! floods at once would measure the host, not kekd.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use h2::client::SendRequest;
+use tempfile::TempDir;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+use tokio::sync::Mutex;
+use tonic::Code;
+use tonic::codegen::Bytes;
+use tonic::codegen::http;
+
+use common::{Process, create_keyring, seed, spawn_serve, tempdir, uid};
+use kekd::client::Client;
+use kekd::server::connection::{MAX_CONNECTIONS, PREFACE_TIMEOUT, RESERVED_FDS};
+
+/// The most memory kekd may hold at any moment of any attack here (VmHWM,
+/// the peak resident set). An idle kekd (debug build) holds about 10 MiB;
+/// 512 open HTTP/2 connections add about 40 MiB; a held stream costs its
+/// task and buffers. 192 MiB leaves room for allocator slack on any host
+/// and still catches a per-connection or per-stream leak of the sizes an
+/// attack here would cause (2,000 connections × 1 MiB, 1,024 streams ×
+/// 64 KiB buffers).
+const RSS_BOUND_KIB: u64 = 192 * 1024;
+
+/// The Status deadline the apiserver-like prober uses.
+const PROBE_DEADLINE: Duration = Duration::from_millis(100);
+/// How often it probes.
+const PROBE_EVERY: Duration = Duration::from_millis(50);
+
+/// One attack at a time in this binary.
+static ATTACK: Mutex<()> = Mutex::const_new(());
+
+const ENCRYPT: &str = "/v2.KeyManagementService/Encrypt";
+const DECRYPT: &str = "/v2.KeyManagementService/Decrypt";
+const STATUS: &str = "/v2.KeyManagementService/Status";
+
+// ----------------------------------------------------------------- harness
+
+/// A `kekd serve` child process with an apiserver-like client on one
+/// long-lived connection, and a Status prober on it.
+struct Target {
+    _dir: TempDir,
+    process: Process,
+    socket: PathBuf,
+    pid: i32,
+    /// The apiserver-like client (default 30 s per-call timeout).
+    client: Client,
+    prober: Option<Prober>,
+}
+
+impl Target {
+    async fn start(extra: &[&str]) -> Self {
+        let dir = tempdir().await;
+        let keyring = dir.path().join("keyring");
+        create_keyring(&keyring);
+        let socket = dir.path().join("kms.sock");
+        let mut process = spawn_serve(&keyring, &socket, dir.path(), extra).await;
+        let client = process.ready().await;
+        let pid = pid_of(&socket).await;
+        let prober = Prober::start(&socket).await;
+        Self {
+            _dir: dir,
+            process,
+            socket,
+            pid,
+            client,
+            prober: Some(prober),
+        }
+    }
+
+    fn memory(&self) -> Memory {
+        Memory::of(self.pid)
+    }
+
+    /// Stops the prober and asserts the attack's invariants: every probe
+    /// answered within its deadline, kekd still runs, its peak memory is
+    /// under the bound, and the apiserver-like client still works.
+    async fn assert_survived(mut self, attack: &str) -> Self {
+        let report = self.prober.take().expect("prober running").stop().await;
+        let memory = self.memory();
+        eprintln!(
+            "{attack}: {} Status probes, slowest {:?}; kekd VmRSS {} KiB, VmHWM {} KiB",
+            report.probes, report.slowest, memory.rss_kib, memory.hwm_kib
+        );
+        assert!(
+            report.failures.is_empty(),
+            "{attack}: {} of {} Status probes failed (deadline {PROBE_DEADLINE:?}): {:?}\nkekd's log:\n{}",
+            report.failures.len(),
+            report.probes,
+            &report.failures[..report.failures.len().min(10)],
+            tail(&self.process.stderr())
+        );
+        assert!(
+            report.probes >= 1,
+            "{attack}: only {} probes ran",
+            report.probes
+        );
+        assert!(
+            self.process.try_exit().is_none(),
+            "{attack}: kekd exited\n{}",
+            tail(&self.process.stderr())
+        );
+        assert!(
+            memory.hwm_kib < RSS_BOUND_KIB,
+            "{attack}: kekd's peak resident memory {} KiB exceeds the bound {RSS_BOUND_KIB} KiB",
+            memory.hwm_kib
+        );
+        round_trip(&mut self.client, attack).await;
+        let stderr = self.process.stderr();
+        assert!(
+            !stderr.contains("panicked"),
+            "{attack}: kekd panicked:\n{}",
+            tail(&stderr)
+        );
+        self.prober = Some(Prober::start(&self.socket).await);
+        self
+    }
+}
+
+/// Encrypt and Decrypt on `client`, checking the plaintext comes back.
+async fn round_trip(client: &mut Client, attack: &str) {
+    let plaintext = seed();
+    let enc = client
+        .encrypt(plaintext.clone(), &uid(1))
+        .await
+        .unwrap_or_else(|e| panic!("{attack}: Encrypt afterwards failed: {e:?}"));
+    let back = client
+        .decrypt(enc.ciphertext, &enc.key_id, HashMap::new(), &uid(2))
+        .await
+        .unwrap_or_else(|e| panic!("{attack}: Decrypt afterwards failed: {e:?}"));
+    assert_eq!(back, plaintext, "{attack}: wrong plaintext afterwards");
+}
+
+/// The last 40 lines of a log.
+fn tail(log: &str) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
+}
+
+/// kekd's pid, from the kernel's peer credentials of a connection to its
+/// socket (no need to trust a pid file).
+async fn pid_of(socket: &Path) -> i32 {
+    let stream = UnixStream::connect(socket).await.expect("connect for pid");
+    stream
+        .peer_cred()
+        .expect("SO_PEERCRED")
+        .pid()
+        .expect("the kernel reports the peer's pid")
+}
+
+/// VmRSS and VmHWM of a process, in KiB.
+#[derive(Debug, Clone, Copy)]
+struct Memory {
+    rss_kib: u64,
+    hwm_kib: u64,
+}
+
+impl Memory {
+    fn of(pid: i32) -> Self {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap_or_else(|e| panic!("read /proc/{pid}/status: {e}"));
+        let field = |name: &str| -> u64 {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().strip_suffix("kB"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"))
+        };
+        Self {
+            rss_kib: field("VmRSS:"),
+            hwm_kib: field("VmHWM:"),
+        }
+    }
+}
+
+/// Status every [`PROBE_EVERY`] with a [`PROBE_DEADLINE`] deadline, on one
+/// connection opened before the attack.
+struct Prober {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<ProbeReport>,
+}
+
+#[derive(Debug, Default)]
+struct ProbeReport {
+    probes: usize,
+    failures: Vec<String>,
+    slowest: Duration,
+}
+
+impl Prober {
+    /// Starts probing on a thread and runtime of its own: the apiserver is
+    /// another process, so its probes must not queue behind the attack's
+    /// tasks in this test process — only behind kekd's.
+    async fn start(socket: &Path) -> Self {
+        let socket = socket.to_owned();
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("the prober's runtime");
+            runtime.block_on(async move {
+                let mut client = Client::connect(&socket, PROBE_DEADLINE)
+                    .await
+                    .expect("the prober connects");
+                // The first call on a fresh connection is not the attack's
+                // business.
+                client.status().await.expect("first Status");
+                let _ = ready_tx.send(());
+                let mut report = ProbeReport::default();
+                let started = Instant::now();
+                while !flag.load(Ordering::Relaxed) {
+                    let t = Instant::now();
+                    let result = client.status().await;
+                    let took = t.elapsed();
+                    report.probes += 1;
+                    report.slowest = report.slowest.max(took);
+                    match result {
+                        Ok(s) if s.healthz == "ok" => {}
+                        Ok(s) => report
+                            .failures
+                            .push(format!("at {:?}: unhealthy {s:?}", started.elapsed())),
+                        Err(e) => report.failures.push(format!(
+                            "at {:?} after {took:?}: {:?} {:?}",
+                            started.elapsed(),
+                            e.code(),
+                            e.message()
+                        )),
+                    }
+                    tokio::time::sleep(PROBE_EVERY).await;
+                }
+                report
+            })
+        });
+        ready_rx.await.expect("the prober started");
+        Self { stop, thread }
+    }
+
+    async fn stop(self) -> ProbeReport {
+        self.stop.store(true, Ordering::Relaxed);
+        let thread = self.thread;
+        tokio::task::spawn_blocking(move || thread.join().expect("prober thread"))
+            .await
+            .expect("join the prober")
+    }
+}
+
+/// Raises this test process's soft RLIMIT_NOFILE to `want` (or the hard
+/// limit, if lower); returns the soft limit now in force.
+fn raise_nofile(want: u64) -> u64 {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let now = getrlimit(Resource::Nofile);
+    let hard = now.maximum.unwrap_or(u64::MAX);
+    let soft = now.current.unwrap_or(u64::MAX);
+    if soft >= want {
+        return soft;
+    }
+    let target = want.min(hard);
+    setrlimit(
+        Resource::Nofile,
+        Rlimit {
+            current: Some(target),
+            maximum: now.maximum,
+        },
+    )
+    .expect("raise RLIMIT_NOFILE");
+    target
+}
+
+// ------------------------------------------------------ raw HTTP/2 frames
+
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+const DATA: u8 = 0x0;
+const HEADERS: u8 = 0x1;
+const RST_STREAM: u8 = 0x3;
+const SETTINGS: u8 = 0x4;
+const PING: u8 = 0x6;
+const GOAWAY: u8 = 0x7;
+const WINDOW_UPDATE: u8 = 0x8;
+const END_STREAM: u8 = 0x1;
+const END_HEADERS: u8 = 0x4;
+const ACK: u8 = 0x1;
+
+/// HTTP/2 error codes (RFC 9113 §7).
+const PROTOCOL_ERROR: u32 = 0x1;
+const FRAME_SIZE_ERROR: u32 = 0x6;
+const REFUSED_STREAM: u32 = 0x7;
+
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = u32::try_from(payload.len()).unwrap();
+    assert!(len < 1 << 24);
+    let mut f = len.to_be_bytes()[1..].to_vec();
+    f.push(kind);
+    f.push(flags);
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// An HPACK "literal header field without indexing, new name" (RFC 7541
+/// §6.2.2), without Huffman coding; names and values under 127 bytes.
+fn hpack_literal(name: &str, value: &str) -> Vec<u8> {
+    assert!(name.len() < 127 && value.len() < 127);
+    let mut b = vec![0x00, u8::try_from(name.len()).unwrap()];
+    b.extend_from_slice(name.as_bytes());
+    b.push(u8::try_from(value.len()).unwrap());
+    b.extend_from_slice(value.as_bytes());
+    b
+}
+
+/// The header block of a gRPC call to `path`, as the apiserver sends it.
+fn grpc_header_block(path: &str) -> Vec<u8> {
+    [
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":path", path),
+        (":authority", "localhost"),
+        ("content-type", "application/grpc"),
+        ("te", "trailers"),
+    ]
+    .iter()
+    .flat_map(|(n, v)| hpack_literal(n, v))
+    .collect()
+}
+
+#[derive(Debug)]
+struct Frame {
+    kind: u8,
+    flags: u8,
+    stream: u32,
+    payload: Vec<u8>,
+}
+
+impl Frame {
+    /// (last stream id, error code) of a GOAWAY.
+    fn goaway(&self) -> (u32, u32) {
+        assert_eq!(self.kind, GOAWAY);
+        (
+            u32::from_be_bytes(self.payload[0..4].try_into().unwrap()),
+            u32::from_be_bytes(self.payload[4..8].try_into().unwrap()),
+        )
+    }
+
+    /// The error code of a RST_STREAM.
+    fn reset_code(&self) -> u32 {
+        assert_eq!(self.kind, RST_STREAM);
+        u32::from_be_bytes(self.payload[0..4].try_into().unwrap())
+    }
+
+    /// The settings of a SETTINGS frame.
+    fn settings(&self) -> HashMap<u16, u32> {
+        assert_eq!(self.kind, SETTINGS);
+        self.payload
+            .chunks(6)
+            .map(|c| {
+                (
+                    u16::from_be_bytes([c[0], c[1]]),
+                    u32::from_be_bytes([c[2], c[3], c[4], c[5]]),
+                )
+            })
+            .collect()
+    }
+}
+
+/// A raw connection to kekd's socket that writes bytes as given and reads
+/// frames as the server sends them.
+struct Raw {
+    stream: UnixStream,
+    buf: Vec<u8>,
+}
+
+impl Raw {
+    async fn connect(socket: &Path) -> Self {
+        Self {
+            stream: UnixStream::connect(socket).await.expect("raw connect"),
+            buf: Vec::new(),
+        }
+    }
+
+    /// Preface + empty SETTINGS, the server's SETTINGS read and ACKed;
+    /// returns the server's settings.
+    async fn handshake(socket: &Path) -> (Self, HashMap<u16, u32>) {
+        let mut raw = Self::connect(socket).await;
+        raw.write(PREFACE).await;
+        raw.write(&frame(SETTINGS, 0, 0, &[])).await;
+        loop {
+            let f = raw
+                .next(Duration::from_secs(5))
+                .await
+                .expect("the server's SETTINGS");
+            if f.kind == SETTINGS && f.flags & ACK == 0 {
+                raw.write(&frame(SETTINGS, ACK, 0, &[])).await;
+                return (raw, f.settings());
+            }
+        }
+    }
+
+    async fn write(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).await.expect("raw write");
+    }
+
+    /// The next frame, or `None` when the server closed the connection;
+    /// panics when nothing arrives within `wait`.
+    async fn next(&mut self, wait: Duration) -> Option<Frame> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            if self.buf.len() >= 9 {
+                let len = u32::from_be_bytes([0, self.buf[0], self.buf[1], self.buf[2]]) as usize;
+                if self.buf.len() >= 9 + len {
+                    let f = Frame {
+                        kind: self.buf[3],
+                        flags: self.buf[4],
+                        stream: u32::from_be_bytes(self.buf[5..9].try_into().unwrap())
+                            & 0x7fff_ffff,
+                        payload: self.buf[9..9 + len].to_vec(),
+                    };
+                    self.buf.drain(..9 + len);
+                    return Some(f);
+                }
+            }
+            let mut chunk = [0u8; 16 * 1024];
+            let n = match tokio::time::timeout_at(deadline, self.stream.read(&mut chunk)).await {
+                Err(_) => panic!("no frame from kekd within {wait:?}"),
+                Ok(Ok(n)) => n,
+                // A reset after the server's close counts as the close.
+                Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => 0,
+                Ok(Err(e)) => panic!("raw read: {e}"),
+            };
+            if n == 0 {
+                return None;
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// Reads frames until a GOAWAY; returns it and asserts that the server
+    /// then closes the connection.
+    async fn expect_goaway(&mut self, what: &str) -> Frame {
+        loop {
+            match self.next(Duration::from_secs(5)).await {
+                Some(f) if f.kind == GOAWAY => {
+                    self.expect_closed(what).await;
+                    return f;
+                }
+                Some(_) => {}
+                None => panic!("{what}: kekd closed the connection without a GOAWAY"),
+            }
+        }
+    }
+
+    /// Reads (and drops) frames until the server closes the connection.
+    async fn expect_closed(&mut self, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.next(Duration::from_secs(5)).await.is_some() {
+            assert!(
+                Instant::now() < deadline,
+                "{what}: kekd keeps sending frames"
+            );
+        }
+    }
+
+    /// Whether the server has closed this connection (EOF or reset).
+    async fn is_closed(&mut self) -> bool {
+        let mut b = [0u8; 256];
+        loop {
+            match tokio::time::timeout(Duration::from_millis(1), self.stream.read(&mut b)).await {
+                Err(_) => return false,
+                Ok(Ok(0)) | Ok(Err(_)) => return true,
+                Ok(Ok(_)) => {}
+            }
+        }
+    }
+}
+
+// ------------------------------------------------------- h2 gRPC client
+
+/// A real HTTP/2 connection (the `h2` crate) for hand-made gRPC bodies.
+async fn h2_connect(socket: &Path) -> SendRequest<Bytes> {
+    let io = UnixStream::connect(socket).await.expect("h2 connect");
+    let (send, conn) = h2::client::handshake(io).await.expect("h2 handshake");
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    send
+}
+
+/// A gRPC length-prefixed message: flag, declared length, bytes.
+fn grpc_frame(compressed: u8, declared: u32, body: &[u8]) -> Vec<u8> {
+    let mut m = vec![compressed];
+    m.extend_from_slice(&declared.to_be_bytes());
+    m.extend_from_slice(body);
+    m
+}
+
+/// An EncryptRequest protobuf with a `len`-byte plaintext and no uid.
+fn encrypt_request(len: usize) -> Vec<u8> {
+    let mut m = vec![0x0a];
+    let mut n = len;
+    while n >= 0x80 {
+        m.push(u8::try_from(n & 0x7f).unwrap() | 0x80);
+        n >>= 7;
+    }
+    m.push(u8::try_from(n).unwrap());
+    m.resize(m.len() + len, 0x42);
+    m
+}
+
+/// What a gRPC call returned: the HTTP status and grpc-status/-message
+/// (from headers of a trailers-only response, or from the trailers).
+#[derive(Debug, PartialEq, Eq)]
+struct Outcome {
+    http: u16,
+    code: Option<Code>,
+    message: String,
+}
+
+/// Sends one request with `content_type` and `body` (ending the stream when
+/// `end`), and reads the outcome.
+async fn grpc_call(
+    send: &mut SendRequest<Bytes>,
+    path: &str,
+    content_type: &str,
+    body: Vec<u8>,
+    end: bool,
+) -> Outcome {
+    let request = http::Request::builder()
+        .method("POST")
+        .uri(format!("http://localhost{path}"))
+        .header("content-type", content_type)
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let mut ready = send.clone().ready().await.expect("h2 ready");
+    let (response, mut stream) = ready.send_request(request, false).expect("send request");
+    stream.send_data(Bytes::from(body), end).expect("send body");
+    let response = tokio::time::timeout(Duration::from_secs(10), response)
+        .await
+        .expect("a response within 10 s")
+        .expect("response headers");
+    let http = response.status().as_u16();
+    let from = |h: &http::HeaderMap| -> Option<(Code, String)> {
+        let code = h.get("grpc-status")?.to_str().ok()?.parse::<i32>().ok()?;
+        let message = h
+            .get("grpc-message")
+            .map(|m| percent_decode(m.to_str().unwrap_or_default()))
+            .unwrap_or_default();
+        Some((Code::from_i32(code), message))
+    };
+    if let Some((code, message)) = from(response.headers()) {
+        return Outcome {
+            http,
+            code: Some(code),
+            message,
+        };
+    }
+    let mut body = response.into_body();
+    while let Some(chunk) = body.data().await {
+        if chunk.is_err() {
+            break;
+        }
+    }
+    let trailers = body.trailers().await.ok().flatten().unwrap_or_default();
+    let (code, message) = from(&trailers).map_or((None, String::new()), |(c, m)| (Some(c), m));
+    Outcome {
+        http,
+        code,
+        message,
+    }
+}
+
+/// grpc-message is percent-encoded (gRPC over HTTP/2 spec).
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%'
+            && i + 2 < b.len()
+            && let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16)
+        {
+            out.push(v);
+            i += 3;
+            continue;
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn outcome(code: Code, message: &str) -> Outcome {
+    Outcome {
+        http: 200,
+        code: Some(code),
+        message: message.to_owned(),
+    }
+}
+
+// ------------------------------------------------------------------ tests
+
+/// Messages over `--max-request-bytes` (64 KiB by default) are refused by
+/// the gRPC layer with OUT_OF_RANGE before kekd buffers them — also when a
+/// message only declares a huge length and never sends it; a message of
+/// exactly the limit reaches the service (and is refused there for its
+/// plaintext size). The connection keeps working afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_messages_are_refused_with_out_of_range() {
+    let _serial = ATTACK.lock().await;
+    let target = Target::start(&[]).await;
+    let mut send = h2_connect(&target.socket).await;
+    const LIMIT: usize = 65536;
+
+    // Exactly the limit: 1 tag byte + 3 length bytes + 65532 plaintext bytes.
+    let at_limit = encrypt_request(LIMIT - 4);
+    assert_eq!(at_limit.len(), LIMIT);
+    assert_eq!(
+        grpc_call(
+            &mut send,
+            ENCRYPT,
+            "application/grpc",
+            grpc_frame(0, 65536, &at_limit),
+            true
+        )
+        .await,
+        outcome(
+            Code::InvalidArgument,
+            "plaintext is 65532 bytes; at most 991 fit the apiserver's 1024-byte ciphertext limit"
+        )
+    );
+
+    // One byte over.
+    let over = encrypt_request(LIMIT - 3);
+    assert_eq!(over.len(), LIMIT + 1);
+    let too_large = |found: u64| {
+        outcome(
+            Code::OutOfRange,
+            &format!(
+                "Error, decoded message length too large: found {found} bytes, the limit is: {LIMIT} bytes"
+            ),
+        )
+    };
+    assert_eq!(
+        grpc_call(
+            &mut send,
+            ENCRYPT,
+            "application/grpc",
+            grpc_frame(0, 65537, &over),
+            true
+        )
+        .await,
+        too_large(65537)
+    );
+
+    // 4 GiB declared, nothing sent, stream left open: refused at once.
+    for path in [ENCRYPT, DECRYPT] {
+        assert_eq!(
+            grpc_call(
+                &mut send,
+                path,
+                "application/grpc",
+                grpc_frame(0, u32::MAX, &[]),
+                false
+            )
+            .await,
+            too_large(u64::from(u32::MAX)),
+            "{path}"
+        );
+    }
+
+    // 16 MiB really sent (flow control lets it through in windows).
+    let big = encrypt_request(16 << 20);
+    let declared = u32::try_from(big.len()).unwrap();
+    assert_eq!(
+        grpc_call(
+            &mut send,
+            DECRYPT,
+            "application/grpc",
+            grpc_frame(0, declared, &big),
+            true
+        )
+        .await,
+        too_large(u64::from(declared))
+    );
+
+    // The same connection still serves.
+    assert_eq!(
+        grpc_call(
+            &mut send,
+            STATUS,
+            "application/grpc",
+            grpc_frame(0, 0, &[]),
+            true
+        )
+        .await
+        .code,
+        Some(Code::Ok)
+    );
+    target.assert_survived("oversized messages").await;
+}
+
+/// Malformed gRPC inside well-formed HTTP/2: each is refused on its stream
+/// with the exact code and message, and the connection keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_grpc_messages_are_refused_per_stream() {
+    let _serial = ATTACK.lock().await;
+    let target = Target::start(&[]).await;
+    let mut send = h2_connect(&target.socket).await;
+    let request = encrypt_request(32);
+    let len = u32::try_from(request.len()).unwrap();
+
+    let cases: Vec<(&str, &str, Vec<u8>, Outcome)> = vec![
+        (
+            "compressed flag without grpc-encoding",
+            "application/grpc",
+            grpc_frame(1, len, &request),
+            outcome(
+                Code::Internal,
+                "protocol error: received message with compressed-flag but no grpc-encoding was specified",
+            ),
+        ),
+        (
+            "compressed flag 2",
+            "application/grpc",
+            grpc_frame(2, len, &request),
+            outcome(
+                Code::Internal,
+                "protocol error: received message with invalid compression flag: 2 (valid flags are 0 and 1), while sending request",
+            ),
+        ),
+        (
+            "message truncated by the end of the stream",
+            "application/grpc",
+            grpc_frame(0, len, &request[..10]),
+            outcome(Code::Internal, "Unexpected EOF decoding stream."),
+        ),
+        (
+            "length prefix truncated",
+            "application/grpc",
+            vec![0, 0, 0],
+            outcome(Code::Internal, "Unexpected EOF decoding stream."),
+        ),
+        (
+            "not protobuf (an unterminated varint)",
+            "application/grpc",
+            grpc_frame(0, 4, &[0xff, 0xff, 0xff, 0xff]),
+            outcome(
+                Code::Internal,
+                "failed to decode Protobuf message: invalid varint",
+            ),
+        ),
+        (
+            "no message at all",
+            "application/grpc",
+            Vec::new(),
+            outcome(Code::Internal, "Missing request message."),
+        ),
+    ];
+    for (what, content_type, body, expected) in cases {
+        assert_eq!(
+            grpc_call(&mut send, ENCRYPT, content_type, body, true).await,
+            expected,
+            "{what}"
+        );
+    }
+    assert_eq!(
+        grpc_call(
+            &mut send,
+            "/v2.KeyManagementService/Nope",
+            "application/grpc",
+            grpc_frame(0, 0, &[]),
+            true
+        )
+        .await,
+        Outcome {
+            http: 200,
+            code: Some(Code::Unimplemented),
+            message: String::new(),
+        },
+        "unknown method"
+    );
+    // tonic does not check content-type: a gRPC body under another type
+    // is served as gRPC (harmless: the body must still be a valid message).
+    assert_eq!(
+        grpc_call(&mut send, STATUS, "text/plain", grpc_frame(0, 0, &[]), true).await,
+        Outcome {
+            http: 200,
+            code: Some(Code::Ok),
+            message: String::new(),
+        },
+        "wrong content-type"
+    );
+
+    assert_eq!(
+        grpc_call(
+            &mut send,
+            STATUS,
+            "application/grpc",
+            grpc_frame(0, 0, &[]),
+            true
+        )
+        .await
+        .code,
+        Some(Code::Ok),
+        "the connection still serves"
+    );
+    target.assert_survived("malformed gRPC messages").await;
+}
+
+/// Malformed HTTP/2: kekd answers each protocol violation with a GOAWAY
+/// naming the exact HTTP/2 error and closes that connection only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_http2_gets_goaway_and_a_closed_connection() {
+    let _serial = ATTACK.lock().await;
+    let target = Target::start(&[]).await;
+    let socket = target.socket.clone();
+
+    // A garbage preface, and HTTP/1.1 (kekd speaks only HTTP/2).
+    for (what, bytes) in [
+        (
+            "garbage preface",
+            b"GARBAGE GARBAGE GARBAGE GARBAGE\r\n\r\n".to_vec(),
+        ),
+        (
+            "HTTP/1.1 request",
+            b"POST /v2.KeyManagementService/Status HTTP/1.1\r\nHost: localhost\r\n\r\n".to_vec(),
+        ),
+    ] {
+        let mut raw = Raw::connect(&socket).await;
+        raw.write(&bytes).await;
+        let started = Instant::now();
+        raw.expect_closed(what).await;
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{what}: closed only after {:?}",
+            started.elapsed()
+        );
+    }
+
+    let violations: Vec<(&str, Vec<u8>, u32)> = vec![
+        (
+            "DATA on stream 0",
+            frame(DATA, 0, 0, b"hello"),
+            PROTOCOL_ERROR,
+        ),
+        (
+            "HEADERS on an even (server) stream id",
+            frame(HEADERS, END_HEADERS, 2, &grpc_header_block(STATUS)),
+            PROTOCOL_ERROR,
+        ),
+        (
+            "a frame over SETTINGS_MAX_FRAME_SIZE (16 KiB)",
+            frame(DATA, 0, 1, &vec![0u8; 16385]),
+            FRAME_SIZE_ERROR,
+        ),
+        (
+            // RFC 9113 §6.5 names FRAME_SIZE_ERROR; h2 answers PROTOCOL_ERROR.
+            "SETTINGS with a length not a multiple of 6",
+            frame(SETTINGS, 0, 0, &[0, 3, 0, 0, 1]),
+            PROTOCOL_ERROR,
+        ),
+        (
+            // RFC 9113 §6.7 names FRAME_SIZE_ERROR; h2 answers PROTOCOL_ERROR.
+            "PING of 7 bytes",
+            frame(PING, 0, 0, &[0; 7]),
+            PROTOCOL_ERROR,
+        ),
+        (
+            "HEADERS with an HPACK index that does not exist",
+            frame(HEADERS, END_HEADERS | END_STREAM, 1, &[0xff, 0x7f]),
+            // h2 reports an HPACK index past the tables as PROTOCOL_ERROR.
+            PROTOCOL_ERROR,
+        ),
+        (
+            "WINDOW_UPDATE of 0 on the connection",
+            frame(WINDOW_UPDATE, 0, 0, &[0, 0, 0, 0]),
+            PROTOCOL_ERROR,
+        ),
+    ];
+    let mut wrong = Vec::new();
+    for (what, bytes, code) in violations {
+        let (mut raw, _) = Raw::handshake(&socket).await;
+        raw.write(&bytes).await;
+        let goaway = raw.expect_goaway(what).await;
+        if goaway.goaway().1 != code {
+            wrong.push(format!(
+                "{what}: GOAWAY error {:#x}, expected {code:#x}",
+                goaway.goaway().1
+            ));
+        }
+    }
+    assert!(wrong.is_empty(), "{wrong:#?}");
+    target.assert_survived("malformed HTTP/2").await;
+}
+
+/// A connection that never sends the HTTP/2 preface — or only part of
+/// it — is closed after `PREFACE_TIMEOUT`, so it cannot hold a slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_are_closed_after_the_preface_timeout() {
+    let _serial = ATTACK.lock().await;
+    let target = Target::start(&[]).await;
+    let mut silent = Raw::connect(&target.socket).await;
+    let mut half = Raw::connect(&target.socket).await;
+    half.write(&PREFACE[..12]).await;
+    let started = Instant::now();
+    tokio::time::sleep(PREFACE_TIMEOUT - Duration::from_secs(1)).await;
+    assert!(!silent.is_closed().await, "closed before the timeout");
+    assert!(!half.is_closed().await, "closed before the timeout");
+    silent.expect_closed("silent connection").await;
+    half.expect_closed("half a preface").await;
+    let took = started.elapsed();
+    assert!(
+        took < PREFACE_TIMEOUT + Duration::from_secs(2),
+        "closed only after {took:?}"
+    );
+    target.assert_survived("silent connections").await;
+}
+
+/// 2,000 connections that never speak, then 2,000 HTTP/2 connections that
+/// complete their handshake and sit idle: kekd serves at most
+/// `MAX_CONNECTIONS` at once, closes the rest at once with one warning, keeps
+/// answering the apiserver's connection, and frees the slots when they close
+/// (silent ones after the preface timeout, idle ones when their client goes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousands_of_idle_connections_are_capped() {
+    const FLOOD: usize = 2000;
+    let _serial = ATTACK.lock().await;
+    let nofile = raise_nofile(8192);
+    assert!(
+        nofile >= 2 * FLOOD as u64 + 64,
+        "this test needs RLIMIT_NOFILE ≥ {} (hard limit too low: {nofile})",
+        2 * FLOOD + 64
+    );
+    let target = Target::start(&[]).await;
+    // The apiserver-like client and the prober hold one connection each.
+    let free = MAX_CONNECTIONS - 2;
+
+    // Silent connections.
+    let mut silent = Vec::with_capacity(FLOOD);
+    for _ in 0..FLOOD {
+        silent.push(Raw::connect(&target.socket).await);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut closed = 0;
+    for raw in &mut silent {
+        if raw.is_closed().await {
+            closed += 1;
+        }
+    }
+    assert_eq!(
+        (FLOOD - closed, closed),
+        (free, FLOOD - free),
+        "(open, closed) of {FLOOD} silent connections"
+    );
+    let warned = format!(
+        "connection limit reached: {MAX_CONNECTIONS} connections are open, closing new ones"
+    );
+    assert!(
+        target.process.stderr().contains(&warned),
+        "no warning {warned:?}:\n{}",
+        tail(&target.process.stderr())
+    );
+    // They are closed by the preface timeout.
+    let deadline = Instant::now() + PREFACE_TIMEOUT + Duration::from_secs(3);
+    loop {
+        let mut open = 0;
+        for raw in &mut silent {
+            if !raw.is_closed().await {
+                open += 1;
+            }
+        }
+        if open == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{open} silent connections still open {:?} after the preface timeout",
+            Duration::from_secs(3)
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    drop(silent);
+    let target = target.assert_survived("2,000 silent connections").await;
+
+    // HTTP/2 connections that handshake and stay idle.
+    let mut idle = Vec::new();
+    let mut refused = 0;
+    for _ in 0..FLOOD {
+        let io = UnixStream::connect(&target.socket).await.expect("connect");
+        match tokio::time::timeout(Duration::from_secs(5), h2::client::handshake(io)).await {
+            Ok(Ok((send, conn))) => {
+                let driver = tokio::spawn(conn);
+                idle.push((send, driver));
+            }
+            Ok(Err(_)) => refused += 1,
+            Err(_) => panic!("an HTTP/2 handshake neither completed nor failed within 5 s"),
+        }
+    }
+    // A handshake's client side may complete before the server closed it:
+    // count the connections still alive after a moment.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let alive = idle.iter().filter(|(_, d)| !d.is_finished()).count();
+    eprintln!(
+        "idle HTTP/2: {} handshakes refused at once, {alive} alive",
+        refused
+    );
+    assert_eq!(
+        (alive, FLOOD - alive),
+        (free, FLOOD - free),
+        "(alive, closed) of {FLOOD} idle HTTP/2 connections"
+    );
+    // They outlive the preface timeout: idle is not dead.
+    tokio::time::sleep(PREFACE_TIMEOUT + Duration::from_secs(1)).await;
+    let still = idle.iter().filter(|(_, d)| !d.is_finished()).count();
+    assert_eq!(still, free, "idle HTTP/2 connections closed by kekd");
+    let memory = target.memory();
+    eprintln!(
+        "with {free} idle HTTP/2 connections: VmRSS {} KiB",
+        memory.rss_kib
+    );
+    // A new client is refused while they hold every slot...
+    let mut extra = Raw::connect(&target.socket).await;
+    extra.expect_closed("connection past the limit").await;
+    // ...and served once they go.
+    for (_, driver) in &idle {
+        driver.abort();
+    }
+    drop(idle);
+    common::eventually("a new client connects", Duration::from_secs(5), || async {
+        let mut c = Client::connect(&target.socket, Duration::from_secs(2))
+            .await
+            .map_err(|e| e.to_string())?;
+        c.status().await.map_err(|e| format!("{e:?}"))
+    })
+    .await;
+    target
+        .assert_survived("2,000 idle HTTP/2 connections")
+        .await;
+}
+
+/// kekd at a small file-descriptor limit (256): the connection limit
+/// shrinks to leave `RESERVED_FDS` free, so a connection flood never makes
+/// kekd itself run out (EMFILE) — it still reloads a rotated keyring while
+/// the flood holds every connection slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_a_small_fd_limit_kekd_keeps_descriptors_for_itself() {
+    const NOFILE: u64 = 256;
+    let _serial = ATTACK.lock().await;
+    raise_nofile(4096);
+    let dir = tempdir().await;
+    let keyring = dir.path().join("keyring");
+    let key_id = create_keyring(&keyring);
+    let socket = dir.path().join("kms.sock");
+    let mut cmd = std::process::Command::new("prlimit");
+    cmd.arg(format!("--nofile={NOFILE}:{NOFILE}"))
+        .arg("--")
+        .arg(env!("CARGO_BIN_EXE_kekd"))
+        .arg("serve")
+        .arg("--keyring")
+        .arg(&keyring)
+        .arg("--socket")
+        .arg(&socket)
+        .args(["--reload-interval", "200ms"]);
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("KEKD_") {
+            cmd.env_remove(name);
+        }
+    }
+    cmd.env_remove("RUST_LOG")
+        .stdin(std::process::Stdio::null());
+    let mut process = {
+        let _guard = common::fs_lock().await;
+        Process::spawn(cmd, &socket, dir.path())
+    };
+    let mut client = process.ready().await;
+    let pid = pid_of(&socket).await;
+    let limit = usize::try_from(NOFILE - RESERVED_FDS).unwrap();
+    assert!(
+        process
+            .stderr()
+            .contains(&format!("serving at most {limit} connections at once")),
+        "{}",
+        tail(&process.stderr())
+    );
+    let prober = Prober::start(&socket).await;
+
+    let mut flood = Vec::new();
+    for _ in 0..1000 {
+        flood.push(Raw::connect(&socket).await);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut open = 0;
+    for raw in &mut flood {
+        if !raw.is_closed().await {
+            open += 1;
+        }
+    }
+    assert_eq!(open, limit - 2, "flood connections kekd kept open");
+
+    // A rotation while the flood holds every slot: the reload opens files.
+    let rotate = common::admin_async(
+        &[
+            "rotate",
+            "--promote",
+            "--keyring",
+            keyring.to_str().unwrap(),
+        ],
+        dir.path(),
+    )
+    .await;
+    assert_eq!(rotate.code(), 0, "{rotate:#?}");
+    let v2 = key_id.replace("/v1", "/v2");
+    let c = client.clone();
+    common::eventually("Status reports v2", Duration::from_secs(10), || {
+        let mut c = c.clone();
+        let v2 = v2.clone();
+        async move {
+            let s = c.status().await.map_err(|e| format!("{e:?}"))?;
+            if s.key_id == v2 {
+                Ok(())
+            } else {
+                Err(s.key_id)
+            }
+        }
+    })
+    .await;
+    let report = prober.stop().await;
+    assert!(report.failures.is_empty(), "{:?}", report.failures);
+    let stderr = process.stderr();
+    assert!(
+        !stderr.contains("Too many open files"),
+        "kekd ran out of file descriptors:\n{}",
+        tail(&stderr)
+    );
+    drop(flood);
+    round_trip(&mut client, "small fd limit").await;
+    let memory = Memory::of(pid);
+    assert!(memory.hwm_kib < RSS_BOUND_KIB);
+    assert!(process.try_exit().is_none());
+}
+
+/// One client opens as many streams as kekd allows and never finishes
+/// them: kekd advertises SETTINGS_MAX_CONCURRENT_STREAMS = 1024 and refuses
+/// the stream past it with RST_STREAM(REFUSED_STREAM); Status keeps
+/// answering on the apiserver's connection (Status never waits for a call
+/// slot); once the client goes, Encrypt and Decrypt work again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_streams_are_capped_and_status_keeps_answering() {
+    let _serial = ATTACK.lock().await;
+    let target = Target::start(&[]).await;
+    let (mut raw, settings) = Raw::handshake(&target.socket).await;
+    let max = settings.get(&0x3).copied();
+    assert_eq!(
+        max,
+        Some(1024),
+        "SETTINGS_MAX_CONCURRENT_STREAMS: {settings:?}"
+    );
+    let block = grpc_header_block(ENCRYPT);
+    let mut bytes = Vec::new();
+    for i in 0..=1024u32 {
+        // Headers only: the request message never comes.
+        bytes.extend_from_slice(&frame(HEADERS, END_HEADERS, 2 * i + 1, &block));
+    }
+    raw.write(&bytes).await;
+    let over = 2 * 1024 + 1;
+    loop {
+        let f = raw
+            .next(Duration::from_secs(10))
+            .await
+            .expect("kekd closed the connection instead of refusing one stream");
+        if f.kind == RST_STREAM {
+            assert_eq!(
+                (f.stream, f.reset_code()),
+                (over, REFUSED_STREAM),
+                "the only stream refused is the one past the limit"
+            );
+            break;
+        }
+        assert_ne!(f.kind, GOAWAY, "GOAWAY {:?}", f.goaway());
+    }
+    // Held for a while: Status probes run meanwhile.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let memory = target.memory();
+    eprintln!("1,024 held streams: VmRSS {} KiB", memory.rss_kib);
+    drop(raw);
+    target.assert_survived("1,024 streams held open").await;
+}
+
+/// A flood of calls on 16 connections × 64 streams for 5 s (Encrypt and
+/// Decrypt round trips, and Decrypts of garbage): Status keeps answering
+/// within 100 ms, memory stays bounded, every round trip is right.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_flood_leaves_status_answering() {
+    let _serial = ATTACK.lock().await;
+    let target = Target::start(&[]).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = tokio::task::JoinSet::new();
+    for c in 0..16 {
+        let client = Client::connect(&target.socket, Duration::from_secs(30))
+            .await
+            .unwrap();
+        for s in 0..64 {
+            let mut client = client.clone();
+            let stop = Arc::clone(&stop);
+            tasks.spawn(async move {
+                let (mut calls, mut wrong) = (0u64, 0u64);
+                let mut n = 0usize;
+                while !stop.load(Ordering::Relaxed) {
+                    n += 1;
+                    let id = uid(c * 1_000_000 + s * 10_000 + n);
+                    let plaintext = seed();
+                    let enc = client.encrypt(plaintext.clone(), &id).await.unwrap();
+                    let back = client
+                        .decrypt(enc.ciphertext.clone(), &enc.key_id, HashMap::new(), &id)
+                        .await
+                        .unwrap();
+                    let mut garbage = enc.ciphertext;
+                    garbage[20] ^= 1;
+                    let refused = client
+                        .decrypt(garbage, &enc.key_id, HashMap::new(), &id)
+                        .await
+                        .unwrap_err();
+                    assert_eq!(refused.code(), Code::InvalidArgument);
+                    calls += 3;
+                    if back != plaintext {
+                        wrong += 1;
+                    }
+                }
+                (calls, wrong)
+            });
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    stop.store(true, Ordering::Relaxed);
+    let (mut calls, mut wrong) = (0, 0);
+    while let Some(r) = tasks.join_next().await {
+        let (c, w) = r.expect("flood task");
+        calls += c;
+        wrong += w;
+    }
+    eprintln!("flood: {calls} calls in 5 s");
+    assert_eq!(wrong, 0, "wrong plaintexts");
+    assert!(calls > 1000, "the flood made only {calls} calls");
+    target.assert_survived("request flood").await;
+}
