@@ -5,8 +5,8 @@
 //!
 //! - the local backend's API conformance checks, against a token;
 //! - the key objects really are in the token, sensitive and unextractable,
-//!   and the envelope is the documented one (recomputed from AES blocks the
-//!   token computes for pkcs11-tool, GHASH done here);
+//!   restricted to AES-GCM, and the envelope is the documented one (the
+//!   token's own AES-GCM, driven outside kekd, opens and seals it);
 //! - the admin lifecycle through `--config`, several keyrings and several
 //!   kekd instances on one token;
 //! - 64 clients through a pool of 4 sessions;
@@ -435,65 +435,6 @@ fn key_objects_are_in_the_token_sensitive_unextractable_and_metadata_holds_no_ke
     }
 }
 
-/// GCM rebuilt from raw AES blocks: `E(0)` gives the hash key, `E(J0)` masks
-/// the tag and `E(J0+1…)` is the key stream (NIST SP 800-38D, 96-bit IV).
-/// `aes_blocks` encrypts whole blocks (ECB) under the key.
-fn gcm_seal(
-    aes_blocks: &dyn Fn(&[u8]) -> Vec<u8>,
-    nonce: &[u8; 12],
-    aad: &[u8],
-    plaintext: &[u8],
-) -> (Vec<u8>, [u8; 16]) {
-    let counter = |i: u32| {
-        let mut b = [0u8; 16];
-        b[..12].copy_from_slice(nonce);
-        b[12..].copy_from_slice(&i.to_be_bytes());
-        b
-    };
-    let n = plaintext.len().div_ceil(16);
-    let mut input = vec![0u8; 16];
-    for i in 0..=n {
-        input.extend_from_slice(&counter(1 + i as u32));
-    }
-    let out = aes_blocks(&input);
-    let h = u128::from_be_bytes(out[..16].try_into().unwrap());
-    let ej0 = u128::from_be_bytes(out[16..32].try_into().unwrap());
-    let body: Vec<u8> = plaintext
-        .iter()
-        .zip(&out[32..])
-        .map(|(p, k)| p ^ k)
-        .collect();
-    let tag = (ghash(h, aad, &body) ^ ej0).to_be_bytes();
-    (body, tag)
-}
-
-/// GHASH over `aad` and `ciphertext` with hash key `h` (bit-reflected
-/// GF(2^128) multiplication, as in SP 800-38D §6.3).
-fn ghash(h: u128, aad: &[u8], ciphertext: &[u8]) -> u128 {
-    fn mul(x: u128, y: u128) -> u128 {
-        let r = 0xe1u128 << 120;
-        let (mut z, mut v) = (0u128, y);
-        for i in 0..128 {
-            if (x >> (127 - i)) & 1 == 1 {
-                z ^= v;
-            }
-            v = if v & 1 == 1 { (v >> 1) ^ r } else { v >> 1 };
-        }
-        z
-    }
-    let mut y = 0u128;
-    for data in [aad, ciphertext] {
-        for chunk in data.chunks(16) {
-            let mut block = [0u8; 16];
-            block[..chunk.len()].copy_from_slice(chunk);
-            y = mul(y ^ u128::from_be_bytes(block), h);
-        }
-    }
-    let lengths =
-        (u128::from(aad.len() as u64 * 8) << 64) | u128::from(ciphertext.len() as u64 * 8);
-    mul(y ^ lengths, h)
-}
-
 /// The additional authenticated data of the documented envelope format.
 fn envelope_aad(keyring_id_hex: &str, version: u32) -> Vec<u8> {
     let mut aad = b"kekd/envelope\0".to_vec();
@@ -503,106 +444,192 @@ fn envelope_aad(keyring_id_hex: &str, version: u32) -> Vec<u8> {
     aad
 }
 
-/// The GCM rebuild above agrees with the aes-gcm crate (the local
-/// backend's cipher), so the token test below checks the format, not the
-/// helper.
-#[test]
-fn gcm_rebuilt_from_aes_blocks_matches_aes_gcm() {
-    use aes_gcm::aead::{Aead, KeyInit, Payload};
-    use aes_gcm::aes::cipher::BlockCipherEncrypt;
-    let mut key = [0u8; 32];
-    common::getrandom(&mut key);
-    let aes = aes_gcm::aes::Aes256::new(&key.into());
-    let blocks = |input: &[u8]| {
-        let mut out = input.to_vec();
-        for chunk in out.chunks_mut(16) {
-            let mut block = aes_gcm::aes::Block::try_from(&*chunk).unwrap();
-            aes.encrypt_block(&mut block);
-            chunk.copy_from_slice(&block);
+// Environment of the child process that uses the token directly.
+const CHILD: &str = "KEKD_TEST_TOKEN_CHILD";
+const CHILD_LABEL: &str = "KEKD_TEST_TOKEN_LABEL";
+const CHILD_PIN_FILE: &str = "KEKD_TEST_TOKEN_PIN_FILE";
+const CHILD_OBJECT: &str = "KEKD_TEST_TOKEN_OBJECT";
+const CHILD_KEYRING: &str = "KEKD_TEST_TOKEN_KEYRING";
+const CHILD_ENVELOPE: &str = "KEKD_TEST_TOKEN_ENVELOPE";
+
+/// The child: opens the token with cryptoki (SoftHSM2 reads `SOFTHSM2_CONF`
+/// once per process, hence a process of its own), finds kekd's key object
+/// by `CKA_ID`, and prints `name=hex` lines:
+/// - `opened`: kekd's envelope opened by the token's AES-GCM with the
+///   documented nonce position and AAD;
+/// - `sealed_v1`, `sealed_as_v2`, `sealed_other_keyring`: a fresh seed
+///   (`seed`) sealed by the token into the documented format, with the right
+///   AAD and two wrong ones;
+/// - `ecb`, `cbc`: the token's answer to using the key for anything but GCM.
+fn token_child() {
+    use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+    use cryptoki::mechanism::Mechanism;
+    use cryptoki::mechanism::aead::GcmParams;
+    use cryptoki::object::{Attribute, KeyType, ObjectClass};
+    use cryptoki::session::UserType;
+
+    let var = |name: &str| std::env::var(name).unwrap();
+    let pin = fs::read_to_string(var(CHILD_PIN_FILE)).unwrap();
+    let ctx = Pkcs11::new(softhsm::MODULE).unwrap();
+    ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
+        .unwrap();
+    let slot = ctx
+        .get_slots_with_token()
+        .unwrap()
+        .into_iter()
+        .find(|&s| ctx.get_token_info(s).unwrap().label().trim_end() == var(CHILD_LABEL))
+        .expect("the token's slot");
+    let session = ctx.open_ro_session(slot).unwrap();
+    session
+        .login(
+            UserType::User,
+            Some(&cryptoki::types::AuthPin::from(pin.trim_end().to_owned())),
+        )
+        .unwrap();
+    let keys = session
+        .find_objects(&[
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::AES),
+            Attribute::Id(unhex(&var(CHILD_OBJECT))),
+        ])
+        .unwrap();
+    assert_eq!(keys.len(), 1, "one key object with that CKA_ID");
+    let key = keys[0];
+    let keyring = var(CHILD_KEYRING);
+    let gcm = |nonce: &[u8; 12], aad: &[u8], encrypt: bool, data: &[u8]| {
+        let mut iv = *nonce;
+        let params = GcmParams::new(&mut iv, aad, 128.into()).unwrap();
+        let mechanism = Mechanism::AesGcm(params);
+        if encrypt {
+            session.encrypt(&mechanism, key, data)
+        } else {
+            session.decrypt(&mechanism, key, data)
         }
-        out
     };
-    let gcm = aes_gcm::Aes256Gcm::new(&key.into());
-    for len in [1usize, 15, 16, 17, 32, 991] {
-        let mut plaintext = vec![0u8; len];
-        common::getrandom(&mut plaintext);
-        let mut nonce = [0u8; 12];
-        common::getrandom(&mut nonce);
-        let aad = envelope_aad(&softhsm::random_hex(16), 7);
-        let (body, tag) = gcm_seal(&blocks, &nonce, &aad, &plaintext);
-        let expected = gcm
-            .encrypt(
-                (&nonce).into(),
-                Payload {
-                    msg: &plaintext,
-                    aad: &aad,
-                },
-            )
-            .unwrap();
-        assert_eq!([body, tag.to_vec()].concat(), expected, "length {len}");
+
+    let envelope = unhex(&var(CHILD_ENVELOPE));
+    let nonce: [u8; 12] = envelope[5..17].try_into().unwrap();
+    let opened = gcm(&nonce, &envelope_aad(&keyring, 1), false, &envelope[17..]).unwrap();
+    println!("opened={}", softhsm::hex(&opened));
+
+    let mine = seed();
+    println!("seed={}", softhsm::hex(&mine));
+    let mut nonce = [0u8; 12];
+    common::getrandom(&mut nonce);
+    for (name, aad) in [
+        ("sealed_v1", envelope_aad(&keyring, 1)),
+        ("sealed_as_v2", envelope_aad(&keyring, 2)),
+        (
+            "sealed_other_keyring",
+            envelope_aad(&softhsm::random_hex(16), 1),
+        ),
+    ] {
+        let body = gcm(&nonce, &aad, true, &mine).unwrap();
+        let envelope = [&[0x01, 0, 0, 0, 1][..], &nonce, &body].concat();
+        println!("{name}={}", softhsm::hex(&envelope));
+    }
+    for (name, mechanism) in [
+        ("ecb", Mechanism::AesEcb),
+        ("cbc", Mechanism::AesCbcPad([0; 16])),
+    ] {
+        let answer = match session.encrypt(&mechanism, key, &[0; 16]) {
+            Ok(_) => "allowed".to_owned(),
+            Err(cryptoki::error::Error::Pkcs11(rv, _)) => format!("{rv:?}"),
+            Err(e) => format!("{e}"),
+        };
+        println!("{name}={answer}");
     }
 }
 
-/// The envelope is the documented format, whatever the backend: kekd's
-/// ciphertext is opened outside kekd (AES blocks from the token through
-/// pkcs11-tool, GCM rebuilt here), and an envelope sealed outside kekd opens
-/// in kekd. Relies on the key allowing CKM_AES_ECB (it has CKA_ENCRYPT and
-/// no CKA_ALLOWED_MECHANISMS); OpenSC 0.23's pkcs11-tool has no AES-GCM.
+/// The envelope is the documented format, whatever the backend: the token's
+/// own AES-GCM (driven with cryptoki, outside kekd) opens kekd's
+/// ciphertext with the documented nonce position and AAD, and kekd opens an
+/// envelope the token sealed — but not one sealed for another version or
+/// keyring. The key serves AES-GCM only (`CKA_ALLOWED_MECHANISMS`): ECB and
+/// CBC are refused by the token.
 #[tokio::test]
 async fn envelopes_from_the_token_follow_the_documented_format() {
+    if std::env::var_os(CHILD).is_some() {
+        return token_child();
+    }
     let Some(token) = Token::create() else { return };
     let node = token.default_node("a");
     let key_id = token.init(&node);
     let id = keyring_id_of(&key_id);
-    let object = object_id(&key_id, 1);
-    let blocks = |input: &[u8]| token.aes_ecb(&object, input);
     let (_server, mut client) = serving(&token, &node).await;
-
-    // kekd → outside.
     let seed = seed();
     let enc = client.encrypt(seed.clone(), &uid(0)).await.unwrap();
-    let ct = &enc.ciphertext;
-    assert_eq!(&ct[..5], &[0x01, 0, 0, 0, 1], "format 1, version 1");
-    let nonce: [u8; 12] = ct[5..17].try_into().unwrap();
-    let (body, tag) = (&ct[17..ct.len() - 16], &ct[ct.len() - 16..]);
-    let (stream, _) = gcm_seal(&blocks, &nonce, &[], &vec![0u8; body.len()]);
-    let opened: Vec<u8> = body.iter().zip(&stream).map(|(c, k)| c ^ k).collect();
-    assert_eq!(opened, seed, "the body is the seed under the token key");
-    let aad = envelope_aad(&id, 1);
-    let (resealed, expected_tag) = gcm_seal(&blocks, &nonce, &aad, &opened);
-    assert_eq!(resealed, body);
-    assert_eq!(expected_tag.as_slice(), tag, "tag over the documented AAD");
+    assert_eq!(
+        &enc.ciphertext[..5],
+        &[0x01, 0, 0, 0, 1],
+        "format 1, version 1"
+    );
 
-    // outside → kekd.
-    let mut nonce = [0u8; 12];
-    common::getrandom(&mut nonce);
-    let mine = common::seed();
-    let (body, tag) = gcm_seal(&blocks, &nonce, &aad, &mine);
-    let envelope = [&[0x01, 0, 0, 0, 1][..], &nonce, &body, &tag].concat();
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap());
+    child
+        .args([
+            "envelopes_from_the_token_follow_the_documented_format",
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD, "1")
+        .env("SOFTHSM2_CONF", &token.conf)
+        .env(CHILD_LABEL, &token.label)
+        .env(CHILD_PIN_FILE, &token.pin_file)
+        .env(CHILD_OBJECT, object_id(&key_id, 1))
+        .env(CHILD_KEYRING, &id)
+        .env(CHILD_ENVELOPE, softhsm::hex(&enc.ciphertext));
+    let out = tokio::task::spawn_blocking(move || child.output())
+        .await
+        .unwrap()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("test result: ok. 1 passed"),
+        "the token child failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let answers: HashMap<&str, &str> = stdout
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        // The harness prints "test NAME ... " before the first line.
+        .map(|(k, v)| (k.rsplit(' ').next().unwrap_or(k), v))
+        .collect();
+
+    // kekd → token.
+    assert_eq!(
+        unhex(answers["opened"]),
+        seed,
+        "the token opens kekd's envelope"
+    );
+    // token → kekd.
+    let mine = unhex(answers["seed"]);
     assert_eq!(
         client
-            .decrypt(envelope, &key_id, no_annotations(), &uid(1))
+            .decrypt(
+                unhex(answers["sealed_v1"]),
+                &key_id,
+                no_annotations(),
+                &uid(1)
+            )
             .await
             .unwrap(),
         mine,
-        "kekd opens an envelope sealed outside it"
+        "kekd opens an envelope the token sealed"
     );
-    // The same, sealed for version 2 of the keyring, or for another keyring,
-    // but presented as version 1: the AAD binding makes it fail.
-    for aad in [
-        envelope_aad(&id, 2),
-        envelope_aad(&softhsm::random_hex(16), 1),
-    ] {
-        let (body, tag) = gcm_seal(&blocks, &nonce, &aad, &mine);
-        let envelope = [&[0x01, 0, 0, 0, 1][..], &nonce, &body, &tag].concat();
+    for name in ["sealed_as_v2", "sealed_other_keyring"] {
         assert_refused(
             client
-                .decrypt(envelope, &key_id, no_annotations(), &uid(2))
+                .decrypt(unhex(answers[name]), &key_id, no_annotations(), &uid(2))
                 .await,
             Code::InvalidArgument,
             OPAQUE,
         );
     }
+    // GCM only.
+    assert_eq!(answers["ecb"], "MechanismInvalid", "{stdout}");
+    assert_eq!(answers["cbc"], "MechanismInvalid", "{stdout}");
 }
 
 // ------------------------------------------------------------ admin commands

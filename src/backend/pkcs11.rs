@@ -42,8 +42,8 @@ use std::time::{Duration, Instant};
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Function, Pkcs11};
 use cryptoki::error::{Error as CkError, RvError};
-use cryptoki::mechanism::Mechanism;
 use cryptoki::mechanism::aead::GcmParams;
+use cryptoki::mechanism::{Mechanism, MechanismType};
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
 use cryptoki::session::{Session, UserType};
 use cryptoki::slot::Slot;
@@ -824,7 +824,25 @@ impl Token {
             Attribute::Derive(false),
             Attribute::Modifiable(false),
         ]);
-        s.generate_key(&Mechanism::AesKeyGen, &template)
+        // Only AES-GCM, so the key cannot be used as a raw block cipher
+        // (ECB), in another mode, or to wrap other keys, whoever holds the
+        // PIN. A token that does not know the attribute gets the key without
+        // it (its other attributes still forbid wrapping and extraction).
+        let mut restricted = template.clone();
+        restricted.push(Attribute::AllowedMechanisms(vec![MechanismType::AES_GCM]));
+        match s.generate_key(&Mechanism::AesKeyGen, &restricted) {
+            Err(CkError::Pkcs11(
+                RvError::AttributeTypeInvalid | RvError::TemplateInconsistent,
+                _,
+            )) => {
+                warn!(
+                    "this token does not support CKA_ALLOWED_MECHANISMS; the new key is \
+                     restricted to encrypt/decrypt by its other attributes only"
+                );
+                s.generate_key(&Mechanism::AesKeyGen, &template)
+            }
+            result => result,
+        }
     }
 }
 

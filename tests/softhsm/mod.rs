@@ -325,31 +325,6 @@ impl Token {
         assert!(out.status.success(), "pkcs11-tool --delete-object: {out:?}");
     }
 
-    /// AES-ECB of `blocks` under the token key with `CKA_ID` `id_hex`,
-    /// computed by the token for pkcs11-tool (not by kekd).
-    pub fn aes_ecb(&self, id_hex: &str, blocks: &[u8]) -> Vec<u8> {
-        assert!(blocks.len().is_multiple_of(16), "whole blocks only");
-        let name = random_hex(4);
-        let input = self.path().join(format!("ecb-in-{name}"));
-        let output = self.path().join(format!("ecb-out-{name}"));
-        fs::write(&input, blocks).expect("write the ECB input");
-        let out = self.tool(&[
-            "--encrypt",
-            "--mechanism",
-            "AES-ECB",
-            "--id",
-            id_hex,
-            "--input-file",
-            input.to_str().unwrap(),
-            "--output-file",
-            output.to_str().unwrap(),
-        ]);
-        assert!(out.status.success(), "pkcs11-tool AES-ECB: {out:?}");
-        let result = fs::read(&output).expect("read the ECB output");
-        assert_eq!(result.len(), blocks.len(), "ECB output length");
-        result
-    }
-
     /// The one token directory SoftHSM created inside `tokendir`.
     fn token_subdir(&self) -> PathBuf {
         let mut dirs: Vec<PathBuf> = fs::read_dir(&self.tokendir)
