@@ -8,6 +8,15 @@
 //!
 //! The file holds no secrets (counts, times, public key ids). It is written
 //! atomically every few seconds while something changed, and at shutdown.
+//!
+//! Each Decrypt is stamped twice: with the wall clock (shown to operators)
+//! and with the kernel's boot clock (`CLOCK_BOOTTIME`, milliseconds since
+//! boot, together with the boot's id). The wall clock can jump — an NTP step,
+//! a wrong RTC, an operator's `date -s` — and a jump forward would make a
+//! version that served a Decrypt a minute ago look idle for a year. The boot
+//! clock only moves forward, and is read straight from the kernel (not
+//! through libc), so `kekd admin retire` measures "how long since the last
+//! Decrypt" with it whenever the server wrote the file during this boot.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -33,6 +42,10 @@ pub struct UsageFile {
     pub reload_error: Option<ReloadProblem>,
     /// Usage per version number.
     pub versions: BTreeMap<u32, VersionUsage>,
+    /// The boot the `last_decrypt_boot_ms` stamps belong to
+    /// (`/proc/sys/kernel/random/boot_id`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_id: Option<String>,
 }
 
 /// The server's current snapshot.
@@ -68,6 +81,10 @@ pub struct VersionUsage {
     pub last_encrypt: Option<Timestamp>,
     /// Last successful Decrypt.
     pub last_decrypt: Option<Timestamp>,
+    /// Last successful Decrypt on the boot clock (milliseconds since boot of
+    /// the boot named by [`UsageFile::boot_id`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_decrypt_boot_ms: Option<u64>,
 }
 
 /// Which operation used a version.
@@ -77,6 +94,42 @@ pub enum Use {
     Encrypt,
     /// Decrypt.
     Decrypt,
+}
+
+/// Milliseconds since boot on the kernel's `CLOCK_BOOTTIME`: counts suspend,
+/// never jumps with the wall clock, and (read by rustix without libc) is not
+/// faked by `LD_PRELOAD` time shims either.
+pub fn boot_clock_ms() -> u64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::Boottime);
+    u64::try_from(t.tv_sec)
+        .unwrap_or(0)
+        .saturating_mul(1000)
+        .saturating_add(u64::try_from(t.tv_nsec).unwrap_or(0) / 1_000_000)
+}
+
+/// The id of the current boot, if the kernel tells it.
+pub fn boot_id() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .ok()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+}
+
+impl UsageFile {
+    /// How long ago, by the boot clock, `version` last served a Decrypt —
+    /// `None` when the file was written during another boot (or by a kekd
+    /// that did not stamp it), so only the wall clock can tell.
+    pub fn since_last_decrypt(&self, version: KeyVersion) -> Option<std::time::Duration> {
+        let stamp = self.versions.get(&version.get())?.last_decrypt_boot_ms?;
+        if self.boot_id.is_none() || self.boot_id != boot_id() {
+            return None;
+        }
+        // A stamp ahead of the clock cannot happen within one boot; treat it
+        // as "just now" rather than as long ago.
+        Some(std::time::Duration::from_millis(
+            boot_clock_ms().saturating_sub(stamp),
+        ))
+    }
 }
 
 /// The usage file of the keyring at `keyring`.
@@ -112,7 +165,7 @@ impl UsageTracker {
     /// belongs to the same keyring; with `keyring: None`, kept in memory only.
     pub fn load(keyring: Option<&Path>, id: &KeyringId) -> Self {
         let id = id.to_string();
-        let file = match keyring.map(read) {
+        let mut file = match keyring.map(read) {
             Some(Ok(Some(f))) if f.keyring_id == id => UsageFile {
                 serving: None,
                 reload_error: None,
@@ -137,6 +190,14 @@ impl UsageTracker {
                 ..UsageFile::default()
             },
         };
+        // Boot-clock stamps of an earlier boot mean nothing now.
+        let boot = boot_id();
+        if file.boot_id != boot {
+            for u in file.versions.values_mut() {
+                u.last_decrypt_boot_ms = None;
+            }
+            file.boot_id = boot;
+        }
         Self {
             path: keyring.map(usage_path),
             file: Mutex::new(file),
@@ -146,6 +207,7 @@ impl UsageTracker {
 
     /// Counts one successful use.
     pub fn record(&self, version: KeyVersion, op: Use, now: Timestamp) {
+        let boot_ms = boot_clock_ms();
         self.update(|f| {
             let u = f.versions.entry(version.get()).or_default();
             match op {
@@ -156,6 +218,7 @@ impl UsageTracker {
                 Use::Decrypt => {
                     u.decrypts += 1;
                     u.last_decrypt = Some(now);
+                    u.last_decrypt_boot_ms = Some(boot_ms);
                 }
             }
         });
@@ -227,17 +290,58 @@ mod tests {
 
         let again = UsageTracker::load(Some(&keyring), &id);
         let u = again.snapshot().versions[&1];
+        let stamp = u.last_decrypt_boot_ms.expect("a boot-clock stamp");
+        assert!(
+            stamp <= boot_clock_ms(),
+            "{stamp} is in the boot clock's future"
+        );
         assert_eq!(
             u,
             VersionUsage {
                 encrypts: 1,
                 decrypts: 2,
                 last_encrypt: Some(t),
-                last_decrypt: Some(Timestamp::from_unix(2_000))
+                last_decrypt: Some(Timestamp::from_unix(2_000)),
+                last_decrypt_boot_ms: Some(stamp),
             }
         );
         // Another keyring's counts are not inherited.
         let other = UsageTracker::load(Some(&keyring), &KeyringId::generate().unwrap());
         assert!(other.snapshot().versions.is_empty());
+    }
+
+    #[test]
+    fn the_boot_clock_measures_time_since_the_last_decrypt_within_one_boot() {
+        let dir = tempfile::tempdir().unwrap();
+        let keyring = dir.path().join("keyring");
+        let id = KeyringId::generate().unwrap();
+        let v1 = KeyVersion::FIRST;
+        let tracker = UsageTracker::load(Some(&keyring), &id);
+        // A wall clock 400 days off changes nothing on the boot clock.
+        tracker.record(v1, Use::Decrypt, Timestamp::from_unix(0));
+        tracker.flush(Timestamp::from_unix(0)).unwrap();
+        let file = read(&keyring).unwrap().unwrap();
+        assert_eq!(file.boot_id, boot_id());
+        let since = file.since_last_decrypt(v1).expect("stamped in this boot");
+        assert!(since < std::time::Duration::from_secs(60), "{since:?}");
+        // Never decrypted: no stamp.
+        assert_eq!(file.since_last_decrypt(KeyVersion::new(2).unwrap()), None);
+
+        // Written during another boot: the stamp says nothing, and a server
+        // starting now drops it.
+        let mut other = file.clone();
+        other.boot_id = Some("00000000-0000-0000-0000-000000000000".to_owned());
+        assert_eq!(other.since_last_decrypt(v1), None);
+        let mut bytes = serde_json::to_vec(&other).unwrap();
+        bytes.push(b'\n');
+        store::write_file_atomic(&usage_path(&keyring), &bytes).unwrap();
+        let restarted = UsageTracker::load(Some(&keyring), &id).snapshot();
+        assert_eq!(restarted.boot_id, boot_id());
+        assert_eq!(restarted.versions[&1].last_decrypt_boot_ms, None);
+        assert_eq!(
+            restarted.versions[&1].last_decrypt,
+            Some(Timestamp::from_unix(0)),
+            "the wall-clock time stays"
+        );
     }
 }

@@ -80,6 +80,37 @@ pub enum OpError {
         /// The window.
         window: HumanDuration,
     },
+    /// The usage record's last Decrypt is later than this host's clock.
+    #[error(
+        "version {version} served a Decrypt at {last_used}, later than this host's clock says it is now ({now}): \
+         the clock has jumped back or differs from the server's; fix the clock (`timedatectl`) and run this again, \
+         or pass --force"
+    )]
+    UsedInTheFuture {
+        /// The version.
+        version: KeyVersion,
+        /// Its last Decrypt, by the server's clock.
+        last_used: Timestamp,
+        /// This host's clock.
+        now: Timestamp,
+    },
+    /// The boot clock says the version served a Decrypt recently, although
+    /// the wall clock says it was long ago: the wall clock jumped forward.
+    #[error(
+        "version {version} served a Decrypt {ago} ago by the system's boot clock, within the last {window}, \
+         although the wall clock puts it at {last_used}: the wall clock has jumped; apiservers may still need it \
+         (wait, migrate the data, or pass --force)"
+    )]
+    RecentlyUsedByBootClock {
+        /// The version.
+        version: KeyVersion,
+        /// How long ago, by the boot clock.
+        ago: HumanDuration,
+        /// The window.
+        window: HumanDuration,
+        /// Its last Decrypt, by the server's wall clock.
+        last_used: Timestamp,
+    },
     /// `--expect-primary` did not match.
     #[error("the primary is version {actual}, not {expected} as --expect-primary says")]
     UnexpectedPrimary {
@@ -310,6 +341,16 @@ impl KeyringFile {
         }
         if let Some(last) = last_decrypt
             && !force
+            && last > now
+        {
+            return Err(OpError::UsedInTheFuture {
+                version,
+                last_used: last,
+                now,
+            });
+        }
+        if let Some(last) = last_decrypt
+            && !force
             && now.unix() < last.unix().saturating_add(window.as_secs())
         {
             return Err(OpError::RecentlyUsed {
@@ -326,6 +367,35 @@ impl KeyringFile {
             from: Some(state),
             to: KeyState::Retired,
         }]))
+    }
+
+    /// The boot-clock half of the retire guard, for a retire that
+    /// [`retire`](Self::retire) accepted by the wall clock: `since_last` is
+    /// how long ago `version` served a Decrypt by the kernel's boot clock
+    /// (`None` when unknown, e.g. recorded in another boot). A wall clock
+    /// jumped forward cannot make a version in use look idle this way.
+    ///
+    /// # Errors
+    /// [`OpError::RecentlyUsedByBootClock`] within `window`, unless `force`.
+    pub fn check_retire_by_boot_clock(
+        version: KeyVersion,
+        since_last: Option<Duration>,
+        last_used: Option<Timestamp>,
+        window: Duration,
+        force: bool,
+    ) -> Result<(), OpError> {
+        match (since_last, last_used) {
+            (Some(ago), Some(last_used)) if !force && ago < window => {
+                Err(OpError::RecentlyUsedByBootClock {
+                    version,
+                    // Whole seconds: the operator needs no milliseconds.
+                    ago: HumanDuration(Duration::from_secs(ago.as_secs())),
+                    window: HumanDuration(window),
+                    last_used,
+                })
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Lets a retired version decrypt again: decrypt-only if it was ever

@@ -424,6 +424,17 @@ pub enum StoreError {
         /// The path.
         path: PathBuf,
     },
+    /// The path is a symlink whose target does not exist.
+    #[error(
+        "keyring {path} is a symlink to {target}, which does not exist; point the link at the keyring, or remove \
+         the link if there is no keyring yet"
+    )]
+    DanglingSymlink {
+        /// The link.
+        path: PathBuf,
+        /// What it points at.
+        target: PathBuf,
+    },
     /// The file exists and must not be replaced.
     #[error(
         "keyring {path} already exists; refusing to overwrite it (every Secret it encrypted would be lost)"
@@ -476,6 +487,18 @@ pub enum StoreError {
         /// The OS error.
         source: io::Error,
     },
+    /// The new file is in place, but its directory could not be fsynced: the
+    /// change is visible now and may be lost in a power failure.
+    #[error(
+        "{path} was replaced, but its directory could not be fsynced ({source}): the change is in effect now but \
+         may not survive a power failure; run `sync`, then check the file (`kekd admin list`)"
+    )]
+    NotDurable {
+        /// The file written.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
     /// Another admin command holds the keyring's lock.
     #[error(
         "keyring {path} is locked by another `kekd admin` command; wait for it to finish and run this again"
@@ -504,8 +527,12 @@ pub fn read(path: &Path) -> Result<KeyringFile, StoreError> {
             source,
         }
     };
-    let mut file = File::open(path).map_err(|e| match e.kind() {
-        io::ErrorKind::NotFound => StoreError::NotFound {
+    let mut file = File::open(path).map_err(|e| match (e.kind(), fs::read_link(path)) {
+        (io::ErrorKind::NotFound, Ok(target)) => StoreError::DanglingSymlink {
+            path: path.to_owned(),
+            target,
+        },
+        (io::ErrorKind::NotFound, Err(_)) => StoreError::NotFound {
             path: path.to_owned(),
         },
         _ => io("open")(e),
@@ -553,6 +580,13 @@ pub fn read(path: &Path) -> Result<KeyringFile, StoreError> {
 /// [`StoreError::AlreadyExists`] when `path` exists; I/O errors otherwise,
 /// in which case nothing is left at `path`.
 pub fn create(path: &Path, keyring: &KeyringFile) -> Result<(), StoreError> {
+    // Never through a dangling symlink: the key would land wherever it points.
+    if let (Ok(target), Err(_)) = (fs::read_link(path), fs::metadata(path)) {
+        return Err(StoreError::DanglingSymlink {
+            path: path.to_owned(),
+            target,
+        });
+    }
     if fs::symlink_metadata(path).is_ok() {
         return Err(StoreError::AlreadyExists {
             path: path.to_owned(),
@@ -563,10 +597,25 @@ pub fn create(path: &Path, keyring: &KeyringFile) -> Result<(), StoreError> {
 
 /// Atomically replaces the keyring at `path` with `keyring`.
 ///
+/// When `path` is a symlink, the file it points at is replaced (in its own
+/// directory): replacing the link itself would fork the keyring into two
+/// files, and a server reading through the link elsewhere would never see
+/// the change.
+///
 /// # Errors
 /// I/O errors; the previous file is then untouched.
 pub fn replace(path: &Path, keyring: &KeyringFile) -> Result<(), StoreError> {
-    write_durable(path, keyring.encode().as_bytes(), Replace::Always)
+    let target = match fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_symlink() => {
+            fs::canonicalize(path).map_err(|source| StoreError::Io {
+                path: path.to_owned(),
+                op: "resolve the symlink",
+                source,
+            })?
+        }
+        _ => path.to_owned(),
+    };
+    write_durable(&target, keyring.encode().as_bytes(), Replace::Always)
 }
 
 /// An exclusive lock on a keyring, held by one admin command at a time.
@@ -636,6 +685,12 @@ pub fn lock(path: &Path, wait: std::time::Duration) -> Result<KeyringLock, Store
         }
     }
     remove_stale_temps(path);
+    // A symlinked keyring is written beside its target (see `replace`).
+    if let Ok(target) = fs::canonicalize(path)
+        && target != path
+    {
+        remove_stale_temps(&target);
+    }
     Ok(KeyringLock { _file: file })
 }
 
@@ -741,12 +796,20 @@ fn write_durable(path: &Path, bytes: &[u8], replace: Replace) -> Result<(), Stor
                     },
                     _ => io("link the temporary file into place")(e),
                 })?;
-                fs::remove_file(&tmp).map_err(io("remove the temporary file"))?;
+                // The file is in place: failing to drop the temp name is not
+                // a failed write. A keyring's leftover temp (a second name
+                // of the same file) goes with the next command that takes
+                // the lock (`remove_stale_temps`).
+                let _ = fs::remove_file(&tmp);
             }
         }
+        // Past this point the new file is visible: a failure says so.
         File::open(&dir)
             .and_then(|d| d.sync_all())
-            .map_err(io("fsync the keyring's directory"))
+            .map_err(|source| StoreError::NotDurable {
+                path: path.to_owned(),
+                source,
+            })
     })();
     if result.is_err() {
         // Best effort: the temp file holds key material.

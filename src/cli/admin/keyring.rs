@@ -101,7 +101,9 @@ impl Step {
 pub(super) fn store_error(e: StoreError) -> CliError {
     match e {
         StoreError::Locked { .. } => CliError::new(CliError::LOCKED, &e),
-        StoreError::Io { .. } | StoreError::Random(_) => CliError::runtime(e),
+        StoreError::Io { .. } | StoreError::NotDurable { .. } | StoreError::Random(_) => {
+            CliError::runtime(e)
+        }
         _ => CliError::config(e),
     }
 }
@@ -130,7 +132,7 @@ pub fn init(t: &Target) -> Result<(), CliError> {
     let _lock = store::lock(&anchor, lock_wait()).map_err(store_error)?;
     let now = Timestamp::now();
     let file = store.generate(now).map_err(backend_error)?;
-    store.create(&file).map_err(backend_error)?;
+    let not_durable = written(store.create(&file))?;
     let version = KeyVersion::FIRST;
     let key_id = file.key_id(version);
     let transition = Transition {
@@ -175,7 +177,10 @@ pub fn init(t: &Target) -> Result<(), CliError> {
             }
         ),
     );
-    Ok(())
+    match not_durable {
+        Some(e) => Err(store_error(e)),
+        None => Ok(()),
+    }
 }
 
 /// Runs one lifecycle step under the keyring lock.
@@ -220,11 +225,21 @@ pub fn change_checked(
             window,
             force,
         } => {
-            let last = last_decrypt(path, &file, version, &mut warning);
+            let (last, since_last) = last_decrypt(path, &file, version, &mut warning);
             if force {
                 overrides.push("--force");
             }
+            // The wall clock first (its refusals name the time), then the
+            // boot clock, which a jumped wall clock cannot fool.
             file.retire(version, now, last, window, force)
+                .and_then(|outcome| {
+                    if matches!(outcome, Outcome::Changed(_)) {
+                        KeyringFile::check_retire_by_boot_clock(
+                            version, since_last, last, window, force,
+                        )?;
+                    }
+                    Ok(outcome)
+                })
         }
         Step::Restore(v) => file.restore(v),
         Step::Destroy(v) => {
@@ -246,7 +261,7 @@ pub fn change_checked(
         Outcome::Changed(transitions) => transitions,
     };
     check(&original)?;
-    store.replace(&original, &file).map_err(backend_error)?;
+    let not_durable = written(store.replace(&original, &file))?;
     let records: Vec<AuditRecord> = transitions
         .iter()
         .map(|tr| AuditRecord::new(step.name(), &name, &file.id, tr, overrides.clone(), now))
@@ -286,6 +301,9 @@ pub fn change_checked(
         }),
         &text,
     );
+    if let Some(e) = not_durable {
+        return Err(store_error(e));
+    }
     audit_result.map_err(|e| {
         CliError::runtime(format!(
             "the keyring was changed, but its audit log {} could not be written: {e}",
@@ -294,30 +312,44 @@ pub fn change_checked(
     })
 }
 
-/// When `version` last served a Decrypt, from the server's usage file.
+/// A write's result: `Ok(None)` written, `Ok(Some(e))` in effect but not
+/// known to be durable (audit and report it, then fail with `e`), `Err`
+/// not written.
+fn written(result: Result<(), BackendError>) -> Result<Option<StoreError>, CliError> {
+    match result {
+        Ok(()) => Ok(None),
+        Err(BackendError::Store(e @ StoreError::NotDurable { .. })) => Ok(Some(e)),
+        Err(e) => Err(backend_error(e)),
+    }
+}
+
+/// When `version` last served a Decrypt, from the server's usage file: the
+/// server's wall-clock time, and how long ago by the boot clock when the
+/// server stamped it during this boot.
 fn last_decrypt(
     path: &Path,
     file: &KeyringFile,
     version: KeyVersion,
     warning: &mut Option<String>,
-) -> Option<Timestamp> {
+) -> (Option<Timestamp>, Option<Duration>) {
     match usage::read(path) {
-        Ok(Some(u)) if u.keyring_id == file.id.to_string() => {
-            u.versions.get(&version.get()).and_then(|v| v.last_decrypt)
-        }
+        Ok(Some(u)) if u.keyring_id == file.id.to_string() => (
+            u.versions.get(&version.get()).and_then(|v| v.last_decrypt),
+            u.since_last_decrypt(version),
+        ),
         Ok(_) => {
             *warning = Some(format!(
                 "no usage record for this keyring beside {}: cannot tell whether version {version} is still \
                  used; run `kekd admin list` on every node",
                 path.display()
             ));
-            None
+            (None, None)
         }
         Err(e) => {
             *warning = Some(format!(
                 "{e}; cannot tell whether version {version} is still used"
             ));
-            None
+            (None, None)
         }
     }
 }
@@ -565,11 +597,13 @@ pub fn import(t: &Target, from: &Path) -> Result<(), CliError> {
         );
         return Ok(());
     }
-    match existing {
-        Some(_) => store::replace(path, &incoming),
-        None => store::create(path, &incoming),
-    }
-    .map_err(store_error)?;
+    let not_durable = written(
+        match existing {
+            Some(_) => store::replace(path, &incoming),
+            None => store::create(path, &incoming),
+        }
+        .map_err(BackendError::Store),
+    )?;
     let records: Vec<AuditRecord> = transitions
         .iter()
         .map(|tr| AuditRecord::new("import", &store.name(), &incoming.id, tr, vec![], now))
@@ -609,6 +643,9 @@ pub fn import(t: &Target, from: &Path) -> Result<(), CliError> {
         }),
         &text,
     );
+    if let Some(e) = not_durable {
+        return Err(store_error(e));
+    }
     audit_result.map_err(|e| {
         CliError::runtime(format!(
             "imported, but the audit log could not be written: {e}"

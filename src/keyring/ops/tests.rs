@@ -317,3 +317,58 @@ fn successor_rules() {
         Err(SuccessorError::OtherKeyring { .. })
     ));
 }
+
+#[test]
+fn retire_refuses_a_last_decrypt_later_than_the_clock_and_trusts_the_boot_clock() {
+    let mut f = fresh();
+    changed(f.rotate(t(2), true, None).unwrap());
+    // The clock was set back 400 days after the server recorded a Decrypt.
+    let now = t(1_000 * DAY);
+    let future = Some(t(1_400 * DAY));
+    let err = f
+        .retire(v(1), now, future, DEFAULT_RETIRE_WINDOW, false)
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "version 1 served a Decrypt at 1973-11-01T00:00:00Z, later than this host's clock says it is now \
+         (1972-09-27T00:00:00Z): the clock has jumped back or differs from the server's; fix the clock \
+         (`timedatectl`) and run this again, or pass --force"
+    );
+    assert_eq!(
+        states(&f)[0].1,
+        KeyState::DecryptOnly,
+        "refusal changed nothing"
+    );
+
+    // The clock jumped 400 days forward: the wall clock says idle, the boot
+    // clock says 5 s ago.
+    let last = Some(t(600 * DAY));
+    let err = KeyringFile::check_retire_by_boot_clock(
+        v(1),
+        Some(Duration::from_millis(5_900)),
+        last,
+        DEFAULT_RETIRE_WINDOW,
+        false,
+    )
+    .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "version 1 served a Decrypt 5s ago by the system's boot clock, within the last 24h, although the wall \
+         clock puts it at 1971-08-24T00:00:00Z: the wall clock has jumped; apiservers may still need it (wait, \
+         migrate the data, or pass --force)"
+    );
+    // Outside the window, unknown (another boot), or forced: no objection.
+    for (since, force) in [
+        (Some(Duration::from_secs(DAY)), false),
+        (None, false),
+        (Some(Duration::from_secs(5)), true),
+    ] {
+        KeyringFile::check_retire_by_boot_clock(v(1), since, last, DEFAULT_RETIRE_WINDOW, force)
+            .unwrap();
+    }
+    // --force also passes the future check.
+    changed(
+        f.retire(v(1), now, future, DEFAULT_RETIRE_WINDOW, true)
+            .unwrap(),
+    );
+}
