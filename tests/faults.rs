@@ -1779,3 +1779,48 @@ fn restore_refuses_a_backup_truncated_at_every_length_and_sampled_bit_flips() {
     assert_eq!(out.code(), 0, "{out:#?}");
     assert_eq!(fs::read(&missing).unwrap(), good);
 }
+
+/// The report is printed after the change is written and audited: a stdout
+/// on a full disk is a warning, not a panic that reads as a failure.
+#[test]
+fn a_full_stdout_after_the_change_is_a_warning_not_a_failure() {
+    let dir = tempdir_blocking();
+    let logs = dir.path().join("logs");
+    fs::create_dir(&logs).unwrap();
+    let ring = dir.path().join("keyring");
+    let r = ring.to_str().unwrap();
+    let out = common::admin(&["init", "--keyring", r], &logs);
+    assert_eq!(out.code(), 0, "{out:#?}");
+    for args in [&["rotate"][..], &["promote", "2", "--output", "json"][..]] {
+        let full = fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .unwrap();
+        let out = kekd()
+            .arg("admin")
+            .args(args)
+            .args(["--keyring", r])
+            .stdout(full)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {out:?}");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stderr),
+            format!(
+                "kekd: warning: the command completed, but its report could not be printed: {ENOSPC}\n"
+            ),
+            "{args:?}"
+        );
+    }
+    let file = store::read(&ring).unwrap();
+    assert_eq!(
+        states(&file),
+        [(1, KeyState::DecryptOnly), (2, KeyState::Primary)]
+    );
+    let audit = fs::read_to_string(store::sibling(&ring, ".audit.jsonl")).unwrap();
+    assert_eq!(
+        audit.lines().count(),
+        4,
+        "init, rotate, and promote's two: {audit}"
+    );
+}

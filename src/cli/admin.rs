@@ -290,9 +290,19 @@ pub(crate) fn resolve_backend(
 }
 
 /// Prints a report: the JSON document, or the text.
+///
+/// The report comes after the work is done (written, audited): a stdout
+/// that cannot take it (a full disk, a closed pipe) gets a warning on
+/// stderr, not a panic that would read as a failed command.
 fn report(output: Output, json: &serde_json::Value, text: &str) {
-    match output {
-        Output::Json => println!("{json}"),
-        Output::Text => print!("{text}"),
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    let printed = match output {
+        Output::Json => writeln!(out, "{json}"),
+        Output::Text => out.write_all(text.as_bytes()),
+    }
+    .and_then(|()| out.flush());
+    if let Err(e) = printed {
+        eprintln!("kekd: warning: the command completed, but its report could not be printed: {e}");
     }
 }
