@@ -15,7 +15,7 @@
 #   KEKD_REQUIRE_ALL=1   a missing tool or a failed build is a failure, never a skip
 #   KEKD_E2E_CACHE=DIR   binary cache (default ${XDG_CACHE_HOME:-$HOME/.cache}/kekd-e2e)
 #   KEKD_E2E_SECRETS=N   Secrets created in step 1 (default 200)
-#   KEKD_E2E_STEPS="1 2 3 4 5 6 7"  which steps to run (1-3 always run with 4 or 5)
+#   KEKD_E2E_STEPS="1 2 3 4 5 6 7 8"  which steps to run (1-3 always run with 4, 5 or 8)
 #   KEKD_E2E_KEEP=1      keep etcd's data directory after a passing run
 #   KEKD_E2E_BUILD_ONLY=1  only build (or find cached) kube-apiserver, kubectl, etcd, etcdctl and
 #                        e2ehelper, then stop: CI runs this before `cargo test` (tests/scan.rs needs etcd)
@@ -31,7 +31,7 @@ ETCD_VERSION=v3.7.3
 CACHE=${KEKD_E2E_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kekd-e2e}
 REQUIRE_ALL=${KEKD_REQUIRE_ALL:-0}
 N_SECRETS=${KEKD_E2E_SECRETS:-200}
-STEPS=${KEKD_E2E_STEPS:-1 2 3 4 5 6 7}
+STEPS=${KEKD_E2E_STEPS:-1 2 3 4 5 6 7 8}
 export GOTOOLCHAIN=local # go.mod files say go 1.26.0: never download a toolchain
 
 WORK=$(mktemp -d /tmp/kekd-e2e.XXXXXX)
@@ -814,6 +814,134 @@ step5() {
     cross restarted-b "$k3" "$k3"
 }
 
+# ---------------------------------------------------------------- step 8
+
+# scan_q FILE QUERY ARGS...: a number (or word) from a `kekd admin scan
+# --output json` document (python3: the run needs no jq).
+#   key_id RESOURCE KEY_ID · provider RESOURCE PROVIDER · version V (objects
+#   referencing it, then its state) · field NAME
+scan_q() {
+    python3 - "$@" <<'PY'
+import json, sys
+f, what, *a = sys.argv[1:]
+d = json.load(open(f))
+res = {r["resource"]: r for r in d["resources"]}
+if what == "key_id":
+    print(res.get(a[0], {}).get("key_ids", {}).get(a[1], 0))
+elif what == "provider":
+    print(res.get(a[0], {}).get("providers", {}).get(a[1], 0))
+elif what == "version":
+    v = [v for v in d["versions"] if v["keyring_id"] == d["keyring"]["id"] and v["version"] == int(a[0])]
+    print(f'{v[0]["objects"] + v[0]["header_mismatches"]} {v[0]["state"]}' if v else "0 -")
+elif what == "field":
+    print(d[a[0]])
+PY
+}
+
+# scan_to NODE FILE: `kekd admin scan` of the node's etcd prefix, matched
+# against its keyring, as JSON.
+scan_to() {
+    kekd_admin "$1" scan --etcd-endpoints "$ETCD_URL" --prefix "${NODE_PREFIX[$1]}/" --output json >"$2" 2>>"$LOGS/scan.log"
+}
+
+# scan_is FILE QUERY ARGS... WANT: the query answers WANT.
+scan_is() {
+    local want=${*: -1} got
+    got=$(scan_q "${@:1:$#-1}")
+    [[ $got == "$want" ]] || { REASON="got $got"; return 1; }
+}
+
+create_podtemplates() { # NODE NAMESPACE COUNT
+    local n=$1 i f=$WORK/podtemplates.yaml
+    {
+        echo "apiVersion: v1"
+        echo "kind: List"
+        echo "items:"
+        for ((i = 1; i <= $3; i++)); do
+            printf -- '- apiVersion: v1\n  kind: PodTemplate\n  metadata: {name: pt-%04d, namespace: %s}\n  template:\n    metadata: {labels: {app: pt}}\n    spec: {containers: [{name: c, image: "registry.k8s.io/pause:3.10"}]}\n' "$i" "$2"
+        done
+    } >"$f"
+    [[ $(kc "$n" create -f "$f" -o name 2>>"$LOGS/kubectl.log" | grep -c '^podtemplate/') == "$3" ]]
+}
+
+# migrate_in NODE NAMESPACE RESOURCE: rewrites one namespace's objects.
+migrate_in() { kc "$1" get "$3" -n "$2" -o json 2>>"$LOGS/kubectl.log" | kc "$1" replace -f - >>"$LOGS/migrate.log" 2>&1; }
+
+# count_in NODE RESOURCE AWK_FILTER: objects the apiserver lists, by namespace ($1).
+count_in() { kc "$1" get "$2" -A --no-headers 2>>"$LOGS/kubectl.log" | awk "$3" | grep -c .; }
+
+step8() {
+    begin_step "step 8" "kekd admin scan of what the apiserver stored: two key versions mid-migration, identity objects; retire --scan"
+    local n=a old new k_old k_new f1=$WORK/scan-1.json f2=$WORK/scan-2.json out rc
+    if ! command -v python3 >/dev/null; then
+        missing "python3 is not installed (step 8 reads the scan's JSON with it)"
+        return 0
+    fi
+    # Node b (step 5) has its own keyring copy and would not learn the new
+    # version: this step concerns node a alone.
+    stop_proc kube-apiserver-b
+    stop_proc kekd-b
+    old=$(primary_of $n) k_old=$(key_id $n "$old")
+    kc $n create namespace kekd-scan >>"$LOGS/kubectl.log" 2>&1
+    check "created 3 PodTemplates (not in the EncryptionConfiguration: stored as identity)" \
+        create_podtemplates $n kekd-scan 3
+    check "node $n: kekd admin rotate --promote" kekd_admin $n rotate --promote >>"$LOGS/admin.log" 2>&1 || return 1
+    new=$(primary_of $n) k_new=$(key_id $n "$new")
+    wait_rotation $n "$k_new" || return 1
+    check "created 10 Secrets in kekd-scan under $k_new" create_secrets $n kekd-scan n 1 10
+    # Half a migration: only namespace default's Secrets are rewritten.
+    check "half a migration: \`kubectl get secrets -n default -o json | kubectl replace -f -\`" \
+        migrate_in $n default secrets
+    local s_all s_new s_old cm
+    s_all=$(count_in $n secrets '1')
+    # shellcheck disable=SC2016 # an awk program
+    s_new=$(count_in $n secrets '$1 == "default" || $1 == "kekd-scan"')
+    s_old=$((s_all - s_new))
+    cm=$(count_in $n configmaps '1')
+    info "the apiserver lists $s_all Secrets ($s_new in default and kekd-scan, $s_old elsewhere) and $cm ConfigMaps"
+
+    local t
+    t=$(now)
+    check "kekd admin scan --etcd-endpoints $ETCD_URL --prefix ${NODE_PREFIX[$n]}/ --keyring …" scan_to $n "$f1" || return 1
+    timing "scan of ${NODE_PREFIX[$n]}/ ($(scan_q "$f1" field keys) keys, $(scan_q "$f1" field pages) pages): $(since "$t")s"
+    "$KEKD" admin scan --etcd-endpoints "$ETCD_URL" --prefix "${NODE_PREFIX[$n]}/" --keyring "$WORK/$n/keyring" 2>&1 |
+        grep -E '^(scan of|secrets|configmaps|podtemplates) |^ +[0-9]+ +[a-z-]+ ' | sed 's/^/     | /'
+    check "scan: the keys it read are the keys etcd counted at its revision" \
+        test "$(scan_q "$f1" field keys)" = "$(scan_q "$f1" field expected_keys)"
+    check "scan: $s_new Secrets under $k_new (default migrated + 10 new)" scan_is "$f1" key_id secrets "$k_new" "$s_new"
+    check "scan: $s_old Secrets still under $k_old (not migrated yet)" scan_is "$f1" key_id secrets "$k_old" "$s_old"
+    check "scan: all $s_all Secrets are kms:v2:kekd" scan_is "$f1" provider secrets kms:v2:kekd "$s_all"
+    check "scan: all $cm ConfigMaps still under $k_old" scan_is "$f1" key_id configmaps "$k_old" "$cm"
+    check "scan: 3 PodTemplates stored as identity" scan_is "$f1" provider podtemplates identity 3
+    check "scan: version $old (decrypt-only) is needed by $((s_old + cm)) objects" \
+        scan_is "$f1" version "$old" "$((s_old + cm)) decrypt-only"
+    check "scan: version $new (primary) by $s_new" scan_is "$f1" version "$new" "$s_new primary"
+    check "scan: no value in an unknown form, no key id/header mismatch" \
+        test "$(scan_q "$f1" field unparseable_total)/$(scan_q "$f1" field mismatch_total)" = 0/0
+    if ((old > 1)); then
+        check "scan: version 1 (retired in step 3) is needed by no object" scan_is "$f1" version 1 "0 retired"
+    fi
+
+    out=$(kekd_admin $n retire "$old" --scan "$f1" --force 2>&1)
+    rc=$?
+    check "retire $old --scan (even with --force) is refused while objects reference it (exit 1)" test "$rc" = 1
+    echo "$out" | head -2 | cut -c1-600 | sed 's/^/     | /'
+    check "…naming how many, the keys and the migration command" \
+        grep -q "$((s_old + cm)) stored object(s) under ${NODE_PREFIX[$n]}/ still reference version $old .*e\.g\. ${NODE_PREFIX[$n]}/.*\`kubectl get configmaps,secrets -A -o json | kubectl replace -f -\`" <<<"$out"
+    check "version $old is still $(state_of $n "$old")" test "$(state_of $n "$old")" = decrypt-only
+
+    migrate $n
+    check "kekd admin scan after the migration" scan_to $n "$f2" || return 1
+    check "scan: all $s_all Secrets under $k_new" scan_is "$f2" key_id secrets "$k_new" "$s_all"
+    check "scan: version $old is needed by no object" scan_is "$f2" version "$old" "0 decrypt-only"
+    out=$(kekd_admin $n retire "$old" --scan "$f2" --force 2>&1)
+    rc=$?
+    check "retire $old --scan --force with the fresh scan succeeds (exit 0)" test "$rc" = 0
+    echo "$out" | head -2 | cut -c1-400 | sed 's/^/     | /'
+    check "version $old is retired" test "$(state_of $n "$old")" = retired
+    check "all ${TOTAL[${NODE_PREFIX[$n]}]} labelled Secrets still read" wait_for 30 verify_reads $n
+}
+
 # ---------------------------------------------------------------- step 7
 
 step7() {
@@ -868,17 +996,18 @@ main() {
     start_etcd
 
     local ok14=0
-    if want 1 || want 2 || want 3 || want 4 || want 5 || want 7; then
+    if want 1 || want 2 || want 3 || want 4 || want 5 || want 7 || want 8; then
         setup_node a local "$APISERVER_PORT_A" /registry
         check "node a: kekd admin init --keyring" kekd_admin a init >>"$LOGS/admin.log" 2>&1 || finish
         start_kekd a || finish
         start_apiserver a || finish
-        if want 1 || want 2 || want 3 || want 4 || want 5; then
+        if want 1 || want 2 || want 3 || want 4 || want 5 || want 8; then
             if step1 a "step 1" && step2 a "step 2" && step3 a "step 3"; then ok14=1; fi
             end_step
             ((ok14)) || fail "steps 1-3: a step failed, the steps after it were not run"
             if ((ok14)) && want 4; then step4 a "step 4"; end_step; fi
             if ((ok14)) && want 5; then step5; end_step; fi
+            if ((ok14)) && want 8; then step8; end_step; fi
         fi
         if want 7; then step7; end_step; fi
         local p
