@@ -571,6 +571,24 @@ async fn scan_counts_every_kind_of_value() {
             "a value leaked: {o:#?}"
         );
     }
+    // The report is the product: a stdout that cannot take it fails the scan.
+    let full = kekd()
+        .args(["admin", "scan", "--output", "json"])
+        .args(etcd.flags())
+        .stdout(
+            fs::OpenOptions::new()
+                .write(true)
+                .open("/dev/full")
+                .unwrap(),
+        )
+        .output()
+        .unwrap();
+    assert_eq!(full.status.code(), Some(1), "{full:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&full.stderr),
+        "kekd: error: the scan finished, but its report could not be written to stdout: \
+         No space left on device (os error 28)\n"
+    );
     assert!(
         text.stderr.is_empty(),
         "no progress line when stderr is not a terminal: {:?}",

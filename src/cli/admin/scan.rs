@@ -119,12 +119,25 @@ pub fn run(args: &ScanArgs) -> Result<(), CliError> {
         },
         keyring,
     );
-    match args.target.output {
-        Output::Json => {
-            let json = serde_json::to_string_pretty(&report).map_err(CliError::runtime)?;
-            println!("{json}");
-        }
-        Output::Text => print!("{}", text(&report, clock.elapsed())),
+    // The report is what a scan is for: a stdout that cannot take it (a
+    // full disk under `> scan.json`, a closed pipe) fails the command.
+    let printed = match args.target.output {
+        Output::Json => serde_json::to_string_pretty(&report)
+            .map_err(std::io::Error::other)
+            .map(|json| json + "\n"),
+        Output::Text => Ok(text(&report, clock.elapsed())),
+    }
+    .and_then(|doc| {
+        let mut out = std::io::stdout().lock();
+        out.write_all(doc.as_bytes())?;
+        out.flush()
+    });
+    if let Err(e) = printed {
+        let mut error = CliError::runtime(format!(
+            "the scan finished, but its report could not be written to stdout: {e}"
+        ));
+        error.reported = true;
+        return Err(error);
     }
     Ok(())
 }
