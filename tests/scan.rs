@@ -1069,3 +1069,54 @@ async fn oversized_pages_are_halved() {
     assert_eq!(count(&doc, &["pages"]), 2);
     assert_eq!(count(&doc, &["totals", "kms:v2:kekd"]), 60);
 }
+
+/// On a terminal (a pty from util-linux `script`), stderr shows a progress
+/// line per page that is cleared before the report; off a terminal there is
+/// none (checked in `scan_counts_every_kind_of_value`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_line_only_on_a_terminal() {
+    let Some(bin) = etcd_binary() else { return };
+    if Command::new("script").arg("--version").output().is_err() {
+        let why = "util-linux `script` is missing (apt-get install bsdutils)";
+        assert!(
+            std::env::var("KEKD_REQUIRE_ALL").as_deref() != Ok("1"),
+            "{why} (KEKD_REQUIRE_ALL=1)"
+        );
+        eprintln!("SKIPPED: {why}");
+        return;
+    }
+    let etcd = Etcd::start(&bin, false).await;
+    let server = TestServer::start().await;
+    let (ct, kid) = seal(&server).await;
+    etcd.put_all(
+        (0..40)
+            .map(|i| {
+                (
+                    format!("/registry/secrets/p/s{i:02}"),
+                    kms_value("kekd", &kid, &ct, 10),
+                )
+            })
+            .collect(),
+    )
+    .await;
+    let scan = format!(
+        "{} admin scan --etcd-endpoints {} --page-size 10 >/dev/null",
+        env!("CARGO_BIN_EXE_kekd"),
+        etcd.url
+    );
+    // `script` runs the command on a pty and copies what it writes to its own stdout.
+    let out = Command::new("script")
+        .args(["-qec", &scan, "/dev/null"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let tty = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        tty.contains("\r\x1b[Kscanning: 10/40 keys (25%), 1 pages"),
+        "{tty:?}"
+    );
+    assert!(
+        tty.ends_with("\r\x1b[K"),
+        "the progress line is not cleared: {tty:?}"
+    );
+}
