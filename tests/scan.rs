@@ -933,7 +933,17 @@ async fn tls_client_certificates_and_clear_errors() {
     args.extend(["--output".into(), "json".into()]);
     let out = scan(args, &logs).await;
     assert_eq!(out.code(), 0, "{out:#?}");
-    assert_eq!(count(&json_of(&out), &["totals", "kms:v2:kekd"]), 3);
+    let doc = json_of(&out);
+    assert_eq!(count(&doc, &["totals", "kms:v2:kekd"]), 3);
+    assert_eq!(doc["consistency"], "linearizable");
+    // Serializable reads: the member's own copy, said so in the report.
+    let mut args = etcd.flags();
+    args.extend(["--serializable".into(), "--output".into(), "json".into()]);
+    let out = scan(args, &logs).await;
+    assert_eq!(out.code(), 0, "{out:#?}");
+    let doc = json_of(&out);
+    assert_eq!(count(&doc, &["totals", "kms:v2:kekd"]), 3);
+    assert_eq!(doc["consistency"], "serializable");
 
     let url = etcd.url.clone();
     let base = |cacert: String, cert: &str, key: &str| {
