@@ -364,6 +364,21 @@ async fn a_wall_clock_400_days_off_never_makes_a_used_version_retirable() {
     )
     .await;
     assert_eq!(out.code(), 0, "{out:#?}");
+    // A retired version is destroyed under a jumped clock like under any.
+    let out = admin_at_async(
+        &lib,
+        Some("+400d"),
+        &[
+            "destroy",
+            "3",
+            "--yes-destroy-key-material",
+            "--keyring",
+            &k,
+        ],
+        &logs,
+    )
+    .await;
+    assert_eq!(out.code(), 0, "{out:#?}");
     // And the operator's override still works under a jumped clock.
     let out = admin_at_async(
         &lib,
@@ -373,6 +388,16 @@ async fn a_wall_clock_400_days_off_never_makes_a_used_version_retirable() {
     )
     .await;
     assert_eq!(out.code(), 0, "{out:#?}");
+    let states: Vec<(u32, kekd::keyring::KeyState)> = store::read(&keyring)
+        .unwrap()
+        .versions
+        .iter()
+        .map(|v| (v.info.version.get(), v.info.state))
+        .collect();
+    {
+        use kekd::keyring::KeyState::{Destroyed, Primary, Retired};
+        assert_eq!(states, [(1, Retired), (2, Primary), (3, Destroyed)]);
+    }
 
     // The server served throughout.
     assert_eq!(client.status().await.unwrap().key_id, v2);

@@ -469,6 +469,23 @@ fn a_full_disk_fails_every_keyring_write_cleanly_and_kekd_keeps_serving() {
         }
         node.assert_serves(&format!("{args:?} on a full disk"));
     }
+    // A new keyring cannot be created either, and nothing of it is left.
+    let other = small.dir.join("other");
+    let out = common::admin(&["init", "--keyring", other.to_str().unwrap()], &node.logs);
+    assert_eq!(
+        (out.code(), error_message(&out)),
+        (
+            1,
+            format!(
+                "keyring {}: cannot write the temporary file: {ENOSPC}",
+                other.display()
+            )
+            .as_str()
+        ),
+        "{out:#?}"
+    );
+    assert!(!other.exists());
+    assert_eq!(temp_files(&small.dir), Vec::<String>::new());
     // kekd's own usage file cannot be written either; it keeps serving.
     std::thread::sleep(Duration::from_secs(6));
     node.assert_serves("after a usage flush on a full disk");
