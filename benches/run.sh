@@ -29,7 +29,8 @@
 # Environment: KEKD_BENCH_QUICK=1 (smoke), KEKD_BENCH_ONLY=name,name (run
 # some servers; the docs are then not rewritten), KEKD_BENCH_DOCS=1 (let a
 # quick or partial run rewrite docs/ anyway), KEKD_BENCH_ARGS (more driver
-# flags, e.g. "-duration 2s"), KEKD_REQUIRE_ALL=1 (CI: a missing SoftHSM2 or
+# flags, e.g. "-duration 3s -rounds 3"), KEKD_BENCH_NO_BUILD=1 (use the
+# release binaries already built, to iterate on the Go side), KEKD_REQUIRE_ALL=1 (CI: a missing SoftHSM2 or
 # Go is a failure, not a skip). CARGO_TARGET_DIR, GOCACHE, GOMODCACHE are
 # honoured.
 set -euo pipefail
@@ -61,8 +62,12 @@ work=$(mktemp -d /tmp/kekd-bench.XXXXXX)
 cleanup() { rm -rf "$work"; }
 trap cleanup EXIT
 
-say "cargo build --release --locked (kekd, transport-floor)"
-(cd "$root" && cargo build --release --locked --bin kekd --example transport-floor)
+if [[ "${KEKD_BENCH_NO_BUILD:-}" == 1 ]]; then
+	say "KEKD_BENCH_NO_BUILD=1: using the release kekd and transport-floor already in $target"
+else
+	say "cargo build --release --locked (kekd, transport-floor)"
+	(cd "$root" && cargo build --release --locked --bin kekd --example transport-floor)
+fi
 kekd=$target/release/kekd
 floor=$target/release/examples/transport-floor
 say "go build (driver, goref)"

@@ -63,6 +63,8 @@ func startServer(spec *ServerSpec, attempt int) (*proc, time.Duration, error) {
 	cmd.Dir = spec.Dir
 	cmd.Stdout = logFile
 	cmd.Stderr = logFile
+	// A driver killed mid-run takes its servers with it.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGTERM}
 	p := &proc{spec: spec, cmd: cmd, log: logFile, done: make(chan struct{})}
 	p.started = time.Now()
 	if err := cmd.Start(); err != nil {
@@ -204,4 +206,39 @@ func tail(path string) string {
 		lines = lines[len(lines)-15:]
 	}
 	return strings.Join(lines, "\n")
+}
+
+// machineBusy is the CPU seconds every CPU of the machine spent not idle
+// (/proc/stat), to tell how much of it went to other processes during a
+// measurement.
+func machineBusy() (float64, error) {
+	b, err := os.ReadFile("/proc/stat")
+	if err != nil {
+		return 0, err
+	}
+	line, _, _ := strings.Cut(string(b), "\n")
+	f := strings.Fields(line)
+	if len(f) < 8 || f[0] != "cpu" {
+		return 0, fmt.Errorf("unexpected /proc/stat format")
+	}
+	var busy uint64
+	for i, v := range f[1:] {
+		n, err := strconv.ParseUint(v, 10, 64)
+		if err != nil {
+			return 0, err
+		}
+		// user nice system idle iowait irq softirq steal guest guest_nice:
+		// idle and iowait are not busy; guest time is already in user.
+		if i == 3 || i == 4 || i >= 8 {
+			continue
+		}
+		busy += n
+	}
+	return float64(busy) / 100, nil
+}
+
+// selfCPU is this driver's own user+system CPU seconds.
+func selfCPU() (float64, error) {
+	p := &proc{cmd: &exec.Cmd{Process: &os.Process{Pid: os.Getpid()}}}
+	return p.cpuSeconds()
 }
