@@ -285,7 +285,18 @@ impl Settings {
             path: path.to_owned(),
             reason: e.to_string(),
         })?;
-        toml::from_str(&text).map_err(|e| ConfigError::File {
+        Self::from_toml(&text, path)
+    }
+
+    /// Parses the text of a TOML settings file read from `path` (named in
+    /// errors only). The parser [`Settings::from_file`] uses; public for
+    /// the `config` fuzz target (`fuzz/`).
+    ///
+    /// # Errors
+    /// TOML syntax, unknown keys or wrong types.
+    #[doc(hidden)]
+    pub fn from_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::File {
             path: path.to_owned(),
             reason: e.to_string().trim_end().to_owned(),
         })
