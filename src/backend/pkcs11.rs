@@ -47,7 +47,6 @@ use cryptoki::mechanism::{Mechanism, MechanismType};
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
 use cryptoki::session::{Session, UserType};
 use cryptoki::slot::Slot;
-use tokio::sync::Semaphore;
 use tracing::{info, warn};
 
 use crate::backend::{Backend, BackendError, KeyHandle, KeyringStore};
@@ -250,11 +249,16 @@ fn context(module: &Path) -> Result<Pkcs11, Pkcs11Error> {
     Ok(ctx)
 }
 
+/// A token call queued for one of the token's threads.
+type Job = Box<dyn FnOnce() + Send>;
+
 /// A connection to one token: context, slot, login state and session pool.
 pub struct Token {
     settings: Pkcs11Settings,
     metrics: OnceLock<Arc<crate::metrics::Metrics>>,
-    permits: Semaphore,
+    /// The queue of the `pool_size` threads that make the token calls of
+    /// async callers ([`Token::run`]); started on first use.
+    workers: OnceLock<std::sync::mpsc::Sender<Job>>,
     state: Mutex<Conn>,
     /// Signalled whenever a session goes back to the pool or is closed.
     freed: std::sync::Condvar,
@@ -295,7 +299,7 @@ impl Token {
     pub fn connect(settings: Pkcs11Settings) -> Result<Arc<Self>, Pkcs11Error> {
         let token = Arc::new(Self {
             metrics: OnceLock::new(),
-            permits: Semaphore::new(settings.pool_size.max(1)),
+            workers: OnceLock::new(),
             settings,
             freed: std::sync::Condvar::new(),
             state: Mutex::new(Conn {
@@ -587,25 +591,69 @@ impl Token {
         })
     }
 
-    /// Runs a blocking token call off the async workers, holding one of the
-    /// pool's permits.
+    /// Runs a blocking token call off the async workers, on one of the
+    /// token's `pool_size` threads.
+    ///
+    /// Dedicated threads rather than a semaphore permit plus
+    /// `spawn_blocking` per call: under load a thread that finishes a call
+    /// takes the next queued one at once, so a call costs one wake-up (its
+    /// result to the async task) instead of three (permit, blocking thread,
+    /// result), which profiling showed to be most of the backend's CPU
+    /// (docs/benchmarks.md). With as many threads as sessions, a call never
+    /// waits for a session held by another.
     async fn run<T: Send + 'static>(
         self: &Arc<Self>,
         op: &'static str,
         f: impl FnOnce(&Session, u64) -> Result<T, CkError> + Send + 'static,
     ) -> Result<T, Pkcs11Error> {
-        let _permit = self
-            .permits
-            .acquire()
-            .await
-            .map_err(|_| self.unavailable("session pool closed".to_owned()))?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
         let token = Arc::clone(self);
-        tokio::task::spawn_blocking(move || token.with_session(op, f))
-            .await
-            .map_err(|e| Pkcs11Error::Call {
-                op,
-                reason: e.to_string(),
-            })?
+        let job: Job = Box::new(move || {
+            // The caller may have given up (its future dropped): the call
+            // is made anyway, like a spawned blocking task, and its result
+            // dropped.
+            let _ = tx.send(token.with_session(op, f));
+        });
+        let call_failed = |reason: String| Pkcs11Error::Call { op, reason };
+        self.workers()
+            .map_err(|e| call_failed(format!("cannot start the token's threads: {e}")))?
+            .send(job)
+            .map_err(|_| call_failed("the token's threads have stopped".to_owned()))?;
+        rx.await
+            .map_err(|_| call_failed("the token's thread ended during the call".to_owned()))?
+    }
+
+    /// The queue of the token's call threads, starting them on first use.
+    /// They end when the token is dropped (the queue's sender with it).
+    fn workers(&self) -> std::io::Result<&std::sync::mpsc::Sender<Job>> {
+        if let Some(tx) = self.workers.get() {
+            return Ok(tx);
+        }
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        let rx = Arc::new(Mutex::new(rx));
+        for i in 0..self.settings.pool_size.max(1) {
+            let rx = Arc::clone(&rx);
+            std::thread::Builder::new()
+                .name(format!("kekd-pkcs11-{i}"))
+                .spawn(move || {
+                    loop {
+                        // One thread waits in `recv` holding the lock, the
+                        // others wait for the lock; the lock is released
+                        // before the job runs.
+                        let job = rx
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .recv();
+                        match job {
+                            Ok(job) => job(),
+                            Err(_) => return, // the token is gone
+                        }
+                    }
+                })?;
+        }
+        // Two callers racing here both start threads; the loser's sender is
+        // dropped at once and its threads end.
+        Ok(self.workers.get_or_init(|| tx))
     }
 
     fn label_of(&self, version: KeyVersion) -> String {
