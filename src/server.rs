@@ -32,7 +32,7 @@ use crate::usage::UsageTracker;
 
 pub mod connection;
 
-use connection::{CallLimit, Connection};
+use connection::Connection;
 
 /// How often changed usage counters are written to disk.
 pub const USAGE_FLUSH_INTERVAL: Duration = Duration::from_secs(5);
@@ -185,9 +185,9 @@ impl Server {
             .concurrency_limit_per_connection(config.max_concurrency)
             .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
             .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
-            .layer(CallLimit::new(running))
             .add_service(
                 KmsService::new(Arc::clone(&state), config.peers.clone())
+                    .with_call_limit(running)
                     .into_server(config.max_request_bytes),
             );
         // Shutdown is driven by the end of `incoming`, not by a signal: when

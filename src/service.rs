@@ -35,6 +35,8 @@ pub const HEALTHZ_OK: &str = "ok";
 pub struct KmsService {
     state: Arc<ServingState>,
     peers: PeerPolicy,
+    /// Bounds Encrypt/Decrypt calls running at once ([`Self::with_call_limit`]).
+    calls: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 /// Which local users may call: by the caller's uid or gid as the kernel
@@ -62,7 +64,32 @@ impl PeerPolicy {
 impl KmsService {
     /// A service answering from `state`, to callers `peers` allows.
     pub fn new(state: Arc<ServingState>, peers: PeerPolicy) -> Self {
-        Self { state, peers }
+        Self {
+            state,
+            peers,
+            calls: None,
+        }
+    }
+
+    /// At most `running` Encrypt/Decrypt calls run at once; the rest wait,
+    /// parked (FIFO), costing no CPU turns. Status never waits.
+    ///
+    /// The permit is taken here, in the handler — after tonic has read and
+    /// decoded the whole request — not when a stream's headers arrive: a
+    /// client that opens streams and never sends their messages holds no
+    /// permit, and cannot starve the apiserver's calls (tests/hostile.rs).
+    pub fn with_call_limit(mut self, running: usize) -> Self {
+        self.calls = Some(Arc::new(tokio::sync::Semaphore::new(running.max(1))));
+        self
+    }
+
+    /// Waits for a call permit (none when unlimited).
+    async fn call_permit(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        match &self.calls {
+            // The semaphore is never closed, so `acquire` cannot fail.
+            Some(calls) => calls.acquire().await.ok(),
+            None => None,
+        }
     }
 
     /// Refuses callers the peer policy does not allow, before any crypto.
@@ -111,7 +138,10 @@ impl KeyManagementService for KmsService {
     ) -> Result<Response<pb::EncryptResponse>, Status> {
         let started = Instant::now();
         let result = match self.authorize(&request) {
-            Ok(()) => self.do_encrypt(request).await,
+            Ok(()) => {
+                let _permit = self.call_permit().await;
+                self.do_encrypt(request).await
+            }
             Err(e) => Err(e),
         };
         self.observe(Method::Encrypt, started, &result);
@@ -124,7 +154,10 @@ impl KeyManagementService for KmsService {
     ) -> Result<Response<pb::DecryptResponse>, Status> {
         let started = Instant::now();
         let result = match self.authorize(&request) {
-            Ok(()) => self.do_decrypt(request).await,
+            Ok(()) => {
+                let _permit = self.call_permit().await;
+                self.do_decrypt(request).await
+            }
             Err(e) => Err(e),
         };
         self.observe(Method::Decrypt, started, &result);

@@ -1217,8 +1217,18 @@ async fn held_streams_are_capped_and_status_keeps_answering() {
         }
         assert_ne!(f.kind, GOAWAY, "GOAWAY {:?}", f.goaway());
     }
-    // Held for a while: Status probes run meanwhile.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Held for a while: Status probes run meanwhile, and the apiserver's
+    // own Encrypt/Decrypt on its connection are not starved — held streams
+    // whose messages never came hold no call slot (`with_call_limit`).
+    let mut target = target;
+    let held = Instant::now();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        round_trip(&mut target.client, "while 1,024 streams are held"),
+    )
+    .await
+    .expect("Encrypt/Decrypt starved by streams whose messages never came");
+    tokio::time::sleep(Duration::from_secs(3).saturating_sub(held.elapsed())).await;
     let memory = target.memory();
     eprintln!("1,024 held streams: VmRSS {} KiB", memory.rss_kib);
     drop(raw);

@@ -18,25 +18,22 @@
 //!   that stops answering. A healthy client — the apiserver's one long-lived
 //!   connection — answers pings in its HTTP/2 stack and is never cut, however
 //!   long it stays idle;
-//! - [`CallLimit`] bounds Encrypt/Decrypt across connections to
-//!   [`running_limit`] but lets Status through: it is answered from cached
+//! - Encrypt/Decrypt across connections are bounded to [`running_limit`]
+//!   (`KmsService::with_call_limit`, which takes a call's permit only once its
+//!   message has arrived) while Status never waits: it is answered from cached
 //!   state, and the apiserver must see it answered even while other calls
 //!   fill every slot.
 
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::UnixStream;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Sleep;
-use tonic::codegen::http;
 use tonic::transport::server::{Connected, UdsConnectInfo};
-use tower::limit::ConcurrencyLimit;
-use tower::{BoxError, Layer, Service, ServiceExt};
 
 /// Most connections kekd serves at once (the apiserver needs one per
 /// apiserver process; probes and doctors a few more).
@@ -61,8 +58,6 @@ const PREFACE_LEN: usize = 24;
 /// Calls running at once per CPU (see [`running_limit`]).
 pub const RUNNING_PER_CPU: usize = 8;
 
-/// The gRPC path of Status: the one call [`CallLimit`] does not limit.
-const STATUS_PATH: &str = "/v2.KeyManagementService/Status";
 
 /// How many connections to serve at once: [`MAX_CONNECTIONS`], or fewer when
 /// the soft `RLIMIT_NOFILE` leaves less than that above [`RESERVED_FDS`]
@@ -191,67 +186,5 @@ impl Connected for Connection {
 
     fn connect_info(&self) -> UdsConnectInfo {
         self.stream.connect_info()
-    }
-}
-
-/// Bounds concurrent calls across all connections to one semaphore's
-/// permits, except Status, which never waits for a permit.
-#[derive(Debug, Clone)]
-pub(crate) struct CallLimit {
-    permits: Arc<Semaphore>,
-}
-
-impl CallLimit {
-    pub(crate) fn new(running: usize) -> Self {
-        Self {
-            permits: Arc::new(Semaphore::new(running.max(1))),
-        }
-    }
-}
-
-impl<S: Clone> Layer<S> for CallLimit {
-    type Service = CallLimited<S>;
-
-    fn layer(&self, inner: S) -> CallLimited<S> {
-        CallLimited {
-            limited: ConcurrencyLimit::with_semaphore(inner.clone(), Arc::clone(&self.permits)),
-            open: inner,
-        }
-    }
-}
-
-/// The service [`CallLimit`] produces.
-#[derive(Debug, Clone)]
-pub(crate) struct CallLimited<S> {
-    open: S,
-    limited: ConcurrencyLimit<S>,
-}
-
-impl<S, B> Service<http::Request<B>> for CallLimited<S>
-where
-    S: Service<http::Request<B>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    S::Response: Send + 'static,
-    B: Send + 'static,
-{
-    type Response = S::Response;
-    type Error = BoxError;
-    type Future = tonic::codegen::BoxFuture<S::Response, BoxError>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        // Only `open` is readied here; a limited call takes its permit in
-        // its own future, so Status is never queued behind one.
-        self.open.poll_ready(cx).map_err(Into::into)
-    }
-
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        if request.uri().path() == STATUS_PATH {
-            let call = self.open.call(request);
-            Box::pin(async move { call.await.map_err(Into::into) })
-        } else {
-            let limited = self.limited.clone();
-            Box::pin(async move { limited.oneshot(request).await.map_err(Into::into) })
-        }
     }
 }
