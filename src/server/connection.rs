@@ -58,7 +58,6 @@ const PREFACE_LEN: usize = 24;
 /// Calls running at once per CPU (see [`running_limit`]).
 pub const RUNNING_PER_CPU: usize = 8;
 
-
 /// How many connections to serve at once: [`MAX_CONNECTIONS`], or fewer when
 /// the soft `RLIMIT_NOFILE` leaves less than that above [`RESERVED_FDS`]
 /// (never below 1). Also returns the soft limit (`None`: unlimited).
