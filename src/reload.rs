@@ -71,6 +71,21 @@ pub async fn try_reload(state: &ServingState, backend: &Arc<dyn Backend>) -> boo
             debug!(error = %e, "keyring not re-read during a token outage");
             return false;
         }
+        // Served from this token a moment ago, gone now: the token vanished
+        // (an outage that has not failed the self-check yet) or someone
+        // deleted kekd's metadata objects. Keep serving, and never suggest
+        // `admin init` here: a new keyring would orphan every ciphertext.
+        Ok(Err(BackendError::Pkcs11(Pkcs11Error::NoKeyring { .. }))) => {
+            return refuse(
+                state,
+                format!(
+                    "{}: the token shows no kekd keyring any more (a token outage, or its \
+                     metadata objects were deleted); still serving the last good keyring — \
+                     bring the token back or restore its objects, and do not run `kekd admin init`",
+                    backend.describe()
+                ),
+            );
+        }
         Ok(Err(e)) => return refuse(state, e.to_string()),
         Err(e) => return refuse(state, format!("keyring load task failed: {e}")),
     };

@@ -278,6 +278,9 @@ struct Conn {
     retry_at: Option<Instant>,
     backoff: Duration,
     last_error: Option<String>,
+    /// A session was opened once: the configuration is right, so a token
+    /// that cannot be found or opened from now on is an outage.
+    opened_once: bool,
 }
 
 impl fmt::Debug for Token {
@@ -312,6 +315,7 @@ impl Token {
                 pin_rejected: None,
                 retry_at: None,
                 backoff: BACKOFF_MIN,
+                opened_once: false,
                 last_error: None,
             }),
         });
@@ -465,6 +469,7 @@ impl Token {
         match &result {
             Ok(_) => {
                 conn.open += 1;
+                conn.opened_once = true;
                 if conn.retry_at.take().is_some() {
                     info!(token = %self.settings.token_label, "PKCS#11 token reconnected");
                 }
@@ -479,6 +484,12 @@ impl Token {
                 conn.reinit = true;
                 conn.backoff = (conn.backoff * 2).min(BACKOFF_MAX);
                 conn.last_error = Some(e.to_string());
+                // Once the token has served, "no token labelled …" (or a
+                // module that fails to load) means it went away: an outage
+                // the caller may retry, not a configuration mistake.
+                if conn.opened_once && !matches!(e, Pkcs11Error::Unavailable { .. }) {
+                    return Err(self.unavailable(e.to_string()));
+                }
             }
         }
         result.map(|s| (s, conn.generation))
