@@ -470,7 +470,11 @@ func parseCriterion(out string) [][2]string {
 		if name == "" {
 			name = prev
 		}
-		res = append(res, [2]string{name, strings.TrimSpace(after)})
+		// "change:" compares with the previous run on this machine, which
+		// says nothing here.
+		if name != "change:" {
+			res = append(res, [2]string{name, strings.TrimSpace(after)})
+		}
 	}
 	return res
 }

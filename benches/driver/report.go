@@ -98,7 +98,9 @@ func renderMarkdown(r Report) string {
 	if len(r.Criterion) > 0 {
 		w("\n### Micro-benchmarks (criterion, `cargo bench --bench envelope`)\n\n| benchmark | time [low median high] |\n|---|---|\n")
 		for _, c := range r.Criterion {
-			w("| %s | %s |\n", c[0], c[1])
+			if c[0] != "change:" {
+				w("| %s | %s |\n", c[0], c[1])
+			}
 		}
 	}
 
