@@ -183,8 +183,8 @@ else
 	args+=(-criterion "$out/criterion.txt")
 fi
 
-# shellcheck disable=SC2086 # KEKD_BENCH_ARGS is a list of flags
 say "driver ${args[*]} ${KEKD_BENCH_ARGS:-}"
+# shellcheck disable=SC2086 # KEKD_BENCH_ARGS is a list of flags
 "$work/bin/driver" "${args[@]}" ${KEKD_BENCH_ARGS:-}
 if [[ $docs == 1 ]]; then
 	say "wrote docs/benchmarks.md and docs/benchmarks.png"
