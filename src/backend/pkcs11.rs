@@ -656,7 +656,12 @@ impl Token {
                             .unwrap_or_else(std::sync::PoisonError::into_inner)
                             .recv();
                         match job {
-                            Ok(job) => job(),
+                            // A panicking call fails only itself (its caller
+                            // sees the result channel closed): the thread
+                            // stays, so the pool keeps its size.
+                            Ok(job) => {
+                                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+                            }
                             Err(_) => return, // the token is gone
                         }
                     }
