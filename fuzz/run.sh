@@ -21,10 +21,18 @@ case "$seconds" in
 esac
 read -r -a targets <<<"${FUZZ_TARGETS:-envelope keyring_file config backup grpc}"
 
+# cargo fuzz needs -Z flags (sanitizers): the nightly toolchain, installed
+# when missing. Where no toolchain can be downloaded, the stable one serves
+# with RUSTC_BOOTSTRAP=1: it ships the same sanitizer runtimes.
+cargo=(cargo +nightly)
 if ! rustup run nightly rustc --version >/dev/null 2>&1; then
-  rustup toolchain install nightly --profile minimal
+  if ! rustup toolchain install nightly --profile minimal; then
+    echo "fuzz/run.sh: no nightly toolchain; using $(rustc --version) with RUSTC_BOOTSTRAP=1" >&2
+    cargo=(cargo)
+    export RUSTC_BOOTSTRAP=1
+  fi
 fi
-if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
+if ! "${cargo[@]}" fuzz --version >/dev/null 2>&1; then
   cargo install cargo-fuzz --locked
 fi
 
@@ -36,14 +44,14 @@ unset CARGO_TARGET_DIR
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 
 # cargo fuzz has no --locked: check that fuzz/Cargo.lock is current first.
-cargo +nightly metadata --locked --format-version 1 >/dev/null
+"${cargo[@]}" metadata --locked --format-version 1 >/dev/null
 
-echo "=== building ${targets[*]} (cargo +nightly fuzz build, debug assertions on)"
+echo "=== building ${targets[*]} (${cargo[*]} fuzz build, debug assertions on)"
 if [ -z "${FUZZ_TARGETS:-}" ]; then
-  cargo +nightly fuzz build --debug-assertions --target-dir "$target_dir"
+  "${cargo[@]}" fuzz build --debug-assertions --target-dir "$target_dir"
 else
   for t in "${targets[@]}"; do
-    cargo +nightly fuzz build --debug-assertions --target-dir "$target_dir" "$t"
+    "${cargo[@]}" fuzz build --debug-assertions --target-dir "$target_dir" "$t"
   done
 fi
 
@@ -55,7 +63,7 @@ for t in "${targets[@]}"; do
   mkdir -p "$work" "$artifacts" "$(dirname "$log")"
   echo "=== fuzzing $t for ${seconds}s (log: $log)"
   status=0
-  cargo +nightly fuzz run --debug-assertions --target-dir "$target_dir" "$t" "$work" "corpus/$t" -- \
+  "${cargo[@]}" fuzz run --debug-assertions --target-dir "$target_dir" "$t" "$work" "corpus/$t" -- \
     -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -max_len=8192 \
     -print_final_stats=1 -artifact_prefix="$artifacts/" >"$log" 2>&1 || status=$?
   n=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
