@@ -124,14 +124,29 @@ fn protect(map: &MmapMut) {
 mod tests {
     use super::*;
 
-    /// The `VmFlags` and `Locked` lines of the smaps entry starting at `addr`.
-    fn smaps_entry(addr: usize) -> (String, String) {
+    /// The `VmFlags`, `Locked` and `Size` of the smaps entry holding `addr`
+    /// (the kernel merges neighbouring key pages with the same flags into
+    /// one entry, so it may start before `addr` or end after its page).
+    fn smaps_entry(addr: usize) -> (String, String, String) {
         let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
-        let start = format!("{addr:x}-");
-        let mut lines = smaps.lines().skip_while(|l| !l.starts_with(&start));
-        assert!(lines.next().is_some(), "mapping {start} not in smaps");
-        let mut flags = String::new();
-        let mut locked = String::new();
+        let holds = |line: &str| {
+            let Some((range, _)) = line.split_once(' ') else {
+                return false;
+            };
+            let Some((from, to)) = range.split_once('-') else {
+                return false;
+            };
+            match (
+                usize::from_str_radix(from, 16),
+                usize::from_str_radix(to, 16),
+            ) {
+                (Ok(from), Ok(to)) => from <= addr && addr < to,
+                _ => false,
+            }
+        };
+        let mut lines = smaps.lines().skip_while(|l| !holds(l));
+        assert!(lines.next().is_some(), "mapping of {addr:x} not in smaps");
+        let (mut flags, mut locked, mut size) = (String::new(), String::new(), String::new());
         for line in lines {
             if let Some(rest) = line.strip_prefix("VmFlags:") {
                 flags = rest.trim().to_owned();
@@ -140,22 +155,25 @@ mod tests {
             if let Some(rest) = line.strip_prefix("Locked:") {
                 locked = rest.trim().to_owned();
             }
+            if let Some(rest) = line.strip_prefix("Size:") {
+                size = rest.trim().to_owned();
+            }
         }
-        (flags, locked)
+        (flags, locked, size)
     }
 
     #[test]
     fn key_pages_are_not_dumped_not_inherited_and_locked_when_allowed() {
         let key = LockedBytes::new(&[0x5A; 32]);
         assert_eq!(key.as_slice(), &[0x5A; 32]);
-        let (flags, locked) = smaps_entry(key.address());
+        let (flags, locked, size) = smaps_entry(key.address());
         let flags: Vec<&str> = flags.split_whitespace().collect();
         assert!(flags.contains(&"dd"), "MADV_DONTDUMP missing: {flags:?}");
         assert!(flags.contains(&"dc"), "MADV_DONTFORK missing: {flags:?}");
         match key_memory() {
             KeyMemory::Protected => {
                 assert!(flags.contains(&"lo"), "not locked: {flags:?}");
-                assert_eq!(locked, "4 kB");
+                assert_eq!(locked, size, "the whole mapping is locked");
             }
             // A test runner without CAP_IPC_LOCK and a zero memlock limit.
             other => assert_eq!(other, KeyMemory::NotLocked),
