@@ -125,25 +125,34 @@ fn pid_of(process: &Process) -> u32 {
     panic!("no kekd serve process for {socket}");
 }
 
-/// (kekd's key mappings — marked `dd` (MADV_DONTDUMP) and `dc`
-/// (MADV_DONTFORK); the kernel's own `[vvar]` is `dd` only — and how many of
-/// them are also `lo` (locked)).
-fn dontdump_mappings(pid: u32) -> (usize, usize) {
+/// (KiB of kekd's key mappings — marked `dd` (MADV_DONTDUMP) and `dc`
+/// (MADV_DONTFORK); the kernel's own `[vvar]` is `dd` only — and how many
+/// KiB of them are locked). Neighbouring key pages with the same flags are
+/// merged into one smaps entry, so this counts sizes, not entries.
+fn key_memory_kib(pid: u32) -> (usize, usize) {
     let smaps = fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap();
-    let mut dd = 0;
-    let mut locked = 0;
+    let (mut total, mut locked) = (0, 0);
+    let (mut size, mut lock) = (0, 0);
+    let kib = |rest: &str| -> usize {
+        rest.trim()
+            .trim_end_matches(" kB")
+            .parse()
+            .unwrap_or_else(|_| panic!("smaps field {rest:?}"))
+    };
     for line in smaps.lines() {
-        if let Some(flags) = line.strip_prefix("VmFlags:") {
+        if let Some(rest) = line.strip_prefix("Size:") {
+            size = kib(rest);
+        } else if let Some(rest) = line.strip_prefix("Locked:") {
+            lock = kib(rest);
+        } else if let Some(flags) = line.strip_prefix("VmFlags:") {
             let flags: Vec<&str> = flags.split_whitespace().collect();
             if flags.contains(&"dd") && flags.contains(&"dc") {
-                dd += 1;
-                if flags.contains(&"lo") {
-                    locked += 1;
-                }
+                total += size;
+                locked += lock;
             }
         }
     }
-    (dd, locked)
+    (total, locked)
 }
 
 fn is_root() -> bool {
@@ -276,9 +285,12 @@ async fn a_known_kek_appears_in_no_log_output_error_record_or_proc_file() {
         }
         if is_root() {
             // Two versions were loaded into locked, non-dumpable pages.
-            let (dd, locked) = dontdump_mappings(pid);
-            assert!(dd >= 2, "{dd} MADV_DONTDUMP mappings, want one per KEK");
-            assert_eq!(locked, dd, "every key page is locked when root");
+            let (kib, locked) = key_memory_kib(pid);
+            assert!(
+                kib >= 8,
+                "{kib} KiB of MADV_DONTDUMP key pages, want a page per KEK"
+            );
+            assert_eq!(locked, kib, "every key page is locked when root");
         }
 
         serve.signal(rustix::process::Signal::TERM);
@@ -461,8 +473,11 @@ async fn without_memory_lock_rights_kekd_warns_once_and_serves() {
     assert_eq!(opened, plaintext);
 
     let pid = pid_of(&process);
-    let (dd, locked) = dontdump_mappings(pid);
-    assert!(dd >= 2, "{dd} MADV_DONTDUMP mappings, want one per KEK");
+    let (kib, locked) = key_memory_kib(pid);
+    assert!(
+        kib >= 8,
+        "{kib} KiB of MADV_DONTDUMP key pages, want a page per KEK"
+    );
     assert_eq!(locked, 0, "nothing can be locked under memlock 0");
 
     process.signal(rustix::process::Signal::TERM);
