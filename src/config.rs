@@ -175,6 +175,10 @@ impl BackendConfig {
 
 /// Reads the PIN from `file` (which must not be readable by others) or,
 /// without one, from `KEKD_PKCS11_PIN`. Never from argv.
+/// Largest PIN file kekd reads (PKCS#11 PINs are short; a larger file is a
+/// wrong path, not a PIN).
+const MAX_PIN_FILE: usize = 1024;
+
 fn read_pin(file: Option<&Path>) -> Result<crate::secret::Pin, ConfigError> {
     use std::os::unix::fs::PermissionsExt;
     let Some(path) = file else {
@@ -191,6 +195,12 @@ fn read_pin(file: Option<&Path>) -> Result<crate::secret::Pin, ConfigError> {
         reason,
     };
     let meta = fs::metadata(path).map_err(|e| bad(format!("{}: {e}", path.display())))?;
+    if !meta.is_file() {
+        return Err(bad(format!(
+            "{} is not a regular file; point pin_file at a file holding only the PIN",
+            path.display()
+        )));
+    }
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
         return Err(bad(format!(
@@ -198,9 +208,23 @@ fn read_pin(file: Option<&Path>) -> Result<crate::secret::Pin, ConfigError> {
             path.display()
         )));
     }
-    let text = zeroize::Zeroizing::new(
-        fs::read_to_string(path).map_err(|e| bad(format!("{}: {e}", path.display())))?,
-    );
+    // Read at most MAX_PIN_FILE + 1 bytes into a buffer that never grows
+    // (a reallocation would leave a copy of the PIN behind, unzeroed).
+    let mut bytes = zeroize::Zeroizing::new(Vec::with_capacity(MAX_PIN_FILE + 1));
+    {
+        use std::io::Read;
+        fs::File::open(path)
+            .and_then(|f| f.take(MAX_PIN_FILE as u64 + 1).read_to_end(&mut bytes))
+            .map_err(|e| bad(format!("{}: {e}", path.display())))?;
+    }
+    if bytes.len() > MAX_PIN_FILE {
+        return Err(bad(format!(
+            "{} is larger than {MAX_PIN_FILE} bytes; a PIN file holds only the PIN (and a newline)",
+            path.display()
+        )));
+    }
+    let text = std::str::from_utf8(&bytes)
+        .map_err(|_| bad(format!("{} is not UTF-8 text", path.display())))?;
     let pin = text.trim_end_matches(['\n', '\r']);
     if pin.is_empty() {
         return Err(bad(format!("{} is empty", path.display())));
@@ -566,6 +590,50 @@ pub enum ConfigError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pin_files_are_read_strictly_and_never_without_bound() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, bytes: &[u8]| {
+            let path = dir.path().join(name);
+            fs::write(&path, bytes).unwrap();
+            fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
+            path
+        };
+        let ok = write("ok", b"123456\n");
+        assert_eq!(read_pin(Some(&ok)).unwrap().expose_secret(), "123456");
+        let err = |path: &Path| read_pin(Some(path)).unwrap_err().to_string();
+
+        let exact = write("exact", &[b'7'; MAX_PIN_FILE]);
+        assert_eq!(
+            read_pin(Some(&exact)).unwrap().expose_secret().len(),
+            MAX_PIN_FILE
+        );
+        let big = write("big", &[b'7'; MAX_PIN_FILE + 1]);
+        assert_eq!(
+            err(&big),
+            format!(
+                "invalid pin_file: {} is larger than 1024 bytes; a PIN file holds only the PIN (and a newline)",
+                big.display()
+            )
+        );
+        // A device would never end: refused before reading.
+        assert_eq!(
+            err(Path::new("/dev/zero")),
+            "invalid pin_file: /dev/zero is not a regular file; point pin_file at a file holding only the PIN"
+        );
+        let binary = write("binary", &[0xff, 0xfe, b'\n']);
+        assert_eq!(
+            err(&binary),
+            format!("invalid pin_file: {} is not UTF-8 text", binary.display())
+        );
+        let empty = write("empty", b"\n");
+        assert_eq!(
+            err(&empty),
+            format!("invalid pin_file: {} is empty", empty.display())
+        );
+    }
 
     fn minimal() -> Settings {
         Settings {
