@@ -8,8 +8,9 @@
 //!
 //! 1. [`server`] owns the Unix socket: it creates it under a umask, refuses
 //!    symlinks, regular files and live listeners, removes a verified-stale
-//!    socket, accepts connections with backoff, bounds request size and
-//!    concurrency, and drains calls on shutdown.
+//!    socket, accepts connections with backoff, bounds connections, silent
+//!    peers, request size and running calls (`server/connection.rs`), and
+//!    drains calls on shutdown.
 //! 2. [`service`] implements `v2.KeyManagementService`: it turns the protobuf
 //!    request into domain types, calls the current [`keyring::Keyring`]
 //!    snapshot, and maps every error to a gRPC status in one place.
@@ -39,9 +40,11 @@
 //! Around it: [`config`] (flags, `KEKD_*` environment, TOML file), [`cli`]
 //! (the `kekd serve` and `kekd admin …` commands), [`client`] (a UDS client
 //! for `kekd admin probe` and tests), [`secret`] (zeroizing, redacted types
-//! for KEKs and plaintexts) and [`telemetry`] (the one place logging is set up).
+//! for KEKs and plaintexts; KEKs and the PIN in locked pages left out of core
+//! dumps) and [`telemetry`] (the one place logging is set up).
 //!
-//! `docs/design.md` describes the formats and the threat model.
+//! `docs/design.md` describes the formats; `docs/security.md` the threat
+//! model and the test behind each security claim.
 
 pub mod audit;
 pub mod backend;
