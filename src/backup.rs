@@ -415,7 +415,7 @@ pub fn read(path: &Path) -> Result<Backup, BackupError> {
     })
 }
 
-/// Whether [`write`] may replace an existing file.
+/// Whether [`write()`] may replace an existing file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Overwrite {
     /// Never: fail if anything exists at the path, even if it appears
