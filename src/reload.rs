@@ -26,11 +26,18 @@ use crate::usage::ReloadProblem;
 /// How long to wait after a file event for more (a `cp` writes in pieces).
 const SETTLE: Duration = Duration::from_millis(100);
 
-/// Runs until aborted: reloads whenever the keyring changes.
-pub async fn reload_loop(state: Arc<ServingState>, backend: Arc<dyn Backend>, poll: Duration) {
+/// Runs until aborted: reloads whenever the keyring changes. `loaded` is
+/// the backend's revision as it was just before the serving keyring was
+/// loaded (the task may start later; a change in between must still count).
+pub async fn reload_loop(
+    state: Arc<ServingState>,
+    backend: Arc<dyn Backend>,
+    poll: Duration,
+    loaded: Option<String>,
+) {
     let (tx, mut rx) = mpsc::channel::<()>(1);
     let _watcher = watch(backend.watch_paths(), tx);
-    let mut last = backend.revision();
+    let mut last = loaded;
     let mut ticker = tokio::time::interval(poll);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

@@ -54,6 +54,10 @@ pub struct Server {
     socket: BoundSocket,
     config: ServeConfig,
     backend: Arc<dyn Backend>,
+    /// The backend's revision read just before the keyring was loaded: the
+    /// reload loop compares against it, so a change made between the load
+    /// and the loop's first poll is not missed.
+    loaded_revision: Option<String>,
     ops: Option<tokio::net::TcpListener>,
 }
 
@@ -67,6 +71,7 @@ impl Server {
         config: ServeConfig,
         backend: Arc<dyn Backend>,
     ) -> Result<Self, ServerError> {
+        let loaded_revision = backend.revision();
         let loader = Arc::clone(&backend);
         let keyring = tokio::task::spawn_blocking(move || loader.load())
             .await
@@ -104,6 +109,7 @@ impl Server {
             socket,
             config,
             backend,
+            loaded_revision,
             ops,
         })
     }
@@ -134,6 +140,7 @@ impl Server {
             socket,
             config,
             backend,
+            loaded_revision,
             ops,
         } = self;
         let readiness = Arc::new(Readiness::default());
@@ -166,6 +173,7 @@ impl Server {
             Arc::clone(&state),
             backend,
             config.reload_interval,
+            loaded_revision,
         ));
         let flusher = tokio::spawn(flush_loop(Arc::clone(&state)));
 

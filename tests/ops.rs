@@ -973,6 +973,41 @@ async fn the_ops_listener_is_off_unless_configured() {
 
 // ------------------------------------------------- liveness vs readiness
 
+/// A keyring changed after it was loaded but before the reload loop first
+/// looked (a slow start on a busy node) is still noticed: the loop compares
+/// with the revision read just before the load, not with what it finds when
+/// it starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_between_load_and_serve_is_not_missed() {
+    let dir = common::tempdir().await;
+    let keyring = dir.path().join("keyring");
+    common::create_keyring(&keyring);
+    let config = ServeConfig::resolve(Settings {
+        keyring: Some(keyring.clone()),
+        socket: Some(dir.path().join("kms.sock")),
+        ops_addr: Some("127.0.0.1:0".to_owned()),
+        reload_interval: Some("200ms".to_owned()),
+        ..Settings::default()
+    })
+    .unwrap();
+    let server = {
+        let _guard = common::fs_lock().await;
+        Server::start(config, Arc::new(LocalBackend::new(&keyring)))
+            .await
+            .unwrap()
+    };
+    let ops = server.ops_addr().unwrap();
+    // Loaded; not serving yet, so no reload loop is running.
+    replace_file(&keyring, b"this is not a keyring\n");
+    let (tx, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(server.serve(async {
+        let _ = rx.await;
+    }));
+    wait_for_sample(ops, "kekd_keyring_reload_refused", &[], 1.0).await;
+    tx.send(()).unwrap();
+    task.await.unwrap().unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broken_keyring_keeps_the_last_good_one_serving_live_and_ready() {
     let server = InProcess::start().await;
