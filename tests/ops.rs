@@ -1080,6 +1080,13 @@ async fn readyz_fails_with_not_accepting_while_shutting_down() {
             },
         )
         .await;
+    // Answered only after the server has read the held stream's headers: a
+    // shutdown that begins earlier would rightly refuse that stream.
+    let _: wire::StatusResponse = raw
+        .clone()
+        .unary(wire::STATUS, wire::StatusRequest {})
+        .await
+        .unwrap();
     let ops = server.ops;
     server.begin_shutdown();
     let body = wait_for_readyz(ops, 503).await;
