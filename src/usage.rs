@@ -207,7 +207,8 @@ impl UsageTracker {
 
     /// Counts one successful use.
     pub fn record(&self, version: KeyVersion, op: Use, now: Timestamp) {
-        let boot_ms = boot_clock_ms();
+        // Read outside the lock, and only for what stores it.
+        let boot_ms = (op == Use::Decrypt).then(boot_clock_ms);
         self.update(|f| {
             let u = f.versions.entry(version.get()).or_default();
             match op {
@@ -218,7 +219,7 @@ impl UsageTracker {
                 Use::Decrypt => {
                     u.decrypts += 1;
                     u.last_decrypt = Some(now);
-                    u.last_decrypt_boot_ms = Some(boot_ms);
+                    u.last_decrypt_boot_ms = boot_ms;
                 }
             }
         });
