@@ -5,13 +5,21 @@
 //! - Each KEK version is an AES-256 secret-key object generated **in the
 //!   token** (`CKA_TOKEN`, `CKA_PRIVATE`, `CKA_SENSITIVE`, not extractable,
 //!   encrypt/decrypt only), labelled `<prefix>v<version>`, with `CKA_ID` =
-//!   keyring id (16 bytes) ‖ version (big-endian u32).
+//!   keyring id (16 bytes) ‖ version (big-endian u32), restricted to
+//!   `CKM_AES_GCM`.
 //! - The keyring's metadata — id, versions, states, times; the same text
-//!   format as a local keyring, but with the `kekd-keyring-meta v1` magic and
-//!   no key fields — is one private data object in the same token, labelled
-//!   `<prefix>keyring` (application `kekd`). Every kekd pointed at the token
-//!   reads the same metadata, so a rotation made once is seen by all nodes
-//!   without copying files.
+//!   format as a local keyring, but with the `kekd-keyring-meta v2` magic and
+//!   no key fields, followed by each version's key check value and a MAC —
+//!   is one private data object in the same token, labelled
+//!   `<prefix>keyring@<revision>` (application `kekd`). The MAC is made in
+//!   the token under a key of its own (`<prefix>metadata-key`, `CKA_ID` =
+//!   keyring id ‖ 00000000). Every kekd pointed at the token reads the same
+//!   metadata, so a rotation made once is seen by all nodes without copying
+//!   files.
+//! - kekd reads **private** objects only, and uses a key object only if its
+//!   attributes show the token generated it and never lets it out, and it
+//!   opens the check value recorded when kekd generated it
+//!   ([`objects`] says why and how).
 //! - Usage counters and the audit log are per node, under `state_dir`.
 //!
 //! # Sessions
@@ -34,7 +42,7 @@
 //! stops all login attempts until the process restarts, so the token's
 //! lockout counter is never run down.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -55,8 +63,14 @@ use crate::keyring::store::{KeyringFile, Material, StoreError};
 use crate::keyring::{KeyState, KeyVersion, Keyring, KeyringId};
 use crate::secret::{KeyFingerprint, Pin, Plaintext};
 
+mod objects;
+
+use objects::{FrameError, Seal};
+
 /// Label suffix of the metadata object.
 const METADATA_LABEL: &str = "keyring";
+/// Label suffix of the metadata-authentication key.
+const METADATA_KEY_LABEL: &str = "metadata-key";
 /// `CKA_APPLICATION` of the metadata object.
 const APPLICATION: &str = "kekd";
 /// GCM tag length in bits.
@@ -137,6 +151,83 @@ pub enum Pkcs11Error {
         /// Its label.
         label: String,
     },
+    /// A key object kekd will not use.
+    #[error(
+        "key object {label} of {what} {reason}: refusing it; kekd uses only keys it generated in the token \
+         (private, sensitive, never extractable, CKA_LOCAL, AES-GCM only). If kekd did not make this object, delete it \
+         (`pkcs11-tool --login --delete-object --type secrkey --id {id}`) and restore the original from the \
+         token's backup"
+    )]
+    KeyRefused {
+        /// `version N` or `the metadata key`.
+        what: String,
+        /// The object's label.
+        label: String,
+        /// Its `CKA_ID`, hex.
+        id: String,
+        /// The attribute at fault.
+        reason: &'static str,
+    },
+    /// Two private objects claim the same place.
+    #[error(
+        "the token holds two private objects for {what}: {first} and {second}; kekd will not guess which one is \
+         its own — delete the one kekd did not create (`pkcs11-tool --login --list-objects` shows both)"
+    )]
+    Duplicate {
+        /// What both claim to be.
+        what: String,
+        /// One, by label and handle.
+        first: String,
+        /// The other.
+        second: String,
+    },
+    /// The metadata object fails authentication.
+    #[error(
+        "keyring metadata object {label} fails authentication ({reason}): it was edited or planted, not written by \
+         kekd; refusing it. If no kekd wrote it, delete it (`pkcs11-tool --login --delete-object --type data \
+         --label {label}`): kekd then reads the revision before it"
+    )]
+    MetadataForged {
+        /// The object's label.
+        label: String,
+        /// What failed.
+        reason: String,
+    },
+    /// A version's key object is not the key kekd generated for it.
+    #[error(
+        "the key object {label} of version {version} is not the key kekd generated for it (its key check value \
+         does not open): refusing it; delete the impostor and restore the original key object from the token's \
+         backup"
+    )]
+    CheckFailed {
+        /// The version.
+        version: KeyVersion,
+        /// The object's label.
+        label: String,
+    },
+    /// Metadata written by a kekd without authentication.
+    #[error(
+        "the keyring metadata in token {label:?} (prefix {prefix:?}) was written by an older kekd, without a MAC \
+         or key check values, and is no longer served; as the PIN holder, run `kekd admin upgrade-token --config \
+         FILE` once"
+    )]
+    LegacyMetadata {
+        /// The token.
+        label: String,
+        /// The prefix.
+        prefix: String,
+    },
+    /// The token cannot restrict keys to AES-GCM.
+    #[error(
+        "token {label:?} cannot make a key restricted to CKM_AES_GCM (CKA_ALLOWED_MECHANISMS): {reason}; kekd \
+         requires it, so nothing was created — use a token (or firmware) that supports CKA_ALLOWED_MECHANISMS"
+    )]
+    RestrictionUnsupported {
+        /// The token.
+        label: String,
+        /// What the token did.
+        reason: String,
+    },
     /// The token has no kekd keyring.
     #[error(
         "token {label:?} holds no kekd keyring with prefix {prefix:?}; create one with `kekd admin init --config …`"
@@ -199,6 +290,12 @@ impl Pkcs11Error {
                 | Self::KeyringExists { .. }
                 | Self::KeyMissing { .. }
                 | Self::MechanismMissing { .. }
+                | Self::KeyRefused { .. }
+                | Self::Duplicate { .. }
+                | Self::MetadataForged { .. }
+                | Self::CheckFailed { .. }
+                | Self::LegacyMetadata { .. }
+                | Self::RestrictionUnsupported { .. }
         )
     }
 }
@@ -262,6 +359,8 @@ pub struct Token {
     state: Mutex<Conn>,
     /// Signalled whenever a session goes back to the pool or is closed.
     freed: std::sync::Condvar,
+    /// Public objects already reported, so each is logged once.
+    warned: Mutex<HashSet<String>>,
 }
 
 struct Conn {
@@ -305,6 +404,7 @@ impl Token {
             workers: OnceLock::new(),
             settings,
             freed: std::sync::Condvar::new(),
+            warned: Mutex::new(HashSet::new()),
             state: Mutex::new(Conn {
                 slot: None,
                 generation: 0,
@@ -680,7 +780,12 @@ impl Token {
         format!("{}{METADATA_LABEL}@", self.settings.key_label_prefix)
     }
 
-    /// Every metadata object of this keyring, as (revision, handle), oldest first.
+    fn metadata_key_label(&self) -> String {
+        format!("{}{METADATA_KEY_LABEL}", self.settings.key_label_prefix)
+    }
+
+    /// Every private metadata object of this keyring, as (revision, handle),
+    /// oldest first. Public objects are never read (anyone can create them).
     ///
     /// Metadata is never modified in place (tokens such as SoftHSM refuse to
     /// change a data object's value): each write creates revision n+1, then
@@ -689,21 +794,14 @@ impl Token {
     fn metadata_objects(&self, s: &Session) -> Result<Vec<(u64, ObjectHandle)>, CkError> {
         let prefix = self.metadata_prefix();
         let mut out = Vec::new();
-        for handle in s.find_objects(&[
+        for handle in s.find_objects(&objects::private(vec![
             Attribute::Class(ObjectClass::DATA),
             Attribute::Application(APPLICATION.as_bytes().to_vec()),
-        ])? {
-            let label = s
-                .get_attributes(handle, &[AttributeType::Label])?
-                .into_iter()
-                .find_map(|a| match a {
-                    Attribute::Label(l) => Some(l),
-                    _ => None,
-                })
-                .unwrap_or_default();
-            let revision = std::str::from_utf8(&label)
-                .ok()
-                .and_then(|l| l.strip_prefix(&prefix))
+        ]))? {
+            let label = objects::label(s, handle)?;
+            let revision = label
+                .strip_prefix(&prefix)
+                .filter(|r| !r.starts_with('0'))
                 .and_then(|r| r.parse::<u64>().ok());
             if let Some(r) = revision {
                 out.push((r, handle));
@@ -713,12 +811,22 @@ impl Token {
         Ok(out)
     }
 
-    /// The newest metadata revision and its bytes, if there is any.
-    fn read_metadata(&self, s: &Session) -> Result<Option<(u64, Vec<u8>)>, CkError> {
+    /// The newest metadata revision, unverified.
+    fn read_metadata(&self, s: &Session) -> Result<Result<Option<RawMetadata>, Pkcs11Error>, CkError> {
         let objects = self.metadata_objects(s)?;
         let Some(&(revision, handle)) = objects.last() else {
-            return Ok(None);
+            return Ok(Ok(None));
         };
+        let label = format!("{}{revision}", self.metadata_prefix());
+        if let [.., (r1, h1), (r2, h2)] = objects.as_slice()
+            && r1 == r2
+        {
+            return Ok(Err(Pkcs11Error::Duplicate {
+                what: format!("keyring metadata revision {revision}"),
+                first: format!("{label} (handle {h1})"),
+                second: format!("{label} (handle {h2})"),
+            }));
+        }
         let value = s
             .get_attributes(handle, &[AttributeType::Value])?
             .into_iter()
@@ -727,20 +835,89 @@ impl Token {
                 _ => None,
             })
             .unwrap_or_default();
-        Ok(Some((revision, value)))
+        Ok(Ok(Some(RawMetadata {
+            revision,
+            label,
+            value,
+        })))
     }
 
-    /// The keyring metadata stored in the token.
-    ///
-    /// # Errors
-    /// No keyring, an unreadable one, or token errors.
-    pub fn load_metadata(&self) -> Result<KeyringFile, BackendError> {
-        let read = self.with_session("read the keyring metadata", |s, _| self.read_metadata(s))?;
-        let (_, bytes) = read.ok_or_else(|| Pkcs11Error::NoKeyring {
-            label: self.settings.token_label.clone(),
-            prefix: self.settings.key_label_prefix.clone(),
-        })?;
-        let file = KeyringFile::parse(&bytes).map_err(|error| {
+    /// The newest metadata, its MAC verified under the keyring's metadata
+    /// key and its key check values complete. Key objects are not looked at
+    /// (`kekd admin list` must still work when one is gone).
+    fn read_verified(&self, s: &Session) -> Result<Result<Option<Verified>, BackendError>, CkError> {
+        let raw = match self.read_metadata(s)? {
+            Ok(Some(raw)) => raw,
+            Ok(None) => return Ok(Ok(None)),
+            Err(e) => return Ok(Err(e.into())),
+        };
+        let forged = |reason: String| -> BackendError {
+            Pkcs11Error::MetadataForged {
+                label: raw.label.clone(),
+                reason,
+            }
+            .into()
+        };
+        let framed = match objects::split(&raw.value) {
+            Ok(f) => f,
+            Err(FrameError::Legacy) => {
+                return Ok(Err(Pkcs11Error::LegacyMetadata {
+                    label: self.settings.token_label.clone(),
+                    prefix: self.settings.key_label_prefix.clone(),
+                }
+                .into()));
+            }
+            Err(FrameError::Malformed(why)) => return Ok(Err(forged(format!("its value {why}")))),
+        };
+        let file = match self.parse_body(framed.body) {
+            Ok(f) => f,
+            Err(e) => return Ok(Err(e)),
+        };
+        let key = match self.find_key_object(s, &file.id, None)? {
+            Ok(Some(key)) => key,
+            Ok(None) => {
+                return Ok(Err(forged(format!(
+                    "the token holds no private metadata key ({}) for keyring {}",
+                    self.metadata_key_label(),
+                    file.id
+                ))));
+            }
+            Err(e) => return Ok(Err(e.into())),
+        };
+        if !framed
+            .mac
+            .opens(s, key, &objects::mac_aad(raw.revision, framed.signed))?
+        {
+            return Ok(Err(forged("its MAC does not verify".to_owned())));
+        }
+        // Authenticated, so only a kekd bug could break these; still checked.
+        for v in &file.versions {
+            if v.info.state.has_material() != framed.checks.contains_key(&v.info.version) {
+                return Ok(Err(forged(format!(
+                    "version {} and its key check value do not match",
+                    v.info.version
+                ))));
+            }
+        }
+        if framed.checks.len()
+            != file
+                .versions
+                .iter()
+                .filter(|v| v.info.state.has_material())
+                .count()
+        {
+            return Ok(Err(forged("it has a key check value of no version".to_owned())));
+        }
+        Ok(Ok(Some(Verified {
+            revision: raw.revision,
+            body: framed.body.to_vec(),
+            checks: framed.checks,
+            file,
+        })))
+    }
+
+    fn parse_body(&self, body: &[u8]) -> Result<KeyringFile, BackendError> {
+        let file = KeyringFile::parse(body).map_err(|error| {
             BackendError::Store(StoreError::Parse {
                 path: PathBuf::from(self.describe()),
                 error,
@@ -759,6 +936,96 @@ impl Token {
         Ok(file)
     }
 
+    /// The keyring metadata stored in the token, authenticated.
+    ///
+    /// # Errors
+    /// No keyring, an unreadable, unauthenticated or legacy one, or token errors.
+    pub fn load_metadata(&self) -> Result<KeyringFile, BackendError> {
+        let read = self.with_session("read the keyring metadata", |s, _| self.read_verified(s))??;
+        read.map(|v| v.file).ok_or_else(|| {
+            Pkcs11Error::NoKeyring {
+                label: self.settings.token_label.clone(),
+                prefix: self.settings.key_label_prefix.clone(),
+            }
+            .into()
+        })
+    }
+
+    /// Logs, once each, the public objects that look like kekd's: kekd never
+    /// makes one, so someone without the PIN did.
+    fn report_public(&self, s: &Session, id: Option<&KeyringId>) -> Result<(), CkError> {
+        let mut seen = Vec::new();
+        for handle in s.find_objects(&[
+            Attribute::Class(ObjectClass::DATA),
+            Attribute::Application(APPLICATION.as_bytes().to_vec()),
+            Attribute::Private(false),
+        ])? {
+            let label = objects::label(s, handle)?;
+            if label.starts_with(&self.metadata_prefix()) {
+                seen.push(format!("data object {label:?} (handle {handle})"));
+            }
+        }
+        for handle in s.find_objects(&[
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::Private(false),
+        ])? {
+            let label = objects::label(s, handle)?;
+            let object_id = objects::object_id(s, handle)?;
+            if label.starts_with(&self.settings.key_label_prefix)
+                || id.is_some_and(|id| object_id.starts_with(id.as_bytes()))
+            {
+                seen.push(format!(
+                    "secret key {label:?} (CKA_ID {}, handle {handle})",
+                    hex(&object_id)
+                ));
+            }
+        }
+        let mut warned = self
+            .warned
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for object in seen {
+            if warned.insert(object.clone()) {
+                warn!(
+                    token = %self.settings.token_label,
+                    "public object {object} ignored: kekd reads only private objects; it was created without the \
+                     PIN — delete it"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The one private secret-key object with this keyring's `CKA_ID` for
+    /// `version` (`None`: the metadata key), its attributes checked.
+    fn find_key_object(
+        &self,
+        s: &Session,
+        id: &KeyringId,
+        version: Option<KeyVersion>,
+    ) -> Result<Result<Option<ObjectHandle>, Pkcs11Error>, CkError> {
+        let object_id = key_object_id(id, version);
+        let what = version.map_or_else(|| "the metadata key".to_owned(), |v| format!("version {v}"));
+        let found = s.find_objects(&self.key_template(&object_id))?;
+        match found.as_slice() {
+            [] => Ok(Ok(None)),
+            &[handle] => match objects::verify_key(s, handle)? {
+                None => Ok(Ok(Some(handle))),
+                Some(reason) => Ok(Err(Pkcs11Error::KeyRefused {
+                    what,
+                    label: objects::label(s, handle)?,
+                    id: hex(&object_id),
+                    reason,
+                })),
+            },
+            &[a, b, ..] => Ok(Err(Pkcs11Error::Duplicate {
+                what: format!("the key object of {what} (CKA_ID {})", hex(&object_id)),
+                first: format!("{:?} (handle {a})", objects::label(s, a)?),
+                second: format!("{:?} (handle {b})", objects::label(s, b)?),
+            })),
+        }
+    }
+
     fn describe(&self) -> String {
         format!(
             "pkcs11 token {:?} (prefix {:?})",
@@ -766,78 +1033,121 @@ impl Token {
         )
     }
 
-    fn key_template(&self, id: &KeyringId, version: KeyVersion) -> Vec<Attribute> {
-        vec![
+    /// Finds private secret keys with this `CKA_ID`, whatever their type (so a
+    /// look-alike of another type counts as a duplicate, not as absent).
+    fn key_template(&self, object_id: &[u8]) -> Vec<Attribute> {
+        objects::private(vec![
             Attribute::Class(ObjectClass::SECRET_KEY),
-            Attribute::KeyType(KeyType::AES),
-            Attribute::Id(key_object_id(id, version)),
-        ]
-    }
-
-    fn find_key(
-        &self,
-        s: &Session,
-        id: &KeyringId,
-        version: KeyVersion,
-    ) -> Result<Vec<ObjectHandle>, CkError> {
-        s.find_objects(&self.key_template(id, version))
+            Attribute::Id(object_id.to_vec()),
+        ])
     }
 
     /// Writes new metadata: generates the token keys of versions that are new
-    /// in `new`, checks nobody changed the metadata since `old` was read,
-    /// writes it, then destroys the objects of destroyed versions.
+    /// in `new` (and the metadata key, for a new keyring), checks nobody
+    /// changed the metadata since `old` was read, writes it with its key
+    /// check values and MAC, then destroys the objects of destroyed versions.
     ///
     /// # Errors
     /// Token errors; [`Pkcs11Error::Conflict`]; [`Pkcs11Error::KeyringExists`]
-    /// when `old` is `None` but a keyring exists.
+    /// when `old` is `None` but a keyring exists; the refusals of
+    /// [`Token::load_metadata`].
     pub fn write_metadata(
         &self,
         old: Option<&KeyringFile>,
         new: &KeyringFile,
     ) -> Result<(), BackendError> {
-        let encoded = new.encode();
+        let body = new.encode();
         let old_encoded = old.map(KeyringFile::encode);
+        // A fresh IV for each seal this write may make: a check value per
+        // version and the MAC.
+        let mut ivs = Vec::with_capacity(new.versions.len() + 1);
+        for _ in 0..=new.versions.len() {
+            let mut iv = [0u8; objects::IV_LEN];
+            crate::secret::fill_random(&mut iv).map_err(StoreError::from)?;
+            ivs.push(iv);
+        }
         self.with_session("write the keyring metadata", |s, _| {
-            // 1. Compare first (nothing touched on a refusal), then write a new revision and drop the older ones.
+            let mut ivs = ivs.into_iter();
+            // Invariant: one IV per version plus one were made above.
+            let mut next_iv = || ivs.next().unwrap_or_default();
+            // 1. Compare first (nothing touched on a refusal).
             let objects = self.metadata_objects(s)?;
-            let current = self.read_metadata(s)?;
+            let current = match self.read_verified(s)? {
+                Ok(c) => c,
+                Err(e) => return Ok(Err(e)),
+            };
             let revision = match (&current, &old_encoded) {
                 (None, None) => 1,
-                (Some((rev, bytes)), Some(expected)) if bytes.as_slice() == expected.as_bytes() => {
-                    rev + 1
-                }
+                (Some(c), Some(expected)) if c.body == expected.as_bytes() => c.revision + 1,
                 (Some(_), None) => {
                     return Ok(Err(Pkcs11Error::KeyringExists {
                         label: self.settings.token_label.clone(),
                         prefix: self.settings.key_label_prefix.clone(),
-                    }));
+                    }
+                    .into()));
                 }
                 _ => {
                     return Ok(Err(Pkcs11Error::Conflict {
                         label: self.settings.token_label.clone(),
-                    }));
+                    }
+                    .into()));
                 }
             };
-            // 1. Keys for versions that have none yet.
+            // 2. The metadata key: a new keyring gets one.
+            let mut created = Vec::new();
+            let mac_key = match &current {
+                None => match self.generate_key(s, &new.id, None)? {
+                    Ok(h) => {
+                        created.push(h);
+                        h
+                    }
+                    Err(e) => return Ok(Err(e.into())),
+                },
+                Some(_) => match self.find_key_object(s, &new.id, None)? {
+                    Ok(Some(h)) => h,
+                    // read_verified found it a moment ago.
+                    Ok(None) => {
+                        return Ok(Err(Pkcs11Error::Conflict {
+                            label: self.settings.token_label.clone(),
+                        }
+                        .into()));
+                    }
+                    Err(e) => return Ok(Err(e.into())),
+                },
+            };
+            // 3. Keys (and check values) for versions that have none yet.
+            let mut checks = BTreeMap::new();
             for v in &new.versions {
                 if !v.info.state.has_material() {
                     continue;
                 }
-                let existing = self.find_key(s, &new.id, v.info.version)?;
-                let is_new = old.is_none_or(|o| {
-                    !o.versions
-                        .iter()
-                        .any(|ov| ov.info.version == v.info.version)
-                });
-                if is_new {
-                    // Left by a rotate that died before writing metadata:
-                    // never used, so safe to replace.
-                    for h in existing {
-                        s.destroy_object(h)?;
-                    }
-                    self.generate_key(s, &new.id, v.info.version)?;
+                let version = v.info.version;
+                if let Some(check) = current.as_ref().and_then(|c| c.checks.get(&version)) {
+                    checks.insert(version, *check);
+                    continue;
                 }
+                // Left by a rotate that died before writing metadata:
+                // never used, so safe to replace.
+                for h in s.find_objects(&self.key_template(&key_object_id(&new.id, Some(version))))? {
+                    s.destroy_object(h)?;
+                }
+                let handle = match self.generate_key(s, &new.id, Some(version))? {
+                    Ok(h) => h,
+                    Err(e) => {
+                        // Nothing of this write is left behind.
+                        for h in created {
+                            s.destroy_object(h)?;
+                        }
+                        return Ok(Err(e.into()));
+                    }
+                };
+                created.push(handle);
+                let check = Seal::make(s, handle, next_iv(), &objects::check_aad(&new.id, version))?;
+                checks.insert(version, check);
             }
+            // 4. The new revision, then drop the older ones.
+            let signed = objects::frame(&body, &checks);
+            let mac = Seal::make(s, mac_key, next_iv(), &objects::mac_aad(revision, &signed))?;
             s.create_object(&[
                 Attribute::Class(ObjectClass::DATA),
                 Attribute::Application(APPLICATION.as_bytes().to_vec()),
@@ -845,18 +1155,19 @@ impl Token {
                 Attribute::Token(true),
                 Attribute::Private(true),
                 Attribute::Modifiable(false),
-                Attribute::Value(encoded.as_bytes().to_vec()),
+                Attribute::Value(objects::seal_frame(signed, &mac)),
             ])?;
             for (_, handle) in objects {
                 s.destroy_object(handle)?;
             }
-            // 3. Erase the material of destroyed versions.
+            // 5. Erase the material of destroyed versions.
             for v in new
                 .versions
                 .iter()
                 .filter(|v| v.info.state == KeyState::Destroyed)
             {
-                for h in self.find_key(s, &new.id, v.info.version)? {
+                let template = self.key_template(&key_object_id(&new.id, Some(v.info.version)));
+                for h in s.find_objects(&template)? {
                     s.destroy_object(h)?;
                 }
             }
@@ -865,15 +1176,22 @@ impl Token {
         Ok(())
     }
 
+    /// Generates a version's key (`None`: the metadata key) in the token:
+    /// AES-256, private, sensitive, never extractable, AES-GCM only. A token
+    /// that cannot restrict the key to AES-GCM gets no key at all.
     fn generate_key(
         &self,
         s: &Session,
         id: &KeyringId,
-        version: KeyVersion,
-    ) -> Result<ObjectHandle, CkError> {
-        let mut template = self.key_template(id, version);
-        template.extend([
-            Attribute::Label(self.label_of(version).into_bytes()),
+        version: Option<KeyVersion>,
+    ) -> Result<Result<ObjectHandle, Pkcs11Error>, CkError> {
+        let object_id = key_object_id(id, version);
+        let label = version.map_or_else(|| self.metadata_key_label(), |v| self.label_of(v));
+        let template = [
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::AES),
+            Attribute::Id(object_id.clone()),
+            Attribute::Label(label.clone().into_bytes()),
             Attribute::ValueLen(32.into()),
             Attribute::Token(true),
             Attribute::Private(true),
@@ -887,34 +1205,71 @@ impl Token {
             Attribute::Verify(false),
             Attribute::Derive(false),
             Attribute::Modifiable(false),
-        ]);
-        // Only AES-GCM, so the key cannot be used as a raw block cipher
-        // (ECB), in another mode, or to wrap other keys, whoever holds the
-        // PIN. A token that does not know the attribute gets the key without
-        // it (its other attributes still forbid wrapping and extraction).
-        let mut restricted = template.clone();
-        restricted.push(Attribute::AllowedMechanisms(vec![MechanismType::AES_GCM]));
-        match s.generate_key(&Mechanism::AesKeyGen, &restricted) {
+            // Only AES-GCM, so the key cannot be used as a raw block cipher
+            // (ECB), in another mode, or to wrap other keys, whoever holds
+            // the PIN.
+            Attribute::AllowedMechanisms(vec![MechanismType::AES_GCM]),
+        ];
+        let handle = match s.generate_key(&Mechanism::AesKeyGen, &template) {
             Err(CkError::Pkcs11(
-                RvError::AttributeTypeInvalid | RvError::TemplateInconsistent,
+                rv @ (RvError::AttributeTypeInvalid
+                | RvError::AttributeValueInvalid
+                | RvError::TemplateInconsistent),
                 _,
             )) => {
-                warn!(
-                    "this token does not support CKA_ALLOWED_MECHANISMS; the new key is \
-                     restricted to encrypt/decrypt by its other attributes only"
-                );
-                s.generate_key(&Mechanism::AesKeyGen, &template)
+                return Ok(Err(Pkcs11Error::RestrictionUnsupported {
+                    label: self.settings.token_label.clone(),
+                    reason: format!("C_GenerateKey answered {rv}"),
+                }));
             }
-            result => result,
+            result => result?,
+        };
+        // A token that ignored part of the template made a key kekd would
+        // refuse to load: remove it and say so now.
+        if let Some(reason) = objects::verify_key(s, handle)? {
+            s.destroy_object(handle)?;
+            return Ok(Err(Pkcs11Error::KeyRefused {
+                what: version.map_or_else(|| "the metadata key".to_owned(), |v| format!("version {v}")),
+                label,
+                id: hex(&object_id),
+                reason,
+            }));
         }
+        Ok(Ok(handle))
     }
 }
 
-/// `CKA_ID` of a version's key object: keyring id ‖ version (BE u32).
-fn key_object_id(id: &KeyringId, version: KeyVersion) -> Vec<u8> {
+/// The newest metadata object, as read.
+struct RawMetadata {
+    revision: u64,
+    label: String,
+    value: Vec<u8>,
+}
+
+/// The newest metadata, authenticated.
+struct Verified {
+    revision: u64,
+    /// The keyring text, as the MAC covered it.
+    body: Vec<u8>,
+    checks: BTreeMap<KeyVersion, Seal>,
+    file: KeyringFile,
+}
+
+/// `CKA_ID` of a version's key object: keyring id ‖ version (BE u32); the
+/// metadata key (`None`) has version 0, which no version has.
+fn key_object_id(id: &KeyringId, version: Option<KeyVersion>) -> Vec<u8> {
     let mut v = id.as_bytes().to_vec();
-    v.extend_from_slice(&version.get().to_be_bytes());
+    v.extend_from_slice(&version.map_or(0, KeyVersion::get).to_be_bytes());
     v
+}
+
+/// Lowercase hex, for `CKA_ID`s in messages.
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    bytes.iter().fold(String::with_capacity(2 * bytes.len()), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
 }
 
 /// Serves the keyring stored in a token.
@@ -954,35 +1309,70 @@ impl Backend for Pkcs11Backend {
     }
 
     fn load(&self) -> Result<Keyring, BackendError> {
-        let file = self.token.load_metadata()?;
+        let token = &self.token;
+        let (file, keys, generation) = token.with_session("load the keyring", |s, g| {
+            let read = token.read_verified(s)?;
+            let id = match &read {
+                Ok(Some(v)) => Some(v.file.id),
+                _ => None,
+            };
+            token.report_public(s, id.as_ref())?;
+            let verified = match read {
+                Ok(Some(v)) => v,
+                Ok(None) => {
+                    return Ok(Err(BackendError::from(Pkcs11Error::NoKeyring {
+                        label: token.settings.token_label.clone(),
+                        prefix: token.settings.key_label_prefix.clone(),
+                    })));
+                }
+                Err(e) => return Ok(Err(e)),
+            };
+            // Resolve and check every key object now: a key deleted, planted
+            // or swapped behind kekd's back makes this keyring invalid
+            // rather than fail (or succeed under the wrong key) per call.
+            let id = verified.file.id;
+            let mut keys = BTreeMap::new();
+            for v in &verified.file.versions {
+                let version = v.info.version;
+                let Some(&check) = verified.checks.get(&version) else {
+                    continue; // no material (read_verified matched them up)
+                };
+                let handle = match token.find_key_object(s, &id, Some(version))? {
+                    Ok(Some(h)) => h,
+                    Ok(None) => {
+                        return Ok(Err(Pkcs11Error::KeyMissing {
+                            version,
+                            label: token.label_of(version),
+                        }
+                        .into()));
+                    }
+                    Err(e) => return Ok(Err(e.into())),
+                };
+                if !check.opens(s, handle, &objects::check_aad(&id, version))? {
+                    return Ok(Err(Pkcs11Error::CheckFailed {
+                        version,
+                        label: objects::label(s, handle)?,
+                    }
+                    .into()));
+                }
+                keys.insert(version, (handle, check));
+            }
+            Ok(Ok((verified.file, keys, g)))
+        })??;
         let id = file.id;
         let mut versions = Vec::with_capacity(file.versions.len());
         for v in file.versions {
-            let version = v.info.version;
-            let key = if v.info.state.has_material() {
-                // Resolve the object now: a key deleted behind kekd's back
-                // makes this keyring invalid rather than fail per call.
-                let found = self.token.with_session("find a key object", |s, g| {
-                    Ok((self.token.find_key(s, &id, version)?, g))
-                })?;
-                let (handles, generation) = found;
-                let &[handle] = handles.as_slice() else {
-                    return Err(Pkcs11Error::KeyMissing {
-                        version,
-                        label: self.token.label_of(version),
-                    }
-                    .into());
-                };
-                Some(KeyHandle::Pkcs11(Pkcs11Key {
+            let key = keys.get(&v.info.version).map(|&(handle, check)| {
+                KeyHandle::Pkcs11(Pkcs11Key {
                     token: Arc::clone(&self.token),
                     object: Arc::new(KeyObject {
-                        object_id: key_object_id(&id, version),
+                        object_id: key_object_id(&id, Some(v.info.version)),
+                        check,
+                        check_aad: objects::check_aad(&id, v.info.version),
                         cached: Mutex::new((generation, handle)),
                     }),
-                }))
-            } else {
-                None
-            };
+                })
+            });
             versions.push((v.info, key));
         }
         Keyring::new(id, versions).map_err(|e| BackendError::Keyring {
@@ -1060,6 +1450,9 @@ pub struct Pkcs11Key {
 /// How to find a key object, with its handle cached per connection generation.
 struct KeyObject {
     object_id: Vec<u8>,
+    /// The check value recorded when kekd generated the key.
+    check: Seal,
+    check_aad: Vec<u8>,
     cached: Mutex<(u64, ObjectHandle)>,
 }
 
@@ -1072,15 +1465,23 @@ impl KeyObject {
         if cached.0 == generation {
             return Ok(cached.1);
         }
-        let found = s.find_objects(&[
+        // Found again after a reconnect: it must still be the one private
+        // key kekd generated, or the call fails (the next reload says why).
+        let gone = CkError::Pkcs11(RvError::KeyHandleInvalid, Function::FindObjects);
+        let found = s.find_objects(&objects::private(vec![
             Attribute::Class(ObjectClass::SECRET_KEY),
-            Attribute::KeyType(KeyType::AES),
             Attribute::Id(self.object_id.clone()),
-        ])?;
-        let handle = *found.first().ok_or(CkError::Pkcs11(
-            RvError::KeyHandleInvalid,
-            Function::FindObjects,
-        ))?;
+        ]))?;
+        let &[handle] = found.as_slice() else {
+            return Err(gone);
+        };
+        if objects::verify_key(s, handle)?.is_some() || !self.check.opens(s, handle, &self.check_aad)? {
+            warn!(
+                object_id = %hex(&self.object_id),
+                "the key object found after a reconnect is not the key kekd loaded; not using it"
+            );
+            return Err(gone);
+        }
         *cached = (generation, handle);
         Ok(handle)
     }
@@ -1147,9 +1548,13 @@ impl Pkcs11Key {
         }
     }
 
-    /// Identifies the key object. A token never reveals key bytes, so the
-    /// fingerprint is of the object's `CKA_ID` (keyring id and version).
+    /// Identifies the key. A token never reveals key bytes, so the
+    /// fingerprint binds the object's `CKA_ID` and the key check value kekd
+    /// recorded when it generated the key: only that key opens it, so a
+    /// reload refuses a version whose key object was replaced.
     pub(crate) fn fingerprint(&self) -> KeyFingerprint {
-        KeyFingerprint::of_public(b"kekd/pkcs11-object-id/v1\0", &self.object.object_id)
+        let mut bytes = self.object.object_id.clone();
+        bytes.extend_from_slice(self.object.check.as_bytes());
+        KeyFingerprint::of_public(b"kekd/pkcs11-key/v2\0", &bytes)
     }
 }

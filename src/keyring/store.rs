@@ -36,8 +36,13 @@ use crate::secret::{KEK_LEN, Kek, RandomError};
 
 /// The first line of every format-1 keyring file (keys inline).
 pub const MAGIC: &str = "kekd-keyring v1";
-/// The first line of keyring metadata whose keys live in a token.
-pub const MAGIC_METADATA: &str = "kekd-keyring-meta v1";
+/// The first line of keyring metadata whose keys live in a token. Version 2
+/// is the same text; the token stores it with a trailer of key check values
+/// and a MAC (see `backend::pkcs11`).
+pub const MAGIC_METADATA: &str = "kekd-keyring-meta v2";
+/// The first line of token metadata written by a kekd before version 2: no
+/// key check values, no MAC. Parsed (for the upgrade), never served.
+pub const MAGIC_METADATA_V1: &str = "kekd-keyring-meta v1";
 
 /// Where a keyring's key material is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -136,7 +141,7 @@ impl KeyringFile {
         let first = text.split('\n').next().unwrap_or_default();
         let material = match first {
             MAGIC => Material::Inline,
-            MAGIC_METADATA => Material::Token,
+            MAGIC_METADATA | MAGIC_METADATA_V1 => Material::Token,
             _ => {
                 return Err(ParseError::new(
                     1,
