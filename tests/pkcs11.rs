@@ -284,8 +284,13 @@ async fn a_second_keyring_on_the_same_token_is_foreign() {
     assert_ne!(keyring_id_of(&our_key_id), keyring_id_of(&their_key_id));
     assert_eq!(
         token.secret_key_labels(),
-        ["kekd-v1", "other-v1"],
-        "one key object per keyring"
+        [
+            "kekd-metadata-key",
+            "kekd-v1",
+            "other-metadata-key",
+            "other-v1"
+        ],
+        "one key object per keyring version, and one metadata key per keyring"
     );
 
     let (_a, mut client) = serving(&token, &ours).await;
@@ -353,32 +358,40 @@ fn key_objects_are_in_the_token_sensitive_unextractable_and_metadata_holds_no_ke
 
     let objects = token.objects();
     let keys: Vec<_> = objects.iter().filter(|o| o.is_secret_key()).collect();
-    assert_eq!(keys.len(), 1, "one key object after init: {objects:#?}");
-    let key = keys[0];
-    assert_eq!(key.heading, "Secret Key Object; AES length 32", "AES-256");
-    assert_eq!(key.label(), "kekd-v1");
-    assert_eq!(key.field("ID"), format!("{id}00000001"), "CKA_ID = id ‖ v1");
     assert_eq!(
-        key.items("Usage"),
-        ["encrypt", "decrypt"],
-        "encrypt/decrypt only"
+        keys.len(),
+        2,
+        "v1's key and the metadata key after init: {objects:#?}"
     );
-    let access = key.items("Access");
-    for flag in [
-        "sensitive",
-        "always sensitive",
-        "never extractable",
-        "local",
+    for (key, label, version) in [
+        (keys[0], "kekd-metadata-key", "00000000"),
+        (keys[1], "kekd-v1", "00000001"),
     ] {
+        assert_eq!(key.heading, "Secret Key Object; AES length 32", "AES-256");
+        assert_eq!(key.label(), label);
+        assert_eq!(key.field("ID"), format!("{id}{version}"), "CKA_ID = id ‖ version");
+        assert_eq!(
+            key.items("Usage"),
+            ["encrypt", "decrypt"],
+            "encrypt/decrypt only"
+        );
+        let access = key.items("Access");
+        for flag in [
+            "sensitive",
+            "always sensitive",
+            "never extractable",
+            "local",
+        ] {
+            assert!(
+                access.contains(&flag),
+                "key access lacks {flag:?}: {access:?}"
+            );
+        }
         assert!(
-            access.contains(&flag),
-            "key access lacks {flag:?}: {access:?}"
+            !access.contains(&"extractable"),
+            "key is extractable: {access:?}"
         );
     }
-    assert!(
-        !access.contains(&"extractable"),
-        "key is extractable: {access:?}"
-    );
 
     // CKA_LOCAL ("local"): generated inside the token, never imported.
     // CKA_TOKEN: this listing comes from another process (pkcs11-tool), so
@@ -414,21 +427,25 @@ fn key_objects_are_in_the_token_sensitive_unextractable_and_metadata_holds_no_ke
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(
         lines.len(),
-        4,
-        "magic, keyring, one version, checksum:\n{text}"
+        6,
+        "magic, keyring, one version, checksum, check value, MAC:\n{text}"
     );
-    assert_eq!(lines[0], "kekd-keyring-meta v1");
+    assert_eq!(lines[0], "kekd-keyring-meta v2");
     assert_eq!(lines[1], format!("keyring {id}"));
     assert!(lines[2].starts_with("version 1 primary created="), "{text}");
     assert!(!text.contains("kek="), "key material in metadata:\n{text}");
     let sha = lines[3].strip_prefix("sha256 ").expect("checksum line");
     assert_eq!(sha.len(), 64);
+    // IV ‖ tag (28 bytes) each: public, and shorter than a key.
+    let check = lines[4].strip_prefix("check 1 ").expect("v1's check value");
+    let mac = lines[5].strip_prefix("mac ").expect("the MAC");
+    assert_eq!((check.len(), mac.len()), (40, 40), "{text}");
     // No other long opaque token (base64 or hex of 32 bytes) but the
-    // keyring id and the checksum.
-    for word in text.split([' ', '\n', '=']) {
+    // keyring id, the checksum, the check value and the MAC.
+    for word in text.split([' ', '\n']) {
         if word.len() >= 32 {
             assert!(
-                word == id || word == sha,
+                word == id || word == sha || word == check || word == mac,
                 "unexpected opaque value {word:?} in metadata:\n{text}"
             );
         }
@@ -708,6 +725,7 @@ fn admin_lifecycle_on_the_token_through_config() {
     assert_eq!(
         found,
         [
+            ("kekd-metadata-key".to_owned(), format!("{id}00000000")),
             ("kekd-v1".to_owned(), format!("{id}00000001")),
             ("kekd-v2".to_owned(), format!("{id}00000002")),
         ],
@@ -755,7 +773,10 @@ fn admin_lifecycle_on_the_token_through_config() {
             .starts_with("destroy erases the key material of version 1 forever"),
         "{unconfirmed:#?}"
     );
-    assert_eq!(token.secret_key_labels(), ["kekd-v1", "kekd-v2"]);
+    assert_eq!(
+        token.secret_key_labels(),
+        ["kekd-metadata-key", "kekd-v1", "kekd-v2"]
+    );
 
     let destroy = admin_json(
         &token,
@@ -766,7 +787,7 @@ fn admin_lifecycle_on_the_token_through_config() {
     assert_eq!(transitions(&destroy), [tr(1, Some("retired"), "destroyed")]);
     assert_eq!(
         token.secret_key_labels(),
-        ["kekd-v2"],
+        ["kekd-metadata-key", "kekd-v2"],
         "destroy removed the key object from the token"
     );
 
@@ -774,7 +795,10 @@ fn admin_lifecycle_on_the_token_through_config() {
     let rotate = admin_json(&token, &node, "rotate", &[]);
     assert_eq!(transitions(&rotate), [tr(3, None, "pending")]);
     assert_eq!(rotate["transitions"][0]["key_id"], format!("kekd/{id}/v3"));
-    assert_eq!(token.secret_key_labels(), ["kekd-v2", "kekd-v3"]);
+    assert_eq!(
+        token.secret_key_labels(),
+        ["kekd-metadata-key", "kekd-v2", "kekd-v3"]
+    );
 
     let list = admin_json(&token, &node, "list", &[]);
     assert_eq!(list["keyring_id"], id.as_str());
@@ -888,7 +912,7 @@ fn a_refused_init_leaves_no_object_behind() {
         .collect();
     assert_eq!(
         keys.len(),
-        1,
+        2,
         "refused inits left key objects of keyrings that were never written: {keys:#?}"
     );
     assert_eq!(after, before, "a refused init changed the token");
@@ -1429,7 +1453,7 @@ fn a_wrong_pin_is_tried_exactly_once() {
     }
     assert_eq!(
         token.secret_key_labels(),
-        ["kekd-v1"],
+        ["kekd-metadata-key", "kekd-v1"],
         "the refused rotate changed nothing"
     );
     let list = token.admin(&node, "list", &[]);
@@ -1466,7 +1490,7 @@ async fn a_key_object_deleted_behind_kekds_back() {
     assert_eq!(c2.key_id, key_id2);
 
     token.delete_secret_key(&object_id(&key_id1, 2));
-    assert_eq!(token.secret_key_labels(), ["kekd-v1"]);
+    assert_eq!(token.secret_key_labels(), ["kekd-metadata-key", "kekd-v1"]);
 
     // kekd keeps running on its snapshot: v1 still decrypts, and Status
     // never reports another key_id than v2. Without v2's key it cannot
@@ -1855,4 +1879,389 @@ async fn token_behind_p11_kit_server() {
     };
     let violations = outage_scenario(&mut server, &client, &key_id, &mut outage).await;
     violations.assert_none("p11-kit server killed and restarted", &server.stderr());
+}
+
+// ------------------------------------------------ planted and edited objects
+
+/// `pkcs11-tool --write-object FILE --type TYPE ARGS…` with `bytes` in FILE,
+/// logged in (`login`) or not.
+fn write_object(token: &Token, login: bool, bytes: &[u8], args: &[&str]) {
+    let file = token.path().join(format!("object-{}", softhsm::random_hex(4)));
+    fs::write(&file, bytes).unwrap();
+    let mut all = vec!["--write-object", file.to_str().unwrap()];
+    all.extend_from_slice(args);
+    let out = if login {
+        token.tool(&all)
+    } else {
+        token.tool_public(&all)
+    };
+    let _ = fs::remove_file(&file);
+    assert!(out.status.success(), "pkcs11-tool {all:?}: {out:?}");
+}
+
+/// Keyring metadata text (the local format's checksum included) claiming
+/// `lines` as the versions of keyring `id`.
+fn metadata_text(magic: &str, id: &str, lines: &[&str]) -> String {
+    use sha2::Digest as _;
+    let mut text = format!("{magic}\nkeyring {id}\n");
+    for l in lines {
+        text.push_str(l);
+        text.push('\n');
+    }
+    let digest = sha2::Sha256::digest(text.as_bytes());
+    text.push_str(&format!("sha256 {}\n", softhsm::hex(&digest)));
+    text
+}
+
+async fn status_key_id(client: &Client) -> String {
+    client.clone().status().await.unwrap().key_id
+}
+
+/// The attack of the review: without the PIN, a public AES key with the
+/// CKA_ID of version 2 and a public metadata object saying "v2 primary".
+/// kekd ignores both (and says so), keeps sealing under v1's key, and a
+/// restart serves v1 too.
+#[tokio::test]
+async fn public_objects_planted_without_the_pin_are_ignored() {
+    let Some(token) = Token::create() else { return };
+    let node = token.default_node("a");
+    let key_id = token.init(&node);
+    let id = keyring_id_of(&key_id);
+    let (server, client) = serving(&token, &node).await;
+
+    let mut attacker_key = [0u8; 32];
+    common::getrandom(&mut attacker_key);
+    write_object(
+        &token,
+        false,
+        &attacker_key,
+        &[
+            "--type",
+            "secrkey",
+            "--key-type",
+            "AES:32",
+            "--id",
+            &format!("{id}00000002"),
+            "--label",
+            "kekd-v2",
+        ],
+    );
+    let planted = metadata_text(
+        "kekd-keyring-meta v1",
+        &id,
+        &[
+            "version 1 decrypt-only created=2026-01-01T00:00:00Z promoted=2026-01-01T00:00:00Z",
+            "version 2 primary created=2026-01-02T00:00:00Z promoted=2026-01-02T00:00:00Z",
+        ],
+    );
+    write_object(
+        &token,
+        false,
+        planted.as_bytes(),
+        &[
+            "--type",
+            "data",
+            "--label",
+            "kekd-keyring@999",
+            "--application-label",
+            "kekd",
+        ],
+    );
+    server
+        .wait_for_stderr("public data object \\\"kekd-keyring@999\\\"")
+        .await;
+    server
+        .wait_for_stderr("kekd reads only private objects; it was created without the PIN")
+        .await;
+    server.wait_for_stderr("public secret key \\\"kekd-v2\\\"").await;
+    // More polls after the warning: still v1.
+    for _ in 0..5 {
+        assert_eq!(status_key_id(&client).await, key_id);
+    }
+    let seed = seed();
+    let sealed = client.clone().encrypt(seed.clone(), &uid(1)).await.unwrap();
+    assert_eq!(sealed.key_id, key_id, "sealed under v1");
+    assert_eq!(&sealed.ciphertext[..5], &[0x01, 0, 0, 0, 1]);
+    // Not under the attacker's key, whatever the header says.
+    {
+        use aes_gcm::aead::{Aead, KeyInit, Payload};
+        let cipher = aes_gcm::Aes256Gcm::new_from_slice(&attacker_key).unwrap();
+        for version in [1, 2] {
+            let opened = cipher.decrypt(
+                sealed.ciphertext[5..17].try_into().unwrap(),
+                Payload {
+                    msg: &sealed.ciphertext[17..],
+                    aad: &envelope_aad(&id, version),
+                },
+            );
+            assert!(opened.is_err(), "the attacker's key opened kekd's envelope");
+        }
+    }
+    assert!(!server.stderr().contains("keyring reloaded"), "{}", server.stderr());
+
+    // A restart (a second node, fresh process) serves v1 as well.
+    let fresh = token.default_node("fresh");
+    let (fresh_server, fresh_client) = serving(&token, &fresh).await;
+    assert_eq!(status_key_id(&fresh_client).await, key_id);
+    fresh_server
+        .wait_for_stderr("public secret key \\\"kekd-v2\\\"")
+        .await;
+}
+
+/// A public object with v1's CKA_ID is not a duplicate: it is ignored.
+#[tokio::test]
+async fn a_public_duplicate_of_a_key_is_ignored() {
+    let Some(token) = Token::create() else { return };
+    let node = token.default_node("a");
+    let key_id = token.init(&node);
+    let id = keyring_id_of(&key_id);
+    write_object(
+        &token,
+        false,
+        &[7; 32],
+        &[
+            "--type",
+            "secrkey",
+            "--key-type",
+            "AES:32",
+            "--id",
+            &format!("{id}00000001"),
+            "--label",
+            "kekd-v1",
+        ],
+    );
+    let (server, client) = serving(&token, &node).await;
+    assert_eq!(status_key_id(&client).await, key_id);
+    let sealed = client.clone().encrypt(seed(), &uid(1)).await.unwrap();
+    assert_eq!(sealed.key_id, key_id);
+    server.wait_for_stderr("public secret key \\\"kekd-v1\\\"").await;
+}
+
+/// A second *private* key with v1's CKA_ID (only a PIN holder can make one):
+/// kekd refuses to guess, naming both objects.
+#[test]
+fn a_private_duplicate_of_a_key_is_refused_naming_both() {
+    let Some(token) = Token::create() else { return };
+    let node = token.default_node("a");
+    let key_id = token.init(&node);
+    let id = keyring_id_of(&key_id);
+    write_object(
+        &token,
+        true,
+        &[7; 32],
+        &[
+            "--type",
+            "secrkey",
+            "--key-type",
+            "AES:32",
+            "--private",
+            "--sensitive",
+            "--id",
+            &format!("{id}00000001"),
+            "--label",
+            "planted",
+        ],
+    );
+    let out = token.run(&["serve", "--config", node.config_arg()]);
+    assert_eq!(out.code(), EX_CONFIG, "{out:#?}");
+    let message = error_message(&out);
+    assert!(
+        message.starts_with(&format!(
+            "the token holds two private objects for the key object of version 1 (CKA_ID {id}00000001): "
+        )),
+        "{message}"
+    );
+    assert!(
+        message.contains("\"kekd-v1\" (handle ") && message.contains("\"planted\" (handle "),
+        "{message}"
+    );
+}
+
+/// A private key that was imported (not generated in the token) in place of
+/// a pending version's key: refused by name, while serving and at startup.
+#[tokio::test]
+async fn an_imported_key_object_is_refused_by_name() {
+    let Some(token) = Token::create() else { return };
+    let node = token.default_node("a");
+    let key_id = token.init(&node);
+    let id = keyring_id_of(&key_id);
+    admin_json(&token, &node, "rotate", &[]);
+    let (server, client) = serving(&token, &node).await;
+    token.delete_secret_key(&format!("{id}00000002"));
+    write_object(
+        &token,
+        true,
+        &[9; 32],
+        &[
+            "--type",
+            "secrkey",
+            "--key-type",
+            "AES:32",
+            "--private",
+            "--sensitive",
+            "--id",
+            &format!("{id}00000002"),
+            "--label",
+            "kekd-v2",
+        ],
+    );
+    let expected = format!(
+        "key object kekd-v2 of version 2 was not always sensitive (CKA_ALWAYS_SENSITIVE): its bytes were \
+         readable once: refusing it; kekd uses only keys it generated in the token (private, sensitive, never \
+         extractable, CKA_LOCAL, AES-GCM only). If kekd did not make this object, delete it (`pkcs11-tool \
+         --login --delete-object --type secrkey --id {id}00000002`) and restore the original from the token's \
+         backup"
+    );
+    server.wait_for_stderr("keyring change refused").await;
+    assert!(server.stderr().contains(&expected), "{}", server.stderr());
+    assert_eq!(status_key_id(&client).await, key_id, "still serving v1");
+
+    let fresh = token.default_node("fresh");
+    let out = token.run(&["serve", "--config", fresh.config_arg()]);
+    assert_eq!(out.code(), EX_CONFIG, "{out:#?}");
+    assert_eq!(error_message(&out), expected);
+}
+
+/// A PIN holder's key made with pkcs11-tool's defaults (CKA_WRAP) in place of
+/// v1's: refused by name.
+#[test]
+fn a_key_object_generated_with_other_attributes_is_refused() {
+    let Some(token) = Token::create() else { return };
+    let node = token.default_node("a");
+    let key_id = token.init(&node);
+    let id = keyring_id_of(&key_id);
+    token.delete_secret_key(&format!("{id}00000001"));
+    let out = token.tool(&[
+        "--keygen",
+        "--key-type",
+        "AES:32",
+        "--private",
+        "--sensitive",
+        "--allowed-mechanisms",
+        "AES-GCM",
+        "--id",
+        &format!("{id}00000001"),
+        "--label",
+        "kekd-v1",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let out = token.run(&["serve", "--config", node.config_arg()]);
+    assert_eq!(out.code(), EX_CONFIG, "{out:#?}");
+    assert!(
+        error_message(&out)
+            .starts_with("key object kekd-v1 of version 1 may wrap other keys (CKA_WRAP): refusing it"),
+        "{out:#?}"
+    );
+}
+
+/// A PIN holder edits the metadata (a new revision with other content, the
+/// checksum made right): it fails authentication. kekd keeps serving the last
+/// good keyring and refuses it at startup; deleting it restores service.
+#[tokio::test]
+async fn edited_metadata_fails_authentication() {
+    let Some(token) = Token::create() else { return };
+    let node = token.default_node("a");
+    let key_id = token.init(&node);
+    let id = keyring_id_of(&key_id);
+    let (server, client) = serving(&token, &node).await;
+
+    let real = token.read_value("data", "kekd-keyring@1").unwrap();
+    let real = String::from_utf8(real).unwrap();
+    let lines: Vec<&str> = real.lines().collect();
+    // v1 back-dated, checksum recomputed, the real check value and MAC kept.
+    let edited_version = lines[2].replacen("created=20", "created=19", 1);
+    let mut edited = metadata_text("kekd-keyring-meta v2", &id, &[&edited_version]);
+    edited.push_str(&format!("{}\n{}\n", lines[4], lines[5]));
+    write_object(
+        &token,
+        true,
+        edited.as_bytes(),
+        &[
+            "--type",
+            "data",
+            "--private",
+            "--label",
+            "kekd-keyring@2",
+            "--application-label",
+            "kekd",
+        ],
+    );
+    let expected = "keyring metadata object kekd-keyring@2 fails authentication (its MAC does not verify): it \
+                    was edited or planted, not written by kekd; refusing it. If no kekd wrote it, delete it \
+                    (`pkcs11-tool --login --delete-object --type data --label kekd-keyring@2`): kekd then reads \
+                    the revision before it";
+    server.wait_for_stderr("keyring change refused").await;
+    assert!(server.stderr().contains(expected), "{}", server.stderr());
+    assert_eq!(status_key_id(&client).await, key_id);
+    let fresh = token.default_node("fresh");
+    let out = token.run(&["serve", "--config", fresh.config_arg()]);
+    assert_eq!(out.code(), EX_CONFIG, "{out:#?}");
+    assert_eq!(error_message(&out), expected);
+    // Admin commands refuse it too (nothing is written over it).
+    let rotate = token.admin(&node, "rotate", &[]);
+    assert_eq!(rotate.code(), EX_CONFIG, "{rotate:#?}");
+
+    // The same bytes as revision 1, replayed under a newer label: the MAC
+    // binds the revision, so this fails too.
+    let out = token.tool(&["--delete-object", "--type", "data", "--label", "kekd-keyring@2"]);
+    assert!(out.status.success(), "{out:?}");
+    write_object(
+        &token,
+        true,
+        real.as_bytes(),
+        &[
+            "--type",
+            "data",
+            "--private",
+            "--label",
+            "kekd-keyring@3",
+            "--application-label",
+            "kekd",
+        ],
+    );
+    let out = token.run(&["serve", "--config", fresh.config_arg()]);
+    assert_eq!(out.code(), EX_CONFIG, "{out:#?}");
+    assert!(
+        error_message(&out).starts_with(
+            "keyring metadata object kekd-keyring@3 fails authentication (its MAC does not verify)"
+        ),
+        "{out:#?}"
+    );
+    let out = token.tool(&["--delete-object", "--type", "data", "--label", "kekd-keyring@3"]);
+    assert!(out.status.success(), "{out:?}");
+    let (_fresh_server, fresh_client) = serving(&token, &fresh).await;
+    assert_eq!(status_key_id(&fresh_client).await, key_id);
+}
+
+/// Metadata written by a kekd before the MAC (format v1) is not served; the
+/// message names the fix.
+#[test]
+fn legacy_metadata_is_refused_naming_the_fix() {
+    let Some(token) = Token::create() else { return };
+    let node = token.default_node("a");
+    let key_id = token.init(&node);
+    let id = keyring_id_of(&key_id);
+    let real = String::from_utf8(token.read_value("data", "kekd-keyring@1").unwrap()).unwrap();
+    let lines: Vec<&str> = real.lines().collect();
+    let legacy = metadata_text("kekd-keyring-meta v1", &id, &[lines[2]]);
+    write_object(
+        &token,
+        true,
+        legacy.as_bytes(),
+        &[
+            "--type",
+            "data",
+            "--private",
+            "--label",
+            "kekd-keyring@2",
+            "--application-label",
+            "kekd",
+        ],
+    );
+    let out = token.run(&["serve", "--config", node.config_arg()]);
+    assert_eq!(out.code(), EX_CONFIG, "{out:#?}");
+    assert!(
+        error_message(&out).contains("was written by an older kekd, without a MAC or key check values"),
+        "{out:#?}"
+    );
 }

@@ -208,8 +208,8 @@ pub enum Pkcs11Error {
     /// Metadata written by a kekd without authentication.
     #[error(
         "the keyring metadata in token {label:?} (prefix {prefix:?}) was written by an older kekd, without a MAC \
-         or key check values, and is no longer served; as the PIN holder, run `kekd admin upgrade-token --config \
-         FILE` once"
+         or key check values, and is no longer served (a planted or edited object could not be told from kekd's \
+         own); keep the kekd version that wrote it serving this token: this kekd has no upgrade for it yet"
     )]
     LegacyMetadata {
         /// The token.
