@@ -369,7 +369,11 @@ fn key_objects_are_in_the_token_sensitive_unextractable_and_metadata_holds_no_ke
     ] {
         assert_eq!(key.heading, "Secret Key Object; AES length 32", "AES-256");
         assert_eq!(key.label(), label);
-        assert_eq!(key.field("ID"), format!("{id}{version}"), "CKA_ID = id ‖ version");
+        assert_eq!(
+            key.field("ID"),
+            format!("{id}{version}"),
+            "CKA_ID = id ‖ version"
+        );
         assert_eq!(
             key.items("Usage"),
             ["encrypt", "decrypt"],
@@ -1886,7 +1890,9 @@ async fn token_behind_p11_kit_server() {
 /// `pkcs11-tool --write-object FILE --type TYPE ARGS…` with `bytes` in FILE,
 /// logged in (`login`) or not.
 fn write_object(token: &Token, login: bool, bytes: &[u8], args: &[&str]) {
-    let file = token.path().join(format!("object-{}", softhsm::random_hex(4)));
+    let file = token
+        .path()
+        .join(format!("object-{}", softhsm::random_hex(4)));
     fs::write(&file, bytes).unwrap();
     let mut all = vec!["--write-object", file.to_str().unwrap()];
     all.extend_from_slice(args);
@@ -1968,12 +1974,14 @@ async fn public_objects_planted_without_the_pin_are_ignored() {
         ],
     );
     server
-        .wait_for_stderr("public data object \\\"kekd-keyring@999\\\"")
+        .wait_for_stderr("public data object \"kekd-keyring@999\"")
         .await;
     server
         .wait_for_stderr("kekd reads only private objects; it was created without the PIN")
         .await;
-    server.wait_for_stderr("public secret key \\\"kekd-v2\\\"").await;
+    server
+        .wait_for_stderr("public secret key \"kekd-v2\"")
+        .await;
     // More polls after the warning: still v1.
     for _ in 0..5 {
         assert_eq!(status_key_id(&client).await, key_id);
@@ -1997,14 +2005,18 @@ async fn public_objects_planted_without_the_pin_are_ignored() {
             assert!(opened.is_err(), "the attacker's key opened kekd's envelope");
         }
     }
-    assert!(!server.stderr().contains("keyring reloaded"), "{}", server.stderr());
+    assert!(
+        !server.stderr().contains("keyring reloaded"),
+        "{}",
+        server.stderr()
+    );
 
     // A restart (a second node, fresh process) serves v1 as well.
     let fresh = token.default_node("fresh");
     let (fresh_server, fresh_client) = serving(&token, &fresh).await;
     assert_eq!(status_key_id(&fresh_client).await, key_id);
     fresh_server
-        .wait_for_stderr("public secret key \\\"kekd-v2\\\"")
+        .wait_for_stderr("public secret key \"kekd-v2\"")
         .await;
 }
 
@@ -2034,7 +2046,9 @@ async fn a_public_duplicate_of_a_key_is_ignored() {
     assert_eq!(status_key_id(&client).await, key_id);
     let sealed = client.clone().encrypt(seed(), &uid(1)).await.unwrap();
     assert_eq!(sealed.key_id, key_id);
-    server.wait_for_stderr("public secret key \\\"kekd-v1\\\"").await;
+    server
+        .wait_for_stderr("public secret key \"kekd-v1\"")
+        .await;
 }
 
 /// A second *private* key with v1's CKA_ID (only a PIN holder can make one):
@@ -2148,8 +2162,9 @@ fn a_key_object_generated_with_other_attributes_is_refused() {
     let out = token.run(&["serve", "--config", node.config_arg()]);
     assert_eq!(out.code(), EX_CONFIG, "{out:#?}");
     assert!(
-        error_message(&out)
-            .starts_with("key object kekd-v1 of version 1 may wrap other keys (CKA_WRAP): refusing it"),
+        error_message(&out).starts_with(
+            "key object kekd-v1 of version 1 may wrap other keys (CKA_WRAP): refusing it"
+        ),
         "{out:#?}"
     );
 }
@@ -2168,8 +2183,19 @@ async fn edited_metadata_fails_authentication() {
     let real = token.read_value("data", "kekd-keyring@1").unwrap();
     let real = String::from_utf8(real).unwrap();
     let lines: Vec<&str> = real.lines().collect();
-    // v1 back-dated, checksum recomputed, the real check value and MAC kept.
-    let edited_version = lines[2].replacen("created=20", "created=19", 1);
+    // v1 back-dated a year, checksum recomputed, the real check value and
+    // MAC kept.
+    let edited_version = lines[2]
+        .split(' ')
+        .map(|word| match word.split_once('=') {
+            Some((name, time)) => {
+                let year: u32 = time[..4].parse().unwrap();
+                format!("{name}={}{}", year - 1, &time[4..])
+            }
+            None => word.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(" ");
     let mut edited = metadata_text("kekd-keyring-meta v2", &id, &[&edited_version]);
     edited.push_str(&format!("{}\n{}\n", lines[4], lines[5]));
     write_object(
@@ -2203,7 +2229,13 @@ async fn edited_metadata_fails_authentication() {
 
     // The same bytes as revision 1, replayed under a newer label: the MAC
     // binds the revision, so this fails too.
-    let out = token.tool(&["--delete-object", "--type", "data", "--label", "kekd-keyring@2"]);
+    let out = token.tool(&[
+        "--delete-object",
+        "--type",
+        "data",
+        "--label",
+        "kekd-keyring@2",
+    ]);
     assert!(out.status.success(), "{out:?}");
     write_object(
         &token,
@@ -2227,7 +2259,13 @@ async fn edited_metadata_fails_authentication() {
         ),
         "{out:#?}"
     );
-    let out = token.tool(&["--delete-object", "--type", "data", "--label", "kekd-keyring@3"]);
+    let out = token.tool(&[
+        "--delete-object",
+        "--type",
+        "data",
+        "--label",
+        "kekd-keyring@3",
+    ]);
     assert!(out.status.success(), "{out:?}");
     let (_fresh_server, fresh_client) = serving(&token, &fresh).await;
     assert_eq!(status_key_id(&fresh_client).await, key_id);
@@ -2261,7 +2299,118 @@ fn legacy_metadata_is_refused_naming_the_fix() {
     let out = token.run(&["serve", "--config", node.config_arg()]);
     assert_eq!(out.code(), EX_CONFIG, "{out:#?}");
     assert!(
-        error_message(&out).contains("was written by an older kekd, without a MAC or key check values"),
+        error_message(&out)
+            .contains("was written by an older kekd, without a MAC or key check values"),
         "{out:#?}"
     );
+}
+
+/// In a child process (the test binary again, `CHILD` set): logs in, deletes
+/// the key with `CKA_ID` = `CHILD_OBJECT` and generates another with kekd's
+/// exact template and label — a key that passes every attribute rule.
+fn swap_child() {
+    use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+    use cryptoki::mechanism::{Mechanism, MechanismType};
+    use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass};
+    use cryptoki::session::UserType;
+
+    let var = |name: &str| std::env::var(name).unwrap();
+    let pin = fs::read_to_string(var(CHILD_PIN_FILE)).unwrap();
+    let ctx = Pkcs11::new(softhsm::MODULE).unwrap();
+    ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
+        .unwrap();
+    let slot = ctx
+        .get_slots_with_token()
+        .unwrap()
+        .into_iter()
+        .find(|&s| ctx.get_token_info(s).unwrap().label().trim_end() == var(CHILD_LABEL))
+        .expect("the token's slot");
+    let session = ctx.open_rw_session(slot).unwrap();
+    session
+        .login(
+            UserType::User,
+            Some(&cryptoki::types::AuthPin::from(pin.trim_end().to_owned())),
+        )
+        .unwrap();
+    let id = unhex(&var(CHILD_OBJECT));
+    let found = session
+        .find_objects(&[
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::Id(id.clone()),
+        ])
+        .unwrap();
+    assert_eq!(found.len(), 1);
+    let label = session
+        .get_attributes(found[0], &[AttributeType::Label])
+        .unwrap();
+    session.destroy_object(found[0]).unwrap();
+    let mut template = vec![
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::AES),
+        Attribute::Id(id),
+        Attribute::ValueLen(32.into()),
+        Attribute::Token(true),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+        Attribute::Encrypt(true),
+        Attribute::Decrypt(true),
+        Attribute::Wrap(false),
+        Attribute::Unwrap(false),
+        Attribute::Sign(false),
+        Attribute::Verify(false),
+        Attribute::Derive(false),
+        Attribute::Modifiable(false),
+        Attribute::AllowedMechanisms(vec![MechanismType::AES_GCM]),
+    ];
+    template.extend(label);
+    session
+        .generate_key(&Mechanism::AesKeyGen, &template)
+        .unwrap();
+    println!("swapped");
+}
+
+/// A PIN holder replaces v1's key object by another key generated in the
+/// token with kekd's very template, CKA_ID and label: its check value does
+/// not open, so it is refused — on reload (kekd keeps serving) and at
+/// startup.
+#[tokio::test]
+async fn a_swapped_key_object_fails_its_check_value() {
+    const TEST: &str = "a_swapped_key_object_fails_its_check_value";
+    if std::env::var_os(CHILD).is_some() {
+        return swap_child();
+    }
+    let Some(token) = Token::create() else { return };
+    let node = token.default_node("a");
+    let key_id = token.init(&node);
+    let id = keyring_id_of(&key_id);
+    let (server, client) = serving(&token, &node).await;
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap());
+    child
+        .args([TEST, "--exact", "--nocapture", "--test-threads=1"])
+        .env(CHILD, "1")
+        .env("SOFTHSM2_CONF", &token.conf)
+        .env(CHILD_LABEL, &token.label)
+        .env(CHILD_PIN_FILE, &token.pin_file)
+        .env(CHILD_OBJECT, format!("{id}00000001"));
+    let out = tokio::task::spawn_blocking(move || child.output())
+        .await
+        .unwrap()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("swapped"),
+        "the swap child failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let expected = "the key object kekd-v1 of version 1 is not the key kekd generated for it (its key check \
+                    value does not open): refusing it; delete the impostor and restore the original key object \
+                    from the token's backup";
+    server.wait_for_stderr("keyring change refused").await;
+    assert!(server.stderr().contains(expected), "{}", server.stderr());
+    assert_eq!(status_key_id(&client).await, key_id);
+    let fresh = token.default_node("fresh");
+    let out = token.run(&["serve", "--config", fresh.config_arg()]);
+    assert_eq!(out.code(), EX_CONFIG, "{out:#?}");
+    assert_eq!(error_message(&out), expected);
 }

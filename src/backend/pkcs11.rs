@@ -812,7 +812,10 @@ impl Token {
     }
 
     /// The newest metadata revision, unverified.
-    fn read_metadata(&self, s: &Session) -> Result<Result<Option<RawMetadata>, Pkcs11Error>, CkError> {
+    fn read_metadata(
+        &self,
+        s: &Session,
+    ) -> Result<Result<Option<RawMetadata>, Pkcs11Error>, CkError> {
         let objects = self.metadata_objects(s)?;
         let Some(&(revision, handle)) = objects.last() else {
             return Ok(Ok(None));
@@ -845,7 +848,10 @@ impl Token {
     /// The newest metadata, its MAC verified under the keyring's metadata
     /// key and its key check values complete. Key objects are not looked at
     /// (`kekd admin list` must still work when one is gone).
-    fn read_verified(&self, s: &Session) -> Result<Result<Option<Verified>, BackendError>, CkError> {
+    fn read_verified(
+        &self,
+        s: &Session,
+    ) -> Result<Result<Option<Verified>, BackendError>, CkError> {
         let raw = match self.read_metadata(s)? {
             Ok(Some(raw)) => raw,
             Ok(None) => return Ok(Ok(None)),
@@ -906,7 +912,9 @@ impl Token {
                 .filter(|v| v.info.state.has_material())
                 .count()
         {
-            return Ok(Err(forged("it has a key check value of no version".to_owned())));
+            return Ok(Err(forged(
+                "it has a key check value of no version".to_owned(),
+            )));
         }
         Ok(Ok(Some(Verified {
             revision: raw.revision,
@@ -941,7 +949,8 @@ impl Token {
     /// # Errors
     /// No keyring, an unreadable, unauthenticated or legacy one, or token errors.
     pub fn load_metadata(&self) -> Result<KeyringFile, BackendError> {
-        let read = self.with_session("read the keyring metadata", |s, _| self.read_verified(s))??;
+        let read =
+            self.with_session("read the keyring metadata", |s, _| self.read_verified(s))??;
         read.map(|v| v.file).ok_or_else(|| {
             Pkcs11Error::NoKeyring {
                 label: self.settings.token_label.clone(),
@@ -988,7 +997,7 @@ impl Token {
             if warned.insert(object.clone()) {
                 warn!(
                     token = %self.settings.token_label,
-                    "public object {object} ignored: kekd reads only private objects; it was created without the \
+                    "public {object} ignored: kekd reads only private objects; it was created without the \
                      PIN — delete it"
                 );
             }
@@ -1005,7 +1014,8 @@ impl Token {
         version: Option<KeyVersion>,
     ) -> Result<Result<Option<ObjectHandle>, Pkcs11Error>, CkError> {
         let object_id = key_object_id(id, version);
-        let what = version.map_or_else(|| "the metadata key".to_owned(), |v| format!("version {v}"));
+        let what =
+            version.map_or_else(|| "the metadata key".to_owned(), |v| format!("version {v}"));
         let found = s.find_objects(&self.key_template(&object_id))?;
         match found.as_slice() {
             [] => Ok(Ok(None)),
@@ -1128,7 +1138,9 @@ impl Token {
                 }
                 // Left by a rotate that died before writing metadata:
                 // never used, so safe to replace.
-                for h in s.find_objects(&self.key_template(&key_object_id(&new.id, Some(version))))? {
+                for h in
+                    s.find_objects(&self.key_template(&key_object_id(&new.id, Some(version))))?
+                {
                     s.destroy_object(h)?;
                 }
                 let handle = match self.generate_key(s, &new.id, Some(version))? {
@@ -1142,7 +1154,8 @@ impl Token {
                     }
                 };
                 created.push(handle);
-                let check = Seal::make(s, handle, next_iv(), &objects::check_aad(&new.id, version))?;
+                let check =
+                    Seal::make(s, handle, next_iv(), &objects::check_aad(&new.id, version))?;
                 checks.insert(version, check);
             }
             // 4. The new revision, then drop the older ones.
@@ -1229,7 +1242,8 @@ impl Token {
         if let Some(reason) = objects::verify_key(s, handle)? {
             s.destroy_object(handle)?;
             return Ok(Err(Pkcs11Error::KeyRefused {
-                what: version.map_or_else(|| "the metadata key".to_owned(), |v| format!("version {v}")),
+                what: version
+                    .map_or_else(|| "the metadata key".to_owned(), |v| format!("version {v}")),
                 label,
                 id: hex(&object_id),
                 reason,
@@ -1266,10 +1280,12 @@ fn key_object_id(id: &KeyringId, version: Option<KeyVersion>) -> Vec<u8> {
 /// Lowercase hex, for `CKA_ID`s in messages.
 fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write as _;
-    bytes.iter().fold(String::with_capacity(2 * bytes.len()), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+    bytes
+        .iter()
+        .fold(String::with_capacity(2 * bytes.len()), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
 }
 
 /// Serves the keyring stored in a token.
@@ -1475,7 +1491,9 @@ impl KeyObject {
         let &[handle] = found.as_slice() else {
             return Err(gone);
         };
-        if objects::verify_key(s, handle)?.is_some() || !self.check.opens(s, handle, &self.check_aad)? {
+        if objects::verify_key(s, handle)?.is_some()
+            || !self.check.opens(s, handle, &self.check_aad)?
+        {
             warn!(
                 object_id = %hex(&self.object_id),
                 "the key object found after a reconnect is not the key kekd loaded; not using it"

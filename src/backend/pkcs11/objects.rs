@@ -76,7 +76,10 @@ pub(super) fn object_id(s: &Session, handle: ObjectHandle) -> Result<Vec<u8>, Ck
 /// The first attribute of a key object that kekd does not accept, as the
 /// words that end "key object … <reason>". `None`: the key is one the token
 /// generated, keeps secret, and lets be used for AES-GCM only.
-pub(super) fn verify_key(s: &Session, handle: ObjectHandle) -> Result<Option<&'static str>, CkError> {
+pub(super) fn verify_key(
+    s: &Session,
+    handle: ObjectHandle,
+) -> Result<Option<&'static str>, CkError> {
     let attributes = s.get_attributes(
         handle,
         &[
@@ -123,23 +126,37 @@ pub(super) fn verify_key(s: &Session, handle: ObjectHandle) -> Result<Option<&'s
         _ => false,
     });
     if !len_ok {
-        return Ok(Some("is not 32 bytes long (CKA_VALUE_LEN): kekd uses AES-256 only"));
+        return Ok(Some(
+            "is not 32 bytes long (CKA_VALUE_LEN): kekd uses AES-256 only",
+        ));
     }
     // (attribute, the value kekd requires, what it means when it differs)
     let rules: [(AttributeType, bool, &'static str); 9] = [
-        (AttributeType::Token, true, "is not a token object (CKA_TOKEN)"),
+        (
+            AttributeType::Token,
+            true,
+            "is not a token object (CKA_TOKEN)",
+        ),
         (
             AttributeType::Private,
             true,
             "is not private (CKA_PRIVATE): anyone could have created it without the PIN",
         ),
-        (AttributeType::Sensitive, true, "is not CKA_SENSITIVE: its bytes can be read"),
+        (
+            AttributeType::Sensitive,
+            true,
+            "is not CKA_SENSITIVE: its bytes can be read",
+        ),
         (
             AttributeType::AlwaysSensitive,
             true,
             "was not always sensitive (CKA_ALWAYS_SENSITIVE): its bytes were readable once",
         ),
-        (AttributeType::Extractable, false, "is extractable (CKA_EXTRACTABLE)"),
+        (
+            AttributeType::Extractable,
+            false,
+            "is extractable (CKA_EXTRACTABLE)",
+        ),
         (
             AttributeType::NeverExtractable,
             true,
@@ -151,7 +168,11 @@ pub(super) fn verify_key(s: &Session, handle: ObjectHandle) -> Result<Option<&'s
             "is not CKA_LOCAL (not generated in the token: its bytes came from outside)",
         ),
         (AttributeType::Wrap, false, "may wrap other keys (CKA_WRAP)"),
-        (AttributeType::Unwrap, false, "may unwrap keys into the token (CKA_UNWRAP)"),
+        (
+            AttributeType::Unwrap,
+            false,
+            "may unwrap keys into the token (CKA_UNWRAP)",
+        ),
     ];
     for (attribute, wanted, reason) in rules {
         // A token that does not report an attribute cannot vouch for it.
@@ -199,7 +220,12 @@ impl Seal {
     }
 
     /// Whether this seal opens under `key` with `aad`.
-    pub(super) fn opens(&self, s: &Session, key: ObjectHandle, aad: &[u8]) -> Result<bool, CkError> {
+    pub(super) fn opens(
+        &self,
+        s: &Session,
+        key: ObjectHandle,
+        aad: &[u8],
+    ) -> Result<bool, CkError> {
         let mut iv = [0u8; IV_LEN];
         iv.copy_from_slice(&self.0[..IV_LEN]);
         let params = GcmParams::new(&mut iv, aad, ((TAG_LEN * 8) as u64).into())?;
@@ -274,7 +300,9 @@ pub(super) fn split(value: &[u8]) -> Result<Framed<'_>, FrameError> {
         return Err(FrameError::Legacy);
     }
     if first != MAGIC_METADATA.as_bytes() {
-        return Err(FrameError::Malformed("does not start with `kekd-keyring-meta v2`"));
+        return Err(FrameError::Malformed(
+            "does not start with `kekd-keyring-meta v2`",
+        ));
     }
     // The body ends after the first line that starts with "sha256 ".
     let mut at = 0;
@@ -292,7 +320,8 @@ pub(super) fn split(value: &[u8]) -> Result<Framed<'_>, FrameError> {
     }
     let body_end = body_end.ok_or(FrameError::Malformed("has no `sha256` line"))?;
     let (body, trailer) = value.split_at(body_end);
-    let trailer = std::str::from_utf8(trailer).map_err(|_| FrameError::Malformed("has a trailer that is not text"))?;
+    let trailer = std::str::from_utf8(trailer)
+        .map_err(|_| FrameError::Malformed("has a trailer that is not text"))?;
     let trailer = trailer
         .strip_suffix('\n')
         .ok_or(FrameError::Malformed("does not end in a newline"))?;
@@ -308,16 +337,23 @@ pub(super) fn split(value: &[u8]) -> Result<Framed<'_>, FrameError> {
         let (version, seal) = line
             .strip_prefix("check ")
             .and_then(|l| l.split_once(' '))
-            .ok_or(FrameError::Malformed("has a trailer line that is not `check <version> <value>`"))?;
+            .ok_or(FrameError::Malformed(
+                "has a trailer line that is not `check <version> <value>`",
+            ))?;
         let version = version
             .parse::<u32>()
             .ok()
             .filter(|_| !version.starts_with('0'))
             .and_then(KeyVersion::new)
-            .ok_or(FrameError::Malformed("has a `check` line with a bad version"))?;
-        let seal = Seal::decode(seal).ok_or(FrameError::Malformed("has a `check` line with a bad value"))?;
+            .ok_or(FrameError::Malformed(
+                "has a `check` line with a bad version",
+            ))?;
+        let seal = Seal::decode(seal)
+            .ok_or(FrameError::Malformed("has a `check` line with a bad value"))?;
         if checks.insert(version, seal).is_some() {
-            return Err(FrameError::Malformed("has two `check` lines for one version"));
+            return Err(FrameError::Malformed(
+                "has two `check` lines for one version",
+            ));
         }
     }
     Ok(Framed {
