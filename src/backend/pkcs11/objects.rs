@@ -108,7 +108,7 @@ pub(super) fn verify_key(
             | (Attribute::NeverExtractable(b), AttributeType::NeverExtractable)
             | (Attribute::Local(b), AttributeType::Local)
             | (Attribute::Wrap(b), AttributeType::Wrap)
-            | (Attribute::Unwrap(b), AttributeType::Unwrap) => Some(bool::from(*b)),
+            | (Attribute::Unwrap(b), AttributeType::Unwrap) => Some(*b),
             _ => None,
         })
     };
