@@ -419,6 +419,7 @@ impl ServeConfig {
     /// # Errors
     /// The first missing or invalid setting, with the flag that fixes it.
     pub fn resolve(s: Settings) -> Result<Self, ConfigError> {
+        let ops_limits = resolve_ops_limits(&s)?;
         let backend = BackendConfig::resolve(s.keyring, s.backend)?;
         let path = s.socket.ok_or(ConfigError::Missing {
             what: "socket",
@@ -486,7 +487,6 @@ impl ServeConfig {
                 })
             })
             .transpose()?;
-        let ops_limits = resolve_ops_limits(&s)?;
         let max_key_age =
             parse_duration("max_key_age", s.max_key_age.as_deref(), DEFAULT_MAX_KEY_AGE)?;
         let log_format = match s.log_format {
