@@ -151,7 +151,12 @@ impl ClaimedUser {
 
     fn from_vars(name: Option<&std::ffi::OsStr>, uid: Option<&std::ffi::OsStr>) -> Option<Self> {
         let name = name
-            .map(|n| n.to_string_lossy().chars().take(MAX_CLAIM).collect::<String>())
+            .map(|n| {
+                n.to_string_lossy()
+                    .chars()
+                    .take(MAX_CLAIM)
+                    .collect::<String>()
+            })
             .filter(|n| !n.is_empty());
         let uid = uid.and_then(|u| u.to_str()).and_then(|u| u.parse().ok());
         (name.is_some() || uid.is_some()).then_some(Self {

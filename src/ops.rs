@@ -187,7 +187,10 @@ pub async fn serve(
         {
             oldest.abort();
             state.metrics().ops_connection_shed("cap");
-            debug!(cap, "ops listener at its connection cap: closed the oldest connection");
+            debug!(
+                cap,
+                "ops listener at its connection cap: closed the oldest connection"
+            );
         }
     }
 }
@@ -211,7 +214,9 @@ async fn serve_connection(
     match tokio::time::timeout(limits.connection_lifetime, connection).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => debug!(error = %e, "ops connection ended"),
-        Err(_) => debug!(lifetime = ?limits.connection_lifetime, "ops connection closed at the end of its lifetime"),
+        Err(_) => {
+            debug!(lifetime = ?limits.connection_lifetime, "ops connection closed at the end of its lifetime")
+        }
     }
 }
 

@@ -1007,13 +1007,13 @@ fn audit_log_records_each_change_once_and_never_key_material() {
                 expected_keys.push("claimed_user");
             }
             expected_keys.extend([
-                    "command",
-                    "keyring",
-                    "keyring_id",
-                    "version",
-                    "key_id",
-                    "from",
-                    "to",
+                "command",
+                "keyring",
+                "keyring_id",
+                "version",
+                "key_id",
+                "from",
+                "to",
                 "overrides",
             ]);
             assert_keys(l, &expected_keys);
@@ -1261,7 +1261,10 @@ fn the_audit_log_records_the_real_uid_and_sudo_variables_only_as_a_claim() {
     let out = run_guarded(cmd, dir.path());
     assert_eq!(out.code(), 0, "{out:#?}");
     let text = fs::read_to_string(dir.path().join("keyring.audit.jsonl")).unwrap();
-    let lines: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(lines.len(), 1, "{text}");
     let l = &lines[0];
     let uid = rustix::process::getuid().as_raw();
@@ -1273,7 +1276,10 @@ fn the_audit_log_records_the_real_uid_and_sudo_variables_only_as_a_claim() {
         serde_json::json!({"name": "mallory\u{1b}[2J", "uid": 1001, "source": "sudo-env"}),
         "{l}"
     );
-    assert!(!text.contains('\u{1b}'), "a raw escape in the audit log: {text:?}");
+    assert!(
+        !text.contains('\u{1b}'),
+        "a raw escape in the audit log: {text:?}"
+    );
     if uid == 0 {
         assert_eq!(l["user"], "root", "{l}");
     }

@@ -2078,7 +2078,11 @@ async fn an_ops_flood_at_a_low_fd_limit_never_starves_the_kms_socket() {
 
     let mut kms_flood = Vec::new();
     for _ in 0..200 {
-        kms_flood.push(tokio::net::UnixStream::connect(&process.socket).await.unwrap());
+        kms_flood.push(
+            tokio::net::UnixStream::connect(&process.socket)
+                .await
+                .unwrap(),
+        );
     }
     let mut ops_flood = Vec::new();
     for i in 0..800 {
@@ -2089,7 +2093,11 @@ async fn an_ops_flood_at_a_low_fd_limit_never_starves_the_kms_socket() {
         ops_flood.push(c);
     }
     // A rotation while both floods are on: the reload opens the keyring.
-    let rotate = admin_async(&["rotate", "--promote", "--keyring", p(&keyring)], dir.path()).await;
+    let rotate = admin_async(
+        &["rotate", "--promote", "--keyring", p(&keyring)],
+        dir.path(),
+    )
+    .await;
     assert_ok(&rotate, "rotate --promote");
     wait_for_key_id(&client, &self::key_id(&key_id, 2)).await;
     for (i, c) in ops_flood.iter_mut().enumerate() {
@@ -2146,20 +2154,16 @@ async fn accept_errors_on_the_ops_listener_back_off_and_do_not_flood_the_log() {
         flood.push(TcpStream::connect(ops).await.unwrap());
     }
     // The observable event: kekd counted at least FAILURES failed accepts.
-    let errors = eventually(
-        "failed accepts counted",
-        WAIT,
-        || async move {
-            let resp = http_get(ops, "/metrics").await?;
-            let m = Exposition::parse(&resp.body);
-            let n = m.value("kekd_ops_accept_errors_total", &[]).unwrap_or(0.0);
-            if resp.status == 200 && n >= FAILURES {
-                Ok(n)
-            } else {
-                Err(format!("{}: {n} failed accepts", resp.status))
-            }
-        },
-    )
+    let errors = eventually("failed accepts counted", WAIT, || async move {
+        let resp = http_get(ops, "/metrics").await?;
+        let m = Exposition::parse(&resp.body);
+        let n = m.value("kekd_ops_accept_errors_total", &[]).unwrap_or(0.0);
+        if resp.status == 200 && n >= FAILURES {
+            Ok(n)
+        } else {
+            Err(format!("{}: {n} failed accepts", resp.status))
+        }
+    })
     .await;
     let log = process.stderr();
     let lines = log.lines().filter(|l| l.contains(MESSAGE)).count();

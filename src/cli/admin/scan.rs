@@ -257,13 +257,7 @@ fn text(r: &ScanReport, elapsed: Duration) -> String {
             );
         }
         for (key_id, n) in &res.key_ids {
-            let _ = writeln!(
-                s,
-                "{:<40}  {:>8}    key_id {}  {n}",
-                "",
-                "",
-                escape(key_id)
-            );
+            let _ = writeln!(s, "{:<40}  {:>8}    key_id {}  {n}", "", "", escape(key_id));
         }
     }
     let _ = writeln!(s, "\ntotals:");
@@ -272,12 +266,7 @@ fn text(r: &ScanReport, elapsed: Duration) -> String {
     }
     match &r.keyring {
         Some(k) => {
-            let _ = writeln!(
-                s,
-                "\nkeyring {} (id {}):",
-                escape(&k.name),
-                escape(&k.id)
-            );
+            let _ = writeln!(s, "\nkeyring {} (id {}):", escape(&k.name), escape(&k.id));
         }
         None => {
             let _ = writeln!(
