@@ -13,15 +13,31 @@ use crate::keyring::ops::Transition;
 use crate::keyring::store;
 use crate::keyring::{KeyId, KeyringId, Timestamp};
 
+/// The version of the admin record format (`format` in each line). Lines
+/// without it are format 1, whose `user` could come from `$SUDO_USER`.
+pub const FORMAT: u32 = 2;
+
+/// Longest claimed user name kept in a record (the environment is the
+/// caller's to fill).
+const MAX_CLAIM: usize = 256;
+
 /// One audit line.
 #[derive(Debug, Clone, Serialize)]
 pub struct AuditRecord {
+    /// The record format, [`FORMAT`].
+    pub format: u32,
     /// When the change was written.
     pub time: Timestamp,
-    /// Who ran the command (login name when known).
+    /// Who ran the command: the login name of the real uid in /etc/passwd,
+    /// else the number. Never taken from the environment.
     pub user: String,
-    /// Their numeric uid.
+    /// The real uid of the process: the identity the kernel vouches for.
     pub uid: u32,
+    /// Who the environment says is behind `uid` (`$SUDO_USER`,
+    /// `$SUDO_UID`), when it says so: a claim the caller can set to
+    /// anything, recorded as such and never as the identity.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub claimed_user: Option<ClaimedUser>,
     /// The admin command (`rotate`, `promote`, …).
     pub command: &'static str,
     /// The keyring (its file, or the token and label prefix).
@@ -51,10 +67,13 @@ impl AuditRecord {
         now: Timestamp,
     ) -> Self {
         let uid = rustix::process::getuid().as_raw();
+        let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
         Self {
+            format: FORMAT,
             time: now,
-            user: user_name(uid),
+            user: user_name(&passwd, uid),
             uid,
+            claimed_user: ClaimedUser::from_env(),
             command,
             keyring: keyring.to_owned(),
             keyring_id: id.to_string(),
@@ -110,21 +129,89 @@ pub fn append_line(path: &Path, value: &serde_json::Value) -> io::Result<()> {
     f.sync_all()
 }
 
-/// The login name for `uid`: `$SUDO_USER` when run through sudo, else the
-/// name in /etc/passwd, else the number.
-fn user_name(uid: u32) -> String {
-    if let Ok(sudo) = std::env::var("SUDO_USER")
-        && !sudo.is_empty()
-    {
-        return format!("{sudo} (via sudo)");
+/// What the environment claims about the user behind the real uid.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ClaimedUser {
+    /// `$SUDO_USER` (at most 256 characters), if set.
+    pub name: Option<String>,
+    /// `$SUDO_UID`, if set and a number.
+    pub uid: Option<u32>,
+    /// Where the claim came from: `sudo-env`.
+    pub source: &'static str,
+}
+
+impl ClaimedUser {
+    /// The claim in this process's environment, if any.
+    fn from_env() -> Option<Self> {
+        Self::from_vars(
+            std::env::var_os("SUDO_USER").as_deref(),
+            std::env::var_os("SUDO_UID").as_deref(),
+        )
     }
-    std::fs::read_to_string("/etc/passwd")
-        .ok()
-        .and_then(|p| {
-            p.lines().find_map(|l| {
-                let f: Vec<&str> = l.split(':').collect();
-                (f.len() > 2 && f[2] == uid.to_string()).then(|| f[0].to_owned())
+
+    fn from_vars(name: Option<&std::ffi::OsStr>, uid: Option<&std::ffi::OsStr>) -> Option<Self> {
+        let name = name
+            .map(|n| {
+                n.to_string_lossy()
+                    .chars()
+                    .take(MAX_CLAIM)
+                    .collect::<String>()
             })
+            .filter(|n| !n.is_empty());
+        let uid = uid.and_then(|u| u.to_str()).and_then(|u| u.parse().ok());
+        (name.is_some() || uid.is_some()).then_some(Self {
+            name,
+            uid,
+            source: "sudo-env",
         })
-        .unwrap_or_else(|| uid.to_string())
+    }
+}
+
+/// The login name of `uid` in the text of /etc/passwd, else the number.
+fn user_name(passwd: &str, uid: u32) -> String {
+    let uid_text = uid.to_string();
+    passwd
+        .lines()
+        .find_map(|l| {
+            let mut fields = l.split(':');
+            let name = fields.next()?;
+            let _password = fields.next()?;
+            (fields.next()? == uid_text && !name.is_empty()).then(|| name.to_owned())
+        })
+        .unwrap_or(uid_text)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::ffi::OsStr;
+
+    use super::*;
+
+    #[test]
+    fn the_user_is_the_passwd_name_of_the_uid_never_the_environment() {
+        let passwd = "root:x:0:0:root:/root:/bin/bash\n:x:7:7::/:/bin/false\nalice:x:1000:1000::/home/alice:/bin/sh\n";
+        assert_eq!(user_name(passwd, 0), "root");
+        assert_eq!(user_name(passwd, 1000), "alice");
+        assert_eq!(user_name(passwd, 7), "7", "an empty name is no name");
+        assert_eq!(user_name(passwd, 4242), "4242");
+        assert_eq!(user_name("", 0), "0");
+    }
+
+    #[test]
+    fn sudo_variables_are_only_a_claim() {
+        assert_eq!(ClaimedUser::from_vars(None, None), None);
+        assert_eq!(ClaimedUser::from_vars(Some(OsStr::new("")), None), None);
+        assert_eq!(
+            ClaimedUser::from_vars(Some(OsStr::new("mallory")), Some(OsStr::new("1001"))),
+            Some(ClaimedUser {
+                name: Some("mallory".to_owned()),
+                uid: Some(1001),
+                source: "sudo-env",
+            })
+        );
+        let long = "m".repeat(10_000);
+        let claim = ClaimedUser::from_vars(Some(OsStr::new(&long)), Some(OsStr::new("x"))).unwrap();
+        assert_eq!(claim.name.map(|n| n.len()), Some(MAX_CLAIM));
+        assert_eq!(claim.uid, None, "a non-numeric SUDO_UID is dropped");
+    }
 }

@@ -284,6 +284,15 @@ pub struct Settings {
     /// Address of the ops listener (/metrics, /livez, /readyz), e.g. 127.0.0.1:9464 [default: off].
     #[arg(long, env = "KEKD_OPS_ADDR", value_name = "ADDR")]
     pub ops_addr: Option<String>,
+    /// Most ops connections held at once (1..=64); a new one closes the oldest [default: 32].
+    #[arg(long, env = "KEKD_OPS_MAX_CONNECTIONS", value_name = "N")]
+    pub ops_max_connections: Option<usize>,
+    /// Time an ops client gets to send its request headers, and most idle time between requests [default: 5s].
+    #[arg(long, env = "KEKD_OPS_HEADER_TIMEOUT", value_name = "DURATION")]
+    pub ops_header_timeout: Option<String>,
+    /// Longest life of one ops connection [default: 60s].
+    #[arg(long, env = "KEKD_OPS_CONNECTION_LIFETIME", value_name = "DURATION")]
+    pub ops_connection_lifetime: Option<String>,
     /// Age of the primary key past which rotation is due (metric + warning) [default: 90d].
     #[arg(long, env = "KEKD_MAX_KEY_AGE", value_name = "DURATION")]
     pub max_key_age: Option<String>,
@@ -339,6 +348,11 @@ impl Settings {
             self_check_interval: self.self_check_interval.or(fallback.self_check_interval),
             reload_interval: self.reload_interval.or(fallback.reload_interval),
             ops_addr: self.ops_addr.or(fallback.ops_addr),
+            ops_max_connections: self.ops_max_connections.or(fallback.ops_max_connections),
+            ops_header_timeout: self.ops_header_timeout.or(fallback.ops_header_timeout),
+            ops_connection_lifetime: self
+                .ops_connection_lifetime
+                .or(fallback.ops_connection_lifetime),
             allow_uid: if self.allow_uid.is_empty() {
                 fallback.allow_uid
             } else {
@@ -376,6 +390,8 @@ pub struct ServeConfig {
     pub reload_interval: Duration,
     /// The ops listener's address, if any.
     pub ops_addr: Option<std::net::SocketAddr>,
+    /// The ops listener's connection cap and timeouts.
+    pub ops_limits: crate::ops::OpsLimits,
     /// Which callers may call.
     pub peers: crate::service::PeerPolicy,
     /// Primary age past which rotation is due.
@@ -403,6 +419,7 @@ impl ServeConfig {
     /// # Errors
     /// The first missing or invalid setting, with the flag that fixes it.
     pub fn resolve(s: Settings) -> Result<Self, ConfigError> {
+        let ops_limits = resolve_ops_limits(&s)?;
         let backend = BackendConfig::resolve(s.keyring, s.backend)?;
         let path = s.socket.ok_or(ConfigError::Missing {
             what: "socket",
@@ -488,6 +505,7 @@ impl ServeConfig {
             self_check_interval,
             reload_interval,
             ops_addr,
+            ops_limits,
             peers: crate::service::PeerPolicy {
                 uids: s.allow_uid,
                 gids: s.allow_gid,
@@ -497,6 +515,49 @@ impl ServeConfig {
             log_level: s.log_level.unwrap_or_else(|| "info".to_owned()),
         })
     }
+}
+
+fn resolve_ops_limits(s: &Settings) -> Result<crate::ops::OpsLimits, ConfigError> {
+    use crate::ops;
+    let max_connections = s
+        .ops_max_connections
+        .unwrap_or(ops::DEFAULT_MAX_CONNECTIONS);
+    if !(1..=ops::MAX_MAX_CONNECTIONS).contains(&max_connections) {
+        return Err(ConfigError::Invalid {
+            what: "ops_max_connections",
+            reason: format!(
+                "{max_connections} is outside 1..={} (the ops listener must stay inside the descriptors kept free for kekd itself)",
+                ops::MAX_MAX_CONNECTIONS
+            ),
+        });
+    }
+    let header_timeout = parse_duration(
+        "ops_header_timeout",
+        s.ops_header_timeout.as_deref(),
+        ops::DEFAULT_HEADER_TIMEOUT,
+    )?;
+    let connection_lifetime = parse_duration(
+        "ops_connection_lifetime",
+        s.ops_connection_lifetime.as_deref(),
+        ops::DEFAULT_CONNECTION_LIFETIME,
+    )?;
+    let range = Duration::from_millis(10)..=Duration::from_secs(3600);
+    for (what, d) in [
+        ("ops_header_timeout", header_timeout),
+        ("ops_connection_lifetime", connection_lifetime),
+    ] {
+        if !range.contains(&d) {
+            return Err(ConfigError::Invalid {
+                what,
+                reason: "must be between 10ms and 1h".to_owned(),
+            });
+        }
+    }
+    Ok(ops::OpsLimits {
+        max_connections,
+        header_timeout,
+        connection_lifetime,
+    })
 }
 
 fn parse_mode(s: &str) -> Result<u32, ConfigError> {

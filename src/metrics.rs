@@ -69,6 +69,14 @@ pub struct BuildLabels {
     pub backend: &'static str,
 }
 
+/// Labels of the ops listener's shed connections.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ShedLabels {
+    /// `cap` (a new connection arrived at the cap) or `fd_exhausted`
+    /// (accept failed with EMFILE/ENFILE).
+    pub reason: &'static str,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn latency_histogram() -> Histogram {
@@ -92,6 +100,8 @@ pub struct Metrics {
     hsm_duration: HistogramFamily<OpLabels>,
     hsm_sessions_open: Gauge,
     hsm_sessions_in_use: Gauge,
+    ops_shed: Family<ShedLabels, Counter>,
+    ops_accept_errors: Counter,
 }
 
 impl Metrics {
@@ -115,6 +125,8 @@ impl Metrics {
         let hsm_sessions_open = Gauge::default();
         let hsm_sessions_in_use = Gauge::default();
         let build_info = Family::<BuildLabels, Gauge>::default();
+        let ops_shed = Family::<ShedLabels, Counter>::default();
+        let ops_accept_errors = Counter::default();
 
         registry.register(
             "rpc_requests",
@@ -177,6 +189,16 @@ impl Metrics {
             hsm_sessions_in_use.clone(),
         );
         registry.register("build_info", "kekd build information", build_info.clone());
+        registry.register(
+            "ops_connections_shed",
+            "Ops listener connections closed early to stay within its connection and descriptor budget",
+            ops_shed.clone(),
+        );
+        registry.register(
+            "ops_accept_errors",
+            "Failed accepts on the ops listener (EMFILE and the like)",
+            ops_accept_errors.clone(),
+        );
         // Known series exist from the start, so rate() sees the first event
         // and dashboards show 0 rather than no data.
         for method in [Method::Status, Method::Encrypt, Method::Decrypt] {
@@ -189,6 +211,9 @@ impl Metrics {
         }
         for result in ["applied", "unchanged", "refused"] {
             let _ = reloads.get_or_create(&ResultLabels { result });
+        }
+        for reason in ["cap", "fd_exhausted"] {
+            let _ = ops_shed.get_or_create(&ShedLabels { reason });
         }
         build_info
             .get_or_create(&BuildLabels {
@@ -210,6 +235,8 @@ impl Metrics {
             hsm_duration,
             hsm_sessions_open,
             hsm_sessions_in_use,
+            ops_shed,
+            ops_accept_errors,
         }
     }
 
@@ -275,6 +302,16 @@ impl Metrics {
             .set(i64::try_from(open).unwrap_or(i64::MAX));
         self.hsm_sessions_in_use
             .set(i64::try_from(in_use).unwrap_or(i64::MAX));
+    }
+
+    /// Records an ops connection closed early (`cap` or `fd_exhausted`).
+    pub fn ops_connection_shed(&self, reason: &'static str) {
+        self.ops_shed.get_or_create(&ShedLabels { reason }).inc();
+    }
+
+    /// Records a failed accept on the ops listener.
+    pub fn ops_accept_error(&self) {
+        self.ops_accept_errors.inc();
     }
 
     /// The metrics in the OpenMetrics text format.

@@ -9,17 +9,20 @@
 //!   accepting; otherwise 503 with the reason as plain text.
 //! - `/metrics` is the OpenMetrics text of [`crate::metrics::Metrics`].
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::{AbortHandle, JoinSet};
 use tracing::{debug, info, warn};
 
 use crate::state::ServingState;
@@ -55,39 +58,212 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     Ok(listener)
 }
 
-/// Serves the ops endpoints until `shutdown` completes.
+/// Default cap on ops connections open at once.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 32;
+/// The largest cap `--ops-max-connections` accepts: half of the descriptors
+/// the KMS socket's connection limit leaves free
+/// ([`RESERVED_FDS`](crate::server::connection::RESERVED_FDS)), so the ops
+/// listener can never take the descriptors kekd needs for its own files.
+pub const MAX_MAX_CONNECTIONS: usize = 64;
+const _: () = assert!(
+    (MAX_MAX_CONNECTIONS as u64) * 2 <= crate::server::connection::RESERVED_FDS
+        && DEFAULT_MAX_CONNECTIONS <= MAX_MAX_CONNECTIONS
+);
+/// Default time a client gets to send a request's headers; it also bounds
+/// how long a kept-alive connection may sit idle between requests.
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default longest life of one ops connection, however busy.
+pub const DEFAULT_CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+/// At most one "accept failed" log line per this period; the rest are
+/// counted (`kekd_ops_accept_errors_total`) and summarised in the next line.
+pub const ACCEPT_ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
+/// First pause after a failed accept; it doubles per consecutive failure.
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
+/// Longest pause after a failed accept.
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// Largest request head (request line and headers) an ops client may send.
+const MAX_REQUEST_HEAD: usize = 16 * 1024;
+
+/// How many connections the ops listener holds and for how long.
+///
+/// The listener is for a kubelet probe and a Prometheus scrape, never for
+/// load: it holds at most `max_connections` (plus, for an instant, the one
+/// just accepted), so its descriptors stay well inside the reserve the KMS
+/// socket's connection limit keeps free.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpsLimits {
+    /// Connections held at once; at the cap, a new connection closes the
+    /// oldest one (so a probe always gets through a flood of idle ones).
+    pub max_connections: usize,
+    /// Time to send a request's headers, and most idle time between
+    /// requests on a kept-alive connection.
+    pub header_timeout: Duration,
+    /// Longest life of one connection.
+    pub connection_lifetime: Duration,
+}
+
+impl Default for OpsLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            header_timeout: DEFAULT_HEADER_TIMEOUT,
+            connection_lifetime: DEFAULT_CONNECTION_LIFETIME,
+        }
+    }
+}
+
+/// Serves the ops endpoints until `shutdown` completes, within `limits`.
+///
+/// The listener is the lowest-priority user of kekd's descriptors: at its
+/// connection cap it closes its oldest connection, and when accept fails
+/// because the process is out of descriptors (EMFILE/ENFILE) it closes its
+/// oldest connection too and backs off, so it never competes with the KMS
+/// socket. Accept failures are logged at most once per
+/// [`ACCEPT_ERROR_LOG_EVERY`].
 pub async fn serve(
     listener: TcpListener,
+    limits: OpsLimits,
     state: Arc<ServingState>,
     readiness: Arc<Readiness>,
     shutdown: impl Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
+    let cap = limits.max_connections.max(1);
+    // Every connection task; dropping the set at return closes them all.
+    let mut tasks = JoinSet::new();
+    // Connections not yet shed, oldest first.
+    let mut open: VecDeque<AbortHandle> = VecDeque::new();
+    let mut errors = AcceptErrors::default();
     loop {
-        let (stream, _) = tokio::select! {
+        let accepted = tokio::select! {
             () = &mut shutdown => return,
-            r = listener.accept() => match r {
-                Ok(conn) => conn,
-                Err(e) => {
-                    warn!(error = %e, "ops listener: accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
-        let (state, readiness) = (Arc::clone(&state), Arc::clone(&readiness));
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
-                let (state, readiness) = (Arc::clone(&state), Arc::clone(&readiness));
-                async move { Ok::<_, Infallible>(route(&req, &state, &readiness)) }
-            });
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
-                debug!(error = %e, "ops connection ended");
+            Some(done) = tasks.join_next_with_id() => {
+                let id = match done {
+                    Ok((id, ())) => id,
+                    Err(e) => e.id(),
+                };
+                open.retain(|h| h.id() != id);
+                continue;
             }
-        });
+            // `tasks` also counts shed connections not yet dropped: accept
+            // only while it is within the cap, so at most `cap + 1`
+            // connection descriptors exist at any instant.
+            r = listener.accept(), if tasks.len() <= cap => r,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => {
+                errors.succeeded();
+                stream
+            }
+            Err(e) => {
+                state.metrics().ops_accept_error();
+                if is_fd_exhaustion(&e)
+                    && let Some(oldest) = open.pop_front()
+                {
+                    oldest.abort();
+                    state.metrics().ops_connection_shed("fd_exhausted");
+                }
+                let (pause, log) = errors.failed(Instant::now());
+                if let Some(suppressed) = log {
+                    warn!(
+                        error = %e,
+                        suppressed,
+                        pause = ?pause,
+                        "ops listener: accept failed; closing the oldest ops connection and backing off"
+                    );
+                }
+                tokio::select! {
+                    () = &mut shutdown => return,
+                    () = tokio::time::sleep(pause) => {}
+                }
+                continue;
+            }
+        };
+        let (state_c, readiness) = (Arc::clone(&state), Arc::clone(&readiness));
+        let handle = tasks.spawn(serve_connection(stream, limits, state_c, readiness));
+        open.push_back(handle);
+        if open.len() > cap
+            && let Some(oldest) = open.pop_front()
+        {
+            oldest.abort();
+            state.metrics().ops_connection_shed("cap");
+            debug!(
+                cap,
+                "ops listener at its connection cap: closed the oldest connection"
+            );
+        }
+    }
+}
+
+/// Serves one ops connection within the header timeout and lifetime.
+async fn serve_connection(
+    stream: TcpStream,
+    limits: OpsLimits,
+    state: Arc<ServingState>,
+    readiness: Arc<Readiness>,
+) {
+    let service = hyper::service::service_fn(move |req| {
+        let (state, readiness) = (Arc::clone(&state), Arc::clone(&readiness));
+        async move { Ok::<_, Infallible>(route(&req, &state, &readiness)) }
+    });
+    let connection = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .max_buf_size(MAX_REQUEST_HEAD)
+        .serve_connection(TokioIo::new(stream), service);
+    match tokio::time::timeout(limits.connection_lifetime, connection).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => debug!(error = %e, "ops connection ended"),
+        Err(_) => {
+            debug!(lifetime = ?limits.connection_lifetime, "ops connection closed at the end of its lifetime")
+        }
+    }
+}
+
+/// Whether an accept error means the process (or system) is out of file
+/// descriptors.
+fn is_fd_exhaustion(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(code) if code == rustix::io::Errno::MFILE.raw_os_error()
+            || code == rustix::io::Errno::NFILE.raw_os_error()
+    )
+}
+
+/// Backoff and log rate limit for failed accepts.
+#[derive(Debug, Default)]
+struct AcceptErrors {
+    /// Consecutive failures since the last successful accept.
+    consecutive: u32,
+    /// When the last "accept failed" line was logged.
+    last_logged: Option<Instant>,
+    /// Failures since then that were not logged.
+    suppressed: u64,
+}
+
+impl AcceptErrors {
+    fn succeeded(&mut self) {
+        self.consecutive = 0;
+    }
+
+    /// Records a failure at `now`: how long to pause, and whether to log
+    /// (`Some(failures not logged since the last line)`) or stay quiet.
+    fn failed(&mut self, now: Instant) -> (Duration, Option<u64>) {
+        let pause = ACCEPT_BACKOFF_MIN
+            .saturating_mul(1 << self.consecutive.min(16))
+            .min(ACCEPT_BACKOFF_MAX);
+        self.consecutive = self.consecutive.saturating_add(1);
+        let due = self
+            .last_logged
+            .is_none_or(|t| now.saturating_duration_since(t) >= ACCEPT_ERROR_LOG_EVERY);
+        if due {
+            self.last_logged = Some(now);
+            let suppressed = std::mem::take(&mut self.suppressed);
+            (pause, Some(suppressed))
+        } else {
+            self.suppressed += 1;
+            (pause, None)
+        }
     }
 }
 
@@ -148,4 +324,45 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
         hyper::header::HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_failures_back_off_and_are_logged_once_per_period() {
+        let mut errors = AcceptErrors::default();
+        let t0 = Instant::now();
+        assert_eq!(errors.failed(t0), (ACCEPT_BACKOFF_MIN, Some(0)));
+        let mut pauses = Vec::new();
+        for i in 1..=20u32 {
+            let (pause, log) = errors.failed(t0 + Duration::from_millis(u64::from(i)));
+            assert_eq!(log, None, "failure {i} within the period is not logged");
+            pauses.push(pause);
+        }
+        assert_eq!(pauses[0], ACCEPT_BACKOFF_MIN * 2);
+        assert!(pauses.windows(2).all(|w| w[0] <= w[1]), "{pauses:?}");
+        assert_eq!(pauses.last(), Some(&ACCEPT_BACKOFF_MAX));
+        // The next line, a period later, says how many were not logged.
+        let (_, log) = errors.failed(t0 + ACCEPT_ERROR_LOG_EVERY);
+        assert_eq!(log, Some(20));
+        // A success resets the backoff, not the log period.
+        errors.succeeded();
+        let (pause, log) = errors.failed(t0 + ACCEPT_ERROR_LOG_EVERY + Duration::from_millis(1));
+        assert_eq!((pause, log), (ACCEPT_BACKOFF_MIN, None));
+    }
+
+    #[test]
+    fn fd_exhaustion_is_emfile_or_enfile_only() {
+        for (code, expected) in [
+            (rustix::io::Errno::MFILE, true),
+            (rustix::io::Errno::NFILE, true),
+            (rustix::io::Errno::CONNABORTED, false),
+            (rustix::io::Errno::NOBUFS, false),
+        ] {
+            let e = std::io::Error::from_raw_os_error(code.raw_os_error());
+            assert_eq!(is_fd_exhaustion(&e), expected, "{e}");
+        }
+    }
 }

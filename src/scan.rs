@@ -19,7 +19,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::keyring::{KeyId, KeyVersion, KeyringId, Timestamp};
-use decode::{Stored, classify, printable, resource_of};
+use decode::{Stored, classify, escape, printable, resource_of};
 
 /// The first field of every scan document; a later format gets a new one.
 pub const FORMAT: &str = "kekd-scan v1";
@@ -446,7 +446,7 @@ impl ScanReport {
     pub fn from_json(file: &str, text: &str) -> Result<Self, RetireScanError> {
         let not_a_scan = |why: String| RetireScanError::NotAScan {
             file: file.to_owned(),
-            why,
+            why: escape(&why),
         };
         let value: serde_json::Value =
             serde_json::from_str(text).map_err(|e| not_a_scan(format!("not JSON: {e}")))?;
@@ -499,7 +499,7 @@ impl ScanReport {
         {
             return Err(RetireScanError::OtherKeyring {
                 file: file.to_owned(),
-                scanned: k.id.clone(),
+                scanned: escape(&k.id),
                 ours: ours_hex,
             });
         }
@@ -512,15 +512,15 @@ impl ScanReport {
             return Err(RetireScanError::NothingOfOurs {
                 file: file.to_owned(),
                 ours: ours_hex,
-                prefix: self.run.prefix.clone(),
-                endpoints: self.run.endpoints.join(","),
+                prefix: escape(&self.run.prefix),
+                endpoints: escape(&self.run.endpoints.join(",")),
             });
         }
         if let Some(v) = mine
             .iter()
             .find(|v| v.version == version.get() && v.references() > 0)
         {
-            let resources: Vec<&str> = v.resources.keys().map(String::as_str).collect();
+            let resources: Vec<String> = v.resources.keys().map(|r| escape(r)).collect();
             let resources = if resources.is_empty() {
                 "secrets".to_owned()
             } else {
@@ -529,16 +529,16 @@ impl ScanReport {
             return Err(RetireScanError::StillUsed {
                 version,
                 count: v.references(),
-                prefix: self.run.prefix.clone(),
+                prefix: escape(&self.run.prefix),
                 finished,
-                examples: v.examples.join(", "),
+                examples: escape(&v.examples.join(", ")),
                 command: MIGRATE_COMMAND.replace("RESOURCES", &resources),
             });
         }
         let total: u64 = mine.iter().map(|v| v.references()).sum();
         Ok(format!(
             "the scan of {} at {finished} found no object under version {version} ({total} object(s) under this keyring's other versions)",
-            self.run.prefix
+            escape(&self.run.prefix)
         ))
     }
 }

@@ -148,6 +148,7 @@ impl Server {
         let ops_task = ops.map(|listener| {
             tokio::spawn(ops::serve(
                 listener,
+                config.ops_limits,
                 Arc::clone(&state),
                 Arc::clone(&readiness),
                 async {

@@ -931,13 +931,9 @@ fn json_output_of_every_command() {
 /// (command, version, from, to, overrides) of one audit line.
 type AuditEntry<'a> = (&'a str, u64, Option<&'a str>, &'a str, Vec<&'a str>);
 
-/// The login name the audit log should name for this process.
+/// The login name the audit log should name for this process: the name of
+/// its real uid, never `$SUDO_USER` (that is only a claim).
 fn expected_user(uid: u32) -> String {
-    if let Ok(sudo) = std::env::var("SUDO_USER")
-        && !sudo.is_empty()
-    {
-        return format!("{sudo} (via sudo)");
-    }
     fs::read_to_string("/etc/passwd")
         .ok()
         .and_then(|p| {
@@ -1004,22 +1000,24 @@ fn audit_log_records_each_change_once_and_never_key_material() {
     let got: Vec<AuditEntry<'_>> = lines
         .iter()
         .map(|l| {
-            assert_keys(
-                l,
-                &[
-                    "time",
-                    "user",
-                    "uid",
-                    "command",
-                    "keyring",
-                    "keyring_id",
-                    "version",
-                    "key_id",
-                    "from",
-                    "to",
-                    "overrides",
-                ],
-            );
+            let claimed = l.get("claimed_user").is_some();
+            let mut expected_keys = vec!["format", "time", "user", "uid"];
+            if claimed {
+                // Run under sudo: the environment's claim is kept apart.
+                expected_keys.push("claimed_user");
+            }
+            expected_keys.extend([
+                "command",
+                "keyring",
+                "keyring_id",
+                "version",
+                "key_id",
+                "from",
+                "to",
+                "overrides",
+            ]);
+            assert_keys(l, &expected_keys);
+            assert_eq!(l["format"], 2, "{l}");
             assert!(
                 l["time"].as_str().unwrap().parse::<Timestamp>().is_ok(),
                 "{l}"
@@ -1247,4 +1245,42 @@ fn kill_9_at_random_moments_leaves_the_old_or_the_new_keyring() {
     let out = ring.run(&["restore", "1"]);
     assert_eq!(out.code(), 0, "{out:#?}");
     assert_eq!(temp_files(&dir), Vec::<String>::new());
+}
+
+/// `SUDO_USER`/`SUDO_UID` are whatever the caller puts in its environment:
+/// the audit line names the real uid (and its passwd name) as the actor and
+/// keeps the environment's word only as `claimed_user`.
+#[test]
+fn the_audit_log_records_the_real_uid_and_sudo_variables_only_as_a_claim() {
+    let dir = tempdir_blocking();
+    let path = dir.path().join("keyring");
+    let mut cmd = kekd();
+    cmd.args(["admin", "init", "--keyring", path.to_str().unwrap()])
+        .env("SUDO_USER", "mallory\u{1b}[2J")
+        .env("SUDO_UID", "1001");
+    let out = run_guarded(cmd, dir.path());
+    assert_eq!(out.code(), 0, "{out:#?}");
+    let text = fs::read_to_string(dir.path().join("keyring.audit.jsonl")).unwrap();
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 1, "{text}");
+    let l = &lines[0];
+    let uid = rustix::process::getuid().as_raw();
+    assert_eq!(l["uid"], uid, "{l}");
+    assert_eq!(l["user"], expected_user(uid).as_str(), "{l}");
+    assert!(!l["user"].as_str().unwrap().contains("mallory"), "{l}");
+    assert_eq!(
+        l["claimed_user"],
+        serde_json::json!({"name": "mallory\u{1b}[2J", "uid": 1001, "source": "sudo-env"}),
+        "{l}"
+    );
+    assert!(
+        !text.contains('\u{1b}'),
+        "a raw escape in the audit log: {text:?}"
+    );
+    if uid == 0 {
+        assert_eq!(l["user"], "root", "{l}");
+    }
 }

@@ -665,6 +665,8 @@ const ALWAYS: &[(&str, &str)] = &[
     ("kekd_build_info", "gauge"),
     ("kekd_hsm_sessions_open", "gauge"),
     ("kekd_hsm_sessions_in_use", "gauge"),
+    ("kekd_ops_connections_shed", "counter"),
+    ("kekd_ops_accept_errors", "counter"),
 ];
 
 /// A histogram series is consistent: buckets never decrease, `+Inf` equals
@@ -809,6 +811,7 @@ async fn metrics_are_named_typed_and_counts_move_with_calls_and_a_rotation() {
                     "key_id_hash",
                     "result",
                     "backend",
+                    "reason",
                     "le"
                 ]
                 .contains(&k.as_str()),
@@ -1795,4 +1798,393 @@ async fn doctor_fix_for_a_readable_keyring_is_chmod() {
         "0644",
         &format!("chmod 600 {}", p(&keyring)),
     );
+}
+
+// ------------------------------------------- the ops listener under attack
+
+/// `GET /livez` on an open keep-alive connection: the status code, or why
+/// there was none (the connection was closed).
+async fn get_on(stream: &mut TcpStream) -> Result<u16, String> {
+    let exchange = async {
+        stream
+            .write_all(b"GET /livez HTTP/1.1\r\nHost: ops\r\n\r\n")
+            .await
+            .map_err(|e| format!("send: {e}"))?;
+        let mut raw = Vec::new();
+        let mut chunk = [0u8; 1024];
+        loop {
+            let n = stream
+                .read(&mut chunk)
+                .await
+                .map_err(|e| format!("read: {e}"))?;
+            if n == 0 {
+                return Err(format!("closed after {} bytes", raw.len()));
+            }
+            raw.extend_from_slice(&chunk[..n]);
+            if let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse().ok())
+                    .ok_or_else(|| format!("no content-length in {head:?}"))?;
+                if raw.len() >= end + 4 + len {
+                    return parse_http(&raw).map(|r| r.status);
+                }
+            }
+        }
+    };
+    tokio::time::timeout(HTTP_TIMEOUT, exchange)
+        .await
+        .map_err(|_| format!("no answer within {HTTP_TIMEOUT:?}"))?
+}
+
+/// Waits until the peer closes `stream` (EOF or reset); anything it sends
+/// first is read and dropped. Panics after [`WAIT`] (a safety net, not a
+/// timing assertion: the close is the event waited for).
+async fn wait_closed(stream: &mut TcpStream, what: &str) {
+    let mut chunk = [0u8; 1024];
+    let closed = async {
+        loop {
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    };
+    tokio::time::timeout(WAIT, closed)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: still open after {WAIT:?}"));
+}
+
+/// At its cap the ops listener closes its oldest connection for a new
+/// one: a kubelet probe always gets through a flood of idle connections,
+/// and the listener never holds more than the cap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_its_cap_the_ops_listener_closes_its_oldest_connection() {
+    const CAP: usize = 4;
+    let server = InProcess::start_with(|s| {
+        s.ops_max_connections = Some(CAP);
+        // Long timers: only the cap closes connections here.
+        s.ops_header_timeout = Some("1h".to_owned());
+        s.ops_connection_lifetime = Some("1h".to_owned());
+    })
+    .await;
+    let mut conns = Vec::new();
+    for i in 0..CAP + 2 {
+        let mut c = TcpStream::connect(server.ops).await.unwrap();
+        // Answered: so accepted, in this order.
+        assert_eq!(get_on(&mut c).await, Ok(200), "connection {i}");
+        conns.push(c);
+    }
+    for (i, c) in conns.iter_mut().take(2).enumerate() {
+        wait_closed(c, &format!("connection {i}, past the cap")).await;
+    }
+    // The newest CAP are still served (keep-alive).
+    for (i, c) in conns.iter_mut().enumerate().skip(2) {
+        assert_eq!(get_on(c).await, Ok(200), "connection {i}, within the cap");
+    }
+    // The scrape's own connection closes one more.
+    let m = server.scrape().await;
+    let shed = m.get("kekd_ops_connections_shed_total", &[("reason", "cap")]);
+    assert!((2.0..=3.0).contains(&shed), "shed {shed}:\n{}", m.text);
+    assert_eq!(
+        m.get(
+            "kekd_ops_connections_shed_total",
+            &[("reason", "fd_exhausted")]
+        ),
+        0.0
+    );
+    assert_eq!(m.get("kekd_ops_accept_errors_total", &[]), 0.0);
+}
+
+/// A kept-alive connection that goes quiet is closed after the header
+/// timeout (which bounds the wait for the next request's headers too).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_and_half_sent_ops_connections_are_closed_by_the_header_timeout() {
+    let server = InProcess::start_with(|s| {
+        s.ops_header_timeout = Some("200ms".to_owned());
+        s.ops_connection_lifetime = Some("1h".to_owned());
+    })
+    .await;
+    let mut idle = TcpStream::connect(server.ops).await.unwrap();
+    let mut half = TcpStream::connect(server.ops).await.unwrap();
+    half.write_all(b"GET /livez HT").await.unwrap();
+    let mut kept = TcpStream::connect(server.ops).await.unwrap();
+    assert_eq!(get_on(&mut kept).await, Ok(200));
+    wait_closed(&mut idle, "a connection that never sent a byte").await;
+    wait_closed(&mut half, "a connection that sent half a request line").await;
+    wait_closed(&mut kept, "a kept-alive connection gone quiet").await;
+    assert_eq!(probe(server.ops, "/livez").await.0, 200);
+}
+
+/// A busy connection ends at its lifetime even while it keeps sending.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ops_connection_ends_at_its_lifetime() {
+    let server = InProcess::start_with(|s| {
+        s.ops_header_timeout = Some("1h".to_owned());
+        s.ops_connection_lifetime = Some("300ms".to_owned());
+    })
+    .await;
+    let mut busy = TcpStream::connect(server.ops).await.unwrap();
+    // Requests until the listener hangs up: it must, or `WAIT` runs out.
+    let ended = async {
+        loop {
+            if get_on(&mut busy).await.is_err() {
+                return;
+            }
+        }
+    };
+    tokio::time::timeout(WAIT, ended)
+        .await
+        .expect("a busy ops connection outlived its lifetime");
+    assert_eq!(probe(server.ops, "/livez").await.0, 200);
+}
+
+/// Raises this test process's soft RLIMIT_NOFILE to `want` (or the hard
+/// limit, if lower).
+fn raise_nofile(want: u64) {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let now = getrlimit(Resource::Nofile);
+    let hard = now.maximum.unwrap_or(u64::MAX);
+    if now.current.unwrap_or(u64::MAX) >= want {
+        return;
+    }
+    setrlimit(
+        Resource::Nofile,
+        Rlimit {
+            current: Some(want.min(hard)),
+            maximum: now.maximum,
+        },
+    )
+    .expect("raise RLIMIT_NOFILE");
+}
+
+/// `kekd serve` under `prlimit --nofile=NOFILE` with an ops listener.
+async fn serve_at_nofile(nofile: u64, dir: &Path, keyring: &Path, extra: &[&str]) -> Process {
+    let socket = dir.join("kms.sock");
+    let mut cmd = std::process::Command::new("prlimit");
+    cmd.arg(format!("--nofile={nofile}:{nofile}"))
+        .arg("--")
+        .arg(env!("CARGO_BIN_EXE_kekd"))
+        .arg("serve")
+        .arg("--keyring")
+        .arg(keyring)
+        .arg("--socket")
+        .arg(&socket)
+        .args(["--ops-addr", "127.0.0.1:0"])
+        .args(extra);
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("KEKD_") {
+            cmd.env_remove(name);
+        }
+    }
+    cmd.env_remove("RUST_LOG")
+        .stdin(std::process::Stdio::null());
+    let _guard = common::fs_lock().await;
+    Process::spawn(cmd, &socket, dir)
+}
+
+/// The apiserver's view: Status every 50 ms with a 100 ms deadline on one
+/// connection opened before the attack, from a thread and runtime of its
+/// own (so its calls do not queue behind the attack's tasks here).
+struct Prober {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<(usize, Vec<String>)>,
+}
+
+impl Prober {
+    async fn start(socket: &Path) -> Self {
+        use std::sync::atomic::Ordering;
+        let socket = socket.to_owned();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let mut client = Client::connect(&socket, Duration::from_millis(100))
+                    .await
+                    .expect("the prober connects");
+                client.status().await.expect("first Status");
+                let _ = ready_tx.send(());
+                let (mut probes, mut failures) = (0, Vec::new());
+                while !flag.load(Ordering::Relaxed) {
+                    probes += 1;
+                    match client.status().await {
+                        Ok(s) if s.healthz == "ok" => {}
+                        Ok(s) => failures.push(format!("unhealthy {s:?}")),
+                        Err(e) => failures.push(format!("{:?} {}", e.code(), e.message())),
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                (probes, failures)
+            })
+        });
+        ready_rx.await.expect("the prober started");
+        Self { stop, thread }
+    }
+
+    /// Stops probing; asserts every probe answered healthy in time.
+    async fn assert_all_answered(self, what: &str, log: &str) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let thread = self.thread;
+        let (probes, failures) = tokio::task::spawn_blocking(move || thread.join().unwrap())
+            .await
+            .unwrap();
+        assert!(probes >= 1, "{what}: no probe ran");
+        assert!(
+            failures.is_empty(),
+            "{what}: {} of {probes} Status probes failed: {:?}\nkekd's log:\n{log}",
+            failures.len(),
+            &failures[..failures.len().min(10)]
+        );
+    }
+}
+
+/// kekd at 256 descriptors (so the KMS socket serves at most 128
+/// connections and keeps 128 free): a flood of KMS connections at its cap
+/// plus 800 ops connections — idle ones and ones that send half a request
+/// line and stall — never runs kekd out of descriptors. Status answers
+/// throughout, a rotation is still loaded (reading the keyring needs a
+/// descriptor), every flood connection is shed or timed out, and a fresh
+/// /livez answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ops_flood_at_a_low_fd_limit_never_starves_the_kms_socket() {
+    raise_nofile(8192);
+    let dir = common::tempdir().await;
+    let keyring = dir.path().join("keyring");
+    let key_id = common::create_keyring(&keyring);
+    let mut process = serve_at_nofile(
+        256,
+        dir.path(),
+        &keyring,
+        &[
+            "--reload-interval",
+            "200ms",
+            "--ops-max-connections",
+            "8",
+            "--ops-header-timeout",
+            "300ms",
+        ],
+    )
+    .await;
+    let client = process.ready().await;
+    let ops = ops_addr_of(&process).await;
+    let prober = Prober::start(&process.socket).await;
+
+    let mut kms_flood = Vec::new();
+    for _ in 0..200 {
+        kms_flood.push(
+            tokio::net::UnixStream::connect(&process.socket)
+                .await
+                .unwrap(),
+        );
+    }
+    let mut ops_flood = Vec::new();
+    for i in 0..800 {
+        let mut c = TcpStream::connect(ops).await.unwrap();
+        if i % 2 == 1 {
+            c.write_all(b"GET /livez HT").await.unwrap();
+        }
+        ops_flood.push(c);
+    }
+    // A rotation while both floods are on: the reload opens the keyring.
+    let rotate = admin_async(
+        &["rotate", "--promote", "--keyring", p(&keyring)],
+        dir.path(),
+    )
+    .await;
+    assert_ok(&rotate, "rotate --promote");
+    wait_for_key_id(&client, &self::key_id(&key_id, 2)).await;
+    for (i, c) in ops_flood.iter_mut().enumerate() {
+        wait_closed(c, &format!("ops flood connection {i}")).await;
+    }
+    let (status, body) = probe(ops, "/livez").await;
+    assert_eq!((status, body.as_str()), (200, "ok\n"));
+    prober
+        .assert_all_answered("ops flood", &process.stderr())
+        .await;
+    let m = scrape(ops).await;
+    assert_eq!(
+        m.get("kekd_ops_accept_errors_total", &[]),
+        0.0,
+        "the ops listener ran out of descriptors:\n{}",
+        process.stderr()
+    );
+    let log = process.stderr();
+    assert!(
+        !log.contains("Too many open files"),
+        "kekd ran out of descriptors:\n{log}"
+    );
+    drop(kms_flood);
+    assert!(process.try_exit().is_none(), "kekd exited:\n{log}");
+}
+
+/// kekd at a descriptor limit below what its ops listener may hold: accept
+/// fails with EMFILE over and over. Each failure closes the oldest ops
+/// connection and backs off; the log says so at most once per
+/// `ACCEPT_ERROR_LOG_EVERY` (10 s) however many failures there are, and
+/// the KMS connection keeps answering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accept_errors_on_the_ops_listener_back_off_and_do_not_flood_the_log() {
+    const MESSAGE: &str = "ops listener: accept failed";
+    const FAILURES: f64 = 20.0;
+    raise_nofile(8192);
+    let dir = common::tempdir().await;
+    let keyring = dir.path().join("keyring");
+    common::create_keyring(&keyring);
+    let started = std::time::Instant::now();
+    // An idle kekd holds about 17 descriptors; 24 leaves room for a handful
+    // of ops connections, far fewer than the cap of 32.
+    let mut process = serve_at_nofile(
+        24,
+        dir.path(),
+        &keyring,
+        &["--reload-interval", "1h", "--ops-header-timeout", "1h"],
+    )
+    .await;
+    let mut client = process.ready().await;
+    let ops = ops_addr_of(&process).await;
+    let mut flood = Vec::new();
+    for _ in 0..200 {
+        flood.push(TcpStream::connect(ops).await.unwrap());
+    }
+    // The observable event: kekd counted at least FAILURES failed accepts.
+    let errors = eventually("failed accepts counted", WAIT, || async move {
+        let resp = http_get(ops, "/metrics").await?;
+        let m = Exposition::parse(&resp.body);
+        let n = m.value("kekd_ops_accept_errors_total", &[]).unwrap_or(0.0);
+        if resp.status == 200 && n >= FAILURES {
+            Ok(n)
+        } else {
+            Err(format!("{}: {n} failed accepts", resp.status))
+        }
+    })
+    .await;
+    let log = process.stderr();
+    let lines = log.lines().filter(|l| l.contains(MESSAGE)).count();
+    let periods = started.elapsed().as_secs() / 10;
+    assert!(lines >= 1, "no {MESSAGE:?} line:\n{log}");
+    assert!(
+        u64::try_from(lines).unwrap() <= 1 + periods,
+        "{lines} {MESSAGE:?} lines for {errors} failures in {periods} log period(s):\n{log}"
+    );
+    assert!(log.contains("Too many open files"), "{log}");
+    // Each failure closed an ops connection to free a descriptor.
+    let m = scrape(ops).await;
+    assert!(
+        m.get(
+            "kekd_ops_connections_shed_total",
+            &[("reason", "fd_exhausted")]
+        ) >= 1.0,
+        "{}",
+        m.text
+    );
+    drop(flood);
+    assert_eq!(client.status().await.unwrap().healthz, "ok");
+    assert!(process.try_exit().is_none(), "kekd exited:\n{log}");
 }

@@ -1130,3 +1130,72 @@ async fn progress_line_only_on_a_terminal() {
         "the progress line is not cleared: {tty:?}"
     );
 }
+
+/// Key ids, keys and resource names come from etcd, where anyone who can
+/// write to it (or to the apiserver's storage) chooses them: the human
+/// report shows them escaped (`\x1b`, `\x0a`, `\xNN`, `\u{202e}`), so a
+/// stored key id cannot clear the admin's terminal or forge report lines.
+/// The JSON report keeps the exact strings (serde escapes them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreign_strings_from_etcd_are_printed_escaped() {
+    let Some(bin) = etcd_binary() else { return };
+    let etcd = Etcd::start(&bin, false).await;
+    let dir = tempdir().await;
+    let hostile_id = "evil\x1b[2J\nkekd/00000000000000000000000000000000/v1 forged\u{202e}";
+    let mut client = etcd.client().await;
+    client
+        .put(
+            "/registry/secrets/ns/\x1b]0;pwned\x07x".as_bytes().to_vec(),
+            kms_value("other", hostile_id, b"opaque", 20),
+            None,
+        )
+        .await
+        .unwrap();
+    client
+        .put(
+            b"/registry/se\x1b[31mcrets\xff/ns/y".to_vec(),
+            b"k8s:enc:kms:v2:other:\x00garbage".to_vec(),
+            None,
+        )
+        .await
+        .unwrap();
+
+    let out = scan(etcd.flags(), dir.path()).await;
+    assert_eq!(out.code(), 0, "{out:#?}");
+    for raw in ['\x1b', '\x07', '\u{202e}', '\u{fffd}'] {
+        assert!(
+            !out.stdout.contains(raw) && !out.stderr.contains(raw),
+            "{raw:?} printed raw:\n{}",
+            out.stdout
+        );
+    }
+    assert!(
+        out.stdout.contains(
+            "key_id evil\\x1b[2J\\x0akekd/00000000000000000000000000000000/v1 forged\\u{202e}  1"
+        ),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        !out.stdout.lines().any(|l| l.starts_with("kekd/")),
+        "a forged line:\n{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains("se\\x1b[31mcrets\\xff"),
+        "{}",
+        out.stdout
+    );
+
+    let mut args = etcd.flags();
+    args.extend(["--output".to_owned(), "json".to_owned()]);
+    let out = scan(args, dir.path()).await;
+    assert_eq!(out.code(), 0, "{out:#?}");
+    assert!(!out.stdout.contains('\x1b'), "{}", out.stdout);
+    let doc = json_of(&out);
+    assert_eq!(
+        resource(&doc, "secrets")["key_ids"][hostile_id],
+        1,
+        "the JSON report keeps the exact key id: {doc:#}"
+    );
+}

@@ -224,7 +224,11 @@ pub fn resource_of(key: &[u8], prefix: &[u8]) -> String {
 }
 
 /// A key as text for reports: UTF-8 kept, control characters and invalid
-/// bytes escaped as `\xNN`, at most 512 characters.
+/// bytes escaped as `\xNN`, invisible formatting characters (bidi
+/// overrides, zero-width and line/paragraph separators) as `\u{NNNN}`, at
+/// most 512 characters. Nothing it returns can move a terminal's cursor,
+/// change its colours or reorder what it shows; already escaped text comes
+/// back unchanged.
 pub fn printable(key: &[u8]) -> String {
     const MAX: usize = 512;
     let mut out = String::new();
@@ -234,6 +238,8 @@ pub fn printable(key: &[u8]) -> String {
                 for b in c.to_string().bytes() {
                     out.push_str(&format!("\\x{b:02x}"));
                 }
+            } else if is_invisible_format(c) {
+                out.push_str(&format!("\\u{{{:04x}}}", u32::from(c)));
             } else {
                 out.push(c);
             }
@@ -247,6 +253,29 @@ pub fn printable(key: &[u8]) -> String {
         }
     }
     out
+}
+
+/// [`printable`] for text that is already UTF-8 (a key id, a name read from
+/// a scan document).
+pub fn escape(text: &str) -> String {
+    printable(text.as_bytes())
+}
+
+/// Characters that change how a terminal lays out text without showing
+/// themselves (Unicode `Cf` characters used in "trojan source" tricks, and
+/// the line and paragraph separators).
+fn is_invisible_format(c: char) -> bool {
+    matches!(
+        c,
+        '\u{00ad}'
+            | '\u{061c}'
+            | '\u{180e}'
+            | '\u{200b}'..='\u{200f}'
+            | '\u{2028}'..='\u{202e}'
+            | '\u{2060}'..='\u{206f}'
+            | '\u{feff}'
+            | '\u{fff9}'..='\u{fffb}'
+    )
 }
 
 #[cfg(test)]

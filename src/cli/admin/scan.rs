@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use super::Target;
 use crate::cli::{CliError, Output};
 use crate::keyring::{KeyState, Timestamp};
+use crate::scan::decode::escape;
 use crate::scan::etcd::{EtcdError, EtcdTarget, Paging, Progress};
 use crate::scan::{KeyringSeen, KeyringVersion, ScanReport, ScanRun, Tally, peak_rss_bytes};
 
@@ -213,17 +214,20 @@ impl ProgressLine {
     }
 }
 
-/// The report for people.
+/// The report for people. Every string that came from etcd (keys, resource
+/// and provider names, key ids) or from a scan document is escaped with
+/// [`escape`]: a stored key id holding `ESC [2J` or a newline must not
+/// clear the admin's terminal or forge a line of the report.
 fn text(r: &ScanReport, elapsed: Duration) -> String {
     let mut s = String::new();
     let run = &r.run;
     let _ = writeln!(
         s,
         "scan of {} on {} at revision {} ({} reads): {} keys, {} bytes, {} pages of up to {} in {:.1}s",
-        run.prefix,
-        run.endpoints.join(","),
+        escape(&run.prefix),
+        escape(&run.endpoints.join(",")),
         run.revision,
-        run.consistency,
+        escape(&run.consistency),
         r.keys,
         r.value_bytes,
         run.pages,
@@ -240,29 +244,29 @@ fn text(r: &ScanReport, elapsed: Duration) -> String {
         let mut first = true;
         for (provider, n) in &res.providers {
             let (name, objects) = if first {
-                (res.resource.as_str(), res.objects.to_string())
+                (escape(&res.resource), res.objects.to_string())
             } else {
-                ("", String::new())
+                (String::new(), String::new())
             };
             first = false;
             let mark = if *provider == ours { " (ours)" } else { "" };
             let _ = writeln!(
                 s,
                 "{name:<40}  {objects:>8}  {:<28}  {n:>8}",
-                format!("{provider}{mark}")
+                format!("{}{mark}", escape(provider))
             );
         }
         for (key_id, n) in &res.key_ids {
-            let _ = writeln!(s, "{:<40}  {:>8}    key_id {key_id}  {n}", "", "");
+            let _ = writeln!(s, "{:<40}  {:>8}    key_id {}  {n}", "", "", escape(key_id));
         }
     }
     let _ = writeln!(s, "\ntotals:");
     for (provider, n) in &r.totals {
-        let _ = writeln!(s, "  {provider:<30} {n:>8}");
+        let _ = writeln!(s, "  {:<30} {n:>8}", escape(provider));
     }
     match &r.keyring {
         Some(k) => {
-            let _ = writeln!(s, "\nkeyring {} (id {}):", k.name, k.id);
+            let _ = writeln!(s, "\nkeyring {} (id {}):", escape(&k.name), escape(&k.id));
         }
         None => {
             let _ = writeln!(
@@ -277,7 +281,8 @@ fn text(r: &ScanReport, elapsed: Duration) -> String {
         "VERSION", "STATE", "OBJECTS", "KEY_ID"
     );
     for v in &r.versions {
-        let state = v.state.as_deref().unwrap_or("-");
+        let state = escape(v.state.as_deref().unwrap_or("-"));
+        let state = state.as_str();
         let mut objects = v.objects.to_string();
         if v.header_mismatches > 0 {
             let _ = write!(objects, "+{}", v.header_mismatches);
@@ -288,8 +293,8 @@ fn text(r: &ScanReport, elapsed: Duration) -> String {
             v.version,
             state,
             objects,
-            v.key_id,
-            v.examples.first().map_or("", String::as_str)
+            escape(&v.key_id),
+            v.examples.first().map_or_else(String::new, |e| escape(e))
         );
         let retired = state == KeyState::Retired.as_str() || state == KeyState::Destroyed.as_str();
         if retired && v.references() > 0 {
@@ -335,7 +340,9 @@ fn text(r: &ScanReport, elapsed: Duration) -> String {
             let _ = writeln!(
                 s,
                 "  {}  key_id v{}, header {}",
-                m.key, m.key_id_version, m.header
+                escape(&m.key),
+                m.key_id_version,
+                escape(&m.header)
             );
         }
     }
@@ -346,7 +353,7 @@ fn text(r: &ScanReport, elapsed: Duration) -> String {
             r.unparseable_total
         );
         for p in &r.unparseable {
-            let _ = writeln!(s, "  {}  {}", p.key, p.reason);
+            let _ = writeln!(s, "  {}  {}", escape(&p.key), escape(&p.reason));
         }
         if r.unparseable_total > r.unparseable.len() as u64 {
             let _ = writeln!(
@@ -404,4 +411,77 @@ pub(super) fn check_retire(
         .map_err(|e| CliError::runtime(format!("retire refused: {e}")))?;
     eprintln!("kekd: {evidence}");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A value the apiserver would store under `key_id` (provider `other`).
+    fn kms_value(key_id: &str) -> Vec<u8> {
+        let mut object = Vec::new();
+        prost::encoding::bytes::encode(1, &vec![1u8; 8], &mut object);
+        prost::encoding::string::encode(2, &key_id.to_owned(), &mut object);
+        prost::encoding::bytes::encode(3, &b"opaque".to_vec(), &mut object);
+        let mut value = b"k8s:enc:kms:v2:other:".to_vec();
+        value.extend(object);
+        value
+    }
+
+    #[test]
+    fn the_text_report_escapes_every_string_from_etcd() {
+        let mut tally = Tally::default();
+        let prefix = b"/registry/";
+        tally.add(
+            b"/registry/secrets/ns/a",
+            &kms_value("id\x1b[2J\nFORGED LINE\u{9b}31m\u{202e}"),
+            prefix,
+        );
+        tally.add(
+            b"/registry/se\x1bcrets\xff/ns/b",
+            b"k8s:enc:kms:v2:other:\x00",
+            prefix,
+        );
+        let now = Timestamp::now();
+        let report = tally.finish(
+            ScanRun {
+                started_at: now,
+                finished_at: now,
+                endpoints: vec!["http://e\x1b[1m:2379".to_owned()],
+                prefix: "/registry/".to_owned(),
+                provider_name: "kekd".to_owned(),
+                consistency: "linearizable".to_owned(),
+                revision: 1,
+                expected_keys: 2,
+                pages: 1,
+                page_size: 500,
+                final_page_size: 500,
+                peak_rss_bytes: None,
+            },
+            None,
+        );
+        let out = text(&report, Duration::ZERO);
+        assert!(
+            !out.chars()
+                .any(|c| (c.is_control() && c != '\n') || c == '\u{202e}'),
+            "{out:?}"
+        );
+        assert!(
+            out.contains("key_id id\\x1b[2J\\x0aFORGED LINE\\xc2\\x9b31m\\u{202e}  1"),
+            "{out}"
+        );
+        assert!(!out.lines().any(|l| l.starts_with("FORGED")), "{out}");
+        assert!(out.contains("se\\x1bcrets\\xff"), "{out}");
+        assert!(out.contains("http://e\\x1b[1m:2379"), "{out}");
+        // The report keeps the exact key id; only the printer escapes.
+        assert_eq!(
+            report
+                .resources
+                .iter()
+                .find(|r| r.resource == "secrets")
+                .and_then(|r| r.key_ids.keys().next())
+                .map(String::as_str),
+            Some("id\x1b[2J\nFORGED LINE\u{9b}31m\u{202e}")
+        );
+    }
 }
