@@ -515,10 +515,7 @@ impl ServeConfig {
     /// # Errors
     /// The first missing or invalid setting, with the flag that fixes it.
     pub fn resolve(s: Settings) -> Result<Self, ConfigError> {
-        let limits = Limits::resolve(
-            &s,
-            s.max_request_bytes.unwrap_or(DEFAULT_MAX_REQUEST_BYTES),
-        )?;
+        let limits = Limits::resolve(&s, s.max_request_bytes.unwrap_or(DEFAULT_MAX_REQUEST_BYTES))?;
         let backend = BackendConfig::resolve(s.keyring, s.backend)?;
         let path = s.socket.ok_or(ConfigError::Missing {
             what: "socket",

@@ -43,7 +43,6 @@ pub const USAGE_FLUSH_INTERVAL: Duration = Duration::from_secs(5);
 /// Longest socket path Linux accepts (`sun_path` is 108 bytes with its NUL).
 pub const MAX_SOCKET_PATH: usize = 107;
 
-
 /// A server that has loaded its keyring and bound its socket.
 #[derive(Debug)]
 pub struct Server {
@@ -663,7 +662,10 @@ fn check_directory(dir: &Path) -> Result<(), SocketError> {
     }
     if meta.uid() != me && meta.uid() != 0 {
         return Err(unsafe_dir(
-            format!("owned by uid {}, not by kekd's user (uid {me}) or root", meta.uid()),
+            format!(
+                "owned by uid {}, not by kekd's user (uid {me}) or root",
+                meta.uid()
+            ),
             format!("chown {me} {}", dir.display()),
         ));
     }

@@ -1002,7 +1002,11 @@ async fn at_the_connection_limit_a_fresh_client_evicts_an_idle_connection() {
     let second = tokio::spawn(flood(target.socket.clone()));
     let mut tries = 0;
     while !second.is_finished() || tries < 5 {
-        fresh_status(target.socket.clone(), format!("during a second flood, try {tries}")).await;
+        fresh_status(
+            target.socket.clone(),
+            format!("during a second flood, try {tries}"),
+        )
+        .await;
         tries += 1;
     }
     let second = second.await.expect("the second flood");
@@ -1232,8 +1236,14 @@ async fn held_partial_messages_cannot_raise_memory_past_the_bound() {
         "held partial messages: outcomes {codes:?}; VmRSS {} → {} KiB, VmHWM {} KiB, bound {} KiB above {} KiB",
         before.rss_kib, memory.rss_kib, memory.hwm_kib, bound_kib, before.rss_kib
     );
-    let exhausted = codes.get(&Some(Code::ResourceExhausted)).copied().unwrap_or(0);
-    let late = codes.get(&Some(Code::DeadlineExceeded)).copied().unwrap_or(0);
+    let exhausted = codes
+        .get(&Some(Code::ResourceExhausted))
+        .copied()
+        .unwrap_or(0);
+    let late = codes
+        .get(&Some(Code::DeadlineExceeded))
+        .copied()
+        .unwrap_or(0);
     assert_eq!(
         exhausted + late,
         CONNS * MAX_STREAMS_PER_CONNECTION as usize,

@@ -132,11 +132,13 @@ async fn a_refused_peer_is_refused_at_accept_and_never_buffers_a_byte() {
         eprintln!("*** SKIPPED: needs root and setpriv ***");
         return;
     }
-    use kekd::server::connection::{
-        CONNECTION_COST, FLOW_CONTROL_WINDOW, MAX_REFUSED_CONNECTIONS,
-    };
+    use kekd::server::connection::{CONNECTION_COST, FLOW_CONTROL_WINDOW, MAX_REFUSED_CONNECTIONS};
     let dir = common::tempdir().await;
-    Command::new("chmod").arg("0755").arg(dir.path()).status().unwrap();
+    Command::new("chmod")
+        .arg("0755")
+        .arg(dir.path())
+        .status()
+        .unwrap();
     let keyring = dir.path().join("keyring");
     common::create_keyring(&keyring);
     let socket = dir.path().join("kms.sock");
@@ -144,7 +146,14 @@ async fn a_refused_peer_is_refused_at_accept_and_never_buffers_a_byte() {
         &keyring,
         &socket,
         dir.path(),
-        &["--socket-mode", "0660", "--socket-group", "65534", "--allow-uid", "0"],
+        &[
+            "--socket-mode",
+            "0660",
+            "--socket-group",
+            "65534",
+            "--allow-uid",
+            "0",
+        ],
     )
     .await;
     let mut client = process.ready().await;
@@ -196,7 +205,10 @@ async fn a_refused_peer_is_refused_at_accept_and_never_buffers_a_byte() {
     let after = memory(pid);
     let refused_cost_kib =
         MAX_REFUSED_CONNECTIONS as u64 * (CONNECTION_COST + u64::from(FLOW_CONTROL_WINDOW)) / 1024;
-    eprintln!("refused flood: VmRSS {} → {} KiB, VmHWM {} KiB", before.0, after.0, after.1);
+    eprintln!(
+        "refused flood: VmRSS {} → {} KiB, VmHWM {} KiB",
+        before.0, after.0, after.1
+    );
     assert!(
         after.1 <= before.0 + refused_cost_kib + 16 * 1024,
         "kekd's peak memory {} KiB grew past {} KiB + {refused_cost_kib} KiB + 16 MiB slack",
@@ -218,7 +230,10 @@ async fn a_refused_peer_is_refused_at_accept_and_never_buffers_a_byte() {
         "{}",
         lines[0]
     );
-    assert!(!stderr.contains("request refused"), "a per-request line:\n{stderr}");
+    assert!(
+        !stderr.contains("request refused"),
+        "a per-request line:\n{stderr}"
+    );
     // The allowed client was never disturbed.
     assert_eq!(client.status().await.unwrap().healthz, "ok");
 }

@@ -418,7 +418,12 @@ async fn paths_up_to_107_bytes_bind_and_longer_ones_are_refused() {
 async fn an_unsafe_socket_directory_is_refused() {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempdir().await;
-    for (mode, ok) in [(0o777, false), (0o770, false), (0o1777, true), (0o755, true)] {
+    for (mode, ok) in [
+        (0o777, false),
+        (0o770, false),
+        (0o1777, true),
+        (0o755, true),
+    ] {
         let parent = dir.path().join(format!("d{mode:o}"));
         std::fs::create_dir(&parent).unwrap();
         std::fs::set_permissions(&parent, std::fs::Permissions::from_mode(mode)).unwrap();

@@ -271,13 +271,15 @@ impl ChargedBody {
             Limit::Budget(bytes) => {
                 if need > self.charged {
                     let more = u32::try_from(need - self.charged).unwrap_or(u32::MAX);
-                    let permit = Arc::clone(bytes).try_acquire_many_owned(more).map_err(|_| {
-                        Status::resource_exhausted(format!(
-                            "kekd is buffering its limit of {} request bytes \
+                    let permit = Arc::clone(bytes)
+                        .try_acquire_many_owned(more)
+                        .map_err(|_| {
+                            Status::resource_exhausted(format!(
+                                "kekd is buffering its limit of {} request bytes \
                              (--max-buffered-request-bytes); retry later",
-                            self.max_bytes
-                        ))
-                    })?;
+                                self.max_bytes
+                            ))
+                        })?;
                     match &mut self.permits {
                         Some(p) => p.merge(permit),
                         None => self.permits = Some(permit),

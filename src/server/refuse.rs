@@ -34,14 +34,19 @@ use tonic::Status;
 use tonic::codegen::{Bytes, http};
 use tracing::{debug, warn};
 
-use super::connection::{MAX_HEADER_LIST_BYTES, Peer, REFUSAL_LOG_INTERVAL};
 #[cfg(doc)]
 use super::connection::MAX_REFUSED_CONNECTIONS;
+use super::connection::{MAX_HEADER_LIST_BYTES, Peer, REFUSAL_LOG_INTERVAL};
 use crate::service::ServiceError;
 
 /// Serves a refused peer's connection on a task of its own: every call is
 /// answered PERMISSION_DENIED; the connection ends after `lifetime`.
-pub(crate) fn serve(stream: UnixStream, peer: Peer, slot: OwnedSemaphorePermit, lifetime: Duration) {
+pub(crate) fn serve(
+    stream: UnixStream,
+    peer: Peer,
+    slot: OwnedSemaphorePermit,
+    lifetime: Duration,
+) {
     let message = ServiceError::PeerNotAllowed {
         uid: peer.uid,
         gid: peer.gid,
@@ -98,8 +103,12 @@ impl RefusalLog {
         }
         let suppressed = if entry.1 == u64::MAX { 0 } else { entry.1 };
         *entry = (now, 0);
-        let uid = peer.uid.map_or_else(|| "unknown".to_owned(), |u| u.to_string());
-        let gid = peer.gid.map_or_else(|| "unknown".to_owned(), |g| g.to_string());
+        let uid = peer
+            .uid
+            .map_or_else(|| "unknown".to_owned(), |u| u.to_string());
+        let gid = peer
+            .gid
+            .map_or_else(|| "unknown".to_owned(), |g| g.to_string());
         warn!(
             peer.uid = peer.uid,
             peer.gid = peer.gid,
