@@ -771,6 +771,45 @@ mod tests {
     }
 
     #[test]
+    fn connection_limits_are_validated() {
+        let s = Settings {
+            max_buffered_request_bytes: Some(1000),
+            ..minimal()
+        };
+        assert_eq!(
+            ServeConfig::resolve(s).unwrap_err().to_string(),
+            "invalid max_buffered_request_bytes: 1000 is outside 65536..=1073741824 (at least max_request_bytes)"
+        );
+        let s = Settings {
+            preface_timeout: Some("1ms".into()),
+            ..minimal()
+        };
+        assert_eq!(
+            ServeConfig::resolve(s).unwrap_err().to_string(),
+            "invalid preface_timeout: must be between 10ms and 1h"
+        );
+        let s = Settings {
+            request_read_timeout: Some("250ms".into()),
+            keepalive_interval: Some("2s".into()),
+            keepalive_timeout: Some("1s".into()),
+            preface_timeout: Some("300ms".into()),
+            max_buffered_request_bytes: Some(1 << 20),
+            ..minimal()
+        };
+        let limits = ServeConfig::resolve(s).unwrap().limits;
+        assert_eq!(
+            limits,
+            Limits {
+                max_buffered_request_bytes: 1 << 20,
+                preface_timeout: Duration::from_millis(300),
+                request_read_timeout: Duration::from_millis(250),
+                keepalive_interval: Duration::from_secs(2),
+                keepalive_timeout: Duration::from_secs(1),
+            }
+        );
+    }
+
+    #[test]
     fn flags_beat_file() {
         let file: Settings = toml::from_str(
             "keyring = \"/file/k\"\nsocket = \"/file/s\"\nsocket_mode = \"0660\"\nsocket_group = \"0\"\nlog_format = \"json\"\n",

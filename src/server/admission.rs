@@ -108,7 +108,13 @@ pub(crate) struct Admit<S> {
 struct Held {
     _call: Option<CallGuard>,
     _slot: Option<OwnedSemaphorePermit>,
+    /// The bytes charged by the body, which tonic drops once the message is
+    /// decoded: the decoded message is still held until the response.
+    _bytes: Charged,
 }
+
+/// Budget bytes charged for one call, shared by its body and its [`Held`].
+type Charged = Arc<std::sync::Mutex<Option<OwnedSemaphorePermit>>>;
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
@@ -158,6 +164,7 @@ where
             }
         };
         let (parts, body) = request.into_parts();
+        let charged = Charged::default();
         let body = ChargedBody {
             inner: Some(body),
             limit,
@@ -167,14 +174,16 @@ where
             charged: 0,
             prefix: Vec::new(),
             message_end: 0,
-            permits: None,
+            permits: Arc::clone(&charged),
             read_timeout: budgets.read_timeout,
-            deadline: Box::pin(tokio::time::sleep(budgets.read_timeout)),
+            started: tokio::time::Instant::now(),
+            deadline: None,
         };
         let request = http::Request::from_parts(parts, Body::new(body));
         let held = Held {
             _call: call,
             _slot: slot,
+            _bytes: charged,
         };
         let future = self.inner.call(request);
         Box::pin(async move {
@@ -215,9 +224,12 @@ struct ChargedBody {
     /// Where the last message whose prefix is complete ends (in `received`
     /// terms): the next prefix starts there.
     message_end: usize,
-    permits: Option<OwnedSemaphorePermit>,
+    permits: Charged,
     read_timeout: Duration,
-    deadline: Pin<Box<Sleep>>,
+    started: tokio::time::Instant,
+    /// Armed only when the body first has to wait: most requests arrive in
+    /// the frame that opens them, and cost no timer.
+    deadline: Option<Pin<Box<Sleep>>>,
 }
 
 impl std::fmt::Debug for ChargedBody {
@@ -280,9 +292,13 @@ impl ChargedBody {
                                 self.max_bytes
                             ))
                         })?;
-                    match &mut self.permits {
+                    let mut permits = self
+                        .permits
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    match permits.as_mut() {
                         Some(p) => p.merge(permit),
-                        None => self.permits = Some(permit),
+                        None => *permits = Some(permit),
                     }
                     self.charged = need;
                 }
@@ -308,7 +324,10 @@ impl HttpBody for ChargedBody {
         let polled = Pin::new(inner).poll_frame(cx);
         let frame = match polled {
             Poll::Pending => {
-                if this.deadline.as_mut().poll(cx).is_ready() {
+                let deadline = this.deadline.get_or_insert_with(|| {
+                    Box::pin(tokio::time::sleep_until(this.started + this.read_timeout))
+                });
+                if deadline.as_mut().poll(cx).is_ready() {
                     this.inner = None;
                     return Poll::Ready(Some(Err(Status::deadline_exceeded(format!(
                         "the request message did not arrive within {:?} (--request-read-timeout)",
