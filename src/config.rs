@@ -20,6 +20,17 @@ pub const DEFAULT_SOCKET_MODE: u32 = 0o600;
 pub const DEFAULT_MAX_REQUEST_BYTES: usize = 64 * 1024;
 /// Default cap on calls in flight across all connections.
 pub const DEFAULT_MAX_CONCURRENCY: usize = 1024;
+/// Default budget of request bytes buffered at once, all connections
+/// together (see `server::connection` and docs/design.md).
+pub const DEFAULT_MAX_BUFFERED_REQUEST_BYTES: usize = 16 << 20;
+/// Default time a new connection gets to send the HTTP/2 client preface.
+pub const DEFAULT_PREFACE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default time a call's request message gets to arrive completely.
+pub const DEFAULT_REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default period of HTTP/2 keepalive PINGs on a silent connection.
+pub const DEFAULT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(60);
+/// Default time a peer gets to answer a keepalive PING.
+pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 /// Default time in-flight calls get to finish after SIGTERM.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// Default age past which rotating the primary is due (Kubernetes guidance).
@@ -254,6 +265,21 @@ pub struct Settings {
     /// Most calls in flight at once, across connections [default: 1024].
     #[arg(long, env = "KEKD_MAX_CONCURRENCY", value_name = "N")]
     pub max_concurrency: Option<usize>,
+    /// Request bytes buffered at once across all connections; a call past it is refused with RESOURCE_EXHAUSTED [default: 16777216].
+    #[arg(long, env = "KEKD_MAX_BUFFERED_REQUEST_BYTES", value_name = "BYTES")]
+    pub max_buffered_request_bytes: Option<usize>,
+    /// Time a new connection gets to send the HTTP/2 preface before it is closed [default: 10s].
+    #[arg(long, env = "KEKD_PREFACE_TIMEOUT", value_name = "DURATION")]
+    pub preface_timeout: Option<String>,
+    /// Time a call's request message gets to arrive completely (DEADLINE_EXCEEDED past it) [default: 10s].
+    #[arg(long, env = "KEKD_REQUEST_READ_TIMEOUT", value_name = "DURATION")]
+    pub request_read_timeout: Option<String>,
+    /// A silent connection is sent an HTTP/2 PING this often [default: 60s].
+    #[arg(long, env = "KEKD_KEEPALIVE_INTERVAL", value_name = "DURATION")]
+    pub keepalive_interval: Option<String>,
+    /// ...and closed when the PING is not answered within this time [default: 20s].
+    #[arg(long, env = "KEKD_KEEPALIVE_TIMEOUT", value_name = "DURATION")]
+    pub keepalive_timeout: Option<String>,
     /// Time in-flight calls get to finish on SIGTERM [default: 10s].
     #[arg(long, env = "KEKD_SHUTDOWN_GRACE", value_name = "DURATION")]
     pub shutdown_grace: Option<String>,
@@ -344,6 +370,13 @@ impl Settings {
             socket_group: self.socket_group.or(fallback.socket_group),
             max_request_bytes: self.max_request_bytes.or(fallback.max_request_bytes),
             max_concurrency: self.max_concurrency.or(fallback.max_concurrency),
+            max_buffered_request_bytes: self
+                .max_buffered_request_bytes
+                .or(fallback.max_buffered_request_bytes),
+            preface_timeout: self.preface_timeout.or(fallback.preface_timeout),
+            request_read_timeout: self.request_read_timeout.or(fallback.request_read_timeout),
+            keepalive_interval: self.keepalive_interval.or(fallback.keepalive_interval),
+            keepalive_timeout: self.keepalive_timeout.or(fallback.keepalive_timeout),
             shutdown_grace: self.shutdown_grace.or(fallback.shutdown_grace),
             self_check_interval: self.self_check_interval.or(fallback.self_check_interval),
             reload_interval: self.reload_interval.or(fallback.reload_interval),
@@ -382,6 +415,8 @@ pub struct ServeConfig {
     pub max_request_bytes: usize,
     /// Most calls in flight.
     pub max_concurrency: usize,
+    /// Connection-level defences (`server::connection`).
+    pub limits: Limits,
     /// Drain time on shutdown.
     pub shutdown_grace: Duration,
     /// Background self-check period.
@@ -402,6 +437,83 @@ pub struct ServeConfig {
     pub log_level: String,
 }
 
+/// Connection-level limits and timers (`server::connection`,
+/// docs/design.md "Connection defences").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Request bytes buffered at once, all connections together.
+    pub max_buffered_request_bytes: usize,
+    /// Time a new connection gets to send the HTTP/2 client preface.
+    pub preface_timeout: Duration,
+    /// Time a call's request message gets to arrive completely.
+    pub request_read_timeout: Duration,
+    /// Period of HTTP/2 keepalive PINGs on a silent connection.
+    pub keepalive_interval: Duration,
+    /// Time a peer gets to answer a keepalive PING.
+    pub keepalive_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_buffered_request_bytes: DEFAULT_MAX_BUFFERED_REQUEST_BYTES,
+            preface_timeout: DEFAULT_PREFACE_TIMEOUT,
+            request_read_timeout: DEFAULT_REQUEST_READ_TIMEOUT,
+            keepalive_interval: DEFAULT_KEEPALIVE_INTERVAL,
+            keepalive_timeout: DEFAULT_KEEPALIVE_TIMEOUT,
+        }
+    }
+}
+
+impl Limits {
+    fn resolve(s: &Settings, max_request_bytes: usize) -> Result<Self, ConfigError> {
+        let max_buffered_request_bytes = s
+            .max_buffered_request_bytes
+            .unwrap_or(DEFAULT_MAX_BUFFERED_REQUEST_BYTES);
+        if !(max_request_bytes..=1 << 30).contains(&max_buffered_request_bytes) {
+            return Err(ConfigError::Invalid {
+                what: "max_buffered_request_bytes",
+                reason: format!(
+                    "{max_buffered_request_bytes} is outside {max_request_bytes}..=1073741824 (at least max_request_bytes)"
+                ),
+            });
+        }
+        let timer = |what: &'static str, value: Option<&str>, default: Duration| {
+            let d = parse_duration(what, value, default)?;
+            if !(Duration::from_millis(10)..=Duration::from_secs(3600)).contains(&d) {
+                return Err(ConfigError::Invalid {
+                    what,
+                    reason: "must be between 10ms and 1h".to_owned(),
+                });
+            }
+            Ok(d)
+        };
+        Ok(Self {
+            max_buffered_request_bytes,
+            preface_timeout: timer(
+                "preface_timeout",
+                s.preface_timeout.as_deref(),
+                DEFAULT_PREFACE_TIMEOUT,
+            )?,
+            request_read_timeout: timer(
+                "request_read_timeout",
+                s.request_read_timeout.as_deref(),
+                DEFAULT_REQUEST_READ_TIMEOUT,
+            )?,
+            keepalive_interval: timer(
+                "keepalive_interval",
+                s.keepalive_interval.as_deref(),
+                DEFAULT_KEEPALIVE_INTERVAL,
+            )?,
+            keepalive_timeout: timer(
+                "keepalive_timeout",
+                s.keepalive_timeout.as_deref(),
+                DEFAULT_KEEPALIVE_TIMEOUT,
+            )?,
+        })
+    }
+}
+
 /// Where and how the socket is created.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SocketConfig {
@@ -420,6 +532,7 @@ impl ServeConfig {
     /// The first missing or invalid setting, with the flag that fixes it.
     pub fn resolve(s: Settings) -> Result<Self, ConfigError> {
         let ops_limits = resolve_ops_limits(&s)?;
+        let limits = Limits::resolve(&s, s.max_request_bytes.unwrap_or(DEFAULT_MAX_REQUEST_BYTES))?;
         let backend = BackendConfig::resolve(s.keyring, s.backend)?;
         let path = s.socket.ok_or(ConfigError::Missing {
             what: "socket",
@@ -501,6 +614,7 @@ impl ServeConfig {
             socket: SocketConfig { path, mode, group },
             max_request_bytes,
             max_concurrency,
+            limits,
             shutdown_grace,
             self_check_interval,
             reload_interval,
@@ -712,7 +826,48 @@ mod tests {
         assert_eq!(c.max_request_bytes, 65536);
         assert_eq!(c.max_concurrency, 1024);
         assert_eq!(c.shutdown_grace, Duration::from_secs(10));
+        assert_eq!(c.limits, Limits::default());
+        assert_eq!(c.limits.max_buffered_request_bytes, 16 << 20);
         assert_eq!(c.log_format, LogFormat::Text);
+    }
+
+    #[test]
+    fn connection_limits_are_validated() {
+        let s = Settings {
+            max_buffered_request_bytes: Some(1000),
+            ..minimal()
+        };
+        assert_eq!(
+            ServeConfig::resolve(s).unwrap_err().to_string(),
+            "invalid max_buffered_request_bytes: 1000 is outside 65536..=1073741824 (at least max_request_bytes)"
+        );
+        let s = Settings {
+            preface_timeout: Some("1ms".into()),
+            ..minimal()
+        };
+        assert_eq!(
+            ServeConfig::resolve(s).unwrap_err().to_string(),
+            "invalid preface_timeout: must be between 10ms and 1h"
+        );
+        let s = Settings {
+            request_read_timeout: Some("250ms".into()),
+            keepalive_interval: Some("2s".into()),
+            keepalive_timeout: Some("1s".into()),
+            preface_timeout: Some("300ms".into()),
+            max_buffered_request_bytes: Some(1 << 20),
+            ..minimal()
+        };
+        let limits = ServeConfig::resolve(s).unwrap().limits;
+        assert_eq!(
+            limits,
+            Limits {
+                max_buffered_request_bytes: 1 << 20,
+                preface_timeout: Duration::from_millis(300),
+                request_read_timeout: Duration::from_millis(250),
+                keepalive_interval: Duration::from_secs(2),
+                keepalive_timeout: Duration::from_secs(1),
+            }
+        );
     }
 
     #[test]

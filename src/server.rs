@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use tokio::net::UnixListener;
 use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::{error, info, warn};
 
@@ -30,22 +31,17 @@ use crate::state::Event;
 use crate::state::{ServingState, Snapshot};
 use crate::usage::UsageTracker;
 
+mod admission;
 pub mod connection;
+mod refuse;
 
-use connection::Connection;
+use connection::{Admission, Connection, Peer, Registry};
 
 /// How often changed usage counters are written to disk.
 pub const USAGE_FLUSH_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Longest socket path Linux accepts (`sun_path` is 108 bytes with its NUL).
 pub const MAX_SOCKET_PATH: usize = 107;
-
-/// An idle connection is sent an HTTP/2 PING this often...
-pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(60);
-/// ...and closed when the peer has not answered it within this time. Every
-/// live HTTP/2 stack answers PINGs by itself, so this only ends connections
-/// whose peer is gone or not speaking HTTP/2.
-pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// A server that has loaded its keyring and bound its socket.
 #[derive(Debug)]
@@ -164,7 +160,26 @@ impl Server {
             rlimit_nofile = nofile.map_or_else(|| "unlimited".to_owned(), |n| n.to_string()),
             "serving at most {max_connections} connections at once"
         );
-        let accept = tokio::spawn(accept_loop(listener, conn_tx, max_connections));
+        let registry = Registry::new(max_connections);
+        let limits = &config.limits;
+        info!(
+            max_connections,
+            max_concurrency = config.max_concurrency,
+            max_buffered_request_bytes = limits.max_buffered_request_bytes,
+            bound_mib = connection::memory_bound(
+                max_connections,
+                config.max_concurrency,
+                limits.max_buffered_request_bytes
+            ) >> 20,
+            "what clients can make kekd buffer is bounded (docs/design.md \"Connection defences\")"
+        );
+        let accept = tokio::spawn(accept_loop(
+            listener,
+            conn_tx,
+            Arc::clone(&registry),
+            config.peers.clone(),
+            limits.preface_timeout,
+        ));
         let checker = tokio::spawn(self_check_loop(
             Arc::clone(&state),
             config.self_check_interval,
@@ -178,7 +193,16 @@ impl Server {
         ));
         let flusher = tokio::spawn(flush_loop(Arc::clone(&state)));
 
-        let limit = u32::try_from(config.max_concurrency).unwrap_or(u32::MAX);
+        let streams = u32::try_from(config.max_concurrency)
+            .unwrap_or(u32::MAX)
+            .min(connection::MAX_STREAMS_PER_CONNECTION);
+        let budgets = admission::Budgets::new(
+            Arc::clone(&registry),
+            config.max_concurrency,
+            limits.max_buffered_request_bytes,
+            config.max_request_bytes,
+            limits.request_read_timeout,
+        );
         let hsm_sessions = match &config.backend {
             crate::config::BackendConfig::Pkcs11(s) => s.pool_size,
             crate::config::BackendConfig::Local { .. } => 0,
@@ -189,11 +213,20 @@ impl Server {
             max_concurrency = config.max_concurrency,
             "at most {running} Encrypt/Decrypt calls run at once; Status never waits for one"
         );
+        // What one connection can make kekd hold: `max_concurrent_streams`
+        // streams, each with at most a header list and one window of
+        // unread bytes (the connection window bounds them all together);
+        // what the streams of all connections hold together is bounded by
+        // the admission layer (`server::admission`).
         let router = tonic::transport::Server::builder()
-            .max_concurrent_streams(limit)
-            .concurrency_limit_per_connection(config.max_concurrency)
-            .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
-            .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+            .max_concurrent_streams(streams)
+            .initial_stream_window_size(connection::FLOW_CONTROL_WINDOW)
+            .initial_connection_window_size(connection::FLOW_CONTROL_WINDOW)
+            .http2_adaptive_window(Some(false))
+            .http2_max_header_list_size(connection::MAX_HEADER_LIST_BYTES)
+            .http2_keepalive_interval(Some(limits.keepalive_interval))
+            .http2_keepalive_timeout(Some(limits.keepalive_timeout))
+            .layer(admission::AdmitLayer(budgets))
             .add_service(
                 KmsService::new(Arc::clone(&state), config.peers.clone())
                     .with_call_limit(running)
@@ -256,19 +289,26 @@ pub async fn run(
     Server::start(config, backend).await?.serve(shutdown).await
 }
 
-/// Accepts connections and hands them to tonic, at most `max_connections`
-/// at once (`server::connection`): past that, a new connection is closed at
-/// once and a warning (at most one per interval) says so. Accept errors
-/// (EMFILE under a connection flood) are logged and retried after a pause
-/// instead of ending the server or spinning.
+/// Accepts connections and hands them to tonic.
+///
+/// A peer the policy refuses is refused here, from its `SO_PEERCRED`,
+/// before it sends a byte (`server::refuse`). An allowed peer takes a slot
+/// in `registry`; at the limit the least useful idle connection is closed
+/// to make room (`Registry::admit`), and only when every connection has a
+/// call in flight is the new one closed. Warnings are rate-limited. Accept
+/// errors (EMFILE under a connection flood) are logged and retried after a
+/// pause instead of ending the server or spinning.
 async fn accept_loop(
     listener: UnixListener,
     tx: mpsc::Sender<io::Result<Connection>>,
-    max_connections: usize,
+    registry: Arc<Registry>,
+    peers: crate::service::PeerPolicy,
+    preface_timeout: Duration,
 ) {
-    let slots = Arc::new(Semaphore::new(max_connections));
-    let mut refused: u64 = 0;
-    let mut last_warning: Option<tokio::time::Instant> = None;
+    let refused_slots = Arc::new(Semaphore::new(connection::MAX_REFUSED_CONNECTIONS));
+    let mut refusals = refuse::RefusalLog::default();
+    let mut full = RateLimited::default();
+    let mut evictions = RateLimited::default();
     let mut backoff = Duration::from_millis(5);
     loop {
         tokio::select! {
@@ -276,25 +316,55 @@ async fn accept_loop(
             r = listener.accept() => match r {
                 Ok((stream, _)) => {
                     backoff = Duration::from_millis(5);
-                    let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
-                        refused += 1;
-                        if last_warning.is_none_or(|t| t.elapsed() >= connection::REFUSAL_LOG_INTERVAL) {
-                            let peer = stream.peer_cred().ok();
-                            warn!(
-                                max_connections,
-                                refused,
-                                peer.uid = peer.map(|c| c.uid()),
-                                peer.pid = peer.and_then(|c| c.pid()),
-                                "connection limit reached: {max_connections} connections are open, closing new ones \
-                                 until some close (a client is leaking connections; find it by peer.pid)"
-                            );
-                            last_warning = Some(tokio::time::Instant::now());
-                            refused = 0;
+                    let peer = Peer::of(&stream);
+                    if !peers.allows(peer.ids()) {
+                        match Arc::clone(&refused_slots).try_acquire_owned() {
+                            Ok(slot) => {
+                                refusals.refused(peer, false);
+                                refuse::serve(stream, peer, slot, preface_timeout);
+                            }
+                            Err(_) => {
+                                refusals.refused(peer, true);
+                                drop(stream);
+                            }
                         }
-                        drop(stream);
                         continue;
+                    }
+                    let shared = match registry.admit(peer) {
+                        Admission::Admitted { shared, evicted } => {
+                            if let Some(victim) = evicted
+                                && let Some(left_out) = evictions.due()
+                            {
+                                warn!(
+                                    max_connections = registry.max(),
+                                    evicted.uid = victim.uid,
+                                    evicted.pid = victim.pid,
+                                    evictions = registry.evictions(),
+                                    left_out,
+                                    "connection limit reached: closed an idle connection to admit a new one \
+                                     (a client is leaking connections; find it by evicted.pid)"
+                                );
+                            }
+                            shared
+                        }
+                        Admission::Full => {
+                            if let Some(left_out) = full.due() {
+                                let max_connections = registry.max();
+                                warn!(
+                                    max_connections,
+                                    left_out,
+                                    peer.uid = peer.uid,
+                                    peer.pid = peer.pid,
+                                    "connection limit reached: {max_connections} connections all have calls in flight, \
+                                     closing new ones until some finish"
+                                );
+                            }
+                            drop(stream);
+                            continue;
+                        }
                     };
-                    if tx.send(Ok(Connection::new(stream, slot))).await.is_err() {
+                    let conn = Connection::new(stream, shared, Arc::clone(&registry), preface_timeout);
+                    if tx.send(Ok(conn)).await.is_err() {
                         return;
                     }
                 }
@@ -305,6 +375,28 @@ async fn accept_loop(
                 }
             }
         }
+    }
+}
+
+/// At most one log line per [`connection::REFUSAL_LOG_INTERVAL`].
+#[derive(Debug, Default)]
+struct RateLimited {
+    last: Option<Instant>,
+    left_out: u64,
+}
+
+impl RateLimited {
+    /// `Some(events left out since the last line)` when a line is due.
+    fn due(&mut self) -> Option<u64> {
+        if self
+            .last
+            .is_some_and(|t| t.elapsed() < connection::REFUSAL_LOG_INTERVAL)
+        {
+            self.left_out += 1;
+            return None;
+        }
+        self.last = Some(Instant::now());
+        Some(std::mem::take(&mut self.left_out))
     }
 }
 
@@ -437,7 +529,11 @@ impl BoundSocket {
             });
         }
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            create_dirs(parent).map_err(io("create its directory"))?;
+            if parent.exists() {
+                check_directory(parent)?;
+            } else {
+                create_dirs(parent).map_err(io("create its directory"))?;
+            }
         }
         clear_stale(path)?;
 
@@ -529,11 +625,57 @@ fn create_dirs(dir: &Path) -> io::Result<()> {
     }
     for d in missing.into_iter().rev() {
         match std::fs::DirBuilder::new().mode(0o750).create(d) {
-            Ok(()) => std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o750))?,
+            Ok(()) => {
+                std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o750))?;
+                // A typo in --socket serves somewhere new: say so.
+                info!(directory = %d.display(), "created the socket's directory (0750); it did not exist");
+            }
             // Created meanwhile by someone else: theirs to own.
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(e),
         }
+    }
+    Ok(())
+}
+
+/// Refuses a socket directory someone else could use to replace the socket
+/// (as OpenSSH's StrictModes does for key files): it must be owned by kekd's
+/// user or root, and not writable by group or others — unless it is sticky
+/// (like `/tmp`), where others cannot remove or rename kekd's socket.
+fn check_directory(dir: &Path) -> Result<(), SocketError> {
+    let meta = std::fs::metadata(dir).map_err(|source| SocketError::Io {
+        path: dir.to_owned(),
+        op: "stat its directory",
+        source,
+    })?;
+    let me = rustix::process::geteuid().as_raw();
+    let unsafe_dir = |reason: String, fix: String| SocketError::UnsafeDirectory {
+        path: dir.to_owned(),
+        reason,
+        fix,
+    };
+    if !meta.is_dir() {
+        return Err(SocketError::Io {
+            path: dir.to_owned(),
+            op: "use its directory",
+            source: io::Error::new(io::ErrorKind::NotADirectory, "not a directory"),
+        });
+    }
+    if meta.uid() != me && meta.uid() != 0 {
+        return Err(unsafe_dir(
+            format!(
+                "owned by uid {}, not by kekd's user (uid {me}) or root",
+                meta.uid()
+            ),
+            format!("chown {me} {}", dir.display()),
+        ));
+    }
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o022 != 0 && mode & 0o1000 == 0 {
+        return Err(unsafe_dir(
+            format!("writable by its group or others (mode {mode:04o}) and not sticky"),
+            format!("chmod go-w {}", dir.display()),
+        ));
     }
     Ok(())
 }
@@ -607,6 +749,19 @@ pub enum SocketError {
     NotASocket {
         /// The path.
         path: PathBuf,
+    },
+    /// The socket's existing directory lets someone else replace the socket.
+    #[error(
+        "socket directory {path} is {reason}: whoever can write it could replace kekd's socket; \
+         fix it (`{fix}`) or choose another --socket"
+    )]
+    UnsafeDirectory {
+        /// The directory.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+        /// The command that fixes it.
+        fix: String,
     },
     /// Too long for `sun_path`.
     #[error("socket path {path} is {len} bytes; Unix sockets allow at most {MAX_SOCKET_PATH}")]

@@ -11,7 +11,6 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Instant;
 
-use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status};
 use tracing::{Instrument, debug, debug_span, error, info_span, warn};
 
@@ -22,6 +21,7 @@ use crate::metrics::Method;
 use crate::pb;
 use crate::pb::key_management_service_server::{KeyManagementService, KeyManagementServiceServer};
 use crate::secret::Plaintext;
+use crate::server::connection::ConnInfo;
 use crate::state::{Event, ServingState, Snapshot};
 use crate::usage::Use;
 
@@ -93,12 +93,14 @@ impl KmsService {
     }
 
     /// Refuses callers the peer policy does not allow, before any crypto.
+    /// The server already refuses them at accept (`server::refuse`); this
+    /// is the same check where the request is served, so a service built
+    /// on another transport cannot forget it.
     fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
         let cred = request
             .extensions()
-            .get::<UdsConnectInfo>()
-            .and_then(|i| i.peer_cred)
-            .map(|c| (c.uid(), c.gid()));
+            .get::<ConnInfo>()
+            .and_then(|i| i.peer().ids());
         if self.peers.allows(cred) {
             return Ok(());
         }
@@ -347,9 +349,9 @@ impl KmsService {
 fn peer_uid<T>(request: &Request<T>) -> i64 {
     request
         .extensions()
-        .get::<UdsConnectInfo>()
-        .and_then(|i| i.peer_cred)
-        .map_or(-1, |c| i64::from(c.uid()))
+        .get::<ConnInfo>()
+        .and_then(|i| i.peer().uid)
+        .map_or(-1, i64::from)
 }
 
 fn fmt_id(id: Option<u32>) -> String {

@@ -33,8 +33,9 @@ use tonic::codegen::http;
 
 use common::{Process, create_keyring, seed, spawn_serve, tempdir, uid};
 use kekd::client::Client;
-use kekd::server::connection::{MAX_CONNECTIONS, PREFACE_TIMEOUT, RESERVED_FDS};
-use kekd::server::{KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT};
+use kekd::server::connection::{
+    FLOW_CONTROL_WINDOW, MAX_CONNECTIONS, MAX_STREAMS_PER_CONNECTION, RESERVED_FDS, memory_bound,
+};
 
 /// The most memory kekd may hold at any moment of any attack here (VmHWM,
 /// the peak resident set). An idle kekd (debug build) holds about 10 MiB;
@@ -933,36 +934,31 @@ async fn malformed_http2_gets_goaway_and_a_closed_connection() {
 }
 
 /// A connection that never sends the HTTP/2 preface — or only part of
-/// it — is closed after `PREFACE_TIMEOUT`, so it cannot hold a slot.
+/// it — is closed at the preface timeout (configured short here, so the
+/// test waits for the close itself, not for a clock), so it cannot hold a
+/// slot.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_connections_are_closed_after_the_preface_timeout() {
     let _serial = ATTACK.lock().await;
-    let target = Target::start(&[]).await;
+    let target = Target::start(&["--preface-timeout", "300ms"]).await;
     let mut silent = Raw::connect(&target.socket).await;
     let mut half = Raw::connect(&target.socket).await;
     half.write(&PREFACE[..12]).await;
-    let started = Instant::now();
-    tokio::time::sleep(PREFACE_TIMEOUT - Duration::from_secs(1)).await;
-    assert!(!silent.is_closed().await, "closed before the timeout");
-    assert!(!half.is_closed().await, "closed before the timeout");
     silent.expect_closed("silent connection").await;
     half.expect_closed("half a preface").await;
-    let took = started.elapsed();
-    assert!(
-        took < PREFACE_TIMEOUT + Duration::from_secs(2),
-        "closed only after {took:?}"
-    );
     target.assert_survived("silent connections").await;
 }
 
-/// 2,000 connections that never speak, then 2,000 HTTP/2 connections that
-/// complete their handshake and sit idle: kekd serves at most
-/// `MAX_CONNECTIONS` at once, closes the rest at once with one warning, keeps
-/// answering the apiserver's connection, and frees the slots when they close
-/// (silent ones after the preface timeout, idle ones when their client goes).
+/// Flood connections from an allowed uid mixed as an attacker would —
+/// silent, half a preface, garbage, and HTTP/2 handshakes left idle — 1,000
+/// at a time, twice the connection limit. At the limit a new connection
+/// evicts an idle one instead of being refused, so a fresh client gets
+/// Status within a 1 s deadline, every time: after the flood, and again
+/// during a second flood. The apiserver-like client (which made calls)
+/// keeps its connection throughout, and kekd says what it evicted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn thousands_of_idle_connections_are_capped() {
-    const FLOOD: usize = 2000;
+async fn at_the_connection_limit_a_fresh_client_evicts_an_idle_connection() {
+    const FLOOD: usize = 1000;
     let _serial = ATTACK.lock().await;
     let nofile = raise_nofile(8192);
     assert!(
@@ -971,109 +967,64 @@ async fn thousands_of_idle_connections_are_capped() {
         2 * FLOOD + 64
     );
     let target = Target::start(&[]).await;
-    // The apiserver-like client and the prober hold one connection each.
-    let free = MAX_CONNECTIONS - 2;
-
-    // Silent connections.
-    let mut silent = Vec::with_capacity(FLOOD);
-    for _ in 0..FLOOD {
-        silent.push(Raw::connect(&target.socket).await);
-    }
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let mut closed = 0;
-    for raw in &mut silent {
-        if raw.is_closed().await {
-            closed += 1;
+    let flood = |socket: PathBuf| async move {
+        let mut held = Vec::with_capacity(FLOOD);
+        for i in 0..FLOOD {
+            let mut raw = Raw::connect(&socket).await;
+            match i % 4 {
+                0 => {}
+                1 => raw.write(&PREFACE[..12]).await,
+                2 => raw.write(b"GARBAGE GARBAGE GARBAGE GARBAGE\r\n\r\n").await,
+                _ => {
+                    raw.write(PREFACE).await;
+                    raw.write(&frame(SETTINGS, 0, 0, &[])).await;
+                }
+            }
+            held.push(raw);
         }
+        held
+    };
+    let fresh_status = |socket: PathBuf, what: String| async move {
+        let mut client = Client::connect(&socket, Duration::from_secs(1))
+            .await
+            .unwrap_or_else(|e| panic!("{what}: a fresh client cannot connect: {e}"));
+        let status = client
+            .status()
+            .await
+            .unwrap_or_else(|e| panic!("{what}: a fresh client's Status failed: {e:?}"));
+        assert_eq!(status.healthz, "ok", "{what}");
+    };
+    let first = flood(target.socket.clone()).await;
+    for i in 0..5 {
+        fresh_status(target.socket.clone(), format!("after the flood, try {i}")).await;
     }
-    assert_eq!(
-        (FLOOD - closed, closed),
-        (free, FLOOD - free),
-        "(open, closed) of {FLOOD} silent connections"
-    );
-    let warned = format!(
-        "connection limit reached: {MAX_CONNECTIONS} connections are open, closing new ones"
+    // A second flood while fresh clients keep calling.
+    let second = tokio::spawn(flood(target.socket.clone()));
+    let mut tries = 0;
+    while !second.is_finished() || tries < 5 {
+        fresh_status(
+            target.socket.clone(),
+            format!("during a second flood, try {tries}"),
+        )
+        .await;
+        tries += 1;
+    }
+    let second = second.await.expect("the second flood");
+    let stderr = target.process.stderr();
+    assert!(
+        stderr.contains("connection limit reached: closed an idle connection to admit a new one"),
+        "no eviction logged:\n{}",
+        tail(&stderr)
     );
     assert!(
-        target.process.stderr().contains(&warned),
-        "no warning {warned:?}:\n{}",
-        tail(&target.process.stderr())
+        !stderr.contains("all have calls in flight"),
+        "a connection was refused although idle ones could be evicted:\n{}",
+        tail(&stderr)
     );
-    // They are closed by the preface timeout.
-    let deadline = Instant::now() + PREFACE_TIMEOUT + Duration::from_secs(3);
-    loop {
-        let mut open = 0;
-        for raw in &mut silent {
-            if !raw.is_closed().await {
-                open += 1;
-            }
-        }
-        if open == 0 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{open} silent connections still open {:?} after the preface timeout",
-            Duration::from_secs(3)
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-    drop(silent);
-    let target = target.assert_survived("2,000 silent connections").await;
-
-    // HTTP/2 connections that handshake and stay idle.
-    let mut idle = Vec::new();
-    let mut refused = 0;
-    for _ in 0..FLOOD {
-        let io = UnixStream::connect(&target.socket).await.expect("connect");
-        match tokio::time::timeout(Duration::from_secs(5), h2::client::handshake(io)).await {
-            Ok(Ok((send, conn))) => {
-                let driver = tokio::spawn(conn);
-                idle.push((send, driver));
-            }
-            Ok(Err(_)) => refused += 1,
-            Err(_) => panic!("an HTTP/2 handshake neither completed nor failed within 5 s"),
-        }
-    }
-    // A handshake's client side may complete before the server closed it:
-    // count the connections still alive after a moment.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let alive = idle.iter().filter(|(_, d)| !d.is_finished()).count();
-    eprintln!(
-        "idle HTTP/2: {} handshakes refused at once, {alive} alive",
-        refused
-    );
-    assert_eq!(
-        (alive, FLOOD - alive),
-        (free, FLOOD - free),
-        "(alive, closed) of {FLOOD} idle HTTP/2 connections"
-    );
-    // They outlive the preface timeout: idle is not dead.
-    tokio::time::sleep(PREFACE_TIMEOUT + Duration::from_secs(1)).await;
-    let still = idle.iter().filter(|(_, d)| !d.is_finished()).count();
-    assert_eq!(still, free, "idle HTTP/2 connections closed by kekd");
-    let memory = target.memory();
-    eprintln!(
-        "with {free} idle HTTP/2 connections: VmRSS {} KiB",
-        memory.rss_kib
-    );
-    // A new client is refused while they hold every slot...
-    let mut extra = Raw::connect(&target.socket).await;
-    extra.expect_closed("connection past the limit").await;
-    // ...and served once they go.
-    for (_, driver) in &idle {
-        driver.abort();
-    }
-    drop(idle);
-    common::eventually("a new client connects", Duration::from_secs(5), || async {
-        let mut c = Client::connect(&target.socket, Duration::from_secs(2))
-            .await
-            .map_err(|e| e.to_string())?;
-        c.status().await.map_err(|e| format!("{e:?}"))
-    })
-    .await;
+    eprintln!("{tries} fresh clients answered during the second flood");
+    drop((first, second));
     target
-        .assert_survived("2,000 idle HTTP/2 connections")
+        .assert_survived("2 × 1,000 idle, half-open and garbage connections")
         .await;
 }
 
@@ -1179,7 +1130,8 @@ async fn at_a_small_fd_limit_kekd_keeps_descriptors_for_itself() {
 }
 
 /// One client opens as many streams as kekd allows and never finishes
-/// them: kekd advertises SETTINGS_MAX_CONCURRENT_STREAMS = 1024 and refuses
+/// them: kekd advertises SETTINGS_MAX_CONCURRENT_STREAMS =
+/// `MAX_STREAMS_PER_CONNECTION` and refuses
 /// the stream past it with RST_STREAM(REFUSED_STREAM); Status keeps
 /// answering on the apiserver's connection (Status never waits for a call
 /// slot); once the client goes, Encrypt and Decrypt work again.
@@ -1191,17 +1143,22 @@ async fn held_streams_are_capped_and_status_keeps_answering() {
     let max = settings.get(&0x3).copied();
     assert_eq!(
         max,
-        Some(1024),
+        Some(MAX_STREAMS_PER_CONNECTION),
         "SETTINGS_MAX_CONCURRENT_STREAMS: {settings:?}"
+    );
+    assert_eq!(
+        (settings.get(&0x4).copied(), settings.get(&0x6).copied()),
+        (Some(FLOW_CONTROL_WINDOW), Some(8192)),
+        "SETTINGS_INITIAL_WINDOW_SIZE and SETTINGS_MAX_HEADER_LIST_SIZE: {settings:?}"
     );
     let block = grpc_header_block(ENCRYPT);
     let mut bytes = Vec::new();
-    for i in 0..=1024u32 {
+    for i in 0..=MAX_STREAMS_PER_CONNECTION {
         // Headers only: the request message never comes.
         bytes.extend_from_slice(&frame(HEADERS, END_HEADERS, 2 * i + 1, &block));
     }
     raw.write(&bytes).await;
-    let over = 2 * 1024 + 1;
+    let over = 2 * MAX_STREAMS_PER_CONNECTION + 1;
     loop {
         let f = raw
             .next(Duration::from_secs(10))
@@ -1224,16 +1181,87 @@ async fn held_streams_are_capped_and_status_keeps_answering() {
     let held = Instant::now();
     tokio::time::timeout(
         Duration::from_secs(10),
-        round_trip(&mut target.client, "while 1,024 streams are held"),
+        round_trip(&mut target.client, "while streams are held"),
     )
     .await
     .expect("Encrypt/Decrypt starved by streams whose messages never came");
-    tokio::time::sleep(Duration::from_secs(3).saturating_sub(held.elapsed())).await;
+    let _ = held;
     let memory = target.memory();
-    eprintln!("1,024 held streams: VmRSS {} KiB", memory.rss_kib);
+    eprintln!("held streams: VmRSS {} KiB", memory.rss_kib);
     drop(raw);
-    target.assert_survived("1,024 streams held open").await;
+    target.assert_survived("streams held open").await;
 }
+
+/// Held, unfinished streams cannot make kekd buffer without bound: 64
+/// connections × 64 streams, each sending 59,000 bytes of a message that
+/// declares 60,000 and never finishing it (≈ 240 MB if kekd read them all).
+/// Each call is answered at once RESOURCE_EXHAUSTED when the call or byte
+/// budget cannot hold it, or DEADLINE_EXCEEDED at the request read timeout;
+/// kekd's peak memory grows by no more than `memory_bound` (docs/design.md)
+/// plus [`BOUND_SLACK_KIB`] for allocator slack.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_partial_messages_cannot_raise_memory_past_the_bound() {
+    const CONNS: usize = 64;
+    const BUDGET: usize = 4 << 20;
+    let _serial = ATTACK.lock().await;
+    let target = Target::start(&[
+        "--max-buffered-request-bytes",
+        &BUDGET.to_string(),
+        "--request-read-timeout",
+        "2s",
+    ])
+    .await;
+    let before = target.memory();
+    let bound_kib = memory_bound(MAX_CONNECTIONS, 1024, BUDGET) / 1024;
+    let message = encrypt_request(59_996);
+    assert_eq!(message.len(), 60_000);
+    let partial = grpc_frame(0, 60_000, &message[..58_995]);
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..CONNS {
+        let send = h2_connect(&target.socket).await;
+        for _ in 0..MAX_STREAMS_PER_CONNECTION {
+            let mut send = send.clone();
+            let partial = partial.clone();
+            calls.spawn(async move {
+                grpc_call(&mut send, ENCRYPT, "application/grpc", partial, false).await
+            });
+        }
+    }
+    let mut codes: HashMap<Option<Code>, usize> = HashMap::new();
+    while let Some(outcome) = calls.join_next().await {
+        *codes.entry(outcome.expect("call task").code).or_default() += 1;
+    }
+    let memory = target.memory();
+    eprintln!(
+        "held partial messages: outcomes {codes:?}; VmRSS {} → {} KiB, VmHWM {} KiB, bound {} KiB above {} KiB",
+        before.rss_kib, memory.rss_kib, memory.hwm_kib, bound_kib, before.rss_kib
+    );
+    let exhausted = codes
+        .get(&Some(Code::ResourceExhausted))
+        .copied()
+        .unwrap_or(0);
+    let late = codes
+        .get(&Some(Code::DeadlineExceeded))
+        .copied()
+        .unwrap_or(0);
+    assert_eq!(
+        exhausted + late,
+        CONNS * MAX_STREAMS_PER_CONNECTION as usize,
+        "every held call ends RESOURCE_EXHAUSTED or DEADLINE_EXCEEDED: {codes:?}"
+    );
+    assert!(exhausted > 0 && late > 0, "{codes:?}");
+    assert!(
+        memory.hwm_kib <= before.rss_kib + bound_kib + BOUND_SLACK_KIB,
+        "kekd's peak memory {} KiB exceeds {} KiB at start + the bound {bound_kib} KiB + {BOUND_SLACK_KIB} KiB slack",
+        memory.hwm_kib,
+        before.rss_kib
+    );
+    target.assert_survived("held partial messages").await;
+}
+
+/// Allocator slack allowed above `memory_bound` (freed memory the allocator
+/// keeps, fragmentation).
+const BOUND_SLACK_KIB: u64 = 16 * 1024;
 
 /// How nice the flood client's threads are (see the flood test).
 const FLOOD_NICE: i32 = 10;
@@ -1334,14 +1362,20 @@ async fn flood(socket: PathBuf, length: Duration) -> (u64, u64) {
     (calls, wrong)
 }
 
-/// HTTP/2 keepalive: a peer that completed its handshake but answers no
-/// PING (gone, or not really speaking HTTP/2) is pinged after
-/// `KEEPALIVE_INTERVAL` of silence and closed `KEEPALIVE_TIMEOUT` later;
-/// a healthy client idle just as long — the apiserver between two Status
-/// calls — keeps its connection. No attack load: runs beside the others.
+/// HTTP/2 keepalive (timers configured short): a peer that completed its
+/// handshake but answers no PING (gone, or not really speaking HTTP/2) is
+/// pinged and then closed; a healthy client idle just as long — the
+/// apiserver between two Status calls — keeps its connection. No attack
+/// load: runs beside the others.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keepalive_closes_a_dead_peer_but_never_a_healthy_idle_one() {
-    let mut target = Target::start_unprobed(&[]).await;
+    let mut target = Target::start_unprobed(&[
+        "--keepalive-interval",
+        "200ms",
+        "--keepalive-timeout",
+        "200ms",
+    ])
+    .await;
     let mut healthy = h2_connect(&target.socket).await;
     assert_eq!(
         grpc_call(
@@ -1356,33 +1390,20 @@ async fn keepalive_closes_a_dead_peer_but_never_a_healthy_idle_one() {
         Some(Code::Ok)
     );
     let (mut dead, _) = Raw::handshake(&target.socket).await;
-    let started = Instant::now();
     // The dead peer reads (so the test sees the PING) but never answers.
-    let ping = loop {
+    loop {
         let f = dead
-            .next(KEEPALIVE_INTERVAL + Duration::from_secs(10))
+            .next(Duration::from_secs(10))
             .await
             .expect("kekd closed the connection before pinging it");
         if f.kind == PING && f.flags & ACK == 0 {
-            break started.elapsed();
+            break;
         }
-    };
-    assert!(
-        ping >= KEEPALIVE_INTERVAL - Duration::from_secs(1),
-        "pinged after {ping:?}, before {KEEPALIVE_INTERVAL:?} of silence"
-    );
-    dead.expect_closed_within(
-        KEEPALIVE_TIMEOUT + Duration::from_secs(5),
-        "unanswered PING",
-    )
-    .await;
-    let closed = started.elapsed();
-    assert!(
-        closed >= ping + KEEPALIVE_TIMEOUT - Duration::from_secs(1),
-        "closed {:?} after the PING, before KEEPALIVE_TIMEOUT",
-        closed - ping
-    );
-    // The healthy client idled as long and still has its connection.
+    }
+    dead.expect_closed_within(Duration::from_secs(10), "unanswered PING")
+        .await;
+    // The healthy client idled as long (its HTTP/2 stack answered the
+    // PINGs) and still has its connection.
     assert_eq!(
         grpc_call(
             &mut healthy,
@@ -1394,8 +1415,7 @@ async fn keepalive_closes_a_dead_peer_but_never_a_healthy_idle_one() {
         .await
         .code,
         Some(Code::Ok),
-        "the healthy idle connection after {:?}",
-        started.elapsed()
+        "the healthy idle connection"
     );
     assert!(target.process.try_exit().is_none(), "kekd exited");
     round_trip(&mut target.client, "keepalive").await;

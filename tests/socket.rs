@@ -409,3 +409,96 @@ async fn paths_up_to_107_bytes_bind_and_longer_ones_are_refused() {
     );
     assert!(!long.exists());
 }
+
+/// An existing socket directory that others could write — group- or
+/// world-writable and not sticky, or owned by another user — is refused
+/// (as OpenSSH's StrictModes does): whoever writes it could replace kekd's
+/// socket. A sticky directory (like /tmp) and a 0755 one are fine.
+#[tokio::test]
+async fn an_unsafe_socket_directory_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempdir().await;
+    for (mode, ok) in [
+        (0o777, false),
+        (0o770, false),
+        (0o1777, true),
+        (0o755, true),
+    ] {
+        let parent = dir.path().join(format!("d{mode:o}"));
+        std::fs::create_dir(&parent).unwrap();
+        std::fs::set_permissions(&parent, std::fs::Permissions::from_mode(mode)).unwrap();
+        let result = bind(&default_socket_config(&parent.join("kms.sock"))).await;
+        match (ok, result) {
+            (true, Ok(_)) => {}
+            (false, Err(e @ SocketError::UnsafeDirectory { .. })) => assert_eq!(
+                e.to_string(),
+                format!(
+                    "socket directory {0} is writable by its group or others (mode {mode:04o}) and not sticky: \
+                     whoever can write it could replace kekd's socket; fix it (`chmod go-w {0}`) or choose another --socket",
+                    parent.display()
+                )
+            ),
+            (ok, other) => panic!("mode {mode:04o}: expected ok={ok}, got {other:?}"),
+        }
+    }
+    if rustix::process::geteuid().is_root() {
+        let parent = dir.path().join("theirs");
+        std::fs::create_dir(&parent).unwrap();
+        rustix::fs::chown(&parent, Some(rustix::fs::Uid::from_raw(65534)), None).unwrap();
+        let err = bind(&default_socket_config(&parent.join("kms.sock")))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "socket directory {0} is owned by uid 65534, not by kekd's user (uid 0) or root: \
+                 whoever can write it could replace kekd's socket; fix it (`chown 0 {0}`) or choose another --socket",
+                parent.display()
+            )
+        );
+    }
+}
+
+/// `kekd serve` refuses an unsafe socket directory with exit 78, naming the
+/// path and the fix; a missing directory it creates is logged at info (a
+/// typo in --socket serves somewhere new).
+#[tokio::test]
+async fn serve_exits_78_on_an_unsafe_directory_and_logs_one_it_creates() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempdir().await;
+    let keyring = dir.path().join("keyring");
+    common::create_keyring(&keyring);
+    let open = dir.path().join("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let mut cmd = common::kekd();
+    cmd.arg("serve")
+        .arg("--keyring")
+        .arg(&keyring)
+        .arg("--socket")
+        .arg(open.join("kms.sock"));
+    let out = common::run(cmd, dir.path());
+    assert_eq!(out.code(), 78, "{out:#?}");
+    assert!(
+        common::error_message(&out).contains(&format!("fix it (`chmod go-w {}`)", open.display())),
+        "{out:#?}"
+    );
+    assert!(!open.join("kms.sock").exists());
+
+    let created = dir.path().join("typo/run");
+    let mut process =
+        common::spawn_serve(&keyring, &created.join("kms.sock"), dir.path(), &[]).await;
+    process.ready().await;
+    process
+        .wait_for_stderr(&format!("directory={}", created.display()))
+        .await;
+    assert!(
+        process
+            .stderr()
+            .contains("created the socket's directory (0750); it did not exist"),
+        "{}",
+        process.stderr()
+    );
+    process.signal(rustix::process::Signal::TERM);
+    assert_eq!(process.wait_exit().await.code(), 0);
+}

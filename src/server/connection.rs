@@ -1,39 +1,53 @@
-//! Connection-level defences: how many connections kekd holds, how long a
-//! new one may stay silent, and a call limit that Status never waits behind.
+//! Connection-level defences: who may hold a connection, how many
+//! connections kekd holds, how long a new one may stay silent, how much a
+//! connection may make kekd buffer, and a call limit that Status never
+//! waits behind.
 //!
 //! Anyone who can open the socket can open connections; each costs kekd a
 //! file descriptor, a task and HTTP/2 buffers. Without bounds, a client that
 //! leaks connections (or a local attacker with socket access) could run kekd
-//! out of file descriptors — and then the keyring reload, the PKCS#11 token's
-//! files and the apiserver's next connection fail too. So:
+//! out of file descriptors or memory — and then the keyring reload, the
+//! PKCS#11 token's files and the apiserver's next connection fail too. So:
 //!
+//! - a peer that `--allow-uid`/`--allow-gid` refuses is refused at accept,
+//!   from its `SO_PEERCRED`: it gets a minimal HTTP/2 connection of its own
+//!   (`server::refuse`) that answers PERMISSION_DENIED and never reads a
+//!   request byte, and never takes one of the slots below;
 //! - at most [`connection_limit`] connections are open at once, kept well
-//!   below `RLIMIT_NOFILE`; past it a new connection is closed at once and a
-//!   warning names the limit and the peer (at most one line per
-//!   [`REFUSAL_LOG_INTERVAL`]);
+//!   below `RLIMIT_NOFILE`. At the limit a new connection evicts the idle
+//!   connection least worth keeping ([`Registry::admit`]): one that never
+//!   sent its preface, then one that never made a call, then the one idle
+//!   longest — never one with a call in flight. Only when every connection
+//!   has a call in flight is the new one closed, with a warning (at most one
+//!   line per [`REFUSAL_LOG_INTERVAL`]);
 //! - a connection that has not sent the 24-byte HTTP/2 client preface within
-//!   [`PREFACE_TIMEOUT`] is closed (an idle or slow-dripping socket cannot
-//!   hold a slot);
+//!   the preface timeout is closed;
 //! - after the preface, HTTP/2 keepalive pings (see `server.rs`) close a peer
 //!   that stops answering. A healthy client — the apiserver's one long-lived
-//!   connection — answers pings in its HTTP/2 stack and is never cut, however
-//!   long it stays idle;
+//!   connection — answers pings in its HTTP/2 stack and is never cut by them;
+//! - what a connection can make kekd buffer is bounded per connection (flow
+//!   control windows, header list size, [`MAX_STREAMS_PER_CONNECTION`]) and
+//!   for the whole process (`server::admission`: calls in flight, request
+//!   bytes, and a deadline for a request message to arrive); see
+//!   [`memory_bound`];
 //! - Encrypt/Decrypt across connections are bounded to [`running_limit`]
 //!   (`KmsService::with_call_limit`, which takes a call's permit only once its
 //!   message has arrived) while Status never waits: it is answered from cached
 //!   state, and the apiserver must see it answered even while other calls
 //!   fill every slot.
 
+use std::collections::HashMap;
 use std::io;
 use std::pin::Pin;
-use std::task::{Context, Poll};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::UnixStream;
-use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Sleep;
-use tonic::transport::server::{Connected, UdsConnectInfo};
+use tonic::transport::server::Connected;
 
 /// Most connections kekd serves at once (the apiserver needs one per
 /// apiserver process; probes and doctors a few more).
@@ -41,16 +55,54 @@ pub const MAX_CONNECTIONS: usize = 512;
 
 /// File descriptors kept free below `RLIMIT_NOFILE` for everything that is
 /// not a connection: the listener, keyring and usage files, inotify, the ops
-/// listener, the log and a PKCS#11 module's own files and sockets.
+/// listener, the log, refused peers' connections ([`MAX_REFUSED_CONNECTIONS`])
+/// and a PKCS#11 module's own files and sockets.
 pub const RESERVED_FDS: u64 = 128;
 
-/// How long a new connection may take to send the HTTP/2 client preface.
-/// Every HTTP/2 client sends it at once; the apiserver within milliseconds.
-pub const PREFACE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// At most one "connection limit reached" warning per this interval; the
-/// next one says how many connections were closed meanwhile.
+/// At most one "connection limit reached" or "evicted" warning per this
+/// interval, and one "peer refused" warning per peer; the next line says how
+/// many were left out meanwhile.
 pub const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Connections of refused peers (`server::refuse`) open at once; past it a
+/// refused peer's connection is closed at once. They cost no slot of
+/// [`connection_limit`].
+pub const MAX_REFUSED_CONNECTIONS: usize = 32;
+
+/// SETTINGS_MAX_CONCURRENT_STREAMS: streams one connection may have open.
+/// The apiserver multiplexes its calls on one connection and queues past
+/// this (gRPC clients respect the setting); kekd runs at most
+/// [`RUNNING_PER_CPU`] calls per CPU anyway.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 64;
+
+/// HTTP/2 flow-control windows, per stream and per connection: what a
+/// client may send before kekd reads it. The connection window is the
+/// protocol's initial 65,535 bytes, so a connection can never make kekd
+/// hold more than that unread. The largest real request (a Decrypt with
+/// annotations, ~33 KiB) fits in one window.
+pub const FLOW_CONTROL_WINDOW: u32 = 65_535;
+
+/// SETTINGS_MAX_HEADER_LIST_SIZE: the apiserver's headers take a few
+/// hundred bytes; HPACK lets a client make a small frame decode to this much.
+pub const MAX_HEADER_LIST_BYTES: u32 = 8 * 1024;
+
+/// Status calls one connection may have in flight: Status bypasses the
+/// process-wide call and byte budgets (it must never be starved by them),
+/// so it is bounded per connection instead.
+pub const STATUS_STREAMS_PER_CONNECTION: usize = 4;
+
+/// Largest Status request body (a StatusRequest is empty: 5 bytes framed).
+pub const MAX_STATUS_BODY_BYTES: usize = 64;
+
+/// Memory a connection costs beyond its flow-control window and streams
+/// (h2 frame buffers, HPACK tables, the connection task), an upper estimate
+/// checked by tests/hostile.rs.
+pub const CONNECTION_COST: u64 = 96 * 1024;
+
+/// Memory a held stream costs beyond its request bytes: its header list, the
+/// gRPC decoder's initial 8 KiB buffer and its task (an upper estimate,
+/// checked by tests/hostile.rs).
+pub const STREAM_COST: u64 = 24 * 1024;
 
 /// The HTTP/2 client connection preface (RFC 9113 §3.4).
 const PREFACE_LEN: usize = 24;
@@ -72,6 +124,33 @@ pub fn connection_limit() -> (usize, Option<u64>) {
     (limit, soft)
 }
 
+/// The most memory, in bytes, that clients can make kekd hold for their
+/// requests at once, whatever they send (docs/design.md "Connection
+/// defences"):
+///
+/// - per connection: [`CONNECTION_COST`] and at most one flow-control
+///   window of unread bytes;
+/// - per held stream, [`STREAM_COST`]: at most `max_concurrency`
+///   Encrypt/Decrypt streams are held process-wide, and at most
+///   [`STATUS_STREAMS_PER_CONNECTION`] Status streams per connection (a
+///   stream past either is answered RESOURCE_EXHAUSTED at once);
+/// - request bytes read: at most `max_buffered_request_bytes`, counted
+///   twice (the gRPC decoder's buffer and the decoded message may coexist).
+///
+/// Refused peers add [`MAX_REFUSED_CONNECTIONS`] connections, which never
+/// read a body.
+pub fn memory_bound(
+    max_connections: usize,
+    max_concurrency: usize,
+    max_buffered_request_bytes: usize,
+) -> u64 {
+    let conns = (max_connections + MAX_REFUSED_CONNECTIONS) as u64;
+    let streams = (max_concurrency + max_connections * STATUS_STREAMS_PER_CONNECTION) as u64;
+    conns * (CONNECTION_COST + u64::from(FLOW_CONTROL_WINDOW))
+        + streams * STREAM_COST
+        + 2 * max_buffered_request_bytes as u64
+}
+
 /// How many Encrypt/Decrypt calls run at once: `max_concurrency`, but no
 /// more than [`RUNNING_PER_CPU`] per CPU — or the HSM's session pool, when
 /// that is larger, since HSM calls wait on the token, not on a CPU.
@@ -81,7 +160,7 @@ pub fn connection_limit() -> (usize, Option<u64>) {
 /// each waits its turn behind the others (over 100 ms on a CI host), and so
 /// would Status. Calls past this limit wait parked on a FIFO semaphore,
 /// costing no CPU turns, and Status, which takes no permit, is read and
-/// answered at once (tests/hostile.rs: a 1,024-stream flood with every
+/// answered at once (tests/hostile.rs: a request flood with every
 /// 100 ms Status probe answered).
 pub fn running_limit(max_concurrency: usize, hsm_sessions: usize) -> usize {
     let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
@@ -90,32 +169,296 @@ pub fn running_limit(max_concurrency: usize, hsm_sessions: usize) -> usize {
         .max(1)
 }
 
-/// An accepted connection: the socket, its slot under the connection limit
+/// The connections being served, for admission and eviction at the limit.
+#[derive(Debug)]
+pub(crate) struct Registry {
+    max: usize,
+    epoch: Instant,
+    conns: Mutex<HashMap<u64, Arc<Shared>>>,
+    next_id: AtomicU64,
+    evictions: AtomicU64,
+}
+
+/// What [`Registry::admit`] decided.
+#[derive(Debug)]
+pub(crate) enum Admission {
+    /// Admitted; `evicted` names the peer of the idle connection closed to
+    /// make room, if one was.
+    Admitted {
+        shared: Arc<Shared>,
+        evicted: Option<Peer>,
+    },
+    /// Every connection has a call in flight: the new one must be closed.
+    Full,
+}
+
+/// A peer's credentials as the kernel reported them at accept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Peer {
+    /// uid, if reported.
+    pub uid: Option<u32>,
+    /// Primary gid, if reported.
+    pub gid: Option<u32>,
+    /// pid, if reported.
+    pub pid: Option<i32>,
+}
+
+impl Peer {
+    /// The peer of `stream` (`SO_PEERCRED`).
+    pub(crate) fn of(stream: &UnixStream) -> Self {
+        let cred = stream.peer_cred().ok();
+        Self {
+            uid: cred.map(|c| c.uid()),
+            gid: cred.map(|c| c.gid()),
+            pid: cred.and_then(|c| c.pid()),
+        }
+    }
+
+    /// (uid, gid) when both are known.
+    pub fn ids(&self) -> Option<(u32, u32)> {
+        self.uid.zip(self.gid)
+    }
+}
+
+impl Registry {
+    pub(crate) fn new(max: usize) -> Arc<Self> {
+        Arc::new(Self {
+            max: max.max(1),
+            epoch: Instant::now(),
+            conns: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(0),
+            evictions: AtomicU64::new(0),
+        })
+    }
+
+    /// The most connections served at once.
+    pub(crate) fn max(&self) -> usize {
+        self.max
+    }
+
+    /// Idle connections closed to admit new ones, since start.
+    pub(crate) fn evictions(&self) -> u64 {
+        self.evictions.load(Ordering::Relaxed)
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Takes a slot for a new connection from `peer`. At the limit, the
+    /// idle connection least worth keeping is closed to make room: first
+    /// one that never sent its preface, then one that never made a call,
+    /// then the one idle longest (oldest first within each). A connection
+    /// with a call in flight is never chosen: the apiserver's connection is
+    /// only at risk when every other connection made calls more recently
+    /// than it did, and then its client reconnects at its next call.
+    pub(crate) fn admit(&self, peer: Peer) -> Admission {
+        let mut conns = self.conns.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut evicted = None;
+        if conns.len() >= self.max {
+            let victim = conns
+                .values()
+                .filter(|c| c.in_flight.load(Ordering::Acquire) == 0)
+                .min_by_key(|c| {
+                    let tier = if !c.preface_done.load(Ordering::Relaxed) {
+                        0
+                    } else if !c.served.load(Ordering::Relaxed) {
+                        1
+                    } else {
+                        2
+                    };
+                    (tier, c.last_active_ms.load(Ordering::Relaxed), c.id)
+                })
+                .map(|c| c.id);
+            let Some(id) = victim else {
+                return Admission::Full;
+            };
+            if let Some(victim) = conns.remove(&id) {
+                victim.evict();
+                evicted = Some(victim.peer);
+                self.evictions.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let shared = Arc::new(Shared {
+            id,
+            peer,
+            preface_done: AtomicBool::new(false),
+            served: AtomicBool::new(false),
+            in_flight: AtomicUsize::new(0),
+            status_in_flight: AtomicUsize::new(0),
+            last_active_ms: AtomicU64::new(self.now_ms()),
+            evicted: AtomicBool::new(false),
+            waker: Mutex::new(None),
+        });
+        conns.insert(id, Arc::clone(&shared));
+        Admission::Admitted { shared, evicted }
+    }
+
+    fn remove(&self, id: u64) {
+        self.conns
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&id);
+    }
+}
+
+/// What the accept loop, the connection's I/O and the admission layer
+/// (`server::admission`) share about one connection.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    id: u64,
+    peer: Peer,
+    preface_done: AtomicBool,
+    /// Made at least one call.
+    served: AtomicBool,
+    /// Streams between their headers and their response.
+    in_flight: AtomicUsize,
+    /// Of those, Status calls.
+    status_in_flight: AtomicUsize,
+    last_active_ms: AtomicU64,
+    evicted: AtomicBool,
+    /// The task serving the connection, woken to notice an eviction.
+    waker: Mutex<Option<Waker>>,
+}
+
+impl Shared {
+    fn evict(&self) {
+        self.evicted.store(true, Ordering::Release);
+        if let Some(w) = self
+            .waker
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+        {
+            w.wake();
+        }
+    }
+
+    fn check_evicted(&self, cx: &Context<'_>) -> io::Result<()> {
+        if self.evicted.load(Ordering::Acquire) {
+            return Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "closed at the connection limit to admit a new connection",
+            ));
+        }
+        let mut waker = self.waker.lock().unwrap_or_else(PoisonError::into_inner);
+        if !waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            *waker = Some(cx.waker().clone());
+        }
+        drop(waker);
+        // Re-check: an eviction between the load and storing the waker
+        // would otherwise go unnoticed until the next wake-up.
+        if self.evicted.load(Ordering::Acquire) {
+            return Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "closed at the connection limit to admit a new connection",
+            ));
+        }
+        Ok(())
+    }
+
+    /// A call started on this connection: it is no longer idle. Status
+    /// calls past [`STATUS_STREAMS_PER_CONNECTION`] are refused (`None`).
+    pub(crate) fn start_call(
+        self: &Arc<Self>,
+        registry: &Registry,
+        status: bool,
+    ) -> Option<CallGuard> {
+        if status {
+            let before = self.status_in_flight.fetch_add(1, Ordering::AcqRel);
+            if before >= STATUS_STREAMS_PER_CONNECTION {
+                self.status_in_flight.fetch_sub(1, Ordering::AcqRel);
+                return None;
+            }
+        }
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.served.store(true, Ordering::Relaxed);
+        self.last_active_ms
+            .store(registry.now_ms(), Ordering::Relaxed);
+        Some(CallGuard {
+            shared: Arc::clone(self),
+            epoch: registry.epoch,
+            status,
+        })
+    }
+}
+
+/// Marks a call in flight on its connection until dropped.
+#[derive(Debug)]
+pub(crate) struct CallGuard {
+    shared: Arc<Shared>,
+    epoch: Instant,
+    status: bool,
+}
+
+impl Drop for CallGuard {
+    fn drop(&mut self) {
+        let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.shared.last_active_ms.store(now, Ordering::Relaxed);
+        if self.status {
+            self.shared.status_in_flight.fetch_sub(1, Ordering::AcqRel);
+        }
+        self.shared.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// What a request learns about its connection (tonic puts it in the
+/// request's extensions): the peer's credentials and the connection's
+/// shared state.
+#[derive(Debug, Clone)]
+pub(crate) struct ConnInfo {
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl ConnInfo {
+    /// The peer's (uid, gid), as the kernel reported them at accept.
+    pub(crate) fn peer(&self) -> Peer {
+        self.shared.peer
+    }
+}
+
+/// An accepted connection: the socket, its slot in the [`Registry`]
 /// (released when the connection is dropped), and until the client preface
 /// has arrived, the deadline for it.
 #[derive(Debug)]
 pub(crate) struct Connection {
     stream: UnixStream,
-    _slot: OwnedSemaphorePermit,
+    shared: Arc<Shared>,
+    registry: Arc<Registry>,
     preface: Option<Preface>,
 }
 
 #[derive(Debug)]
 struct Preface {
     missing: usize,
+    timeout: Duration,
     deadline: Pin<Box<Sleep>>,
 }
 
 impl Connection {
-    pub(crate) fn new(stream: UnixStream, slot: OwnedSemaphorePermit) -> Self {
+    pub(crate) fn new(
+        stream: UnixStream,
+        shared: Arc<Shared>,
+        registry: Arc<Registry>,
+        preface_timeout: Duration,
+    ) -> Self {
         Self {
             stream,
-            _slot: slot,
+            shared,
+            registry,
             preface: Some(Preface {
                 missing: PREFACE_LEN,
-                deadline: Box::pin(tokio::time::sleep(PREFACE_TIMEOUT)),
+                timeout: preface_timeout,
+                deadline: Box::pin(tokio::time::sleep(preface_timeout)),
             }),
         }
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.registry.remove(self.shared.id);
     }
 }
 
@@ -126,6 +469,7 @@ impl AsyncRead for Connection {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        this.shared.check_evicted(cx)?;
         // The deadline is polled with the same waker as the read, so the
         // HTTP/2 handshake waiting on this read is woken when it expires.
         if let Some(preface) = &mut this.preface
@@ -133,7 +477,7 @@ impl AsyncRead for Connection {
         {
             return Poll::Ready(Err(io::Error::new(
                 io::ErrorKind::TimedOut,
-                format!("no HTTP/2 client preface within {PREFACE_TIMEOUT:?}"),
+                format!("no HTTP/2 client preface within {:?}", preface.timeout),
             )));
         }
         let before = buf.filled().len();
@@ -142,6 +486,7 @@ impl AsyncRead for Connection {
             let got = buf.filled().len() - before;
             if got >= preface.missing {
                 this.preface = None;
+                this.shared.preface_done.store(true, Ordering::Relaxed);
             } else {
                 preface.missing -= got;
             }
@@ -156,7 +501,9 @@ impl AsyncWrite for Connection {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+        let this = self.get_mut();
+        this.shared.check_evicted(cx)?;
+        Pin::new(&mut this.stream).poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -164,7 +511,9 @@ impl AsyncWrite for Connection {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        this.shared.check_evicted(cx)?;
+        Pin::new(&mut this.stream).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -181,9 +530,11 @@ impl AsyncWrite for Connection {
 }
 
 impl Connected for Connection {
-    type ConnectInfo = UdsConnectInfo;
+    type ConnectInfo = ConnInfo;
 
-    fn connect_info(&self) -> UdsConnectInfo {
-        self.stream.connect_info()
+    fn connect_info(&self) -> ConnInfo {
+        ConnInfo {
+            shared: Arc::clone(&self.shared),
+        }
     }
 }
