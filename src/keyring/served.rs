@@ -283,7 +283,7 @@ impl Backend for Guarded {
             &anchor,
             remembered,
             Served::of(&keyring),
-            &self.inner.describe(),
+            "the keyring",
             &self.target,
         )
         .map_err(refuse)?;

@@ -204,8 +204,13 @@ async fn check_keyring(t: &Target, serve_uid: u32, out: &mut Vec<Finding>) {
                 Ok(()) => out.push(ok(
                     "keyring access",
                     format!(
-                        "{}: only uid {serve_uid} and root can change it",
-                        keyring.display()
+                        "{}: only {} can change it or its directories",
+                        keyring.display(),
+                        if serve_uid == 0 {
+                            "root".to_owned()
+                        } else {
+                            format!("uid {serve_uid} and root")
+                        }
                     ),
                 )),
                 Err(e) => out.push(fail(
@@ -274,7 +279,7 @@ async fn check_keyring(t: &Target, serve_uid: u32, out: &mut Vec<Finding>) {
                 &anchor,
                 r,
                 Served::of(&keyring),
-                &record.display().to_string(),
+                "the keyring",
                 &target,
             )
             .map(|()| r)
