@@ -19,8 +19,8 @@ use kekd::keyring::store::{self, KeyringFile};
 use kekd::keyring::{KeyState, KeyVersion, Timestamp};
 
 use common::{
-    EX_CONFIG, EX_TEMPFAIL, EX_USAGE, Finished, Process, Rng, admin, admin_async, error_message, json_of, kekd,
-    keks_in, mode_of, run_guarded, tempdir_blocking,
+    EX_CONFIG, EX_TEMPFAIL, EX_USAGE, Finished, Process, Rng, admin, admin_async, error_message,
+    json_of, kekd, keks_in, mode_of, run_guarded, tempdir_blocking,
 };
 
 /// A keyring made by `kekd admin init` in its own tempdir.
@@ -1364,7 +1364,11 @@ async fn a_root_admin_command_keeps_the_keyring_owned_by_the_serving_user() {
     let mut client = server.ready().await;
     assert_eq!(client.status().await.unwrap().key_id, ring.key_id(1));
 
-    let out = admin_async(&["rotate", "--promote", "--keyring", ring.k()], ring.dir.path()).await;
+    let out = admin_async(
+        &["rotate", "--promote", "--keyring", ring.k()],
+        ring.dir.path(),
+    )
+    .await;
     assert_eq!(out.code(), 0, "{out:#?}");
     assert_eq!(owner_of(&ring.path), (NOBODY, NOBODY));
     assert_eq!(mode_of(&ring.path), 0o600);
@@ -1384,7 +1388,10 @@ async fn a_root_admin_command_keeps_the_keyring_owned_by_the_serving_user() {
     assert_eq!(owner_of(&record), (NOBODY, NOBODY));
     assert_eq!(
         fs::read_to_string(&record).unwrap(),
-        format!("kekd-served v1\nkeyring_id {}\nhighest_version 2\n", ring.id())
+        format!(
+            "kekd-served v1\nkeyring_id {}\nhighest_version 2\n",
+            ring.id()
+        )
     );
 
     let mut again = spawn_guarded(
@@ -1471,7 +1478,13 @@ fn serve_and_doctor_refuse_a_keyring_another_user_can_change() {
             )
         );
         let doctor = admin(
-            &["doctor", "--keyring", keyring.to_str().unwrap(), "--output", "json"],
+            &[
+                "doctor",
+                "--keyring",
+                keyring.to_str().unwrap(),
+                "--output",
+                "json",
+            ],
             dir,
         );
         assert_eq!(doctor.code(), 1, "{doctor:#?}");
@@ -1493,7 +1506,8 @@ fn serve_and_doctor_refuse_a_keyring_another_user_can_change() {
             "{access:#}"
         );
     };
-    let chmod = |p: &Path, mode: u32| fs::set_permissions(p, fs::Permissions::from_mode(mode)).unwrap();
+    let chmod =
+        |p: &Path, mode: u32| fs::set_permissions(p, fs::Permissions::from_mode(mode)).unwrap();
 
     // A private keyring owned by another user, served as root.
     let ring = Ring::init();
@@ -1503,13 +1517,23 @@ fn serve_and_doctor_refuse_a_keyring_another_user_can_change() {
         refused(
             &k,
             &k,
-            &format!("(keyring) is owned by uid {NOBODY}, not by uid 0 that kekd runs as nor by root"),
+            &format!(
+                "(keyring) is owned by uid {NOBODY}, not by uid 0 that kekd runs as nor by root"
+            ),
             &format!("chown 0 {}", k.display()),
         );
     }
     // doctor, told that kekd serves as nobody, agrees with that owner.
     let doctor = admin(
-        &["doctor", "--keyring", ring.k(), "--serve-uid", "65534", "--output", "json"],
+        &[
+            "doctor",
+            "--keyring",
+            ring.k(),
+            "--serve-uid",
+            "65534",
+            "--output",
+            "json",
+        ],
         ring.dir.path(),
     );
     assert_eq!(doctor.code(), 0, "{doctor:#?}");
@@ -1517,7 +1541,11 @@ fn serve_and_doctor_refuse_a_keyring_another_user_can_change() {
 
     // Its directory writable by every user, or by its group.
     let dir = ring.dir.path().to_owned();
-    for (mode, who) in [(0o777, "every user"), (0o770, "its group"), (0o1777, "every user")] {
+    for (mode, who) in [
+        (0o777, "every user"),
+        (0o770, "its group"),
+        (0o1777, "every user"),
+    ] {
         chmod(&dir, mode);
         let (k, d) = (ring.path.clone(), dir.clone());
         {
@@ -1543,7 +1571,9 @@ fn serve_and_doctor_refuse_a_keyring_another_user_can_change() {
         refused(
             &k,
             &anc,
-            &format!("(directory) is owned by uid {NOBODY}, not by uid 0 that kekd runs as nor by root"),
+            &format!(
+                "(directory) is owned by uid {NOBODY}, not by uid 0 that kekd runs as nor by root"
+            ),
             &format!("chown 0 {}", anc.display()),
         );
     }
@@ -1568,14 +1598,23 @@ fn serve_and_doctor_refuse_a_keyring_another_user_can_change() {
         stop(server).await;
     });
     let doctor = admin(
-        &["doctor", "--keyring", keyring.to_str().unwrap(), "--output", "json"],
+        &[
+            "doctor",
+            "--keyring",
+            keyring.to_str().unwrap(),
+            "--output",
+            "json",
+        ],
         &nested,
     );
     assert_eq!(doctor.code(), 0, "{doctor:#?}");
 }
 
 fn create_private(path: &Path) {
-    let out = admin(&["init", "--keyring", path.to_str().unwrap()], path.parent().unwrap());
+    let out = admin(
+        &["init", "--keyring", path.to_str().unwrap()],
+        path.parent().unwrap(),
+    );
     assert_eq!(out.code(), 0, "{out:#?}");
 }
 
@@ -1588,7 +1627,11 @@ async fn a_restart_refuses_a_rolled_back_or_different_keyring_until_accepted() {
     let socket = ring.dir.path().join("kms.sock");
     let record = ring.dir.path().join("keyring.served");
     let serve_once = |want: String| {
-        let (k, s, d) = (ring.path.clone(), socket.clone(), ring.dir.path().to_owned());
+        let (k, s, d) = (
+            ring.path.clone(),
+            socket.clone(),
+            ring.dir.path().to_owned(),
+        );
         async move {
             let mut server = spawn_guarded(serve_cmd(&k, &s), &s, &d).await;
             let mut client = server.ready().await;
@@ -1596,16 +1639,27 @@ async fn a_restart_refuses_a_rolled_back_or_different_keyring_until_accepted() {
             stop(server).await;
         }
     };
-    let record_says = |id: &str, v: u32| format!("kekd-served v1\nkeyring_id {id}\nhighest_version {v}\n");
+    let record_says =
+        |id: &str, v: u32| format!("kekd-served v1\nkeyring_id {id}\nhighest_version {v}\n");
     serve_once(ring.key_id(1)).await;
-    assert_eq!(fs::read_to_string(&record).unwrap(), record_says(&ring.id(), 1));
+    assert_eq!(
+        fs::read_to_string(&record).unwrap(),
+        record_says(&ring.id(), 1)
+    );
 
     let old = ring.dir.path().join("keyring.v1");
     fs::copy(&ring.path, &old).unwrap();
-    let out = admin_async(&["rotate", "--promote", "--keyring", ring.k()], ring.dir.path()).await;
+    let out = admin_async(
+        &["rotate", "--promote", "--keyring", ring.k()],
+        ring.dir.path(),
+    )
+    .await;
     assert_eq!(out.code(), 0, "{out:#?}");
     serve_once(ring.key_id(2)).await;
-    assert_eq!(fs::read_to_string(&record).unwrap(), record_says(&ring.id(), 2));
+    assert_eq!(
+        fs::read_to_string(&record).unwrap(),
+        record_says(&ring.id(), 2)
+    );
 
     // Rolled back to the copy holding version 1 only.
     fs::rename(&old, &ring.path).unwrap();
@@ -1623,13 +1677,19 @@ async fn a_restart_refuses_a_rolled_back_or_different_keyring_until_accepted() {
         let cmd = serve_cmd(&ring.path, &socket);
         let dir = ring.dir.path().to_owned();
         async move {
-            let out = tokio::task::spawn_blocking(move || run_guarded(cmd, &dir)).await.unwrap();
+            let out = tokio::task::spawn_blocking(move || run_guarded(cmd, &dir))
+                .await
+                .unwrap();
             assert_eq!(out.code(), EX_CONFIG, "{out:#?}");
             assert_eq!(error_message(&out), want, "{out:#?}");
         }
     };
     start_refused(refusal(&id, 1, "an older copy: versions are missing")).await;
-    let doctor = admin_async(&["doctor", "--keyring", ring.k(), "--output", "json"], ring.dir.path()).await;
+    let doctor = admin_async(
+        &["doctor", "--keyring", ring.k(), "--output", "json"],
+        ring.dir.path(),
+    )
+    .await;
     assert_eq!(doctor.code(), 1, "{doctor:#?}");
     let served = json_of(&doctor)["findings"]
         .as_array()
@@ -1641,7 +1701,10 @@ async fn a_restart_refuses_a_rolled_back_or_different_keyring_until_accepted() {
     assert_eq!(served["level"], "fail", "{served:#}");
     assert_eq!(
         served["fix"],
-        format!("`kekd admin accept-keyring --keyring {}` if this keyring is the right one", ring.k())
+        format!(
+            "`kekd admin accept-keyring --keyring {}` if this keyring is the right one",
+            ring.k()
+        )
     );
 
     let accept = || async {
@@ -1660,7 +1723,12 @@ async fn a_restart_refuses_a_rolled_back_or_different_keyring_until_accepted() {
     let out = accept().await;
     assert_eq!(out.code(), 0, "{out:#?}");
     assert_eq!(json_of(&out)["changed"], false);
-    assert_eq!(ring.audit().matches("\"command\":\"accept-keyring\"").count(), 1);
+    assert_eq!(
+        ring.audit()
+            .matches("\"command\":\"accept-keyring\"")
+            .count(),
+        1
+    );
     serve_once(ring.key_id(1)).await;
 
     // Another keyring in its place (init just works: no keyring there).
@@ -1673,4 +1741,47 @@ async fn a_restart_refuses_a_rolled_back_or_different_keyring_until_accepted() {
     let out = accept().await;
     assert_eq!(out.code(), 0, "{out:#?}");
     serve_once(format!("kekd/{new_id}/v1")).await;
+}
+
+/// A secret taken from the environment stays in /proc/PID/environ: doctor
+/// says so and names the file option; with the file option it says nothing.
+#[test]
+fn doctor_warns_when_the_environment_supplies_a_secret() {
+    let ring = Ring::init();
+    let doctor = |env: &[(&str, &str)]| {
+        let mut cmd = kekd();
+        cmd.args(["admin", "doctor", "--keyring", ring.k(), "--output", "json"])
+            .envs(env.iter().copied());
+        let out = run_guarded(cmd, ring.dir.path());
+        assert_eq!(out.code(), 0, "{out:#?}");
+        json_of(&out)["findings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|f| f["check"] == "secret in environment")
+            .cloned()
+            .collect::<Vec<Value>>()
+    };
+    let found = doctor(&[("KEKD_BACKUP_PASSPHRASE", "correct horse battery")]);
+    assert_eq!(found.len(), 1, "{found:#?}");
+    assert_eq!(found[0]["level"], "warn");
+    assert_eq!(
+        found[0]["detail"],
+        "KEKD_BACKUP_PASSPHRASE supplies a secret: it stays readable in /proc/PID/environ (to this uid and root) \
+         for the life of the process, and kekd cannot erase it"
+    );
+    assert_eq!(
+        found[0]["fix"],
+        "put the secret in a file (chmod 600) and use --passphrase-file (or KEKD_BACKUP_PASSPHRASE_FILE); unset \
+         KEKD_BACKUP_PASSPHRASE"
+    );
+    let file = ring.dir.path().join("passphrase");
+    assert!(
+        doctor(&[
+            ("KEKD_BACKUP_PASSPHRASE", "correct horse battery"),
+            ("KEKD_BACKUP_PASSPHRASE_FILE", file.to_str().unwrap()),
+        ])
+        .is_empty()
+    );
+    assert!(doctor(&[]).is_empty());
 }

@@ -99,30 +99,8 @@ pub fn record_path(anchor: &Path) -> PathBuf {
 #[derive(Debug, thiserror::Error)]
 pub enum ServedError {
     /// The keyring is not the one this node served, or is older.
-    #[error(
-        "{record} says this node served keyring {remembered_id} up to version {remembered_highest}, but {found_what} \
-         is keyring {found_id} with versions up to {found_highest} ({why}); refusing to serve it. If this is \
-         on purpose (a restored older backup, a new keyring), accept it with \
-         `kekd admin accept-keyring {target}`, then start kekd again"
-    )]
-    Mismatch {
-        /// The record.
-        record: PathBuf,
-        /// What the record remembers.
-        remembered_id: KeyringId,
-        /// The highest version remembered.
-        remembered_highest: KeyVersion,
-        /// The keyring found.
-        found_what: String,
-        /// Its id.
-        found_id: KeyringId,
-        /// Its highest version.
-        found_highest: KeyVersion,
-        /// `another keyring` or `a rollback`.
-        why: &'static str,
-        /// The flags naming the keyring to `accept-keyring`.
-        target: String,
-    },
+    #[error(transparent)]
+    Mismatch(Box<Mismatch>),
     /// The record exists but cannot be read or is not a record.
     #[error(
         "{record}: {reason}; it should hold the keyring this node served. Check how it changed; to trust the \
@@ -136,6 +114,33 @@ pub enum ServedError {
         /// The flags naming the keyring to `accept-keyring`.
         target: String,
     },
+}
+
+/// A keyring that is not the one this node served, or is older.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{record} says this node served keyring {remembered_id} up to version {remembered_highest}, but {found_what} \
+     is keyring {found_id} with versions up to {found_highest} ({why}); refusing to serve it. If this is \
+     on purpose (a restored older backup, a new keyring), accept it with \
+     `kekd admin accept-keyring {target}`, then start kekd again"
+)]
+pub struct Mismatch {
+    /// The record.
+    pub record: PathBuf,
+    /// What the record remembers.
+    pub remembered_id: KeyringId,
+    /// The highest version remembered.
+    pub remembered_highest: KeyVersion,
+    /// The keyring found.
+    pub found_what: String,
+    /// Its id.
+    pub found_id: KeyringId,
+    /// Its highest version.
+    pub found_highest: KeyVersion,
+    /// `another keyring` or `a rollback`.
+    pub why: &'static str,
+    /// The flags naming the keyring to `accept-keyring`.
+    pub target: String,
 }
 
 /// Reads the record beside `anchor`; `None` when there is none.
@@ -193,7 +198,7 @@ pub fn check(
     } else {
         return Ok(());
     };
-    Err(ServedError::Mismatch {
+    Err(ServedError::Mismatch(Box::new(Mismatch {
         record: record_path(anchor),
         remembered_id: remembered.keyring_id,
         remembered_highest: remembered.highest,
@@ -202,7 +207,7 @@ pub fn check(
         found_highest: found.highest,
         why,
         target: target.to_owned(),
-    })
+    })))
 }
 
 /// Records that the keyring `now` is served, if it holds a version higher than the

@@ -913,14 +913,14 @@ fn write_durable(
         // not read would take its keyring away at the next reload.
         match owner {
             Some((owner, true)) => {
-                std::os::unix::fs::fchown(&f, Some(owner.uid), Some(owner.gid)).map_err(|e| {
-                    match e.raw_os_error() {
+                std::os::unix::fs::fchown(&f, Some(owner.uid), Some(owner.gid)).map_err(
+                    |e| match e.raw_os_error() {
                         Some(code) if code == rustix::io::Errno::PERM.raw_os_error() => {
                             owner.refusal(path)
                         }
                         _ => io("give the temporary file the owner of the file it replaces")(e),
-                    }
-                })?;
+                    },
+                )?;
                 f.set_permissions(fs::Permissions::from_mode(owner.mode))
                     .map_err(io("set the temporary file's mode"))?;
             }

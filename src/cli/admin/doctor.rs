@@ -27,8 +27,8 @@ use crate::backend::local::LocalBackend;
 use crate::backend::pkcs11::Pkcs11Backend;
 use crate::cli::CliError;
 use crate::config::BackendConfig;
-use crate::keyring::served::{self, Served};
 use crate::keyring::access;
+use crate::keyring::served::{self, Served};
 
 /// Arguments of `kekd admin doctor`.
 #[derive(Debug, clap::Args)]
@@ -275,14 +275,7 @@ async fn check_keyring(t: &Target, serve_uid: u32, out: &mut Vec<Finding>) {
         };
         let record = served::record_path(&anchor);
         match served::read(&anchor, &target).and_then(|r| {
-            served::check(
-                &anchor,
-                r,
-                Served::of(&keyring),
-                "the keyring",
-                &target,
-            )
-            .map(|()| r)
+            served::check(&anchor, r, Served::of(&keyring), "the keyring", &target).map(|()| r)
         }) {
             Ok(Some(r)) => out.push(ok(
                 "served record",

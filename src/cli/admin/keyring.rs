@@ -341,8 +341,10 @@ pub fn accept(t: &Target) -> Result<(), CliError> {
         report(
             t.output,
             &json!({"command": "accept-keyring", "changed": false, "keyring": name, "message": why}),
-            &format!("accept-keyring: nothing to do: {why}
-"),
+            &format!(
+                "accept-keyring: nothing to do: {why}
+"
+            ),
         );
         return Ok(());
     }
