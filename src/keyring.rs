@@ -6,7 +6,9 @@
 //! Where the key material lives is the backend's business ([`KeyHandle`]); the
 //! durable file format of the local backend is in [`store`].
 
+pub mod access;
 pub mod ops;
+pub mod served;
 pub mod store;
 
 use std::collections::BTreeMap;

@@ -9,8 +9,9 @@ use clap::error::ErrorKind;
 const EXIT_USAGE: u8 = 64;
 
 fn main() -> ExitCode {
-    // Before any key or PIN is read: no core dumps of this process.
-    kekd::hardening::harden_process();
+    // Each command sets up logging, then hardens the process
+    // (`kekd::hardening::harden_process`) before it reads any key or PIN,
+    // so a hardening failure is logged. Parsing the command line reads none.
     let cli = match kekd::cli::Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {

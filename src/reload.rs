@@ -7,7 +7,8 @@
 //! version lost or altered, primary not moving back) and self-checked; only
 //! then is it swapped in, whole. Anything wrong leaves the last good snapshot
 //! serving, is logged once and recorded for `kekd admin list`, and the next
-//! good version is picked up by itself.
+//! good version is picked up by itself. A keyring swapped in is recorded as
+//! served ([`crate::keyring::served`]), so a restart never goes back below it.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -20,6 +21,7 @@ use crate::backend::pkcs11::Pkcs11Error;
 use crate::backend::{Backend, BackendError};
 use crate::keyring::Timestamp;
 use crate::keyring::ops::check_successor;
+use crate::keyring::served::{Served, note_served};
 use crate::state::{Event, ServingState, Snapshot};
 use crate::usage::ReloadProblem;
 
@@ -119,7 +121,12 @@ pub async fn try_reload(state: &ServingState, backend: &Arc<dyn Backend>) -> boo
         current.keyring.primary_key_id().clone(),
         keyring.primary_key_id().clone(),
     );
+    let served = Served::of(&keyring);
     state.swap(Snapshot::new(keyring, Timestamp::now(), true));
+    // A restart must not go back below what is served now.
+    if let Some(anchor) = backend.state_anchor() {
+        let _ = tokio::task::spawn_blocking(move || note_served(&anchor, served)).await;
+    }
     state.metrics().reload("applied", Timestamp::now().unix());
     state.event(Event::SnapshotSwitched {
         from: old_id.to_string(),

@@ -19,8 +19,8 @@ use kekd::keyring::store::{self, KeyringFile};
 use kekd::keyring::{KeyState, KeyVersion, Timestamp};
 
 use common::{
-    EX_CONFIG, EX_TEMPFAIL, EX_USAGE, Finished, Process, Rng, admin, error_message, json_of, kekd,
-    keks_in, mode_of, run_guarded, tempdir_blocking,
+    EX_CONFIG, EX_TEMPFAIL, EX_USAGE, Finished, Process, Rng, admin, admin_async, error_message,
+    json_of, kekd, keks_in, mode_of, run_guarded, tempdir_blocking,
 };
 
 /// A keyring made by `kekd admin init` in its own tempdir.
@@ -1283,4 +1283,541 @@ fn the_audit_log_records_the_real_uid_and_sudo_variables_only_as_a_claim() {
     if uid == 0 {
         assert_eq!(l["user"], "root", "{l}");
     }
+}
+
+// ------------------------------------------------ owners, StrictModes, served
+
+/// The uid and gid tests serve as when they run as root.
+const NOBODY: u32 = 65534;
+
+fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+fn require_all() -> bool {
+    std::env::var_os("KEKD_REQUIRE_ALL").is_some_and(|v| v == "1")
+}
+
+/// Whether a test that needs a second uid can run (root and setpriv).
+fn can_switch_users(test: &str) -> bool {
+    let ok = is_root()
+        && std::process::Command::new("setpriv")
+            .arg("--version")
+            .output()
+            .is_ok();
+    if !ok {
+        assert!(
+            !require_all(),
+            "{test} needs root and setpriv (KEKD_REQUIRE_ALL=1)"
+        );
+        eprintln!("SKIP {test}: needs root and setpriv");
+    }
+    ok
+}
+
+/// `cmd` run through `setpriv PREFIX… --`, with kekd's clean environment.
+fn setpriv(prefix: &[String], cmd: &std::process::Command) -> std::process::Command {
+    let mut wrapped = std::process::Command::new("setpriv");
+    wrapped
+        .args(prefix)
+        .arg("--")
+        .arg(cmd.get_program())
+        .args(cmd.get_args())
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null());
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("KEKD_") {
+            wrapped.env_remove(name);
+        }
+    }
+    wrapped
+}
+
+/// setpriv arguments that run as `uid`:`gid` with no other groups.
+fn as_user(uid: u32, gid: u32) -> Vec<String> {
+    vec![
+        format!("--reuid={uid}"),
+        format!("--regid={gid}"),
+        "--clear-groups".to_owned(),
+    ]
+}
+
+fn chown_all(path: &Path, uid: u32, gid: u32) {
+    std::os::unix::fs::lchown(path, Some(uid), Some(gid)).unwrap();
+    if fs::symlink_metadata(path).unwrap().is_dir() {
+        for entry in fs::read_dir(path).unwrap() {
+            chown_all(&entry.unwrap().path(), uid, gid);
+        }
+    }
+}
+
+fn owner_of(path: &Path) -> (u32, u32) {
+    use std::os::unix::fs::MetadataExt;
+    let m = fs::metadata(path).unwrap();
+    (m.uid(), m.gid())
+}
+
+fn serve_cmd(keyring: &Path, socket: &Path) -> std::process::Command {
+    let mut cmd = kekd();
+    cmd.arg("serve")
+        .arg("--keyring")
+        .arg(keyring)
+        .arg("--socket")
+        .arg(socket)
+        .args(["--reload-interval", "200ms"]);
+    cmd
+}
+
+async fn spawn_guarded(cmd: std::process::Command, socket: &Path, logs: &Path) -> Process {
+    let _guard = common::fs_lock().await;
+    Process::spawn(cmd, socket, logs)
+}
+
+async fn stop(process: Process) {
+    process.signal(rustix::process::Signal::TERM);
+    let out = process.wait_exit().await;
+    assert_eq!(out.code(), 0, "{out:#?}");
+}
+
+/// M5: kekd serves as `nobody`; root rotates. The new keyring keeps
+/// nobody's ownership, the server reloads the new primary, and a restart
+/// works.
+#[tokio::test]
+async fn a_root_admin_command_keeps_the_keyring_owned_by_the_serving_user() {
+    if !can_switch_users("a_root_admin_command_keeps_the_keyring_owned_by_the_serving_user") {
+        return;
+    }
+    let ring = tokio::task::spawn_blocking(Ring::init).await.unwrap();
+    chown_all(ring.dir.path(), NOBODY, NOBODY);
+    let socket = ring.dir.path().join("kms.sock");
+    let nobody = as_user(NOBODY, NOBODY);
+    let mut server = spawn_guarded(
+        setpriv(&nobody, &serve_cmd(&ring.path, &socket)),
+        &socket,
+        ring.dir.path(),
+    )
+    .await;
+    let mut client = server.ready().await;
+    assert_eq!(client.status().await.unwrap().key_id, ring.key_id(1));
+
+    let out = admin_async(
+        &["rotate", "--promote", "--keyring", ring.k()],
+        ring.dir.path(),
+    )
+    .await;
+    assert_eq!(out.code(), 0, "{out:#?}");
+    assert_eq!(owner_of(&ring.path), (NOBODY, NOBODY));
+    assert_eq!(mode_of(&ring.path), 0o600);
+    let want = ring.key_id(2);
+    common::eventually("the server serves v2", Duration::from_secs(30), || {
+        let socket = socket.clone();
+        let want = want.clone();
+        async move {
+            let mut c = common::connect(&socket).await;
+            let got = c.status().await.map_err(|e| e.to_string())?.key_id;
+            if got == want { Ok(()) } else { Err(got) }
+        }
+    })
+    .await;
+    stop(server).await;
+    let record = ring.dir.path().join("keyring.served");
+    assert_eq!(owner_of(&record), (NOBODY, NOBODY));
+    assert_eq!(
+        fs::read_to_string(&record).unwrap(),
+        format!(
+            "kekd-served v1\nkeyring_id {}\nhighest_version 2\n",
+            ring.id()
+        )
+    );
+
+    let mut again = spawn_guarded(
+        setpriv(&nobody, &serve_cmd(&ring.path, &socket)),
+        &socket,
+        ring.dir.path(),
+    )
+    .await;
+    let mut client = again.ready().await;
+    assert_eq!(client.status().await.unwrap().key_id, want);
+    stop(again).await;
+}
+
+/// A process that cannot give the replacement the keyring's owner and group
+/// (root without CAP_CHOWN; the owner itself when the group is one it is
+/// not in) is refused before it writes anything, and is told who can.
+#[test]
+fn a_command_that_cannot_keep_the_owner_is_refused_and_changes_nothing() {
+    if !can_switch_users("a_command_that_cannot_keep_the_owner_is_refused_and_changes_nothing") {
+        return;
+    }
+    let ring = Ring::init();
+    chown_all(ring.dir.path(), NOBODY, NOBODY);
+    let before = (ring.bytes(), ring.audit());
+    let rotate = |prefix: Vec<String>| {
+        let mut cmd = kekd();
+        cmd.args(["admin", "rotate", "--promote", "--keyring", ring.k()]);
+        run_guarded(setpriv(&prefix, &cmd), ring.dir.path())
+    };
+    let refusal = |caller: u32, gid: u32| {
+        format!(
+            "{k} belongs to uid {NOBODY} gid {gid} (nobody), and this process (uid {caller}) cannot give its \
+             replacement that owner and group, so kekd running as that user could no longer read it; nothing was \
+             changed: run the command as root, or as that user (`sudo -u '#{NOBODY}' -g '#{gid}' kekd admin …` or \
+             `setpriv --reuid={NOBODY} --regid={gid} --clear-groups kekd admin …`)",
+            k = ring.k()
+        )
+    };
+
+    let no_chown = vec![
+        "--bounding-set=-chown".to_owned(),
+        "--inh-caps=-chown".to_owned(),
+    ];
+    let out = rotate(no_chown);
+    assert_eq!(out.code(), EX_CONFIG, "{out:#?}");
+    assert_eq!(error_message(&out), refusal(0, NOBODY));
+    assert_eq!((ring.bytes(), ring.audit()), before);
+    assert_eq!(owner_of(&ring.path), (NOBODY, NOBODY));
+    assert_eq!(temp_files(ring.dir.path()), Vec::<String>::new());
+
+    // Owned by nobody, group root: nobody cannot keep group 0.
+    std::os::unix::fs::chown(&ring.path, Some(NOBODY), Some(0)).unwrap();
+    let out = rotate(as_user(NOBODY, NOBODY));
+    assert_eq!(out.code(), EX_CONFIG, "{out:#?}");
+    assert_eq!(error_message(&out), refusal(NOBODY, 0));
+    assert_eq!((ring.bytes(), ring.audit()), before);
+    assert_eq!(owner_of(&ring.path), (NOBODY, 0));
+    assert_eq!(temp_files(ring.dir.path()), Vec::<String>::new());
+
+    // Root (with CAP_CHOWN) keeps both.
+    let out = rotate(vec![]);
+    assert_eq!(out.code(), 0, "{out:#?}");
+    assert_eq!(owner_of(&ring.path), (NOBODY, 0));
+    assert_ne!(ring.bytes(), before.0);
+}
+
+/// `kekd serve` and `kekd admin doctor` share one verdict on who can change
+/// the keyring (OpenSSH StrictModes): owner, its directory, the ancestors.
+#[test]
+fn serve_and_doctor_refuse_a_keyring_another_user_can_change() {
+    if !can_switch_users("serve_and_doctor_refuse_a_keyring_another_user_can_change") {
+        return;
+    }
+    let refused = |keyring: &Path, path: &Path, what: &str, fix: &str| {
+        let dir = keyring.parent().unwrap();
+        let out = run_guarded(serve_cmd(keyring, &dir.join("kms.sock")), dir);
+        assert_eq!(out.code(), EX_CONFIG, "{out:#?}");
+        assert_eq!(
+            error_message(&out),
+            format!(
+                "{} {what}, so another user could replace the keyring with keys of their own; refusing to serve \
+                 it: run `{fix}`",
+                path.display()
+            )
+        );
+        let doctor = admin(
+            &[
+                "doctor",
+                "--keyring",
+                keyring.to_str().unwrap(),
+                "--output",
+                "json",
+            ],
+            dir,
+        );
+        assert_eq!(doctor.code(), 1, "{doctor:#?}");
+        let findings = json_of(&doctor)["findings"].clone();
+        let access = findings
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["check"] == "keyring access")
+            .unwrap_or_else(|| panic!("{findings:#}"))
+            .clone();
+        assert_eq!(access["level"], "fail", "{access:#}");
+        assert_eq!(access["fix"], fix, "{access:#}");
+        assert!(
+            access["detail"]
+                .as_str()
+                .unwrap()
+                .starts_with(&format!("{} {what}", path.display())),
+            "{access:#}"
+        );
+    };
+    let chmod =
+        |p: &Path, mode: u32| fs::set_permissions(p, fs::Permissions::from_mode(mode)).unwrap();
+
+    // A private keyring owned by another user, served as root.
+    let ring = Ring::init();
+    std::os::unix::fs::chown(&ring.path, Some(NOBODY), Some(NOBODY)).unwrap();
+    let k = ring.path.clone();
+    {
+        refused(
+            &k,
+            &k,
+            &format!(
+                "(keyring) is owned by uid {NOBODY}, not by uid 0 that kekd runs as nor by root"
+            ),
+            &format!("chown 0 {}", k.display()),
+        );
+    }
+    // doctor, told that kekd serves as nobody, agrees with that owner.
+    let doctor = admin(
+        &[
+            "doctor",
+            "--keyring",
+            ring.k(),
+            "--serve-uid",
+            "65534",
+            "--output",
+            "json",
+        ],
+        ring.dir.path(),
+    );
+    assert_eq!(doctor.code(), 0, "{doctor:#?}");
+    std::os::unix::fs::chown(&ring.path, Some(0), Some(0)).unwrap();
+
+    // Its directory writable by every user, or by its group.
+    let dir = ring.dir.path().to_owned();
+    for (mode, who) in [
+        (0o777, "every user"),
+        (0o770, "its group"),
+        (0o1777, "every user"),
+    ] {
+        chmod(&dir, mode);
+        let (k, d) = (ring.path.clone(), dir.clone());
+        {
+            refused(
+                &k,
+                &d,
+                &format!("is a directory {who} can write (mode {mode:04o}) and holds the keyring"),
+                &format!("chmod go-w {}", d.display()),
+            );
+        }
+    }
+    chmod(&dir, 0o700);
+
+    // An ancestor owned by another user; then a writable, non-sticky one.
+    let nested = dir.join("a").join("b");
+    fs::create_dir_all(&nested).unwrap();
+    let keyring = nested.join("keyring");
+    create_private(&keyring);
+    let a = dir.join("a");
+    std::os::unix::fs::chown(&a, Some(NOBODY), Some(NOBODY)).unwrap();
+    let (k, anc) = (keyring.clone(), a.clone());
+    {
+        refused(
+            &k,
+            &anc,
+            &format!(
+                "(directory) is owned by uid {NOBODY}, not by uid 0 that kekd runs as nor by root"
+            ),
+            &format!("chown 0 {}", anc.display()),
+        );
+    }
+    std::os::unix::fs::chown(&a, Some(0), Some(0)).unwrap();
+    chmod(&a, 0o777);
+    let (k, anc) = (keyring.clone(), a.clone());
+    {
+        refused(
+            &k,
+            &anc,
+            "is a directory every user can write (mode 0777) on the way to the keyring",
+            &format!("chmod go-w {}", anc.display()),
+        );
+    }
+
+    // A root-owned sticky ancestor (like /tmp) is accepted: kekd serves.
+    chmod(&a, 0o1777);
+    let socket = nested.join("kms.sock");
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let mut server = spawn_guarded(serve_cmd(&keyring, &socket), &socket, &nested).await;
+        server.ready().await;
+        stop(server).await;
+    });
+    let doctor = admin(
+        &[
+            "doctor",
+            "--keyring",
+            keyring.to_str().unwrap(),
+            "--output",
+            "json",
+        ],
+        &nested,
+    );
+    assert_eq!(doctor.code(), 0, "{doctor:#?}");
+}
+
+fn create_private(path: &Path) {
+    let out = admin(
+        &["init", "--keyring", path.to_str().unwrap()],
+        path.parent().unwrap(),
+    );
+    assert_eq!(out.code(), 0, "{out:#?}");
+}
+
+/// A restart refuses a keyring that is not the one this node served (another
+/// id) or is older (fewer versions) until `accept-keyring` says so; a new
+/// keyring on a new node just starts.
+#[tokio::test]
+async fn a_restart_refuses_a_rolled_back_or_different_keyring_until_accepted() {
+    let ring = tokio::task::spawn_blocking(Ring::init).await.unwrap();
+    let socket = ring.dir.path().join("kms.sock");
+    let record = ring.dir.path().join("keyring.served");
+    let serve_once = |want: String| {
+        let (k, s, d) = (
+            ring.path.clone(),
+            socket.clone(),
+            ring.dir.path().to_owned(),
+        );
+        async move {
+            let mut server = spawn_guarded(serve_cmd(&k, &s), &s, &d).await;
+            let mut client = server.ready().await;
+            assert_eq!(client.status().await.unwrap().key_id, want);
+            stop(server).await;
+        }
+    };
+    let record_says =
+        |id: &str, v: u32| format!("kekd-served v1\nkeyring_id {id}\nhighest_version {v}\n");
+    serve_once(ring.key_id(1)).await;
+    assert_eq!(
+        fs::read_to_string(&record).unwrap(),
+        record_says(&ring.id(), 1)
+    );
+
+    let old = ring.dir.path().join("keyring.v1");
+    fs::copy(&ring.path, &old).unwrap();
+    let out = admin_async(
+        &["rotate", "--promote", "--keyring", ring.k()],
+        ring.dir.path(),
+    )
+    .await;
+    assert_eq!(out.code(), 0, "{out:#?}");
+    serve_once(ring.key_id(2)).await;
+    assert_eq!(
+        fs::read_to_string(&record).unwrap(),
+        record_says(&ring.id(), 2)
+    );
+
+    // Rolled back to the copy holding version 1 only.
+    fs::rename(&old, &ring.path).unwrap();
+    let id = ring.id();
+    let refusal = |found: &str, v: u32, why: &str| {
+        format!(
+            "keyring local keyring {k}: invalid keyring: {r} says this node served keyring {id} up to version 2, \
+             but the keyring is keyring {found} with versions up to {v} ({why}); refusing to serve it. If this is on purpose (a restored older backup, a new keyring), \
+             accept it with `kekd admin accept-keyring --keyring {k}`, then start kekd again",
+            r = record.display(),
+            k = ring.k()
+        )
+    };
+    let start_refused = |want: String| {
+        let cmd = serve_cmd(&ring.path, &socket);
+        let dir = ring.dir.path().to_owned();
+        async move {
+            let out = tokio::task::spawn_blocking(move || run_guarded(cmd, &dir))
+                .await
+                .unwrap();
+            assert_eq!(out.code(), EX_CONFIG, "{out:#?}");
+            assert_eq!(error_message(&out), want, "{out:#?}");
+        }
+    };
+    start_refused(refusal(&id, 1, "an older copy: versions are missing")).await;
+    let doctor = admin_async(
+        &["doctor", "--keyring", ring.k(), "--output", "json"],
+        ring.dir.path(),
+    )
+    .await;
+    assert_eq!(doctor.code(), 1, "{doctor:#?}");
+    let served = json_of(&doctor)["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["check"] == "served record")
+        .cloned()
+        .unwrap_or_else(|| panic!("{doctor:#?}"));
+    assert_eq!(served["level"], "fail", "{served:#}");
+    assert_eq!(
+        served["fix"],
+        format!(
+            "`kekd admin accept-keyring --keyring {}` if this keyring is the right one",
+            ring.k()
+        )
+    );
+
+    let accept = || async {
+        admin_async(
+            &["accept-keyring", "--keyring", ring.k(), "--output", "json"],
+            ring.dir.path(),
+        )
+        .await
+    };
+    let out = accept().await;
+    assert_eq!(out.code(), 0, "{out:#?}");
+    let j = json_of(&out);
+    assert_eq!(j["changed"], true);
+    assert_eq!(j["highest_version"], 1);
+    assert_eq!(j["previous"], format!("keyring {id} up to version 2"));
+    let out = accept().await;
+    assert_eq!(out.code(), 0, "{out:#?}");
+    assert_eq!(json_of(&out)["changed"], false);
+    assert_eq!(
+        ring.audit()
+            .matches("\"command\":\"accept-keyring\"")
+            .count(),
+        1
+    );
+    serve_once(ring.key_id(1)).await;
+
+    // Another keyring in its place (init just works: no keyring there).
+    fs::remove_file(&ring.path).unwrap();
+    let out = admin_async(&["init", "--keyring", ring.k()], ring.dir.path()).await;
+    assert_eq!(out.code(), 0, "{out:#?}");
+    let new_id = ring.id();
+    let want = refusal(&new_id, 1, "another keyring").replace("up to version 2", "up to version 1");
+    start_refused(want).await;
+    let out = accept().await;
+    assert_eq!(out.code(), 0, "{out:#?}");
+    serve_once(format!("kekd/{new_id}/v1")).await;
+}
+
+/// A secret taken from the environment stays in /proc/PID/environ: doctor
+/// says so and names the file option; with the file option it says nothing.
+#[test]
+fn doctor_warns_when_the_environment_supplies_a_secret() {
+    let ring = Ring::init();
+    let doctor = |env: &[(&str, &str)]| {
+        let mut cmd = kekd();
+        cmd.args(["admin", "doctor", "--keyring", ring.k(), "--output", "json"])
+            .envs(env.iter().copied());
+        let out = run_guarded(cmd, ring.dir.path());
+        assert_eq!(out.code(), 0, "{out:#?}");
+        json_of(&out)["findings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|f| f["check"] == "secret in environment")
+            .cloned()
+            .collect::<Vec<Value>>()
+    };
+    let found = doctor(&[("KEKD_BACKUP_PASSPHRASE", "correct horse battery")]);
+    assert_eq!(found.len(), 1, "{found:#?}");
+    assert_eq!(found[0]["level"], "warn");
+    assert_eq!(
+        found[0]["detail"],
+        "KEKD_BACKUP_PASSPHRASE supplies a secret: it stays readable in /proc/PID/environ (to this uid and root) \
+         for the life of the process, and kekd cannot erase it"
+    );
+    assert_eq!(
+        found[0]["fix"],
+        "put the secret in a file (chmod 600) and use --passphrase-file (or KEKD_BACKUP_PASSPHRASE_FILE); unset \
+         KEKD_BACKUP_PASSPHRASE"
+    );
+    let file = ring.dir.path().join("passphrase");
+    assert!(
+        doctor(&[
+            ("KEKD_BACKUP_PASSPHRASE", "correct horse battery"),
+            ("KEKD_BACKUP_PASSPHRASE_FILE", file.to_str().unwrap()),
+        ])
+        .is_empty()
+    );
+    assert!(doctor(&[]).is_empty());
 }

@@ -761,3 +761,90 @@ async fn dev_mode_creates_then_reuses_its_keyring_and_prints_the_config() {
     let keyring_id = fs::read_to_string(&keyring).unwrap();
     assert!(keyring_id.contains(&key_ids[0]["kekd/".len()..key_ids[0].len() - "/v1".len()]));
 }
+
+/// Logging is set up before the process is hardened, so a hardening step
+/// the sandbox refuses is logged (here `prctl(PR_SET_DUMPABLE)` fails with
+/// EPERM, injected by strace): in `serve`'s JSON log, and on an admin
+/// command's stderr. Before, hardening ran first and its warnings went
+/// nowhere.
+#[tokio::test]
+async fn a_refused_hardening_step_is_logged() {
+    let have_strace = Command::new("strace").arg("-V").output().is_ok();
+    if !have_strace {
+        assert!(
+            std::env::var_os("KEKD_REQUIRE_ALL").is_none_or(|v| v != "1"),
+            "this test needs strace (KEKD_REQUIRE_ALL=1)"
+        );
+        eprintln!("SKIP: needs strace to inject EPERM");
+        return;
+    }
+    let strace = |inner: &Command| {
+        let mut cmd = Command::new("strace");
+        cmd.args(["-f", "-qq", "-o", "/dev/null", "-e", "trace=prctl"])
+            .args(["-e", "inject=prctl:error=EPERM", "--"])
+            .arg(inner.get_program())
+            .args(inner.get_args())
+            .env_remove("RUST_LOG")
+            .stdin(std::process::Stdio::null());
+        for (name, _) in std::env::vars_os() {
+            if name.to_string_lossy().starts_with("KEKD_") {
+                cmd.env_remove(name);
+            }
+        }
+        cmd
+    };
+    const WARNING: &str = "cannot clear PR_SET_DUMPABLE; a crash could dump key material";
+    let dir = tempdir().await;
+    let keyring = dir.path().join("keyring");
+    common::create_keyring(&keyring);
+    let socket = dir.path().join("kms.sock");
+    let mut serve = kekd();
+    serve
+        .arg("serve")
+        .arg("--keyring")
+        .arg(&keyring)
+        .arg("--socket")
+        .arg(&socket)
+        .args(["--log-format", "json"]);
+    let mut process = {
+        let _guard = common::fs_lock().await;
+        Process::spawn(strace(&serve), &socket, dir.path())
+    };
+    process.ready().await;
+    // Serving proves the warning was not fatal. Stop kekd itself (the
+    // child is strace, which then exits with kekd's status).
+    let pid = fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .find(|pid| {
+            fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                let c = String::from_utf8_lossy(&c);
+                c.contains(socket.to_str().unwrap()) && !c.starts_with("strace")
+            })
+        })
+        .expect("kekd's pid");
+    rustix::process::kill_process(rustix::process::Pid::from_raw(pid).unwrap(), Signal::TERM)
+        .unwrap();
+    let out = process.wait_exit().await;
+    assert_eq!(out.code(), 0, "{out:#?}");
+    let stderr = out.stderr;
+    let line = stderr
+        .lines()
+        .find(|l| l.contains(WARNING))
+        .unwrap_or_else(|| panic!("no hardening warning:\n{stderr}"));
+    let json: serde_json::Value = serde_json::from_str(line).unwrap();
+    assert_eq!(json["level"], "WARN", "{line}");
+    assert_eq!(json["message"], WARNING, "{line}");
+
+    let mut list = kekd();
+    list.args(["admin", "list", "--keyring"]).arg(&keyring);
+    let out = tokio::task::spawn_blocking({
+        let cmd = strace(&list);
+        let logs = dir.path().to_owned();
+        move || common::run_guarded(cmd, &logs)
+    })
+    .await
+    .unwrap();
+    assert_eq!(out.code(), 0, "{out:#?}");
+    assert!(out.stderr.contains(WARNING), "{out:#?}");
+}

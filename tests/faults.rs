@@ -190,8 +190,11 @@ fn temp_files(dir: &Path) -> Vec<String> {
     fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        // The server's usage file is written the same way, every few seconds.
-        .filter(|n| n.contains(".tmp-") && !n.contains(".usage.json.tmp-"))
+        // The server's usage file (every few seconds) and its served-keyring
+        // record (after a reload) are written the same way, by the server.
+        .filter(|n| {
+            n.contains(".tmp-") && !n.contains(".usage.json.tmp-") && !n.contains(".served.tmp-")
+        })
         .collect()
 }
 

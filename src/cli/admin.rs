@@ -39,6 +39,10 @@ pub enum AdminCommand {
     /// Replace this node's keyring with a copy from another node, after
     /// checking that the copy is intact and loses nothing.
     Import(ImportArgs),
+    /// Trust the keyring as it is now as the one this node serves: after a
+    /// restore of an older backup, or a deliberately new keyring, which
+    /// `kekd serve` otherwise refuses to start from.
+    AcceptKeyring(Target),
     /// Check a running plugin: Status, Encrypt and Decrypt, checked against
     /// the apiserver's rules.
     Probe(probe::ProbeArgs),
@@ -161,6 +165,11 @@ fn parse_version(s: &str) -> Result<KeyVersion, String> {
 /// # Errors
 /// A [`CliError`] with the exit code.
 pub fn run(cmd: AdminCommand) -> Result<(), CliError> {
+    // Warnings (a hardening step refused by a sandbox, no memory lock) go
+    // to stderr; stdout stays the report.
+    crate::telemetry::init(crate::telemetry::LogFormat::Text, "warn").map_err(CliError::config)?;
+    // Before any key, PIN or passphrase is read.
+    crate::hardening::harden_process();
     let output = cmd.output();
     let result = dispatch(cmd);
     if let (Output::Json, Err(e)) = (output, &result)
@@ -179,7 +188,7 @@ pub fn run(cmd: AdminCommand) -> Result<(), CliError> {
 impl AdminCommand {
     fn output(&self) -> Output {
         match self {
-            Self::Init(t) | Self::List(t) => t.output,
+            Self::Init(t) | Self::List(t) | Self::AcceptKeyring(t) => t.output,
             Self::Rotate(a) => a.target.output,
             Self::Promote(a) | Self::Restore(a) => a.target.output,
             Self::Retire(a) => a.target.output,
@@ -236,6 +245,7 @@ fn dispatch(cmd: AdminCommand) -> Result<(), CliError> {
         }
         AdminCommand::List(t) => keyring::list(&t),
         AdminCommand::Import(a) => keyring::import(&a.target, &a.from),
+        AdminCommand::AcceptKeyring(t) => keyring::accept(&t),
         AdminCommand::Probe(a) => probe::run(&a),
         AdminCommand::Backup(a) => backup::backup(&a),
         AdminCommand::RestoreBackup(a) => backup::restore(&a),

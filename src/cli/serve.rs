@@ -12,8 +12,8 @@ use crate::backend::local::LocalBackend;
 use crate::backend::pkcs11::{Pkcs11Backend, Pkcs11Error};
 use crate::cli::CliError;
 use crate::config::{BackendConfig, ServeConfig, Settings};
-use crate::keyring::Timestamp;
 use crate::keyring::store::{self, KeyringFile, StoreError};
+use crate::keyring::{Timestamp, access, served};
 use crate::{server, telemetry};
 
 /// The directory `--dev` works in, relative to the current directory.
@@ -45,27 +45,102 @@ pub fn run(args: ServeArgs) -> Result<(), CliError> {
         None => Settings::default(),
     };
     let mut settings = args.settings.or(file);
+    // Logging first, so that hardening's warnings are seen; hardening
+    // before anything reads a key or the PIN (`--dev` creates a keyring,
+    // `resolve` reads the PIN file).
+    let log_format = match settings.log_format.as_deref() {
+        Some(f) => f.parse().map_err(|reason: String| {
+            CliError::config(crate::config::ConfigError::Invalid {
+                what: "log_format",
+                reason,
+            })
+        })?,
+        None => telemetry::LogFormat::Text,
+    };
+    telemetry::init(log_format, settings.log_level.as_deref().unwrap_or("info"))
+        .map_err(CliError::config)?;
+    crate::hardening::harden_process();
     if args.dev {
         prepare_dev(&mut settings)?;
     }
+    let pin_file = settings.backend.pin_file.clone();
     let config = ServeConfig::resolve(settings).map_err(CliError::config)?;
-    telemetry::init(config.log_format, &config.log_level).map_err(CliError::config)?;
+    if let BackendConfig::Pkcs11(_) = config.backend {
+        warn_secret_in_environment(Some(pin_file.as_deref()));
+    }
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("kekd")
         .build()
         .map_err(CliError::runtime)?;
-    let backend: Arc<dyn Backend> = match &config.backend {
-        BackendConfig::Local { keyring } => Arc::new(LocalBackend::new(keyring)),
+    let (backend, target): (Arc<dyn Backend>, String) = match &config.backend {
+        BackendConfig::Local { keyring } => {
+            let uid = rustix::process::geteuid().as_raw();
+            access::check(keyring, uid).map_err(CliError::config)?;
+            (
+                Arc::new(LocalBackend::new(keyring)),
+                format!("--keyring {}", keyring.display()),
+            )
+        }
         BackendConfig::Pkcs11(settings) => {
             ensure_state_dir(&settings.state_dir)?;
-            Arc::new(Pkcs11Backend::connect(settings.clone()).map_err(pkcs11_error)?)
+            (
+                Arc::new(Pkcs11Backend::connect(settings.clone()).map_err(pkcs11_error)?),
+                args.config.as_deref().map_or_else(
+                    || "--config FILE (the serving configuration)".to_owned(),
+                    |c| format!("--config {}", c.display()),
+                ),
+            )
         }
     };
+    let backend: Arc<dyn Backend> = Arc::new(served::Guarded::new(backend, target));
     runtime
         .block_on(server::run(config, backend, shutdown_signal()))
         .map_err(|e| CliError::new(e.exit_code(), &e))
+}
+
+/// Environment variables that can carry a secret, and the file option that
+/// should carry it instead. A process's environment stays readable in
+/// `/proc/PID/environ` (by its uid and root) for its whole life, and kekd
+/// cannot erase it.
+pub const SECRET_ENV: [(&str, &str); 2] = [
+    (
+        "KEKD_PKCS11_PIN",
+        "pin_file (--pkcs11-pin-file or KEKD_PKCS11_PIN_FILE)",
+    ),
+    (
+        "KEKD_BACKUP_PASSPHRASE",
+        "--passphrase-file (or KEKD_BACKUP_PASSPHRASE_FILE)",
+    ),
+];
+
+/// Which secrets this process takes from its environment: the PIN when a
+/// PKCS#11 backend (`pkcs11` is its `pin_file` setting) has no PIN file, the
+/// backup passphrase when no passphrase file is named. Each with the option
+/// that should carry it instead.
+pub fn secrets_from_environment(
+    pkcs11: Option<Option<&Path>>,
+) -> Vec<(&'static str, &'static str)> {
+    let set = |name: &str| std::env::var_os(name).is_some_and(|v| !v.is_empty());
+    SECRET_ENV
+        .into_iter()
+        .filter(|(name, _)| set(name))
+        .filter(|(name, _)| match *name {
+            "KEKD_PKCS11_PIN" => matches!(pkcs11, Some(None)),
+            _ => !set("KEKD_BACKUP_PASSPHRASE_FILE"),
+        })
+        .collect()
+}
+
+fn warn_secret_in_environment(pkcs11: Option<Option<&Path>>) {
+    for (name, instead) in secrets_from_environment(pkcs11) {
+        tracing::warn!(
+            variable = name,
+            "a secret comes from the environment variable {name}, which stays readable in /proc/PID/environ \
+             (to this uid and root) for as long as kekd runs; use {instead} instead"
+        );
+    }
 }
 
 /// Exit 78 for what the operator must fix (module, token, PIN), 1 otherwise.

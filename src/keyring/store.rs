@@ -515,6 +515,28 @@ pub enum StoreError {
     /// The OS RNG failed while generating a key.
     #[error(transparent)]
     Random(#[from] RandomError),
+    /// The file to replace belongs to an owner this process cannot give the
+    /// replacement: writing it anyway would lock that owner (often the
+    /// serving kekd) out. Nothing was written.
+    #[error(
+        "{path} belongs to uid {uid} gid {gid}{name}, and this process (uid {caller}) cannot give its \
+         replacement that owner and group, so kekd running as that user could no longer read it; nothing was \
+         changed: run the command as root, or as that user ({fix})"
+    )]
+    WrongOwner {
+        /// The file that was to be replaced.
+        path: PathBuf,
+        /// Its owner.
+        uid: u32,
+        /// Its group.
+        gid: u32,
+        /// `" (name)"` when the owner has a name in /etc/passwd, else empty.
+        name: String,
+        /// The uid this process runs as.
+        caller: u32,
+        /// The command prefix that runs as the owner.
+        fix: String,
+    },
 }
 
 /// Reads and parses the keyring at `path`, refusing loose permissions.
@@ -597,7 +619,7 @@ pub fn create(path: &Path, keyring: &KeyringFile) -> Result<(), StoreError> {
             path: path.to_owned(),
         });
     }
-    write_durable(path, keyring.encode().as_bytes(), Replace::Never)
+    write_durable(path, keyring.encode().as_bytes(), Replace::Never, None)
 }
 
 /// Atomically replaces the keyring at `path` with `keyring`.
@@ -620,7 +642,7 @@ pub fn replace(path: &Path, keyring: &KeyringFile) -> Result<(), StoreError> {
         }
         _ => path.to_owned(),
     };
-    write_durable(&target, keyring.encode().as_bytes(), Replace::Always)
+    write_durable(&target, keyring.encode().as_bytes(), Replace::Always, None)
 }
 
 /// An exclusive lock on a keyring, held by one admin command at a time.
@@ -674,6 +696,7 @@ pub fn lock(path: &Path, wait: std::time::Duration) -> Result<KeyringLock, Store
             },
             _ => io("open the lock file")(e),
         })?;
+    give_owner_of(&file, path);
     let deadline = std::time::Instant::now() + wait;
     loop {
         match flock(&file, FlockOperation::NonBlockingLockExclusive) {
@@ -719,13 +742,28 @@ fn remove_stale_temps(path: &Path) {
     }
 }
 
-/// Atomically and durably replaces `path` with `bytes` (mode 0600), the same
-/// way the keyring is written. For kekd's small state files.
+/// Atomically and durably replaces `path` with `bytes`, the same way the
+/// keyring is written: the new file keeps the owner, group and mode of the
+/// one it replaces. For kekd's small state files.
 ///
 /// # Errors
-/// I/O errors; the previous file is then untouched.
+/// [`StoreError::WrongOwner`] (nothing written) when this process cannot
+/// give the new file the old one's owner; I/O errors, the previous file
+/// then untouched.
 pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
-    write_durable(path, bytes, Replace::Always)
+    write_durable(path, bytes, Replace::Always, None)
+}
+
+/// [`write_file_atomic`] for a state file kept beside `anchor` (the keyring,
+/// or a token's state anchor): when the state file does not exist yet, it is
+/// created with the owner and group of `anchor` (or, when `anchor` is no
+/// file, of its directory), so a root admin command never leaves a file the
+/// serving kekd cannot replace.
+///
+/// # Errors
+/// As [`write_file_atomic`].
+pub fn write_state_file(path: &Path, anchor: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    write_durable(path, bytes, Replace::Always, Some(anchor))
 }
 
 /// Durably writes `bytes` as a new file at `path` (mode 0600), the same way
@@ -736,7 +774,7 @@ pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
 /// [`StoreError::AlreadyExists`] when `path` exists; I/O errors otherwise,
 /// in which case nothing is left at `path`.
 pub fn write_file_new(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
-    write_durable(path, bytes, Replace::Never)
+    write_durable(path, bytes, Replace::Never, None)
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -745,8 +783,93 @@ enum Replace {
     Always,
 }
 
-/// temp file (`create_new`, 0600) → write → fsync → rename/link → fsync dir.
-fn write_durable(path: &Path, bytes: &[u8], replace: Replace) -> Result<(), StoreError> {
+/// Who a written file must belong to, and its permission bits.
+#[derive(Clone, Copy)]
+struct Ownership {
+    uid: u32,
+    gid: u32,
+    mode: u32,
+}
+
+impl Ownership {
+    fn of(path: &Path) -> Option<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = fs::metadata(path).ok()?;
+        Some(Self {
+            uid: meta.uid(),
+            gid: meta.gid(),
+            // Never more open than owner-only: a replacement keeps the
+            // owner's bits (0400, 0600), not a mistake in group or other.
+            mode: if meta.is_file() {
+                meta.mode() & 0o700
+            } else {
+                0o600
+            },
+        })
+    }
+
+    /// The ownership of `like`, or of its directory when it is no file
+    /// (a token's state anchor is only a name prefix in `state_dir`).
+    fn like(like: &Path) -> Option<Self> {
+        let from = match fs::metadata(like) {
+            Ok(m) if m.is_file() => Self::of(like),
+            _ => Self::of(like.parent().filter(|d| !d.as_os_str().is_empty())?),
+        }?;
+        Some(Self {
+            mode: 0o600,
+            ..from
+        })
+    }
+
+    fn refusal(self, path: &Path) -> StoreError {
+        let name = user_name(self.uid).map_or_else(String::new, |n| format!(" ({n})"));
+        StoreError::WrongOwner {
+            path: path.to_owned(),
+            uid: self.uid,
+            gid: self.gid,
+            name,
+            caller: rustix::process::geteuid().as_raw(),
+            fix: format!(
+                "`sudo -u '#{uid}' -g '#{gid}' kekd admin …` or \
+                 `setpriv --reuid={uid} --regid={gid} --clear-groups kekd admin …`",
+                uid = self.uid,
+                gid = self.gid
+            ),
+        }
+    }
+}
+
+/// The login name of `uid` in /etc/passwd, for messages only.
+fn user_name(uid: u32) -> Option<String> {
+    let passwd = fs::read_to_string("/etc/passwd").ok()?;
+    passwd.lines().find_map(|line| {
+        let mut fields = line.split(':');
+        let name = fields.next()?;
+        let id = fields.nth(1)?.parse::<u32>().ok()?;
+        (id == uid).then(|| name.to_owned())
+    })
+}
+
+/// Best effort: a lock file this process just created gets the keyring's
+/// owner, so the serving user's own admin commands can still open it.
+fn give_owner_of(file: &File, keyring: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    if let (Ok(meta), Some(owner)) = (file.metadata(), Ownership::like(keyring))
+        && (meta.uid(), meta.gid()) != (owner.uid, owner.gid)
+        && meta.uid() == rustix::process::geteuid().as_raw()
+    {
+        let _ = std::os::unix::fs::fchown(file, Some(owner.uid), Some(owner.gid));
+    }
+}
+
+/// temp file (`create_new`, 0600) → owner and mode of the file it replaces
+/// (or of `like` for a new one) → write → fsync → rename/link → fsync dir.
+fn write_durable(
+    path: &Path,
+    bytes: &[u8],
+    replace: Replace,
+    like: Option<&Path>,
+) -> Result<(), StoreError> {
     let io = |op| {
         move |source: io::Error| StoreError::Io {
             path: path.to_owned(),
@@ -777,6 +900,12 @@ fn write_durable(path: &Path, bytes: &[u8], replace: Replace) -> Result<(), Stor
             .collect::<String>()
     ));
     let tmp = dir.join(tmp_name);
+    let owner = match replace {
+        Replace::Always => Ownership::of(path)
+            .map(|o| (o, true))
+            .or_else(|| like.and_then(Ownership::like).map(|o| (o, false))),
+        Replace::Never => None,
+    };
 
     let result = (|| {
         let mut f = OpenOptions::new()
@@ -785,6 +914,27 @@ fn write_durable(path: &Path, bytes: &[u8], replace: Replace) -> Result<(), Stor
             .mode(0o600)
             .open(&tmp)
             .map_err(io("create a temporary file beside it"))?;
+        // Before a byte is written: a replacement the serving user could
+        // not read would take its keyring away at the next reload.
+        match owner {
+            Some((owner, true)) => {
+                std::os::unix::fs::fchown(&f, Some(owner.uid), Some(owner.gid)).map_err(
+                    |e| match e.raw_os_error() {
+                        Some(code) if code == rustix::io::Errno::PERM.raw_os_error() => {
+                            owner.refusal(path)
+                        }
+                        _ => io("give the temporary file the owner of the file it replaces")(e),
+                    },
+                )?;
+                f.set_permissions(fs::Permissions::from_mode(owner.mode))
+                    .map_err(io("set the temporary file's mode"))?;
+            }
+            // A new state file: best effort (a non-root process keeps its own).
+            Some((owner, false)) => {
+                let _ = std::os::unix::fs::fchown(&f, Some(owner.uid), Some(owner.gid));
+            }
+            None => {}
+        }
         f.write_all(bytes).map_err(io("write the temporary file"))?;
         f.sync_all().map_err(io("fsync the temporary file"))?;
         drop(f);

@@ -1,8 +1,11 @@
 //! `kekd admin doctor`: checks a node's setup end to end and says, for each
 //! finding, what to fix.
 //!
-//! 1. the keyring (file or token): readable, private, valid, every key passes
-//!    a seal/open round trip;
+//! 1. the keyring (file or token): readable, private, only the serving uid
+//!    and root can change it or its directories (the check `kekd serve`
+//!    makes), valid, the one this node served (its served-keyring record),
+//!    every key passes a seal/open round trip; no secret (PIN, backup
+//!    passphrase) supplied through the environment;
 //! 2. the socket: exists, is a socket, its mode and directory;
 //! 3. the EncryptionConfiguration, if given: apiVersion and kind, a `kms`
 //!    provider with `apiVersion: v2`, a name without `:`, an endpoint that is
@@ -24,6 +27,8 @@ use crate::backend::local::LocalBackend;
 use crate::backend::pkcs11::Pkcs11Backend;
 use crate::cli::CliError;
 use crate::config::BackendConfig;
+use crate::keyring::access;
+use crate::keyring::served::{self, Served};
 
 /// Arguments of `kekd admin doctor`.
 #[derive(Debug, clap::Args)]
@@ -34,6 +39,10 @@ pub struct DoctorArgs {
     /// The apiserver's --encryption-provider-config file, to check against this plugin.
     #[arg(long, value_name = "FILE")]
     pub encryption_config: Option<PathBuf>,
+    /// The uid `kekd serve` runs as, for the keyring ownership check
+    /// [default: the uid running doctor].
+    #[arg(long, value_name = "UID")]
+    pub serve_uid: Option<u32>,
     /// Time allowed per probe call.
     #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
@@ -105,7 +114,10 @@ pub fn run(args: &DoctorArgs) -> Result<(), CliError> {
         .build()
         .map_err(CliError::runtime)?;
     let mut findings = Vec::new();
-    runtime.block_on(check_keyring(&args.target, &mut findings));
+    let serve_uid = args
+        .serve_uid
+        .unwrap_or_else(|| rustix::process::geteuid().as_raw());
+    runtime.block_on(check_keyring(&args.target, serve_uid, &mut findings));
     if let Some(socket) = &args.socket {
         findings.extend(check_socket(socket));
     }
@@ -162,7 +174,8 @@ pub fn run(args: &DoctorArgs) -> Result<(), CliError> {
     Ok(())
 }
 
-async fn check_keyring(t: &Target, out: &mut Vec<Finding>) {
+async fn check_keyring(t: &Target, serve_uid: u32, out: &mut Vec<Finding>) {
+    let pin_file = t.settings().ok().and_then(|(_, b)| b.pin_file);
     let config = match t.backend_config() {
         Ok(c) => c,
         Err(e) => {
@@ -174,20 +187,41 @@ async fn check_keyring(t: &Target, out: &mut Vec<Finding>) {
             return;
         }
     };
+    let pkcs11 = matches!(config, BackendConfig::Pkcs11(_)).then_some(pin_file.as_deref());
+    for (name, instead) in crate::cli::serve::secrets_from_environment(pkcs11) {
+        out.push(warn(
+            "secret in environment",
+            format!(
+                "{name} supplies a secret: it stays readable in /proc/PID/environ (to this uid and root) for the \
+                 life of the process, and kekd cannot erase it"
+            ),
+            format!("put the secret in a file (chmod 600) and use {instead}; unset {name}"),
+        ));
+    }
     let backend: Box<dyn Backend> = match config {
         BackendConfig::Local { keyring } => {
-            if let Some(dir) = keyring.parent().filter(|d| !d.as_os_str().is_empty())
-                && let Ok(m) = fs::metadata(dir)
-                && m.permissions().mode() & 0o002 != 0
-            {
-                out.push(fail(
-                    "keyring directory",
+            match access::check(&keyring, serve_uid) {
+                Ok(()) => out.push(ok(
+                    "keyring access",
                     format!(
-                        "{} is writable by every user, who could replace the keyring",
-                        dir.display()
+                        "{}: only {} can change it or its directories",
+                        keyring.display(),
+                        if serve_uid == 0 {
+                            "root".to_owned()
+                        } else {
+                            format!("uid {serve_uid} and root")
+                        }
                     ),
-                    format!("chmod o-w {}", dir.display()),
-                ));
+                )),
+                Err(e) => out.push(fail(
+                    "keyring access",
+                    format!(
+                        "{} {}: another user could replace the keyring; kekd serve refuses it",
+                        e.path.display(),
+                        e.what
+                    ),
+                    e.fix,
+                )),
             }
             Box::new(LocalBackend::new(keyring))
         }
@@ -206,6 +240,7 @@ async fn check_keyring(t: &Target, out: &mut Vec<Finding>) {
             }
         },
     };
+    let anchor = backend.state_anchor();
     let keyring =
         match tokio::task::spawn_blocking(move || backend.load().map(|k| (k, backend.describe())))
             .await
@@ -232,6 +267,36 @@ async fn check_keyring(t: &Target, out: &mut Vec<Finding>) {
                 return;
             }
         };
+    if let Some(anchor) = anchor {
+        let target = match (&t.keyring, &t.config) {
+            (Some(k), _) => format!("--keyring {}", k.display()),
+            (None, Some(c)) => format!("--config {}", c.display()),
+            (None, None) => String::new(),
+        };
+        let record = served::record_path(&anchor);
+        match served::read(&anchor, &target).and_then(|r| {
+            served::check(&anchor, r, Served::of(&keyring), "the keyring", &target).map(|()| r)
+        }) {
+            Ok(Some(r)) => out.push(ok(
+                "served record",
+                format!(
+                    "{}: keyring {} up to version {}",
+                    record.display(),
+                    r.keyring_id,
+                    r.highest
+                ),
+            )),
+            Ok(None) => out.push(ok(
+                "served record",
+                format!("{}: none yet (kekd serve writes it)", record.display()),
+            )),
+            Err(e) => out.push(fail(
+                "served record",
+                e.to_string(),
+                format!("`kekd admin accept-keyring {target}` if this keyring is the right one"),
+            )),
+        }
+    }
     match keyring.self_check().await {
         Ok(()) => out.push(ok(
             "keys",

@@ -22,6 +22,7 @@ use crate::cli::CliError;
 use crate::cli::serve::{ensure_state_dir, pkcs11_error};
 use crate::config::BackendConfig;
 use crate::keyring::ops::{Outcome, Transition, check_successor};
+use crate::keyring::served::{self, Served};
 use crate::keyring::store::{self, KeyringFile, StoreError};
 use crate::keyring::{KeyState, KeyVersion, Timestamp};
 use crate::usage;
@@ -308,6 +309,97 @@ pub fn change_checked(
         CliError::runtime(format!(
             "the keyring was changed, but its audit log {} could not be written: {e}",
             audit::audit_path(path).display()
+        ))
+    })
+}
+
+/// `kekd admin accept-keyring`: records the keyring as it is now as the
+/// one this node serves, so `kekd serve` starts from it although it is
+/// another keyring, or older than the one last served (a restored backup).
+/// Audited; re-running it is a no-op.
+///
+/// # Errors
+/// Exit 78 when the keyring cannot be read, 1 when the record or the audit
+/// log cannot be written.
+pub fn accept(t: &Target) -> Result<(), CliError> {
+    let store = t.open()?;
+    let anchor = store.anchor();
+    let name = store.name();
+    store.read().map_err(backend_error)?;
+    let _lock = store::lock(&anchor, lock_wait()).map_err(store_error)?;
+    let file = store.read().map_err(backend_error)?;
+    let found = Served::of_file(&file);
+    let record = served::record_path(&anchor);
+    let previous = served::read(&anchor, &target_flags(t));
+    if matches!(previous, Ok(Some(p)) if p == found) {
+        let why = format!(
+            "{} already records keyring {} up to version {}",
+            record.display(),
+            found.keyring_id,
+            found.highest
+        );
+        report(
+            t.output,
+            &json!({"command": "accept-keyring", "changed": false, "keyring": name, "message": why}),
+            &format!(
+                "accept-keyring: nothing to do: {why}
+"
+            ),
+        );
+        return Ok(());
+    }
+    let was = match &previous {
+        Ok(Some(p)) => format!("keyring {} up to version {}", p.keyring_id, p.highest),
+        Ok(None) => "nothing".to_owned(),
+        Err(_) => "an unreadable record".to_owned(),
+    };
+    let not_durable = written(served::write(&anchor, found).map_err(BackendError::Store))?;
+    let state = file
+        .versions
+        .iter()
+        .find(|v| v.info.version == found.highest)
+        .map_or(KeyState::Retired, |v| v.info.state);
+    let now = Timestamp::now();
+    let audit_result = audit::append(
+        &anchor,
+        &[AuditRecord::new(
+            "accept-keyring",
+            &name,
+            &file.id,
+            &Transition {
+                version: found.highest,
+                from: Some(state),
+                to: state,
+            },
+            vec![],
+            now,
+        )],
+    );
+    report(
+        t.output,
+        &json!({
+            "command": "accept-keyring",
+            "changed": true,
+            "keyring": name,
+            "record": record,
+            "keyring_id": found.keyring_id.to_string(),
+            "highest_version": found.highest.get(),
+            "previous": was,
+        }),
+        &format!(
+            "accept-keyring: {} now records keyring {} up to version {} (was: {was}); `kekd serve` will start from it\n",
+            record.display(),
+            found.keyring_id,
+            found.highest
+        ),
+    );
+    if let Some(e) = not_durable {
+        return Err(store_error(e));
+    }
+    audit_result.map_err(|e| {
+        CliError::runtime(format!(
+            "the keyring was accepted, but its audit log {} could not be written: {e}",
+            audit::audit_path(&anchor).display()
         ))
     })
 }

@@ -1,0 +1,102 @@
+//! Who can change the keyring, checked like OpenSSH's `StrictModes`.
+//!
+//! A keyring's permission bits are not enough: a private (0600) keyring
+//! owned by another user, or in a directory another user can write, is a
+//! keyring that user can replace with keys of their choosing. Before
+//! serving, and in `kekd admin doctor`, the path (with symlinks resolved, as
+//! Kubernetes mounts Secrets through them) must pass:
+//!
+//! - the keyring file is owned by the uid kekd runs as, or by root;
+//! - its directory is owned by that uid or root and is not group- or
+//!   world-writable (not even with the sticky bit: others could plant
+//!   `<keyring>.lock` or `.served` beside it);
+//! - every further ancestor is owned by that uid or root and is not group-
+//!   or world-writable, except that a root-owned sticky directory (`/tmp`)
+//!   is accepted, because there others can neither rename nor remove what
+//!   they do not own.
+//!
+//! The file's own permission bits (no group or other access) are checked by
+//! [`crate::keyring::store::read`] whenever the keyring is read.
+
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+/// The keyring is exposed to another user.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "{path} {what}, so another user could replace the keyring with keys of their own; refusing to serve it: run `{fix}`"
+)]
+pub struct AccessError {
+    /// The file or directory at fault.
+    pub path: PathBuf,
+    /// What is wrong with it.
+    pub what: String,
+    /// The command that fixes it.
+    pub fix: String,
+}
+
+/// Checks that only `uid` (the serving uid) and root can change the keyring
+/// at `keyring`. A path that does not resolve to a file passes: reading it
+/// reports that more precisely.
+///
+/// # Errors
+/// The first problem, with the `chown`/`chmod` command that fixes it.
+pub fn check(keyring: &Path, uid: u32) -> Result<(), AccessError> {
+    let Ok(file) = fs::canonicalize(keyring) else {
+        return Ok(());
+    };
+    let Ok(meta) = fs::metadata(&file) else {
+        return Ok(());
+    };
+    if !meta.is_file() {
+        return Ok(());
+    }
+    check_owner(&file, &meta, uid, "keyring")?;
+    for (depth, dir) in file.ancestors().skip(1).enumerate() {
+        let Ok(meta) = fs::metadata(dir) else {
+            continue;
+        };
+        check_owner(dir, &meta, uid, "directory")?;
+        let mode = meta.mode() & 0o7777;
+        if mode & 0o022 == 0 {
+            continue;
+        }
+        let sticky_root = mode & 0o1000 != 0 && meta.uid() == 0;
+        if depth > 0 && sticky_root {
+            continue;
+        }
+        return Err(AccessError {
+            path: dir.to_owned(),
+            what: format!(
+                "is a directory {} can write (mode {mode:04o}){}",
+                if mode & 0o002 != 0 {
+                    "every user"
+                } else {
+                    "its group"
+                },
+                if depth == 0 {
+                    " and holds the keyring"
+                } else {
+                    " on the way to the keyring"
+                }
+            ),
+            fix: format!("chmod go-w {}", dir.display()),
+        });
+    }
+    Ok(())
+}
+
+fn check_owner(path: &Path, meta: &fs::Metadata, uid: u32, what: &str) -> Result<(), AccessError> {
+    if meta.uid() == uid || meta.uid() == 0 {
+        return Ok(());
+    }
+    Err(AccessError {
+        path: path.to_owned(),
+        what: format!(
+            "({what}) is owned by uid {}, not by uid {uid} that kekd runs as nor by root",
+            meta.uid()
+        ),
+        fix: format!("chown {uid} {}", path.display()),
+    })
+}
