@@ -104,13 +104,37 @@ pub fn append(keyring: &Path, records: &[AuditRecord]) -> io::Result<()> {
         serde_json::to_writer(&mut buf, r).map_err(io::Error::other)?;
         buf.push(b'\n');
     }
-    let mut f = OpenOptions::new()
-        .append(true)
-        .create(true)
-        .mode(0o600)
-        .open(audit_path(keyring))?;
+    let mut f = open_log(&audit_path(keyring), Some(keyring))?;
     f.write_all(&buf)?;
     f.sync_all()
+}
+
+/// Opens an audit log for appending, creating it (0600) when missing. A log
+/// created here gets the owner and group of `owner_of` (the keyring) when
+/// this process may give them — root running `kekd admin` for a kekd that
+/// serves as another user — so that server can still append its own events.
+fn open_log(path: &Path, owner_of: Option<&Path>) -> io::Result<std::fs::File> {
+    use std::os::unix::fs::MetadataExt;
+    match OpenOptions::new()
+        .append(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(f) => {
+            if let Some(meta) = owner_of.and_then(|p| std::fs::metadata(p).ok()) {
+                // Best effort: a caller that cannot chown could not have
+                // replaced the keyring either (the write refuses first), so
+                // a failure here means the owner already is the caller.
+                let _ = std::os::unix::fs::fchown(&f, Some(meta.uid()), Some(meta.gid()));
+            }
+            Ok(f)
+        }
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            OpenOptions::new().append(true).open(path)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// Appends one JSON value as a line to the audit log at `path` and fsyncs it.
@@ -120,11 +144,7 @@ pub fn append(keyring: &Path, records: &[AuditRecord]) -> io::Result<()> {
 pub fn append_line(path: &Path, value: &serde_json::Value) -> io::Result<()> {
     let mut buf = serde_json::to_vec(value).map_err(io::Error::other)?;
     buf.push(b'\n');
-    let mut f = OpenOptions::new()
-        .append(true)
-        .create(true)
-        .mode(0o600)
-        .open(path)?;
+    let mut f = open_log(path, None)?;
     f.write_all(&buf)?;
     f.sync_all()
 }

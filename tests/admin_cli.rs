@@ -1389,6 +1389,11 @@ async fn a_root_admin_command_keeps_the_keyring_owned_by_the_serving_user() {
     }
     let ring = tokio::task::spawn_blocking(Ring::init).await.unwrap();
     chown_all(ring.dir.path(), NOBODY, NOBODY);
+    // No audit log yet (a keyring made by hand or restored): root's rotate
+    // creates it, and must give it the keyring's owner so the server, as
+    // nobody, can still append its own events.
+    let audit = ring.dir.path().join("keyring.audit.jsonl");
+    fs::remove_file(&audit).unwrap();
     let socket = ring.dir.path().join("kms.sock");
     let nobody = as_user(NOBODY, NOBODY);
     let mut server = spawn_guarded(
@@ -1408,6 +1413,8 @@ async fn a_root_admin_command_keeps_the_keyring_owned_by_the_serving_user() {
     assert_eq!(out.code(), 0, "{out:#?}");
     assert_eq!(owner_of(&ring.path), (NOBODY, NOBODY));
     assert_eq!(mode_of(&ring.path), 0o600);
+    assert_eq!(owner_of(&audit), (NOBODY, NOBODY));
+    assert_eq!(mode_of(&audit), 0o600);
     let want = ring.key_id(2);
     common::eventually("the server serves v2", Duration::from_secs(30), || {
         let socket = socket.clone();
@@ -1418,6 +1425,23 @@ async fn a_root_admin_command_keeps_the_keyring_owned_by_the_serving_user() {
             if got == want { Ok(()) } else { Err(got) }
         }
     })
+    .await;
+    // The server's own event for that switch reached the log root created.
+    let audit_for_wait = audit.clone();
+    common::eventually(
+        "the server audits the switch",
+        Duration::from_secs(30),
+        || {
+            let text = fs::read_to_string(&audit_for_wait).unwrap_or_default();
+            async move {
+                if text.contains("\"event\":\"snapshot_switched\"") {
+                    Ok(())
+                } else {
+                    Err(text)
+                }
+            }
+        },
+    )
     .await;
     stop(server).await;
     let record = ring.dir.path().join("keyring.served");
