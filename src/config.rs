@@ -262,7 +262,7 @@ pub struct Settings {
     /// Largest accepted gRPC request in bytes [default: 65536].
     #[arg(long, env = "KEKD_MAX_REQUEST_BYTES", value_name = "BYTES")]
     pub max_request_bytes: Option<usize>,
-    /// Most calls in flight at once, across connections [default: 1024].
+    /// Most Encrypt/Decrypt calls in flight at once, all connections together [default: 1024].
     #[arg(long, env = "KEKD_MAX_CONCURRENCY", value_name = "N")]
     pub max_concurrency: Option<usize>,
     /// Request bytes buffered at once across all connections; a call past it is refused with RESOURCE_EXHAUSTED [default: 16777216].
