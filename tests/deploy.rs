@@ -451,6 +451,9 @@ fn the_unit_is_hardened_and_serves_the_shipped_config_with_an_ops_listener() {
         ("ProtectSystem", "strict"),
         ("LimitCORE", "0"),
         ("RuntimeDirectory", "kekd"),
+        // The apiserver bind-mounts the directory: a restart must not
+        // replace it (the mount would keep the deleted one).
+        ("RuntimeDirectoryPreserve", "yes"),
         ("StateDirectory", "kekd"),
         ("UMask", "0077"),
         ("PrivateTmp", "yes"),
