@@ -809,15 +809,23 @@ async fn no_kek_or_key_schedule_outside_locked_memory_after_a_workload() {
 
     // Self-checks: three more than ran at startup, counted in the log.
     let at_start = self_checks_passed(&serve);
-    assert!(at_start >= 1, "startup self-check not logged:\n{}", serve.stderr());
-    common::eventually("three periodic self-checks", Duration::from_secs(30), || {
-        let n = self_checks_passed(&serve);
-        async move {
-            (n >= at_start + 3)
-                .then_some(())
-                .ok_or(format!("{n} self-checks"))
-        }
-    })
+    assert!(
+        at_start >= 1,
+        "startup self-check not logged:\n{}",
+        serve.stderr()
+    );
+    common::eventually(
+        "three periodic self-checks",
+        Duration::from_secs(30),
+        || {
+            let n = self_checks_passed(&serve);
+            async move {
+                (n >= at_start + 3)
+                    .then_some(())
+                    .ok_or(format!("{n} self-checks"))
+            }
+        },
+    )
     .await;
 
     // A flood: many connections at once, each sealing and opening.
@@ -827,9 +835,17 @@ async fn no_kek_or_key_schedule_outside_locked_memory_after_a_workload() {
             let mut client = common::connect(&socket).await;
             for i in 0..4 {
                 let plaintext = seed();
-                let sealed = client.encrypt(plaintext.clone(), &uid(c * 4 + i)).await.unwrap();
+                let sealed = client
+                    .encrypt(plaintext.clone(), &uid(c * 4 + i))
+                    .await
+                    .unwrap();
                 let opened = client
-                    .decrypt(sealed.ciphertext, &sealed.key_id, Default::default(), &uid(c))
+                    .decrypt(
+                        sealed.ciphertext,
+                        &sealed.key_id,
+                        Default::default(),
+                        &uid(c),
+                    )
                     .await
                     .unwrap();
                 assert_eq!(opened, plaintext);
@@ -865,10 +881,14 @@ async fn no_kek_or_key_schedule_outside_locked_memory_after_a_workload() {
     assert_eq!(sealed.key_id, after);
     // And one self-check of the new snapshot.
     let n = self_checks_passed(&serve);
-    common::eventually("a self-check after the reload", Duration::from_secs(30), || {
-        let now = self_checks_passed(&serve);
-        async move { (now > n).then_some(()).ok_or(format!("{now} self-checks")) }
-    })
+    common::eventually(
+        "a self-check after the reload",
+        Duration::from_secs(30),
+        || {
+            let now = self_checks_passed(&serve);
+            async move { (now > n).then_some(()).ok_or(format!("{now} self-checks")) }
+        },
+    )
     .await;
 
     let needles = Needles::of_keyring(&node.keyring);
@@ -891,7 +911,9 @@ async fn no_kek_or_key_schedule_outside_locked_memory_after_a_workload() {
         for i in 0..15 {
             let want = format!("KEK #{k} encryption round key {i} ");
             assert!(
-                in_key_memory.iter().any(|(_, what)| what.starts_with(&want)),
+                in_key_memory
+                    .iter()
+                    .any(|(_, what)| what.starts_with(&want)),
                 "{want}not found in key memory: {in_key_memory:#?}"
             );
         }

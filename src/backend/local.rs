@@ -11,7 +11,8 @@ use crate::backend::{Backend, BackendError, KeyHandle, KeyringStore};
 use crate::envelope::Nonce;
 use crate::keyring::{Keyring, KeyringError, Timestamp, store};
 use crate::secret::{
-    Kek, KeyFingerprint, LockedBox, Plaintext, SCRUB_AFTER_CALL, SCRUB_AFTER_SETUP, with_scrubbed_stack,
+    Kek, KeyFingerprint, LockedBox, Plaintext, SCRUB_AFTER_CALL, SCRUB_AFTER_SETUP,
+    with_scrubbed_stack,
 };
 
 /// Serves the keyring file at a path.
