@@ -521,6 +521,8 @@ impl Keyring {
                 });
             }
         }
+        // Tests count these lines to know how many checks ran.
+        tracing::debug!(keyring = %self.id, "keyring self-check passed");
         Ok(())
     }
 

@@ -13,6 +13,7 @@ use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
 mod locked;
 
+pub(crate) use locked::LockedBox;
 use locked::LockedBytes;
 pub use locked::{KeyMemory, key_memory};
 
@@ -155,6 +156,55 @@ impl fmt::Debug for Pin {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("Pin(<redacted>)")
     }
+}
+
+/// Stack [`with_scrubbed_stack`] zeroes after a key is decoded or a cipher
+/// built (once per version and load): far more than that uses, even in an
+/// unoptimized build, and far less than any thread kekd runs it on has
+/// (tokio's get 2 MiB).
+pub(crate) const SCRUB_AFTER_SETUP: usize = 64 * 1024;
+
+/// Stack [`with_scrubbed_stack`] zeroes after each seal or open. The block
+/// cipher copies round keys into registers and the compiler spills them (the
+/// VAES backends broadcast every round key into a 960-byte array), and an
+/// unoptimized build copies more: `tests/secrets.rs` finds copies left with
+/// 4 KiB in a debug build and none with 16 KiB. An optimized build uses far
+/// less stack, and zeroing costs time on every call, so it zeroes 4 KiB.
+pub(crate) const SCRUB_AFTER_CALL: usize = if cfg!(debug_assertions) {
+    16 * 1024
+} else {
+    4 * 1024
+};
+
+/// Runs `f` (which handles raw key bytes or round keys), then zeroes `BYTES`
+/// of stack below this frame, where `f`'s frames were.
+///
+/// Whatever `f` left there — the decoded key passed by value, a cipher built
+/// on the stack before it was moved into its locked page, a hash state over
+/// the key, spilled round keys — would otherwise stay in the thread's stack,
+/// which is neither locked nor left out of core dumps, until overwritten.
+/// `f`'s result should hold its secrets in locked memory only. (Registers
+/// are not cleared: the next code to run overwrites them.)
+#[inline(never)]
+pub(crate) fn with_scrubbed_stack<const BYTES: usize, R>(f: impl FnOnce() -> R) -> R {
+    let result = run_below(f);
+    scrub_stack::<BYTES>();
+    result
+}
+
+/// A frame of its own for `f`, below `with_scrubbed_stack`'s.
+#[inline(never)]
+fn run_below<R>(f: impl FnOnce() -> R) -> R {
+    f()
+}
+
+/// Zeroes `BYTES` of stack starting just below the caller's frame: a zeroed
+/// array handed to `black_box`, which the compiler must assume reads it, so
+/// the stores cannot be dropped as dead or the array shrunk away.
+#[inline(never)]
+fn scrub_stack<const BYTES: usize>() {
+    let mut scratch = [0u8; BYTES];
+    std::hint::black_box(&mut scratch);
 }
 
 /// The operating system's random number generator failed.

@@ -2,13 +2,18 @@
 
 use std::path::{Path, PathBuf};
 
+use aes_gcm::aead::consts::U12;
 use aes_gcm::aead::{Aead, KeyInit, Payload};
-use aes_gcm::{Aes256Gcm, Key};
+use aes_gcm::aes::Aes256Enc;
+use aes_gcm::{AesGcm, Key};
 
 use crate::backend::{Backend, BackendError, KeyHandle, KeyringStore};
 use crate::envelope::Nonce;
 use crate::keyring::{Keyring, KeyringError, Timestamp, store};
-use crate::secret::{Kek, KeyFingerprint, Plaintext};
+use crate::secret::{
+    Kek, KeyFingerprint, LockedBox, Plaintext, SCRUB_AFTER_CALL, SCRUB_AFTER_SETUP,
+    with_scrubbed_stack,
+};
 
 /// Serves the keyring file at a path.
 #[derive(Debug, Clone)]
@@ -128,62 +133,72 @@ pub fn keyring_from_file(file: store::KeyringFile) -> Result<Keyring, KeyringErr
     Keyring::new(file.id, versions)
 }
 
+/// AES-256-GCM (96-bit nonces, 128-bit tags) over AES-256 with only the
+/// encryption key schedule: GCM never runs the block cipher backwards, so
+/// no decryption schedule is ever computed.
+type Cipher = AesGcm<Aes256Enc, U12>;
+
 /// A version's KEK for AES-256-GCM.
 ///
-/// The raw key stays in its locked, non-dumpable page ([`Kek`]); the expanded
-/// cipher state exists only for the length of one seal or open and is zeroed
-/// when dropped (aes-gcm's `zeroize` feature). Expanding an AES-256 key costs
-/// far less than the gRPC call around it (`benches/envelope.rs`), and it keeps
-/// the round keys — as good as the key itself — out of long-lived heap memory.
+/// The cipher — the expanded key schedule (its first two round keys *are*
+/// the KEK) and the GHASH key — is built once, when the keyring is loaded,
+/// and moved straight into a locked, non-dumpable page of its own
+/// ([`LockedBox`]), where seal and open borrow it; no call builds, copies or
+/// moves it, so it never reaches a task's future, the heap or a freed
+/// chunk. The stack it was built on is scrubbed before `new` returns. The
+/// raw KEK is not kept: the schedule is all seal and open need.
 pub struct LocalKey {
-    kek: Kek,
+    cipher: LockedBox<Cipher>,
     fingerprint: KeyFingerprint,
 }
 
 impl LocalKey {
-    /// Holds a copy of `kek` in locked memory; the caller keeps (and zeroes)
-    /// its own.
+    /// Expands `kek` into a cipher in locked memory; the caller keeps (and
+    /// zeroes) its own copy of the key.
     pub fn new(kek: &Kek) -> Self {
-        Self {
-            kek: Kek::from_bytes(*kek.expose_secret()),
+        with_scrubbed_stack::<SCRUB_AFTER_SETUP, _>(|| Self {
+            cipher: LockedBox::new(Cipher::new(<&Key<Cipher>>::from(kek.expose_secret()))),
             fingerprint: kek.fingerprint(),
-        }
-    }
-
-    fn cipher(&self) -> Aes256Gcm {
-        Aes256Gcm::new(<&Key<Aes256Gcm>>::from(self.kek.expose_secret()))
+        })
     }
 
     pub(crate) fn fingerprint(&self) -> KeyFingerprint {
         self.fingerprint
     }
 
+    /// Seals under the locked cipher; the stack the cipher ran on (spilled
+    /// round keys) is zeroed before this returns.
     pub(crate) fn seal(
         &self,
         nonce: &Nonce,
         aad: &[u8],
         plaintext: &Plaintext,
     ) -> Result<Vec<u8>, BackendError> {
-        self.cipher()
-            .encrypt(
+        with_scrubbed_stack::<SCRUB_AFTER_CALL, _>(|| {
+            self.cipher.encrypt(
                 nonce.into(),
                 Payload {
                     msg: plaintext.expose_secret(),
                     aad,
                 },
             )
-            .map_err(|_| BackendError::Seal)
+        })
+        .map_err(|_| BackendError::Seal)
     }
 
+    /// Opens under the locked cipher; as [`LocalKey::seal`], the stack is
+    /// zeroed before this returns.
     pub(crate) fn open(
         &self,
         nonce: &Nonce,
         aad: &[u8],
         sealed: &[u8],
     ) -> Result<Plaintext, BackendError> {
-        self.cipher()
-            .decrypt(nonce.into(), Payload { msg: sealed, aad })
-            .map(Plaintext::new)
-            .map_err(|_| BackendError::Decrypt)
+        with_scrubbed_stack::<SCRUB_AFTER_CALL, _>(|| {
+            self.cipher
+                .decrypt(nonce.into(), Payload { msg: sealed, aad })
+        })
+        .map(Plaintext::new)
+        .map_err(|_| BackendError::Decrypt)
     }
 }

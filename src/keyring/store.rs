@@ -359,20 +359,25 @@ fn parse_version(n: usize, line: &str, material: Material) -> Result<StoredVersi
 }
 
 fn decode_kek(n: usize, value: &str) -> Result<Kek, ParseError> {
-    let bad = || ParseError::field(n, "kek", "must be the base64 encoding of 32 bytes");
-    // Decode into a fixed buffer so no unzeroed copy of the key is left behind.
-    let mut buf = Zeroizing::new([0u8; KEK_LEN + 3]);
-    let len = BASE64
-        .decode_slice(value, &mut buf[..])
-        .map_err(|_| bad())?;
-    if len != KEK_LEN || value.len() != 44 {
-        return Err(bad());
-    }
-    let mut key = [0u8; KEK_LEN];
-    key.copy_from_slice(&buf[..KEK_LEN]);
-    let kek = Kek::from_bytes(key);
-    zeroize::Zeroize::zeroize(&mut key);
-    Ok(kek)
+    // The decoder's scratch, the key passed by value into its locked page:
+    // copies on this thread's stack, zeroed before the key is handed on.
+    use crate::secret::{SCRUB_AFTER_SETUP, with_scrubbed_stack};
+    with_scrubbed_stack::<SCRUB_AFTER_SETUP, _>(|| {
+        let bad = || ParseError::field(n, "kek", "must be the base64 encoding of 32 bytes");
+        // Decode into a fixed buffer so no unzeroed copy of the key is left behind.
+        let mut buf = Zeroizing::new([0u8; KEK_LEN + 3]);
+        let len = BASE64
+            .decode_slice(value, &mut buf[..])
+            .map_err(|_| bad())?;
+        if len != KEK_LEN || value.len() != 44 {
+            return Err(bad());
+        }
+        let mut key = [0u8; KEK_LEN];
+        key.copy_from_slice(&buf[..KEK_LEN]);
+        let kek = Kek::from_bytes(key);
+        zeroize::Zeroize::zeroize(&mut key);
+        Ok(kek)
+    })
 }
 
 /// A defect in a keyring file, located by line and field; never shows content.
