@@ -60,7 +60,14 @@ pub async fn reload_loop(
 /// Returns whether the snapshot changed.
 pub async fn try_reload(state: &ServingState, backend: &Arc<dyn Backend>) -> bool {
     let loader = Arc::clone(backend);
-    let loaded = tokio::task::spawn_blocking(move || loader.load()).await;
+    // A local keyring's raw keys pass through this thread's stack while
+    // the file is parsed and each cipher built: zeroed before it returns.
+    let loaded = tokio::task::spawn_blocking(move || {
+        crate::secret::with_scrubbed_stack::<{ crate::secret::SCRUB_AFTER_SETUP }, _>(|| {
+            loader.load()
+        })
+    })
+    .await;
     let keyring = match loaded {
         Ok(Ok(k)) => k,
         // The token is unreachable: an outage, not a bad keyring. The

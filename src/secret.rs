@@ -168,13 +168,10 @@ pub(crate) const SCRUB_AFTER_SETUP: usize = 64 * 1024;
 /// cipher copies round keys into registers and the compiler spills them (the
 /// VAES backends broadcast every round key into a 960-byte array), and an
 /// unoptimized build copies more: `tests/secrets.rs` finds copies left with
-/// 4 KiB in a debug build and none with 16 KiB. An optimized build uses far
-/// less stack, and zeroing costs time on every call, so it zeroes 4 KiB.
-pub(crate) const SCRUB_AFTER_CALL: usize = if cfg!(debug_assertions) {
-    16 * 1024
-} else {
-    4 * 1024
-};
+/// 4 KiB in a debug build and none with 16 KiB; an optimized build left
+/// three with 4 KiB. Zeroing 16 KiB costs about a microsecond per call,
+/// little beside the gRPC call around it (`docs/benchmarks.md`).
+pub(crate) const SCRUB_AFTER_CALL: usize = 16 * 1024;
 
 /// Runs `f` (which handles raw key bytes or round keys), then zeroes `BYTES`
 /// of stack below this frame, where `f`'s frames were.

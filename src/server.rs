@@ -69,9 +69,14 @@ impl Server {
     ) -> Result<Self, ServerError> {
         let loaded_revision = backend.revision();
         let loader = Arc::clone(&backend);
-        let keyring = tokio::task::spawn_blocking(move || loader.load())
-            .await
-            .map_err(|e| ServerError::Task(e.to_string()))??;
+        // As in `reload`: raw keys passed through this thread's stack.
+        let keyring = tokio::task::spawn_blocking(move || {
+            crate::secret::with_scrubbed_stack::<{ crate::secret::SCRUB_AFTER_SETUP }, _>(|| {
+                loader.load()
+            })
+        })
+        .await
+        .map_err(|e| ServerError::Task(e.to_string()))??;
         keyring.self_check().await.map_err(ServerError::SelfCheck)?;
         info!(
             keyring = %backend.describe(),

@@ -220,9 +220,18 @@ impl Drop for TestServer {
     }
 }
 
+/// The kekd binary under test: this build's, or the one `KEKD_TEST_BIN`
+/// names (`.ci/run` points it at the release build for the memory scan of
+/// `tests/secrets.rs`, whose result depends on the optimizer).
+pub fn kekd_bin() -> PathBuf {
+    std::env::var_os("KEKD_TEST_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_kekd")))
+}
+
 /// `kekd` with no `KEKD_*` variable inherited from the environment.
 pub fn kekd() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kekd"));
+    let mut cmd = Command::new(kekd_bin());
     for (name, _) in std::env::vars_os() {
         if name.to_string_lossy().starts_with("KEKD_") {
             cmd.env_remove(name);
