@@ -212,7 +212,7 @@ pub enum Pkcs11Error {
         "the keyring metadata in token {label:?} (prefix {prefix:?}) was written by an older kekd, without a MAC \
          or key check values, and is no longer served (a planted or edited object could not be told from kekd's \
          own); as the PIN holder, run `kekd admin upgrade-token --config …` once (it checks every key object and \
-         adds them; docs/hsm.md), or keep the kekd version that wrote it serving this token"
+         authenticates the metadata; docs/hsm.md), or keep the kekd version that wrote it serving this token"
     )]
     LegacyMetadata {
         /// The token.
