@@ -2933,3 +2933,117 @@ fn upgrade_token_without_a_legacy_keyring() {
         )
     );
 }
+
+/// Attacks on the upgrade itself:
+/// - without the PIN, a public v1 keyring and a public key planted in an
+///   empty token (hoping a PIN holder adopts them): the upgrade sees no
+///   keyring, and writes nothing;
+/// - two private v1 objects of the newest revision: refused naming both;
+/// - a metadata key in place before the upgrade (not kekd's: unrestricted):
+///   refused by name, nothing written.
+#[test]
+fn what_the_upgrade_will_not_adopt() {
+    const TEST: &str = "what_the_upgrade_will_not_adopt";
+    if std::env::var_os(CHILD).is_some() {
+        return legacy_child();
+    }
+    let Some(token) = Token::create() else { return };
+    let node = token.default_node("a");
+    let id = softhsm::random_hex(16);
+    write_object(
+        &token,
+        false,
+        &seed(),
+        &[
+            "--type",
+            "secrkey",
+            "--key-type",
+            "AES:32",
+            "--id",
+            &format!("{id}00000001"),
+            "--label",
+            "kekd-v1",
+        ],
+    );
+    let planted = metadata_text("kekd-keyring-meta v1", &id, &LEGACY_VERSIONS[2..]);
+    write_object(
+        &token,
+        false,
+        planted.as_bytes(),
+        &[
+            "--type",
+            "data",
+            "--label",
+            "kekd-keyring@1",
+            "--application-label",
+            "kekd",
+        ],
+    );
+    let before = token.objects();
+    let out = token.admin(&node, "upgrade-token", &[]);
+    assert_eq!(out.code(), EX_CONFIG, "{out:#?}");
+    assert!(
+        error_message(&out).starts_with(&format!(
+            "token {:?} holds no kekd keyring with prefix \"kekd-\"",
+            token.label
+        )),
+        "{out:#?}"
+    );
+    assert_eq!(token.objects(), before);
+
+    // Two private objects of revision 3.
+    let Some(token) = Token::create() else { return };
+    let node = token.default_node("a");
+    let id = softhsm::random_hex(16);
+    write_legacy(&token, TEST, &id, &LEGACY_VERSIONS[2..], "3:gcm", None);
+    let other = metadata_text("kekd-keyring-meta v1", &id, &LEGACY_VERSIONS[1..]);
+    write_object(
+        &token,
+        true,
+        other.as_bytes(),
+        &[
+            "--type",
+            "data",
+            "--private",
+            "--label",
+            "kekd-keyring@3",
+            "--application-label",
+            "kekd",
+        ],
+    );
+    let before = token.objects();
+    let out = token.admin(&node, "upgrade-token", &[]);
+    assert_eq!(out.code(), EX_CONFIG, "{out:#?}");
+    let message = error_message(&out);
+    assert!(
+        message.starts_with(
+            "the token holds two private objects for keyring metadata revision 3: kekd-keyring@3 (handle "
+        ) && message.contains(") and kekd-keyring@3 (handle "),
+        "{out:#?}"
+    );
+    assert_eq!(token.objects(), before);
+
+    // A metadata key kekd would not use.
+    let Some(token) = Token::create() else { return };
+    let node = token.default_node("a");
+    let id = softhsm::random_hex(16);
+    write_legacy(
+        &token,
+        TEST,
+        &id,
+        &LEGACY_VERSIONS[2..],
+        "3:gcm,0:unrestricted",
+        None,
+    );
+    let before = token.objects();
+    let out = token.admin(&node, "upgrade-token", &[]);
+    assert_eq!(out.code(), EX_CONFIG, "{out:#?}");
+    assert!(
+        error_message(&out).starts_with(
+            "key object kekd-metadata-key of the metadata key is not restricted to CKM_AES_GCM \
+             (CKA_ALLOWED_MECHANISMS): it could be used in other modes: refusing it"
+        ),
+        "{out:#?}"
+    );
+    assert_eq!(token.objects(), before);
+}
