@@ -13,6 +13,9 @@
 //! - configuration mistakes (exit 78, never the PIN), a wrong PIN tried
 //!   exactly once (counted with OpenSC's pkcs11-spy);
 //! - a key object deleted behind kekd's back, and token outages.
+//! - a token an older kekd wrote (v1 metadata, made here with its template
+//!   through cryptoki) adopted by `kekd admin upgrade-token`, and what the
+//!   upgrade refuses.
 //!
 //! Without SoftHSM2 every test prints `SKIPPED` and passes, unless
 //! `KEKD_REQUIRE_ALL=1` (CI), which makes them fail.
@@ -2919,10 +2922,19 @@ fn upgrade_token_without_a_legacy_keyring() {
         "the keyring metadata is kekd-keyring-meta v2 already (revision 1, authenticated)"
     );
     assert_eq!(token.objects(), before);
-    assert!(audit_lines(&token, &node).iter().all(|l| l["command"] != "upgrade-token"));
+    assert!(
+        audit_lines(&token, &node)
+            .iter()
+            .all(|l| l["command"] != "upgrade-token")
+    );
 
     let keyring = token.path().join("local-keyring");
-    let out = token.run(&["admin", "upgrade-token", "--keyring", keyring.to_str().unwrap()]);
+    let out = token.run(&[
+        "admin",
+        "upgrade-token",
+        "--keyring",
+        keyring.to_str().unwrap(),
+    ]);
     assert_eq!(out.code(), 1, "{out:#?}");
     assert_eq!(
         error_message(&out),

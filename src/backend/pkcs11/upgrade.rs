@@ -370,7 +370,10 @@ mod tests {
         ));
         let v1 = format!(
             "{body}sha256 {}\n",
-            digest.iter().map(|b| format!("{b:02x}")).collect::<String>()
+            digest
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
         );
         let parsed = KeyringFile::parse(v1.as_bytes()).unwrap();
         assert_eq!(parsed.id, file.id);

@@ -905,7 +905,8 @@ pub fn upgrade_token(a: &UpgradeTokenArgs) -> Result<(), CliError> {
                 v.info.state.as_str(),
                 match (&v.key_object, up.outcome == UpgradeOutcome::Adopted) {
                     (None, _) => "no key material".to_owned(),
-                    (Some(label), true) => format!("key object {label}: checked, check value recorded"),
+                    (Some(label), true) =>
+                        format!("key object {label}: checked, check value recorded"),
                     (Some(label), false) => format!("key object {label}: checked"),
                 }
             ));
@@ -914,7 +915,8 @@ pub fn upgrade_token(a: &UpgradeTokenArgs) -> Result<(), CliError> {
             "  metadata key {}: {}\n",
             up.metadata_key_label,
             match (up.metadata_key, up.outcome == UpgradeOutcome::Adopted) {
-                (MetadataKey::Leftover, _) => "left by an earlier run that stopped before writing; checked and adopted",
+                (MetadataKey::Leftover, _) =>
+                    "left by an earlier run that stopped before writing; checked and adopted",
                 (_, true) => "generated in the token",
                 (_, false) => "would be generated in the token",
             }
