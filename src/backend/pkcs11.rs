@@ -20,6 +20,9 @@
 //!   attributes show the token generated it and never lets it out, and it
 //!   opens the check value recorded when kekd generated it
 //!   ([`objects`] says why and how).
+//! - Metadata an older kekd wrote (`kekd-keyring-meta v1`: no check values,
+//!   no MAC) is refused until `kekd admin upgrade-token` adopts it
+//!   (`pkcs11/upgrade.rs` says what it checks and what a crash leaves).
 //! - Usage counters and the audit log are per node, under `state_dir`.
 //!
 //! # Sessions
