@@ -13,6 +13,9 @@
 //! - configuration mistakes (exit 78, never the PIN), a wrong PIN tried
 //!   exactly once (counted with OpenSC's pkcs11-spy);
 //! - a key object deleted behind kekd's back, and token outages.
+//! - a token an older kekd wrote (v1 metadata, made here with its template
+//!   through cryptoki) adopted by `kekd admin upgrade-token`, and what the
+//!   upgrade refuses.
 //!
 //! Without SoftHSM2 every test prints `SKIPPED` and passes, unless
 //! `KEKD_REQUIRE_ALL=1` (CI), which makes them fail.
@@ -2305,6 +2308,10 @@ fn legacy_metadata_is_refused_naming_the_fix() {
             .contains("was written by an older kekd, without a MAC or key check values"),
         "{out:#?}"
     );
+    assert!(
+        error_message(&out).contains("run `kekd admin upgrade-token --config …` once"),
+        "{out:#?}"
+    );
 }
 
 /// In a child process (the test binary again, `CHILD` set): logs in, deletes
@@ -2415,4 +2422,640 @@ async fn a_swapped_key_object_fails_its_check_value() {
     let out = token.run(&["serve", "--config", fresh.config_arg()]);
     assert_eq!(out.code(), EX_CONFIG, "{out:#?}");
     assert_eq!(error_message(&out), expected);
+}
+
+// ----------------------------------------------- tokens of an older kekd
+
+// Environment of the child that writes what an older kekd left in a token.
+const LEGACY_ID: &str = "KEKD_TEST_LEGACY_ID";
+const LEGACY_KEYS: &str = "KEKD_TEST_LEGACY_KEYS";
+const LEGACY_META: &str = "KEKD_TEST_LEGACY_META";
+const LEGACY_REVISION: &str = "KEKD_TEST_LEGACY_REVISION";
+const LEGACY_SEAL: &str = "KEKD_TEST_LEGACY_SEAL";
+
+/// In a child process: writes into the token what the kekd before version-2
+/// metadata wrote (its template, from `git show 3f45c0d:src/backend/pkcs11.rs`),
+/// through cryptoki. `LEGACY_KEYS` lists `version:kind` (version 0: the
+/// metadata key an interrupted upgrade left):
+/// - `gcm`: generated with the older kekd's template, restricted to AES-GCM;
+/// - `unrestricted`: the same without `CKA_ALLOWED_MECHANISMS` (the older
+///   kekd's fallback on tokens that refused the attribute);
+/// - `public`: the same, but public (`CKA_PRIVATE` false);
+/// - `imported`: created from 32 bytes given by the caller (not `CKA_LOCAL`).
+///
+/// Then the v1 metadata object `kekd-keyring@<LEGACY_REVISION>` with the
+/// value `LEGACY_META`, and, if `LEGACY_SEAL` names a version, a fresh seed
+/// sealed under that version's key by the token into the documented
+/// envelope (`seed=…`, `envelope=…`).
+fn legacy_child() {
+    use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+    use cryptoki::mechanism::aead::GcmParams;
+    use cryptoki::mechanism::{Mechanism, MechanismType};
+    use cryptoki::object::{Attribute, KeyType, ObjectClass};
+    use cryptoki::session::UserType;
+
+    let var = |name: &str| std::env::var(name).unwrap();
+    let pin = fs::read_to_string(var(CHILD_PIN_FILE)).unwrap();
+    let ctx = Pkcs11::new(softhsm::MODULE).unwrap();
+    ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
+        .unwrap();
+    let slot = ctx
+        .get_slots_with_token()
+        .unwrap()
+        .into_iter()
+        .find(|&s| ctx.get_token_info(s).unwrap().label().trim_end() == var(CHILD_LABEL))
+        .expect("the token's slot");
+    let session = ctx.open_rw_session(slot).unwrap();
+    session
+        .login(
+            UserType::User,
+            Some(&cryptoki::types::AuthPin::from(pin.trim_end().to_owned())),
+        )
+        .unwrap();
+    let id = var(LEGACY_ID);
+    let mut handles = HashMap::new();
+    for spec in var(LEGACY_KEYS).split(',') {
+        let (version, kind) = spec.split_once(':').unwrap();
+        let version: u32 = version.parse().unwrap();
+        let object_id = unhex(&format!("{id}{version:08x}"));
+        let label = if version == 0 {
+            "kekd-metadata-key".to_owned()
+        } else {
+            format!("kekd-v{version}")
+        };
+        let mut template = vec![
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::AES),
+            Attribute::Id(object_id),
+            Attribute::Label(label.into_bytes()),
+            Attribute::Token(true),
+            Attribute::Private(kind != "public"),
+            Attribute::Sensitive(true),
+            Attribute::Extractable(false),
+            Attribute::Encrypt(true),
+            Attribute::Decrypt(true),
+            Attribute::Wrap(false),
+            Attribute::Unwrap(false),
+            Attribute::Sign(false),
+            Attribute::Verify(false),
+            Attribute::Derive(false),
+            Attribute::Modifiable(false),
+        ];
+        if kind != "unrestricted" {
+            template.push(Attribute::AllowedMechanisms(vec![MechanismType::AES_GCM]));
+        }
+        let handle = if kind == "imported" {
+            template.push(Attribute::Value(seed()));
+            session.create_object(&template).unwrap()
+        } else {
+            template.push(Attribute::ValueLen(32.into()));
+            session
+                .generate_key(&Mechanism::AesKeyGen, &template)
+                .unwrap()
+        };
+        handles.insert(version, handle);
+    }
+    session
+        .create_object(&[
+            Attribute::Class(ObjectClass::DATA),
+            Attribute::Application(b"kekd".to_vec()),
+            Attribute::Label(format!("kekd-keyring@{}", var(LEGACY_REVISION)).into_bytes()),
+            Attribute::Token(true),
+            Attribute::Private(true),
+            Attribute::Modifiable(false),
+            Attribute::Value(var(LEGACY_META).into_bytes()),
+        ])
+        .unwrap();
+    if let Ok(version) = std::env::var(LEGACY_SEAL) {
+        let version: u32 = version.parse().unwrap();
+        let mine = seed();
+        let mut nonce = [0u8; 12];
+        common::getrandom(&mut nonce);
+        let mut iv = nonce;
+        let aad = envelope_aad(&id, version);
+        let params = GcmParams::new(&mut iv, &aad, 128.into()).unwrap();
+        let body = session
+            .encrypt(&Mechanism::AesGcm(params), handles[&version], &mine)
+            .unwrap();
+        let envelope = [&[0x01][..], &version.to_be_bytes(), &nonce, &body].concat();
+        println!("seed={}", softhsm::hex(&mine));
+        println!("envelope={}", softhsm::hex(&envelope));
+    }
+    println!("written=1");
+}
+
+/// What an older kekd left in `token` (see [`legacy_child`]), made by the
+/// child run of `test`: keyring `id` with metadata `versions` at revision 3,
+/// key objects `keys`, and a seed sealed under version `seal`. Returns the
+/// child's `name=value` lines.
+fn write_legacy(
+    token: &softhsm::Token,
+    test: &str,
+    id: &str,
+    versions: &[&str],
+    keys: &str,
+    seal: Option<u32>,
+) -> HashMap<String, String> {
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap());
+    child
+        .args([test, "--exact", "--nocapture", "--test-threads=1"])
+        .env(CHILD, "1")
+        .env("SOFTHSM2_CONF", &token.conf)
+        .env(CHILD_LABEL, &token.label)
+        .env(CHILD_PIN_FILE, &token.pin_file)
+        .env(LEGACY_ID, id)
+        .env(LEGACY_KEYS, keys)
+        .env(LEGACY_REVISION, "3")
+        .env(
+            LEGACY_META,
+            metadata_text("kekd-keyring-meta v1", id, versions),
+        );
+    if let Some(v) = seal {
+        child.env(LEGACY_SEAL, v.to_string());
+    }
+    let out = child.output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("written=1"),
+        "the legacy child failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.rsplit(' ').next().unwrap_or(k).to_owned(), v.to_owned()))
+        .collect()
+}
+
+/// The metadata of a keyring an older kekd rotated twice and destroyed v1 of.
+const LEGACY_VERSIONS: [&str; 3] = [
+    "version 1 destroyed created=2025-01-01T00:00:00Z promoted=2025-01-01T00:00:00Z \
+     retired=2025-03-01T00:00:00Z destroyed=2025-04-01T00:00:00Z",
+    "version 2 decrypt-only created=2025-02-01T00:00:00Z promoted=2025-02-02T00:00:00Z",
+    "version 3 primary created=2025-05-01T00:00:00Z promoted=2025-05-02T00:00:00Z",
+];
+
+/// The lines of a node's audit log.
+fn audit_lines(token: &softhsm::Token, node: &Node) -> Vec<serde_json::Value> {
+    let path = node
+        .state_dir
+        .as_ref()
+        .unwrap()
+        .join(format!("pkcs11-{}-kekd-.audit.jsonl", token.label));
+    fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// A token an older kekd initialised (v1 metadata at revision 3; v1
+/// destroyed — its key object still there, as a destroy that stopped
+/// half-way leaves it —, v2 decrypt-only, v3 primary): `serve` refuses it
+/// naming `upgrade-token`; `--dry-run` reports what it would adopt and
+/// writes nothing; `upgrade-token` adopts it (one audit line); then kekd
+/// serves it, and a seed the token sealed under v2's key before the
+/// upgrade still decrypts. A re-run is a no-op that says so.
+#[tokio::test]
+async fn an_older_kekds_token_is_upgraded_and_keeps_its_keys() {
+    const TEST: &str = "an_older_kekds_token_is_upgraded_and_keeps_its_keys";
+    if std::env::var_os(CHILD).is_some() {
+        return legacy_child();
+    }
+    let Some(token) = Token::create() else { return };
+    let node = token.default_node("a");
+    let id = softhsm::random_hex(16);
+    let written = write_legacy(
+        &token,
+        TEST,
+        &id,
+        &LEGACY_VERSIONS,
+        "1:gcm,2:gcm,3:gcm",
+        Some(2),
+    );
+
+    // Refused, naming the command.
+    let out = token.run(&["serve", "--config", node.config_arg()]);
+    assert_eq!(out.code(), EX_CONFIG, "{out:#?}");
+    assert_eq!(
+        error_message(&out),
+        format!(
+            "the keyring metadata in token {:?} (prefix \"kekd-\") was written by an older kekd, without a MAC \
+             or key check values, and is no longer served (a planted or edited object could not be told from \
+             kekd's own); as the PIN holder, run `kekd admin upgrade-token --config …` once (it checks every \
+             key object and authenticates the metadata; docs/hsm.md), or keep the kekd version that wrote it \
+             serving this token",
+            token.label
+        )
+    );
+
+    // A dry run: what would be adopted, nothing written.
+    let before = token.objects();
+    let dry = token.admin(&node, "upgrade-token", &["--dry-run"]);
+    assert_eq!(dry.code(), 0, "{dry:#?}");
+    assert_eq!(
+        dry.stdout,
+        format!(
+            "upgrade-token --dry-run: would adopt keyring {id} in pkcs11 token {:?} (prefix \"kekd-\") \
+             (revision 3, kekd-keyring-meta v1):\n  \
+             version 1    destroyed     no key material\n  \
+             version 2    decrypt-only  key object kekd-v2: checked\n  \
+             version 3    primary       key object kekd-v3: checked\n  \
+             metadata key kekd-metadata-key: would be generated in the token\n\
+             dry run: every key object passed; nothing was written. Run `kekd admin upgrade-token --config {}` \
+             to adopt it\n",
+            token.label,
+            node.config_arg()
+        )
+    );
+    let dry = admin_json(&token, &node, "upgrade-token", &["--dry-run"]);
+    assert_eq!(dry["changed"], false);
+    assert_eq!(dry["dry_run"], true);
+    assert_eq!(dry["metadata_key"]["source"], "generated");
+    assert_eq!(token.objects(), before, "a dry run writes nothing");
+    assert!(audit_lines(&token, &node).is_empty());
+
+    // The upgrade.
+    let up = admin_json(&token, &node, "upgrade-token", &[]);
+    assert_eq!(
+        up,
+        serde_json::json!({
+            "command": "upgrade-token",
+            "changed": true,
+            "dry_run": false,
+            "keyring": format!("pkcs11 token {:?} (prefix \"kekd-\")", token.label),
+            "keyring_id": id,
+            "from_format": "kekd-keyring-meta v1",
+            "format": "kekd-keyring-meta v2",
+            "from_revision": 3,
+            "revision": 4,
+            "versions": [
+                {"version": 1, "state": "destroyed", "key_id": format!("kekd/{id}/v1"), "key_object": null},
+                {"version": 2, "state": "decrypt-only", "key_id": format!("kekd/{id}/v2"), "key_object": "kekd-v2"},
+                {"version": 3, "state": "primary", "key_id": format!("kekd/{id}/v3"), "key_object": "kekd-v3"},
+            ],
+            "metadata_key": {"label": "kekd-metadata-key", "source": "generated"},
+            "erased": [1],
+            "message": "revision 3 (kekd-keyring-meta v1) → revision 4 (kekd-keyring-meta v2, authenticated)",
+            "next": "start (or restart) every kekd serving this token with this version: it serves the upgraded \
+                     keyring. An older kekd cannot read the new metadata: replace it on every node now, and run \
+                     admin commands with this version only",
+        })
+    );
+    assert_eq!(metadata_labels(&token), ["kekd-keyring@4"]);
+    assert_eq!(
+        token.secret_key_labels(),
+        ["kekd-metadata-key", "kekd-v2", "kekd-v3"],
+        "v1's leftover key is erased, the others kept"
+    );
+    let value = String::from_utf8(token.read_value("data", "kekd-keyring@4").unwrap()).unwrap();
+    assert!(value.starts_with("kekd-keyring-meta v2\n"), "{value}");
+    assert_eq!(
+        value
+            .lines()
+            .filter_map(|l| l.strip_prefix("check "))
+            .map(|l| l.split(' ').next().unwrap())
+            .collect::<Vec<_>>(),
+        ["2", "3"],
+        "one check value per version with a key: {value}"
+    );
+    assert!(value.lines().last().unwrap().starts_with("mac "), "{value}");
+    let audit = audit_lines(&token, &node);
+    assert_eq!(audit.len(), 1, "{audit:#?}");
+    for (field, expected) in [
+        ("format", serde_json::json!(2)),
+        ("command", serde_json::json!("upgrade-token")),
+        ("keyring_id", serde_json::json!(id)),
+        ("version", serde_json::json!(3)),
+        ("key_id", serde_json::json!(format!("kekd/{id}/v3"))),
+        ("from", serde_json::json!("primary")),
+        ("to", serde_json::json!("primary")),
+        ("overrides", serde_json::json!([])),
+    ] {
+        assert_eq!(audit[0][field], expected, "{field}: {audit:#?}");
+    }
+
+    // Served: v3 seals, and v2's key still opens what it sealed before.
+    let (_server, mut client) = serving(&token, &node).await;
+    assert_eq!(status_key_id(&client).await, format!("kekd/{id}/v3"));
+    let mine = seed();
+    let enc = client.encrypt(mine.clone(), &uid(0)).await.unwrap();
+    assert_eq!(enc.key_id, format!("kekd/{id}/v3"));
+    assert_eq!(
+        client
+            .decrypt(enc.ciphertext, &enc.key_id, no_annotations(), &uid(1))
+            .await
+            .unwrap(),
+        mine
+    );
+    assert_eq!(
+        client
+            .decrypt(
+                unhex(&written["envelope"]),
+                &format!("kekd/{id}/v2"),
+                no_annotations(),
+                &uid(2)
+            )
+            .await
+            .unwrap(),
+        unhex(&written["seed"]),
+        "a seed v2's key sealed before the upgrade"
+    );
+
+    // Again: nothing to do, nothing written, no audit line.
+    let before = token.objects();
+    let again = token.admin(&node, "upgrade-token", &[]);
+    assert_eq!(again.code(), 0, "{again:#?}");
+    assert_eq!(
+        again.stdout,
+        format!(
+            "upgrade-token: nothing to do: keyring {id} in pkcs11 token {:?} (prefix \"kekd-\"): the keyring \
+             metadata is kekd-keyring-meta v2 already (revision 4, authenticated)\n",
+            token.label
+        )
+    );
+    let again = admin_json(&token, &node, "upgrade-token", &[]);
+    assert_eq!(again["changed"], false);
+    assert_eq!(again["format"], "kekd-keyring-meta v2");
+    assert_eq!(again["metadata_key"]["source"], "existing");
+    assert_eq!(token.objects(), before);
+    assert_eq!(
+        audit_lines(&token, &node)
+            .iter()
+            .filter(|l| l["command"] == "upgrade-token")
+            .count(),
+        1,
+        "no second audit line"
+    );
+}
+
+/// A key object of the older kekd's keyring that this kekd would not serve
+/// — not restricted to AES-GCM (the older kekd's fallback), public, or
+/// imported — is refused by name, by the dry run too, and nothing is
+/// written.
+#[test]
+fn an_older_kekds_key_this_kekd_would_not_serve_is_not_adopted() {
+    const TEST: &str = "an_older_kekds_key_this_kekd_would_not_serve_is_not_adopted";
+    if std::env::var_os(CHILD).is_some() {
+        return legacy_child();
+    }
+    for (kind, reason) in [
+        (
+            "unrestricted",
+            "is not restricted to CKM_AES_GCM (CKA_ALLOWED_MECHANISMS): it could be used in other modes",
+        ),
+        (
+            "public",
+            "is not private (CKA_PRIVATE): anyone could have created it without the PIN",
+        ),
+        (
+            "imported",
+            "was not always sensitive (CKA_ALWAYS_SENSITIVE): its bytes were readable once",
+        ),
+    ] {
+        let Some(token) = Token::create() else { return };
+        let node = token.default_node("a");
+        let id = softhsm::random_hex(16);
+        write_legacy(
+            &token,
+            TEST,
+            &id,
+            &LEGACY_VERSIONS[1..],
+            &format!("2:gcm,3:{kind}"),
+            None,
+        );
+        let before = token.objects();
+        let expected = format!(
+            "cannot upgrade token {:?}: the key object kekd-v3 of version 3 (CKA_ID {id}00000003) {reason}; \
+             this kekd uses only keys the token generated and keeps to itself (private, sensitive, never \
+             extractable, CKA_LOCAL, AES-GCM only), so it will not adopt it, and nothing was written. Keep the \
+             older kekd serving this token; or, with the older kekd, rotate to a new version and promote it, \
+             rewrite the stored data, retire and destroy version 3, then run `kekd admin upgrade-token \
+             --config …` again (a token that cannot restrict keys to CKM_AES_GCM cannot be served by this kekd \
+             at all)",
+            token.label
+        );
+        for args in [&["--dry-run"][..], &[]] {
+            let out = token.admin(&node, "upgrade-token", args);
+            assert_eq!(out.code(), EX_CONFIG, "{kind} {args:?}: {out:#?}");
+            assert_eq!(error_message(&out), expected, "{kind} {args:?}");
+        }
+        let out = token.admin(&node, "upgrade-token", &["--output", "json"]);
+        assert_eq!(
+            json_of(&out),
+            serde_json::json!({"error": expected, "exit_code": EX_CONFIG})
+        );
+        assert_eq!(token.objects(), before, "{kind}: nothing written");
+        assert!(audit_lines(&token, &node).is_empty(), "{kind}");
+    }
+}
+
+/// An upgrade that stopped after generating the metadata key and before
+/// writing left v1 metadata and that key: the token is still v1 (refused by
+/// `serve`), and a re-run checks the key and completes with it.
+#[tokio::test]
+async fn an_interrupted_upgrade_completes_when_run_again() {
+    const TEST: &str = "an_interrupted_upgrade_completes_when_run_again";
+    if std::env::var_os(CHILD).is_some() {
+        return legacy_child();
+    }
+    let Some(token) = Token::create() else { return };
+    let node = token.default_node("a");
+    let id = softhsm::random_hex(16);
+    let written = write_legacy(
+        &token,
+        TEST,
+        &id,
+        &LEGACY_VERSIONS[2..],
+        "3:gcm,0:gcm",
+        Some(3),
+    );
+    let out = token.run(&["serve", "--config", node.config_arg()]);
+    assert_eq!(out.code(), EX_CONFIG, "{out:#?}");
+    assert!(error_message(&out).contains("was written by an older kekd"));
+
+    let up = admin_json(&token, &node, "upgrade-token", &[]);
+    assert_eq!(up["changed"], true);
+    assert_eq!(up["metadata_key"]["source"], "leftover");
+    assert_eq!(
+        token.secret_key_labels(),
+        ["kekd-metadata-key", "kekd-v3"],
+        "no second metadata key"
+    );
+    let (_server, mut client) = serving(&token, &node).await;
+    assert_eq!(
+        client
+            .decrypt(
+                unhex(&written["envelope"]),
+                &format!("kekd/{id}/v3"),
+                no_annotations(),
+                &uid(0)
+            )
+            .await
+            .unwrap(),
+        unhex(&written["seed"])
+    );
+}
+
+/// `upgrade-token` on a token without a keyring gives the usual error; on a
+/// keyring this kekd made, it is a no-op; on a local keyring it refuses.
+#[test]
+fn upgrade_token_without_a_legacy_keyring() {
+    let Some(token) = Token::create() else { return };
+    let node = token.default_node("a");
+    let out = token.admin(&node, "upgrade-token", &[]);
+    assert_eq!(out.code(), EX_CONFIG, "{out:#?}");
+    assert_eq!(
+        error_message(&out),
+        format!(
+            "token {:?} holds no kekd keyring with prefix \"kekd-\"; create one with `kekd admin init --config …`",
+            token.label
+        )
+    );
+    let key_id = token.init(&node);
+    let before = token.objects();
+    let up = admin_json(&token, &node, "upgrade-token", &[]);
+    assert_eq!(up["changed"], false);
+    assert_eq!(up["keyring_id"], keyring_id_of(&key_id).as_str());
+    assert_eq!(
+        up["message"],
+        "the keyring metadata is kekd-keyring-meta v2 already (revision 1, authenticated)"
+    );
+    assert_eq!(token.objects(), before);
+    assert!(
+        audit_lines(&token, &node)
+            .iter()
+            .all(|l| l["command"] != "upgrade-token")
+    );
+
+    let keyring = token.path().join("local-keyring");
+    let out = token.run(&[
+        "admin",
+        "upgrade-token",
+        "--keyring",
+        keyring.to_str().unwrap(),
+    ]);
+    assert_eq!(out.code(), 1, "{out:#?}");
+    assert_eq!(
+        error_message(&out),
+        format!(
+            "upgrade-token is for keyrings in a PKCS#11 token ([backend] kind = \"pkcs11\"); {} is a local \
+             keyring file, which has no older format to upgrade",
+            keyring.display()
+        )
+    );
+}
+
+/// Attacks on the upgrade itself:
+/// - without the PIN, a public v1 keyring and a public key planted in an
+///   empty token (hoping a PIN holder adopts them): the upgrade sees no
+///   keyring, and writes nothing;
+/// - two private v1 objects of the newest revision: refused naming both;
+/// - a metadata key in place before the upgrade (not kekd's: unrestricted):
+///   refused by name, nothing written.
+#[test]
+fn what_the_upgrade_will_not_adopt() {
+    const TEST: &str = "what_the_upgrade_will_not_adopt";
+    if std::env::var_os(CHILD).is_some() {
+        return legacy_child();
+    }
+    let Some(token) = Token::create() else { return };
+    let node = token.default_node("a");
+    let id = softhsm::random_hex(16);
+    write_object(
+        &token,
+        false,
+        &seed(),
+        &[
+            "--type",
+            "secrkey",
+            "--key-type",
+            "AES:32",
+            "--id",
+            &format!("{id}00000001"),
+            "--label",
+            "kekd-v1",
+        ],
+    );
+    let planted = metadata_text("kekd-keyring-meta v1", &id, &LEGACY_VERSIONS[2..]);
+    write_object(
+        &token,
+        false,
+        planted.as_bytes(),
+        &[
+            "--type",
+            "data",
+            "--label",
+            "kekd-keyring@1",
+            "--application-label",
+            "kekd",
+        ],
+    );
+    let before = token.objects();
+    let out = token.admin(&node, "upgrade-token", &[]);
+    assert_eq!(out.code(), EX_CONFIG, "{out:#?}");
+    assert!(
+        error_message(&out).starts_with(&format!(
+            "token {:?} holds no kekd keyring with prefix \"kekd-\"",
+            token.label
+        )),
+        "{out:#?}"
+    );
+    assert_eq!(token.objects(), before);
+
+    // Two private objects of revision 3.
+    let Some(token) = Token::create() else { return };
+    let node = token.default_node("a");
+    let id = softhsm::random_hex(16);
+    write_legacy(&token, TEST, &id, &LEGACY_VERSIONS[2..], "3:gcm", None);
+    let other = metadata_text("kekd-keyring-meta v1", &id, &LEGACY_VERSIONS[1..]);
+    write_object(
+        &token,
+        true,
+        other.as_bytes(),
+        &[
+            "--type",
+            "data",
+            "--private",
+            "--label",
+            "kekd-keyring@3",
+            "--application-label",
+            "kekd",
+        ],
+    );
+    let before = token.objects();
+    let out = token.admin(&node, "upgrade-token", &[]);
+    assert_eq!(out.code(), EX_CONFIG, "{out:#?}");
+    let message = error_message(&out);
+    assert!(
+        message.starts_with(
+            "the token holds two private objects for keyring metadata revision 3: kekd-keyring@3 (handle "
+        ) && message.contains(") and kekd-keyring@3 (handle "),
+        "{out:#?}"
+    );
+    assert_eq!(token.objects(), before);
+
+    // A metadata key kekd would not use.
+    let Some(token) = Token::create() else { return };
+    let node = token.default_node("a");
+    let id = softhsm::random_hex(16);
+    write_legacy(
+        &token,
+        TEST,
+        &id,
+        &LEGACY_VERSIONS[2..],
+        "3:gcm,0:unrestricted",
+        None,
+    );
+    let before = token.objects();
+    let out = token.admin(&node, "upgrade-token", &[]);
+    assert_eq!(out.code(), EX_CONFIG, "{out:#?}");
+    assert!(
+        error_message(&out).starts_with(
+            "key object kekd-metadata-key of the metadata key is not restricted to CKM_AES_GCM \
+             (CKA_ALLOWED_MECHANISMS): it could be used in other modes: refusing it"
+        ),
+        "{out:#?}"
+    );
+    assert_eq!(token.objects(), before);
 }

@@ -20,6 +20,9 @@
 //!   attributes show the token generated it and never lets it out, and it
 //!   opens the check value recorded when kekd generated it
 //!   ([`objects`] says why and how).
+//! - Metadata an older kekd wrote (`kekd-keyring-meta v1`: no check values,
+//!   no MAC) is refused until `kekd admin upgrade-token` adopts it
+//!   (`pkcs11/upgrade.rs` says what it checks and what a crash leaves).
 //! - Usage counters and the audit log are per node, under `state_dir`.
 //!
 //! # Sessions
@@ -64,8 +67,10 @@ use crate::keyring::{KeyState, KeyVersion, Keyring, KeyringId};
 use crate::secret::{KeyFingerprint, Pin, Plaintext};
 
 mod objects;
+mod upgrade;
 
 use objects::{FrameError, Seal};
+pub use upgrade::{AdoptedVersion, MetadataKey, Upgrade, UpgradeOutcome};
 
 /// Label suffix of the metadata object.
 const METADATA_LABEL: &str = "keyring";
@@ -209,13 +214,35 @@ pub enum Pkcs11Error {
     #[error(
         "the keyring metadata in token {label:?} (prefix {prefix:?}) was written by an older kekd, without a MAC \
          or key check values, and is no longer served (a planted or edited object could not be told from kekd's \
-         own); keep the kekd version that wrote it serving this token: this kekd has no upgrade for it yet"
+         own); as the PIN holder, run `kekd admin upgrade-token --config …` once (it checks every key object and \
+         authenticates the metadata; docs/hsm.md), or keep the kekd version that wrote it serving this token"
     )]
     LegacyMetadata {
         /// The token.
         label: String,
         /// The prefix.
         prefix: String,
+    },
+    /// `upgrade-token` found a key object this kekd would not serve.
+    #[error(
+        "cannot upgrade token {token:?}: the key object {label} of {what} (CKA_ID {id}) {reason}; this kekd uses \
+         only keys the token generated and keeps to itself (private, sensitive, never extractable, CKA_LOCAL, \
+         AES-GCM only), so it will not adopt it, and nothing was written. Keep the older kekd serving this \
+         token; or, with the older kekd, rotate to a new version and promote it, rewrite the stored data, \
+         retire and destroy {what}, then run `kekd admin upgrade-token --config …` again (a token that cannot \
+         restrict keys to CKM_AES_GCM cannot be served by this kekd at all)"
+    )]
+    NotAdoptable {
+        /// The token.
+        token: String,
+        /// `version N`.
+        what: String,
+        /// The object's label.
+        label: String,
+        /// Its `CKA_ID`, hex.
+        id: String,
+        /// The attribute at fault.
+        reason: &'static str,
     },
     /// The token cannot restrict keys to AES-GCM.
     #[error(
@@ -295,6 +322,7 @@ impl Pkcs11Error {
                 | Self::MetadataForged { .. }
                 | Self::CheckFailed { .. }
                 | Self::LegacyMetadata { .. }
+                | Self::NotAdoptable { .. }
                 | Self::RestrictionUnsupported { .. }
         )
     }
@@ -1159,34 +1187,67 @@ impl Token {
                 checks.insert(version, check);
             }
             // 4. The new revision, then drop the older ones.
-            let signed = objects::frame(&body, &checks);
-            let mac = Seal::make(s, mac_key, next_iv(), &objects::mac_aad(revision, &signed))?;
-            s.create_object(&[
-                Attribute::Class(ObjectClass::DATA),
-                Attribute::Application(APPLICATION.as_bytes().to_vec()),
-                Attribute::Label(format!("{}{revision}", self.metadata_prefix()).into_bytes()),
-                Attribute::Token(true),
-                Attribute::Private(true),
-                Attribute::Modifiable(false),
-                Attribute::Value(objects::seal_frame(signed, &mac)),
-            ])?;
-            for (_, handle) in objects {
-                s.destroy_object(handle)?;
-            }
-            // 5. Erase the material of destroyed versions.
-            for v in new
-                .versions
-                .iter()
-                .filter(|v| v.info.state == KeyState::Destroyed)
-            {
-                let template = self.key_template(&key_object_id(&new.id, Some(v.info.version)));
-                for h in s.find_objects(&template)? {
-                    s.destroy_object(h)?;
-                }
-            }
+            self.create_revision(s, revision, &body, &checks, mac_key, next_iv())?;
+            self.drop_older(s, objects, new)?;
             Ok(Ok(()))
         })??;
         Ok(())
+    }
+
+    /// Creates metadata revision `revision`: `body` followed by its key
+    /// check values and a MAC under `mac_key` made with `iv`. This object is
+    /// the commit point of every write: once it exists, readers take it.
+    fn create_revision(
+        &self,
+        s: &Session,
+        revision: u64,
+        body: &str,
+        checks: &BTreeMap<KeyVersion, Seal>,
+        mac_key: ObjectHandle,
+        iv: [u8; objects::IV_LEN],
+    ) -> Result<ObjectHandle, CkError> {
+        let signed = objects::frame(body, checks);
+        let mac = Seal::make(s, mac_key, iv, &objects::mac_aad(revision, &signed))?;
+        s.create_object(&[
+            Attribute::Class(ObjectClass::DATA),
+            Attribute::Application(APPLICATION.as_bytes().to_vec()),
+            Attribute::Label(format!("{}{revision}", self.metadata_prefix()).into_bytes()),
+            Attribute::Token(true),
+            Attribute::Private(true),
+            Attribute::Modifiable(false),
+            Attribute::Value(objects::seal_frame(signed, &mac)),
+        ])
+    }
+
+    /// After a new revision is written: deletes the `older` revisions, then
+    /// erases the key objects of the versions `new` records as destroyed.
+    /// Returns those versions whose key object was still there.
+    fn drop_older(
+        &self,
+        s: &Session,
+        older: Vec<(u64, ObjectHandle)>,
+        new: &KeyringFile,
+    ) -> Result<Vec<KeyVersion>, CkError> {
+        for (_, handle) in older {
+            s.destroy_object(handle)?;
+        }
+        // 5. Erase the material of destroyed versions.
+        let mut erased = Vec::new();
+        for v in new
+            .versions
+            .iter()
+            .filter(|v| v.info.state == KeyState::Destroyed)
+        {
+            let template = self.key_template(&key_object_id(&new.id, Some(v.info.version)));
+            let found = s.find_objects(&template)?;
+            if !found.is_empty() {
+                erased.push(v.info.version);
+            }
+            for h in found {
+                s.destroy_object(h)?;
+            }
+        }
+        Ok(erased)
     }
 
     /// Generates a version's key (`None`: the metadata key) in the token:

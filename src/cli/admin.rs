@@ -43,6 +43,10 @@ pub enum AdminCommand {
     /// restore of an older backup, or a deliberately new keyring, which
     /// `kekd serve` otherwise refuses to start from.
     AcceptKeyring(Target),
+    /// Adopt a keyring an older kekd wrote into a PKCS#11 token (metadata
+    /// `kekd-keyring-meta v1`): check every key object, record its key check
+    /// value and authenticate the metadata. Run once, as the PIN holder.
+    UpgradeToken(keyring::UpgradeTokenArgs),
     /// Check a running plugin: Status, Encrypt and Decrypt, checked against
     /// the apiserver's rules.
     Probe(probe::ProbeArgs),
@@ -197,6 +201,7 @@ impl AdminCommand {
             Self::Backup(a) => a.target.output,
             Self::RestoreBackup(a) => a.target.output,
             Self::Scan(a) => a.target.output,
+            Self::UpgradeToken(a) => a.target.output,
             // probe and doctor print their own report, failed or not.
             Self::Probe(_) | Self::Doctor(_) => Output::Text,
         }
@@ -246,6 +251,7 @@ fn dispatch(cmd: AdminCommand) -> Result<(), CliError> {
         AdminCommand::List(t) => keyring::list(&t),
         AdminCommand::Import(a) => keyring::import(&a.target, &a.from),
         AdminCommand::AcceptKeyring(t) => keyring::accept(&t),
+        AdminCommand::UpgradeToken(a) => keyring::upgrade_token(&a),
         AdminCommand::Probe(a) => probe::run(&a),
         AdminCommand::Backup(a) => backup::backup(&a),
         AdminCommand::RestoreBackup(a) => backup::restore(&a),
