@@ -1993,7 +1993,13 @@ fn serve_and_doctor_refuse_a_keyring_linked_from_a_directory_others_can_write() 
     assert_eq!(out.code(), EX_CONFIG, "{out:#?}");
     assert_eq!(error_message(&out), message);
     let doctor = admin(
-        &["doctor", "--keyring", link.to_str().unwrap(), "--output", "json"],
+        &[
+            "doctor",
+            "--keyring",
+            link.to_str().unwrap(),
+            "--output",
+            "json",
+        ],
         ring.dir.path(),
     );
     assert_eq!(doctor.code(), 1, "{doctor:#?}");

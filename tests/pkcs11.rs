@@ -2428,7 +2428,11 @@ fn serve_refuses_a_state_dir_another_user_can_write() {
     let node = token.default_node("open");
     token.init(&node);
     let state_dir = node.state_dir.clone().unwrap();
-    for (mode, who) in [(0o777, "every user"), (0o770, "its group"), (0o1777, "every user")] {
+    for (mode, who) in [
+        (0o777, "every user"),
+        (0o770, "its group"),
+        (0o1777, "every user"),
+    ] {
         fs::set_permissions(&state_dir, fs::Permissions::from_mode(mode)).unwrap();
         let out = token.run(&["serve", "--config", node.config_arg()]);
         assert_eq!(out.code(), EX_CONFIG, "{mode:04o}: {out:#?}");
