@@ -725,46 +725,42 @@ pub fn lock(path: &Path, wait: std::time::Duration) -> Result<KeyringLock, Store
     };
     // The directory may belong to the serving user while root runs this:
     // never follow a link planted as the lock (root would create or open
-    // its target, then hand it to the keyring's owner), and give the
-    // keyring's owner only a file this process has just created.
-    let open = |create: bool| {
-        let mut options = OpenOptions::new();
-        options
-            .read(true)
-            .write(true)
-            .mode(0o600)
-            .custom_flags(no_follow());
-        if create {
-            options.create_new(true);
-        }
-        options.open(&lock)
-    };
-    let (file, created) = match open(true) {
-        Ok(f) => (Ok(f), true),
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => (open(false), false),
-        Err(e) => (Err(e), true),
-    };
-    let file = file.map_err(|e| match e.kind() {
-        io::ErrorKind::NotFound => StoreError::NotFound {
-            path: path.to_owned(),
-        },
-        _ if e.raw_os_error() == Some(rustix::io::Errno::LOOP.raw_os_error()) => {
-            StoreError::Planted {
-                path: lock.clone(),
-                what: "a symlink",
+    // its target, then hand it to the keyring's owner), and hand over only
+    // a regular file with no other name.
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(no_follow())
+        .open(&lock)
+        .map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => StoreError::NotFound {
+                path: path.to_owned(),
+            },
+            _ if e.raw_os_error() == Some(rustix::io::Errno::LOOP.raw_os_error()) => {
+                StoreError::Planted {
+                    path: lock.clone(),
+                    what: "a symlink",
+                }
             }
-        }
-        _ => io("open the lock file")(e),
-    })?;
-    if !file.metadata().map_err(io("stat the lock file"))?.is_file() {
+            _ => io("open the lock file")(e),
+        })?;
+    let meta = file.metadata().map_err(io("stat the lock file"))?;
+    if !meta.is_file() {
         return Err(StoreError::Planted {
             path: lock,
             what: "not a regular file",
         });
     }
-    if created {
-        give_owner_of(&file, path);
+    if std::os::unix::fs::MetadataExt::nlink(&meta) != 1 {
+        return Err(StoreError::Planted {
+            path: lock,
+            what: "a hard link to another file",
+        });
     }
+    give_owner_of(&file, path);
     let deadline = std::time::Instant::now() + wait;
     loop {
         match flock(&file, FlockOperation::NonBlockingLockExclusive) {
