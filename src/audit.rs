@@ -130,11 +130,39 @@ fn open_log(path: &Path, owner_of: Option<&Path>) -> io::Result<std::fs::File> {
             }
             Ok(f)
         }
+        // Root may run this in a directory the serving user owns: never
+        // append through a planted link, to a FIFO, or to a second name of
+        // another file.
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-            OpenOptions::new().append(true).open(path)
+            let f = OpenOptions::new()
+                .append(true)
+                .custom_flags(store::no_follow())
+                .open(path)
+                .map_err(|e| {
+                    if e.raw_os_error() == Some(rustix::io::Errno::LOOP.raw_os_error()) {
+                        planted(path, "a symlink")
+                    } else {
+                        e
+                    }
+                })?;
+            let meta = f.metadata()?;
+            if !meta.is_file() {
+                return Err(planted(path, "not a regular file"));
+            }
+            if meta.nlink() != 1 {
+                return Err(planted(path, "a hard link to another file"));
+            }
+            Ok(f)
         }
         Err(e) => Err(e),
     }
+}
+
+fn planted(path: &Path, what: &'static str) -> io::Error {
+    io::Error::other(store::StoreError::Planted {
+        path: path.to_owned(),
+        what,
+    })
 }
 
 /// Appends one JSON value as a line to the audit log at `path` and fsyncs it.

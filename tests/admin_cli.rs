@@ -1845,3 +1845,176 @@ fn doctor_warns_when_the_environment_supplies_a_secret() {
     );
     assert!(doctor(&[]).is_empty());
 }
+
+// ------------------------------------------------ planted files (attacks)
+
+/// A root-owned file outside the keyring's directory, as an attacker's
+/// target: `/etc/shadow` in real life.
+fn root_victim(dir: &Path, name: &str) -> PathBuf {
+    let victim = dir.join(name);
+    fs::write(&victim, "root only\n").unwrap();
+    fs::set_permissions(&victim, fs::Permissions::from_mode(0o600)).unwrap();
+    victim
+}
+
+/// The serving user owns the keyring's directory (as StrictModes allows) and
+/// plants `<keyring>.lock` as a link to a root-owned file, or to a file that
+/// does not exist yet (`/etc/ld.so.preload`), then waits for root to run an
+/// admin command. kekd refuses the link: root never creates the target, and
+/// never hands a file to the keyring's owner.
+#[test]
+fn a_planted_lock_link_never_gives_root_files_to_the_keyring_owner() {
+    if !can_switch_users("a_planted_lock_link_never_gives_root_files_to_the_keyring_owner") {
+        return;
+    }
+    let ring = Ring::init();
+    let outside = tempdir_blocking();
+    let victim = root_victim(outside.path(), "shadow");
+    let missing = outside.path().join("ld.so.preload");
+    chown_all(ring.dir.path(), NOBODY, NOBODY);
+    let lock = ring.dir.path().join("keyring.lock");
+    let before = ring.bytes();
+    for target in [&victim, &missing] {
+        let _ = fs::remove_file(&lock);
+        std::os::unix::fs::symlink(target, &lock).unwrap();
+        std::os::unix::fs::lchown(&lock, Some(NOBODY), Some(NOBODY)).unwrap();
+        let out = ring.run(&["rotate"]);
+        assert_eq!(out.code(), EX_CONFIG, "{out:#?}");
+        assert_eq!(
+            error_message(&out),
+            format!(
+                "{} is a symlink, which kekd never makes there: someone who can write its directory may have \
+                 planted it to turn this command against another file; nothing was changed: remove it, and \
+                 check who can write that directory (`kekd admin doctor`)",
+                lock.display()
+            )
+        );
+        assert_eq!(ring.bytes(), before, "the keyring changed");
+    }
+    assert_eq!(owner_of(&victim), (0, 0), "root's file was given away");
+    assert_eq!(fs::read_to_string(&victim).unwrap(), "root only\n");
+    assert!(!missing.exists(), "root created the link's target");
+
+    // A FIFO neither hangs the command nor is taken for a lock.
+    fs::remove_file(&lock).unwrap();
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        &lock,
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o600),
+        0,
+    )
+    .unwrap();
+    let out = ring.run(&["rotate"]);
+    assert_eq!(out.code(), EX_CONFIG, "{out:#?}");
+    assert!(
+        error_message(&out).starts_with(&format!(
+            "{} is not a regular file, which kekd never makes there",
+            lock.display()
+        )),
+        "{out:#?}"
+    );
+
+    // Removed, the next command creates the lock and gives it the owner.
+    fs::remove_file(&lock).unwrap();
+    let out = ring.run(&["rotate"]);
+    assert_eq!(out.code(), 0, "{out:#?}");
+    assert_eq!(owner_of(&lock), (NOBODY, NOBODY));
+}
+
+/// The same owner plants `<keyring>.audit.jsonl` as a link to a root file:
+/// root's command changes the keyring but never appends to that file, and
+/// says the audit log could not be written.
+#[test]
+fn a_planted_audit_log_link_is_never_appended_to() {
+    if !can_switch_users("a_planted_audit_log_link_is_never_appended_to") {
+        return;
+    }
+    let ring = Ring::init();
+    let outside = tempdir_blocking();
+    let victim = root_victim(outside.path(), "bashrc");
+    chown_all(ring.dir.path(), NOBODY, NOBODY);
+    let audit = ring.dir.path().join("keyring.audit.jsonl");
+    fs::remove_file(&audit).unwrap();
+    std::os::unix::fs::symlink(&victim, &audit).unwrap();
+    let out = ring.run(&["rotate"]);
+    assert_eq!(out.code(), 1, "{out:#?}");
+    assert_eq!(
+        error_message(&out),
+        format!(
+            "the keyring was changed, but its audit log {0} could not be written: {0} is a symlink, which kekd \
+             never makes there: someone who can write its directory may have planted it to turn this command \
+             against another file; nothing was changed: remove it, and check who can write that directory \
+             (`kekd admin doctor`)",
+            audit.display()
+        )
+    );
+    assert_eq!(fs::read_to_string(&victim).unwrap(), "root only\n");
+
+    // A second name of another file (where fs.protected_hardlinks is off).
+    fs::remove_file(&audit).unwrap();
+    let other = ring.dir.path().join("other");
+    fs::write(&other, "").unwrap();
+    fs::hard_link(&other, &audit).unwrap();
+    let out = ring.run(&["promote", "2"]);
+    assert_eq!(out.code(), 1, "{out:#?}");
+    assert!(
+        error_message(&out).contains(&format!(
+            "{} is a hard link to another file, which kekd never makes there",
+            audit.display()
+        )),
+        "{out:#?}"
+    );
+    assert_eq!(fs::read_to_string(&other).unwrap(), "");
+}
+
+/// StrictModes covers the directory the keyring is *named* in: a link in a
+/// directory every user can write lets any of them repoint it (at an old
+/// copy the serving user owns) and plant or delete `.served` beside it.
+#[test]
+fn serve_and_doctor_refuse_a_keyring_linked_from_a_directory_others_can_write() {
+    if !can_switch_users(
+        "serve_and_doctor_refuse_a_keyring_linked_from_a_directory_others_can_write",
+    ) {
+        return;
+    }
+    let ring = Ring::init();
+    let public = ring.dir.path().join("public");
+    fs::create_dir(&public).unwrap();
+    fs::set_permissions(&public, fs::Permissions::from_mode(0o777)).unwrap();
+    let link = public.join("keyring");
+    std::os::unix::fs::symlink(&ring.path, &link).unwrap();
+    let message = format!(
+        "{} is a directory every user can write (mode 0777) and holds the link to the keyring, so another user \
+         could replace the keyring with keys of their own; refusing to serve it: run `chmod go-w {0}`",
+        public.display()
+    );
+    let out = run_guarded(serve_cmd(&link, &ring.dir.path().join("kms.sock")), &public);
+    assert_eq!(out.code(), EX_CONFIG, "{out:#?}");
+    assert_eq!(error_message(&out), message);
+    let doctor = admin(
+        &[
+            "doctor",
+            "--keyring",
+            link.to_str().unwrap(),
+            "--output",
+            "json",
+        ],
+        ring.dir.path(),
+    );
+    assert_eq!(doctor.code(), 1, "{doctor:#?}");
+    let findings = json_of(&doctor)["findings"].clone();
+    let access = findings
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["check"] == "keyring access")
+        .unwrap_or_else(|| panic!("{findings:#}"))
+        .clone();
+    assert_eq!(access["level"], "fail", "{access:#}");
+    assert_eq!(
+        access["fix"],
+        format!("chmod go-w {}", public.display()),
+        "{access:#}"
+    );
+}

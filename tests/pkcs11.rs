@@ -3059,3 +3059,35 @@ fn what_the_upgrade_will_not_adopt() {
     );
     assert_eq!(token.objects(), before);
 }
+
+/// StrictModes for the token's node state: `state_dir` holds the served
+/// record (a restart's rollback check), the admin lock and the audit log.
+/// In a directory another user can write, that user could delete the record
+/// (a rolled-back token starts unnoticed), plant one (kekd refuses to
+/// start), or plant the lock as a link for root's next admin command.
+#[test]
+fn serve_refuses_a_state_dir_another_user_can_write() {
+    let Some(token) = Token::create() else { return };
+    let node = token.default_node("open");
+    token.init(&node);
+    let state_dir = node.state_dir.clone().unwrap();
+    for (mode, who) in [
+        (0o777, "every user"),
+        (0o770, "its group"),
+        (0o1777, "every user"),
+    ] {
+        fs::set_permissions(&state_dir, fs::Permissions::from_mode(mode)).unwrap();
+        let out = token.run(&["serve", "--config", node.config_arg()]);
+        assert_eq!(out.code(), EX_CONFIG, "{mode:04o}: {out:#?}");
+        assert_eq!(
+            error_message(&out),
+            format!(
+                "{0} is a directory {who} can write (mode {mode:04o}) and holds kekd's state, so another user \
+                 could replace the keyring with keys of their own; refusing to serve it: run `chmod go-w {0}`",
+                fs::canonicalize(&state_dir).unwrap().display()
+            ),
+            "{mode:04o}"
+        );
+        assert!(!node.socket.exists(), "a socket was left behind");
+    }
+}

@@ -85,6 +85,9 @@ pub fn run(args: ServeArgs) -> Result<(), CliError> {
         }
         BackendConfig::Pkcs11(settings) => {
             ensure_state_dir(&settings.state_dir)?;
+            // It holds the served record, the admin lock and the audit log.
+            let uid = rustix::process::geteuid().as_raw();
+            access::check_dir(&settings.state_dir, uid).map_err(CliError::config)?;
             (
                 Arc::new(Pkcs11Backend::connect(settings.clone()).map_err(pkcs11_error)?),
                 args.config.as_deref().map_or_else(

@@ -53,7 +53,41 @@ pub fn check(keyring: &Path, uid: u32) -> Result<(), AccessError> {
         return Ok(());
     }
     check_owner(&file, &meta, uid, "keyring")?;
-    for (depth, dir) in file.ancestors().skip(1).enumerate() {
+    // The directory the keyring is named in holds the link (when it is one)
+    // and kekd's files beside it (`.lock`, `.served`, the audit log):
+    // whoever can write there can repoint the link or plant those.
+    let real_dir = file.parent().map(Path::to_owned);
+    let named_dir = match keyring.parent() {
+        Some(d) if !d.as_os_str().is_empty() => fs::canonicalize(d).ok(),
+        _ => fs::canonicalize(".").ok(),
+    };
+    if let Some(dir) = &real_dir {
+        check_dirs(dir, uid, "holds the keyring", "the keyring")?;
+    }
+    match named_dir {
+        Some(dir) if Some(&dir) != real_dir.as_ref() => {
+            check_dirs(&dir, uid, "holds the link to the keyring", "the keyring")
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Checks that only `uid` and root can change the directory `dir` (a
+/// PKCS#11 `state_dir`, which holds the served record, lock and audit log)
+/// and its ancestors, by the rules of [`check`]. A missing directory passes.
+///
+/// # Errors
+/// The first problem, with the `chown`/`chmod` command that fixes it.
+pub fn check_dir(dir: &Path, uid: u32) -> Result<(), AccessError> {
+    match fs::canonicalize(dir) {
+        Ok(dir) => check_dirs(&dir, uid, "holds kekd's state", "kekd's state"),
+        Err(_) => Ok(()),
+    }
+}
+
+/// `dir` (which `holds` something) and its ancestors (on the way to `what`).
+fn check_dirs(dir: &Path, uid: u32, holds: &str, what: &str) -> Result<(), AccessError> {
+    for (depth, dir) in dir.ancestors().enumerate() {
         let Ok(meta) = fs::metadata(dir) else {
             continue;
         };
@@ -76,9 +110,9 @@ pub fn check(keyring: &Path, uid: u32) -> Result<(), AccessError> {
                     "its group"
                 },
                 if depth == 0 {
-                    " and holds the keyring"
+                    format!(" and {holds}")
                 } else {
-                    " on the way to the keyring"
+                    format!(" on the way to {what}")
                 }
             ),
             fix: format!("chmod go-w {}", dir.display()),

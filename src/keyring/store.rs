@@ -517,6 +517,33 @@ pub enum StoreError {
         /// The keyring.
         path: PathBuf,
     },
+    /// A file kekd keeps beside the keyring is something kekd never makes
+    /// there (a symlink, a FIFO): planted by whoever can write the directory.
+    #[error(
+        "{path} is {what}, which kekd never makes there: someone who can write its directory may have planted it \
+         to turn this command against another file; nothing was changed: remove it, and check who can write \
+         that directory (`kekd admin doctor`)"
+    )]
+    Planted {
+        /// The file.
+        path: PathBuf,
+        /// What it is.
+        what: &'static str,
+    },
+    /// The keyring symlink led elsewhere when the change was written than
+    /// when the keyring was read.
+    #[error(
+        "keyring {path} now leads to {target}, which is not the keyring read under the lock ({why}); nothing \
+         was written: check who can change {path} and the directories on its way"
+    )]
+    Moved {
+        /// The keyring as named.
+        path: PathBuf,
+        /// Where it leads now.
+        target: PathBuf,
+        /// What is there instead.
+        why: String,
+    },
     /// The OS RNG failed while generating a key.
     #[error(transparent)]
     Random(#[from] RandomError),
@@ -645,8 +672,21 @@ pub fn replace(path: &Path, keyring: &KeyringFile) -> Result<(), StoreError> {
                 source,
             })?
         }
-        _ => path.to_owned(),
+        _ => return write_durable(path, keyring.encode().as_bytes(), Replace::Always, None),
     };
+    // Whoever owns the link's directory can point it elsewhere between the
+    // read and this write (at a root-owned file, when root runs the
+    // command): replace only a copy of this same keyring.
+    let moved = |why: String| StoreError::Moved {
+        path: path.to_owned(),
+        target: target.clone(),
+        why,
+    };
+    match read(&target) {
+        Ok(there) if there.id == keyring.id && there.material == keyring.material => {}
+        Ok(there) => return Err(moved(format!("it holds keyring {}", there.id))),
+        Err(e) => return Err(moved(e.to_string())),
+    }
     write_durable(&target, keyring.encode().as_bytes(), Replace::Always, None)
 }
 
@@ -688,19 +728,43 @@ pub fn lock(path: &Path, wait: std::time::Duration) -> Result<KeyringLock, Store
         let path = lock.clone();
         move |source: io::Error| StoreError::Io { path, op, source }
     };
+    // The directory may belong to the serving user while root runs this:
+    // never follow a link planted as the lock (root would create or open
+    // its target, then hand it to the keyring's owner), and hand over only
+    // a regular file with no other name.
     let file = OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
         .mode(0o600)
+        .custom_flags(no_follow())
         .open(&lock)
         .map_err(|e| match e.kind() {
             io::ErrorKind::NotFound => StoreError::NotFound {
                 path: path.to_owned(),
             },
+            _ if e.raw_os_error() == Some(rustix::io::Errno::LOOP.raw_os_error()) => {
+                StoreError::Planted {
+                    path: lock.clone(),
+                    what: "a symlink",
+                }
+            }
             _ => io("open the lock file")(e),
         })?;
+    let meta = file.metadata().map_err(io("stat the lock file"))?;
+    if !meta.is_file() {
+        return Err(StoreError::Planted {
+            path: lock,
+            what: "not a regular file",
+        });
+    }
+    if std::os::unix::fs::MetadataExt::nlink(&meta) != 1 {
+        return Err(StoreError::Planted {
+            path: lock,
+            what: "a hard link to another file",
+        });
+    }
     give_owner_of(&file, path);
     let deadline = std::time::Instant::now() + wait;
     loop {
@@ -853,6 +917,14 @@ fn user_name(uid: u32) -> Option<String> {
         let id = fields.nth(1)?.parse::<u32>().ok()?;
         (id == uid).then(|| name.to_owned())
     })
+}
+
+/// `O_NOFOLLOW | O_NONBLOCK` for `custom_flags`: a symlink is refused
+/// (`ELOOP`) instead of followed, and a FIFO neither blocks the open.
+pub(crate) fn no_follow() -> i32 {
+    use rustix::fs::OFlags;
+    // The flag bits are small positive constants; the cast cannot wrap.
+    (OFlags::NOFOLLOW | OFlags::NONBLOCK).bits() as i32
 }
 
 /// Best effort: a lock file this process just created gets the keyring's

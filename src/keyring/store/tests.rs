@@ -354,3 +354,64 @@ fn read_follows_symlinks_to_private_files() {
     std::os::unix::fs::symlink(&path, &link).unwrap();
     assert_eq!(read(&link).unwrap().id, file.id);
 }
+
+/// Whoever owns the directory of a keyring symlink can repoint it between
+/// an admin command's read and its write (an inotify watch on the keyring
+/// times it): root would then rename the new keyring over whatever the link
+/// leads to, `/etc/passwd` included. `replace` writes only over a copy of
+/// the same keyring, and names where the link leads.
+#[test]
+fn replace_through_a_repointed_link_writes_only_over_the_same_keyring() {
+    let dir = tempfile::tempdir().unwrap();
+    let real = dir.path().join("real");
+    let link = dir.path().join("keyring");
+    let mut file = KeyringFile::generate(Timestamp::from_unix(1)).unwrap();
+    create(&real, &file).unwrap();
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    file.rotate(Timestamp::from_unix(2), false, None).unwrap();
+
+    // The link now leads to a file that is no keyring, or to another one.
+    let victim = dir.path().join("passwd");
+    fs::write(&victim, "root:x:0:0::/root:/bin/sh\n").unwrap();
+    fs::set_permissions(&victim, fs::Permissions::from_mode(0o600)).unwrap();
+    let other = dir.path().join("other");
+    create(
+        &other,
+        &KeyringFile::generate(Timestamp::from_unix(3)).unwrap(),
+    )
+    .unwrap();
+    let other_id = read(&other).unwrap().id;
+    for (target, why) in [
+        (
+            &victim,
+            format!(
+                "keyring {}: line 1 is not `kekd-keyring v1`: not a kekd keyring",
+                victim.display()
+            ),
+        ),
+        (&other, format!("it holds keyring {other_id}")),
+    ] {
+        let before = fs::read(target).unwrap();
+        fs::remove_file(&link).unwrap();
+        std::os::unix::fs::symlink(target, &link).unwrap();
+        let err = replace(&link, &file).unwrap_err();
+        assert!(matches!(err, StoreError::Moved { .. }), "{err:?}");
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "keyring {} now leads to {}, which is not the keyring read under the lock ({why}); nothing was \
+                 written: check who can change {} and the directories on its way",
+                link.display(),
+                target.display(),
+                link.display()
+            )
+        );
+        assert_eq!(fs::read(target).unwrap(), before);
+    }
+
+    // Back at the keyring, the change goes through.
+    fs::remove_file(&link).unwrap();
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    replace(&link, &file).unwrap();
+    assert_eq!(read(&real).unwrap().versions.len(), 2);
+}
