@@ -464,7 +464,14 @@ async fn run_async(cmd: Command, logs: &Path) -> Finished {
 async fn sigterm_drains_calls_in_flight_then_exits_0() {
     const N: usize = 200;
     let setup = init_async().await;
-    let mut server = setup.serve(&["--shutdown-grace", "60s"]);
+    // The held messages arrive only after SIGTERM: on a loaded host that
+    // can take longer than the default request-read deadline (10s).
+    let mut server = setup.serve(&[
+        "--shutdown-grace",
+        "60s",
+        "--request-read-timeout",
+        "10m",
+    ]);
     let mut client = server.ready().await;
 
     let mut stored = Vec::with_capacity(N);
