@@ -466,12 +466,7 @@ async fn sigterm_drains_calls_in_flight_then_exits_0() {
     let setup = init_async().await;
     // The held messages arrive only after SIGTERM: on a loaded host that
     // can take longer than the default request-read deadline (10s).
-    let mut server = setup.serve(&[
-        "--shutdown-grace",
-        "60s",
-        "--request-read-timeout",
-        "10m",
-    ]);
+    let mut server = setup.serve(&["--shutdown-grace", "60s", "--request-read-timeout", "10m"]);
     let mut client = server.ready().await;
 
     let mut stored = Vec::with_capacity(N);
