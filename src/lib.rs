@@ -10,7 +10,9 @@
 //!    symlinks, regular files and live listeners, removes a verified-stale
 //!    socket, accepts connections with backoff, bounds connections, silent
 //!    peers, request size and running calls (`server/connection.rs`), and
-//!    drains calls on shutdown.
+//!    drains calls on shutdown. Refused peers are answered at accept by a
+//!    minimal connection that reads nothing (`server/refuse.rs`); request
+//!    bytes and call slots are admitted in `server/admission.rs`.
 //! 2. [`service`] implements `v2.KeyManagementService`: it turns the protobuf
 //!    request into domain types, calls the current [`keyring::Keyring`]
 //!    snapshot, and maps every error to a gRPC status in one place.
@@ -27,6 +29,11 @@
 //! watches the keyring and swaps in a changed one only after it validates
 //! and self-checks; the admin commands change the keyring through
 //! [`keyring::ops`] under a lock and record each change in [`audit`].
+//! [`keyring`] also checks who may change the keyring's file and directories
+//! (`keyring/access.rs`, OpenSSH StrictModes) and remembers the keyring each
+//! node served (`keyring/served.rs`). The PKCS#11 backend checks every token
+//! object it trusts and authenticates its metadata (`backend/pkcs11/objects.rs`;
+//! `backend/pkcs11/upgrade.rs` adopts older tokens).
 //! [`backup`] seals a local keyring under a passphrase (argon2id,
 //! AES-256-GCM) and decides when a restore may replace a keyring.
 //! [`scan`] reads what the apiserver stored in etcd, page by page, and
