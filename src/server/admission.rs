@@ -8,7 +8,10 @@
 //! would add up without bound. Here, before any byte is read:
 //!
 //! - a call is marked in flight on its connection (so it is not evicted at
-//!   the connection limit);
+//!   the connection limit) — but only once its request message has
+//!   arrived: a call still waiting for it protects nothing, or a client
+//!   stalling one call per connection could make every connection
+//!   unevictable and lock everyone else out;
 //! - Encrypt/Decrypt take one of `max_concurrency` call slots, process-wide;
 //!   without one the call is answered RESOURCE_EXHAUSTED at once;
 //! - their request bytes are charged to a process-wide byte budget as they
@@ -39,7 +42,7 @@ use tonic::body::Body;
 use tonic::codegen::{Bytes, http};
 
 use super::connection::{
-    CallGuard, ConnInfo, MAX_STATUS_BODY_BYTES, Registry, STATUS_STREAMS_PER_CONNECTION,
+    CallGuard, ConnInfo, MAX_STATUS_BODY_BYTES, Receiving, Registry, STATUS_STREAMS_PER_CONNECTION,
 };
 
 /// The Status method's path.
@@ -165,8 +168,10 @@ where
         };
         let (parts, body) = request.into_parts();
         let charged = Charged::default();
+        let receiving = call.as_ref().map(Receiving::of);
         let body = ChargedBody {
             inner: Some(body),
+            receiving,
             limit,
             max_bytes: budgets.max_bytes,
             max_request_bytes: budgets.max_request_bytes,
@@ -212,6 +217,9 @@ enum Limit {
 /// ends with DEADLINE_EXCEEDED if it has not ended by the read timeout.
 struct ChargedBody {
     inner: Option<Body>,
+    /// Until the request has arrived (or failed), the call does not keep
+    /// its connection from being evicted (`Registry::admit`).
+    receiving: Option<Receiving>,
     limit: Limit,
     max_bytes: usize,
     max_request_bytes: usize,
@@ -329,6 +337,7 @@ impl HttpBody for ChargedBody {
                 });
                 if deadline.as_mut().poll(cx).is_ready() {
                     this.inner = None;
+                    this.receiving = None;
                     return Poll::Ready(Some(Err(Status::deadline_exceeded(format!(
                         "the request message did not arrive within {:?} (--request-read-timeout)",
                         this.read_timeout
@@ -338,10 +347,12 @@ impl HttpBody for ChargedBody {
             }
             Poll::Ready(None) => {
                 this.inner = None;
+                this.receiving = None;
                 return Poll::Ready(None);
             }
             Poll::Ready(Some(Err(e))) => {
                 this.inner = None;
+                this.receiving = None;
                 return Poll::Ready(Some(Err(Status::from_error(e.into()))));
             }
             Poll::Ready(Some(Ok(frame))) => frame,
@@ -351,6 +362,7 @@ impl HttpBody for ChargedBody {
         {
             // Dropping the body resets the stream: the client sends no more.
             this.inner = None;
+            this.receiving = None;
             return Poll::Ready(Some(Err(status)));
         }
         Poll::Ready(Some(Ok(frame)))

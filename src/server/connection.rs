@@ -17,7 +17,8 @@
 //!   below `RLIMIT_NOFILE`. At the limit a new connection evicts the idle
 //!   connection least worth keeping ([`Registry::admit`]): one that never
 //!   sent its preface, then one that never made a call, then the one idle
-//!   longest — never one with a call in flight. Only when every connection
+//!   longest — never one with a call in flight whose request has arrived
+//!   (a call still waiting for its request protects nothing). Only when every connection
 //!   has a call in flight is the new one closed, with a warning (at most one
 //!   line per [`REFUSAL_LOG_INTERVAL`]);
 //! - a connection that has not sent the 24-byte HTTP/2 client preface within
@@ -258,7 +259,13 @@ impl Registry {
         if conns.len() >= self.max {
             let victim = conns
                 .values()
-                .filter(|c| c.in_flight.load(Ordering::Acquire) == 0)
+                // A call still waiting for its request message protects
+                // nothing: a client stalling its requests on every
+                // connection would otherwise make them all unevictable and
+                // lock out everyone else, the apiserver included.
+                .filter(|c| {
+                    c.in_flight.load(Ordering::Acquire) <= c.receiving.load(Ordering::Acquire)
+                })
                 .min_by_key(|c| {
                     let tier = if !c.preface_done.load(Ordering::Relaxed) {
                         0
@@ -286,6 +293,7 @@ impl Registry {
             preface_done: AtomicBool::new(false),
             served: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
+            receiving: AtomicUsize::new(0),
             status_in_flight: AtomicUsize::new(0),
             last_active_ms: AtomicU64::new(self.now_ms()),
             evicted: AtomicBool::new(false),
@@ -314,6 +322,10 @@ pub(crate) struct Shared {
     served: AtomicBool,
     /// Streams between their headers and their response.
     in_flight: AtomicUsize,
+    /// Of those, calls whose request message has not fully arrived
+    /// ([`Receiving`]); a connection whose calls in flight are all such is
+    /// as evictable as an idle one.
+    receiving: AtomicUsize,
     /// Of those, Status calls.
     status_in_flight: AtomicUsize,
     last_active_ms: AtomicU64,
@@ -372,6 +384,9 @@ impl Shared {
                 return None;
             }
         }
+        // `receiving` first: a call is never seen in flight and complete
+        // before its request has arrived.
+        self.receiving.fetch_add(1, Ordering::AcqRel);
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         self.served.store(true, Ordering::Relaxed);
         self.last_active_ms
@@ -381,6 +396,24 @@ impl Shared {
             epoch: registry.epoch,
             status,
         })
+    }
+}
+
+/// Marks a call's request as still arriving, until dropped (when the
+/// request body ends, fails, or is dropped unread).
+#[derive(Debug)]
+pub(crate) struct Receiving(Arc<Shared>);
+
+impl Receiving {
+    /// For a call [`Shared::start_call`] just counted.
+    pub(crate) fn of(guard: &CallGuard) -> Self {
+        Self(Arc::clone(&guard.shared))
+    }
+}
+
+impl Drop for Receiving {
+    fn drop(&mut self) {
+        self.0.receiving.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
