@@ -1578,3 +1578,68 @@ async fn unread_responses_cannot_raise_memory_past_the_bound() {
     drop((unread, senders));
     round_trip(&mut target.client, "after unread responses").await;
 }
+
+/// An allowed client opens 4 connections × 64 Encrypt streams and sends
+/// only each message's 5-byte gRPC prefix, declaring the 64 KiB maximum
+/// (the last one declares exactly what remains): 1,280 bytes sent, and the
+/// whole 16 MiB byte budget is charged (the
+/// declared length is charged up front, since tonic reserves it). Until the
+/// request read timeout frees them — and the client opens them again at
+/// once — every Encrypt/Decrypt of everyone else, the apiserver's cold
+/// start included, is answered RESOURCE_EXHAUSTED.
+///
+/// The apiserver's round trip must still work while they are held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "finding: 1,280 bytes of declared-but-unsent gRPC prefixes exhaust the 16 MiB byte budget for every client"]
+async fn declared_but_unsent_messages_cannot_exhaust_the_byte_budget() {
+    let _serial = ATTACK.lock().await;
+    let mut target = Target::start_unprobed(&["--request-read-timeout", "1h"]).await;
+    const BUDGET: u32 = 16 << 20;
+    let prefix = grpc_frame(0, 65_536, &[]);
+    let streams = 4 * MAX_STREAMS_PER_CONNECTION;
+    // Each charges its prefix and declared length; the last takes the rest.
+    let rest = BUDGET - (streams - 1) * (5 + 65_536) - 5;
+    let mut held = Vec::new();
+    for c in 0..4 {
+        let send = h2_connect(&target.socket).await;
+        for i in 0..MAX_STREAMS_PER_CONNECTION {
+            let prefix = if c == 3 && i == MAX_STREAMS_PER_CONNECTION - 1 {
+                grpc_frame(0, rest, &[])
+            } else {
+                prefix.clone()
+            };
+            let head = http::Request::builder()
+                .method("POST")
+                .uri(format!("http://localhost{ENCRYPT}"))
+                .header("content-type", "application/grpc")
+                .header("te", "trailers")
+                .body(())
+                .unwrap();
+            let mut ready = send.clone().ready().await.unwrap();
+            let (response, mut stream) = ready.send_request(head, false).unwrap();
+            stream.send_data(Bytes::from(prefix), false).unwrap();
+            held.push((response, stream));
+        }
+    }
+    // The held streams are charged as kekd reads their prefixes: the
+    // attacker's own complete (empty) Encrypt tells when they all are.
+    let mut probe = h2_connect(&target.socket).await;
+    let mut charged = false;
+    for _ in 0..1000 {
+        let outcome = grpc_call(
+            &mut probe,
+            ENCRYPT,
+            "application/grpc",
+            grpc_frame(0, 0, &[]),
+            true,
+        )
+        .await;
+        if outcome.code == Some(Code::ResourceExhausted) {
+            charged = true;
+            break;
+        }
+    }
+    assert!(charged, "the held prefixes never filled the budget");
+    round_trip(&mut target.client, "while 256 declared messages are held").await;
+    drop(held);
+}
