@@ -37,9 +37,12 @@ use kekd::server::connection::{
     FLOW_CONTROL_WINDOW, MAX_CONNECTIONS, MAX_STREAMS_PER_CONNECTION, RESERVED_FDS, memory_bound,
 };
 
+/// kekd's default `--max-connection-request-bytes`.
+const CONNECTION_REQUEST_BYTES: usize = 256 << 10;
+
 /// The most memory kekd may hold at any moment of any attack here (VmHWM,
 /// the peak resident set). An idle kekd (debug build) holds about 10 MiB;
-/// 512 open HTTP/2 connections add about 40 MiB; a held stream costs its
+/// 64 open HTTP/2 connections add a few MiB; a held stream costs its
 /// task and buffers. 192 MiB leaves room for allocator slack on any host
 /// and still catches a per-connection or per-stream leak of the sizes an
 /// attack here would cause (2,000 connections × 1 MiB, 1,024 streams ×
@@ -1028,13 +1031,13 @@ async fn at_the_connection_limit_a_fresh_client_evicts_an_idle_connection() {
         .await;
 }
 
-/// kekd at a small file-descriptor limit (256): the connection limit
+/// kekd at a small file-descriptor limit (160): the connection limit
 /// shrinks to leave `RESERVED_FDS` free, so a connection flood never makes
 /// kekd itself run out (EMFILE) — it still reloads a rotated keyring while
 /// the flood holds every connection slot.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn at_a_small_fd_limit_kekd_keeps_descriptors_for_itself() {
-    const NOFILE: u64 = 256;
+    const NOFILE: u64 = 160;
     let _serial = ATTACK.lock().await;
     raise_nofile(4096);
     let dir = tempdir().await;
@@ -1192,27 +1195,23 @@ async fn held_streams_are_capped_and_status_keeps_answering() {
     target.assert_survived("streams held open").await;
 }
 
-/// Held, unfinished streams cannot make kekd buffer without bound: 64
+/// Held, unfinished streams cannot make kekd buffer without bound: 48
 /// connections × 64 streams, each sending 59,000 bytes of a message that
-/// declares 60,000 and never finishing it (≈ 240 MB if kekd read them all).
-/// Each call is answered at once RESOURCE_EXHAUSTED when the call or byte
-/// budget cannot hold it, or DEADLINE_EXCEEDED at the request read timeout;
+/// declares 60,000 and never finishing it (≈ 180 MB if kekd read them all).
+/// Each call is answered at once RESOURCE_EXHAUSTED when its connection's
+/// byte budget cannot hold it, or DEADLINE_EXCEEDED at the request read timeout;
 /// kekd's peak memory grows by no more than `memory_bound` (docs/design.md)
 /// plus [`BOUND_SLACK_KIB`] for allocator slack.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn held_partial_messages_cannot_raise_memory_past_the_bound() {
-    const CONNS: usize = 64;
-    const BUDGET: usize = 4 << 20;
+    // Below the connection limit: the apiserver-like client and the prober
+    // keep their connections.
+    const CONNS: usize = MAX_CONNECTIONS - 16;
     let _serial = ATTACK.lock().await;
-    let target = Target::start(&[
-        "--max-buffered-request-bytes",
-        &BUDGET.to_string(),
-        "--request-read-timeout",
-        "2s",
-    ])
-    .await;
+    let target = Target::start(&["--request-read-timeout", "2s"]).await;
     let before = target.memory();
-    let bound_kib = memory_bound(MAX_CONNECTIONS, 1024, BUDGET) / 1024;
+    let bound_kib =
+        memory_bound(MAX_CONNECTIONS, MAX_STREAMS_PER_CONNECTION, CONNECTION_REQUEST_BYTES) / 1024;
     let message = encrypt_request(59_996);
     assert_eq!(message.len(), 60_000);
     let partial = grpc_frame(0, 60_000, &message[..58_995]);
@@ -1492,25 +1491,28 @@ async fn stalled_calls_on_every_connection_cannot_lock_out_the_apiserver() {
 
 /// A slow reader: an allowed client that never reads its responses
 /// (SETTINGS_INITIAL_WINDOW_SIZE = 0, so kekd can send no DATA) keeps 64
-/// answered Encrypts open on each of ~500 connections. A call's slot and
-/// bytes are released when its response is ready, so nothing in admission
-/// counts these streams, and nothing ever times them out (the client
-/// answers keepalive PINGs). kekd's peak memory must still grow by no more
-/// than `memory_bound` plus slack.
+/// answered Encrypts open on every connection it can get. A call's bytes
+/// are released when its response is ready and nothing times the stream
+/// out (the client answers keepalive PINGs), but the stream stays open
+/// until its response is sent, so it counts against its connection's
+/// stream limit: kekd's peak memory grows by no more than `memory_bound`
+/// (connections × per-connection maximum) plus slack. And a connection
+/// holding only unread responses has no call in flight: at the connection
+/// limit a new client evicts one and gets in.
 ///
-/// Measured: 14 MiB → 264 MiB (about 8 KiB per unread stream) against a
-/// bound of 189 MiB: the bound's "(max_concurrency + 4 × C) held streams"
-/// does not hold, since up to 64 × C streams can be held.
+/// Before the fix the bound assumed at most `max_concurrency + 4 × C` held
+/// streams, while a client could hold 64 × C: measured 14 MiB → 264 MiB
+/// (about 8 KiB per unread stream) against a bound of 189 MiB.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "finding: unread responses hold 64 streams per connection outside every budget; memory exceeds memory_bound"]
 async fn unread_responses_cannot_raise_memory_past_the_bound() {
     let _serial = ATTACK.lock().await;
     raise_nofile(4 * MAX_CONNECTIONS as u64);
-    // Leave a few slots for the apiserver-like client.
-    let conns = MAX_CONNECTIONS - 8;
-    let mut target = Target::start_unprobed(&[]).await;
+    // Every connection slot but the apiserver-like client's.
+    let conns = MAX_CONNECTIONS - 1;
+    let target = Target::start_unprobed(&[]).await;
     let before = target.memory();
-    let bound_kib = memory_bound(MAX_CONNECTIONS, 1024, 16 << 20) / 1024;
+    let bound_kib =
+        memory_bound(MAX_CONNECTIONS, MAX_STREAMS_PER_CONNECTION, CONNECTION_REQUEST_BYTES) / 1024;
     let request = encrypt_request(987);
     let request = grpc_frame(0, u32::try_from(request.len()).unwrap(), &request);
     let mut unread = Vec::new();
@@ -1575,39 +1577,30 @@ async fn unread_responses_cannot_raise_memory_past_the_bound() {
         after.hwm_kib,
         before.rss_kib
     );
+    // Every slot is taken; unread responses protect no connection, so a
+    // fresh client (the apiserver reconnecting) evicts one and works.
+    let mut fresh = Client::connect(&target.socket, Duration::from_secs(5))
+        .await
+        .expect("a fresh client connects");
+    round_trip(&mut fresh, "a fresh client beside unread responses").await;
+    let stderr = target.process.stderr();
+    assert!(
+        !stderr.contains("all have calls in flight"),
+        "unread responses made every connection unevictable:\n{}",
+        tail(&stderr)
+    );
     drop((unread, senders));
-    round_trip(&mut target.client, "after unread responses").await;
 }
 
-/// An allowed client opens 4 connections × 64 Encrypt streams and sends
-/// only each message's 5-byte gRPC prefix, declaring the 64 KiB maximum
-/// (the last one declares exactly what remains): 1,280 bytes sent, and the
-/// whole 16 MiB byte budget is charged (the
-/// declared length is charged up front, since tonic reserves it). Until the
-/// request read timeout frees them — and the client opens them again at
-/// once — every Encrypt/Decrypt of everyone else, the apiserver's cold
-/// start included, is answered RESOURCE_EXHAUSTED.
-///
-/// The apiserver's round trip must still work while they are held.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "finding: 1,280 bytes of declared-but-unsent gRPC prefixes exhaust the 16 MiB byte budget for every client"]
-async fn declared_but_unsent_messages_cannot_exhaust_the_byte_budget() {
-    let _serial = ATTACK.lock().await;
-    let mut target = Target::start_unprobed(&["--request-read-timeout", "1h"]).await;
-    const BUDGET: u32 = 16 << 20;
-    let prefix = grpc_frame(0, 65_536, &[]);
-    let streams = 4 * MAX_STREAMS_PER_CONNECTION;
-    // Each charges its prefix and declared length; the last takes the rest.
-    let rest = BUDGET - (streams - 1) * (5 + 65_536) - 5;
-    let mut held = Vec::new();
-    for c in 0..4 {
-        let send = h2_connect(&target.socket).await;
-        for i in 0..MAX_STREAMS_PER_CONNECTION {
-            let prefix = if c == 3 && i == MAX_STREAMS_PER_CONNECTION - 1 {
-                grpc_frame(0, rest, &[])
-            } else {
-                prefix.clone()
-            };
+/// Sends `count` Encrypt streams on `send`, each with only a 5-byte gRPC
+/// prefix declaring `declared` bytes that never come; returns them held.
+fn declare_without_sending(
+    send: &SendRequest<Bytes>,
+    count: u32,
+    declared: u32,
+) -> Vec<(h2::client::ResponseFuture, h2::SendStream<Bytes>)> {
+    (0..count)
+        .map(|_| {
             let head = http::Request::builder()
                 .method("POST")
                 .uri(format!("http://localhost{ENCRYPT}"))
@@ -1615,31 +1608,126 @@ async fn declared_but_unsent_messages_cannot_exhaust_the_byte_budget() {
                 .header("te", "trailers")
                 .body(())
                 .unwrap();
-            let mut ready = send.clone().ready().await.unwrap();
-            let (response, mut stream) = ready.send_request(head, false).unwrap();
-            stream.send_data(Bytes::from(prefix), false).unwrap();
-            held.push((response, stream));
-        }
-    }
-    // The held streams are charged as kekd reads their prefixes: the
-    // attacker's own complete (empty) Encrypt tells when they all are.
-    let mut probe = h2_connect(&target.socket).await;
-    let mut charged = false;
-    for _ in 0..1000 {
+            let (response, mut stream) = send.clone().send_request(head, false).unwrap();
+            stream
+                .send_data(Bytes::from(grpc_frame(0, declared, &[])), false)
+                .unwrap();
+            (response, stream)
+        })
+        .collect()
+}
+
+/// An allowed client opens 4 connections × 63 Encrypt streams and sends
+/// only each message's 5-byte gRPC prefix, declaring the 64 KiB maximum:
+/// 1,260 bytes sent, 16 MiB declared. kekd charges bytes as they really
+/// arrive, to the connection they arrive on, and hands tonic (which
+/// reserves a message's declared length) only whole messages: the
+/// attacker's own last stream on each connection still gets its Encrypt
+/// answered, and so does the apiserver's client, again and again.
+///
+/// Before the fix the declared length was charged at once to a 16 MiB
+/// budget shared by every connection: these 1,280 bytes exhausted it, and
+/// every Encrypt/Decrypt of everyone else was answered RESOURCE_EXHAUSTED
+/// until the read timeout — and again as soon as the client reopened them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn declared_but_unsent_messages_cannot_exhaust_the_byte_budget() {
+    let _serial = ATTACK.lock().await;
+    let mut target = Target::start_unprobed(&["--request-read-timeout", "1h"]).await;
+    let request = encrypt_request(987);
+    let request = grpc_frame(0, u32::try_from(request.len()).unwrap(), &request);
+    let mut held = Vec::new();
+    let mut conns = Vec::new();
+    for _ in 0..4 {
+        let mut send = h2_connect(&target.socket).await;
+        held.extend(declare_without_sending(
+            &send,
+            MAX_STREAMS_PER_CONNECTION - 1,
+            65_536,
+        ));
+        // The connection's last stream: a whole Encrypt, after the
+        // prefixes on the same connection.
         let outcome = grpc_call(
-            &mut probe,
+            &mut send,
             ENCRYPT,
             "application/grpc",
-            grpc_frame(0, 0, &[]),
+            request.clone(),
             true,
         )
         .await;
-        if outcome.code == Some(Code::ResourceExhausted) {
-            charged = true;
-            break;
-        }
+        assert_eq!(
+            (outcome.code, outcome.message.as_str()),
+            (Some(Code::Ok), ""),
+            "a whole Encrypt after 63 declared-but-unsent messages on its connection"
+        );
+        conns.push(send);
     }
-    assert!(charged, "the held prefixes never filled the budget");
-    round_trip(&mut target.client, "while 256 declared messages are held").await;
+    for i in 0..20 {
+        round_trip(
+            &mut target.client,
+            &format!("while 252 declared messages are held, try {i}"),
+        )
+        .await;
+    }
+    assert!(target.process.try_exit().is_none(), "kekd exited");
+    drop((held, conns));
+}
+
+/// An allowed client holds 17 connections × 63 Encrypt streams whose
+/// request messages never come (headers only), 1,071 streams — more than
+/// `--max-concurrency` (1,024). No call slot is taken before a call's whole
+/// message has arrived (the running limit is taken only for the work), so
+/// the apiserver's Encrypt and Decrypt still run, again and again.
+///
+/// Each connection's last stream is a Status, answered only after kekd
+/// has dispatched (and admitted) the 63 streams opened before it on that
+/// connection, so every stalled stream has been admitted when the
+/// apiserver calls. Before the fix every stream took one of the 1,024
+/// process-wide slots at its headers and held it until the read timeout:
+/// the apiserver's calls were answered RESOURCE_EXHAUSTED ("calls in
+/// flight (--max-concurrency)").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_whose_messages_never_come_hold_no_call_slot() {
+    const CONNS: u32 = 17;
+    let _serial = ATTACK.lock().await;
+    let mut target = Target::start_unprobed(&["--request-read-timeout", "1h"]).await;
+    let encrypt = grpc_header_block(ENCRYPT);
+    let status = grpc_header_block(STATUS);
+    let mut held = Vec::new();
+    for _ in 0..CONNS {
+        let (mut raw, _) = Raw::handshake(&target.socket).await;
+        let mut bytes = Vec::new();
+        for i in 0..MAX_STREAMS_PER_CONNECTION - 1 {
+            bytes.extend(frame(HEADERS, END_HEADERS, 2 * i + 1, &encrypt));
+        }
+        let last = 2 * MAX_STREAMS_PER_CONNECTION - 1;
+        bytes.extend(frame(HEADERS, END_HEADERS, last, &status));
+        bytes.extend(frame(DATA, END_STREAM, last, &grpc_frame(0, 0, &[])));
+        raw.write(&bytes).await;
+        loop {
+            let f = raw
+                .next(Duration::from_secs(10))
+                .await
+                .expect("kekd closed the connection before answering Status");
+            assert!(
+                f.kind != RST_STREAM && f.kind != GOAWAY,
+                "kekd refused a stream or the connection: {f:?}"
+            );
+            if f.stream == last && f.kind == HEADERS && f.flags & END_STREAM != 0 {
+                break;
+            }
+        }
+        held.push(raw);
+    }
+    for i in 0..20 {
+        round_trip(
+            &mut target.client,
+            &format!("while 1,071 stalled streams are held, try {i}"),
+        )
+        .await;
+    }
+    for raw in &mut held {
+        assert!(!raw.is_closed().await, "kekd closed a stalled connection");
+    }
+    assert!(target.process.try_exit().is_none(), "kekd exited");
     drop(held);
 }
