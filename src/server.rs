@@ -174,7 +174,8 @@ impl Server {
                 max_connections,
                 streams,
                 limits.max_connection_request_bytes
-            ) >> 20,
+            )
+            .div_ceil(1 << 20),
             "what clients can make kekd hold is bounded per connection (docs/design.md \"Connection defences\")"
         );
         let accept = tokio::spawn(accept_loop(

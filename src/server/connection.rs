@@ -263,7 +263,8 @@ impl Registry {
     }
 
     /// Takes a slot for a new connection from `peer`. At the limit, the
-    /// idle connection least worth keeping is closed to make room: first
+    /// idle connection least worth keeping is closed to make room: one of
+    /// the peer process holding the most connections, and of those first
     /// one that never sent its preface, then one that never made a call,
     /// then the one idle longest (oldest first within each). A connection
     /// with a call in flight is never chosen: the apiserver's connection is
@@ -273,6 +274,14 @@ impl Registry {
         let mut conns = self.conns.lock().unwrap_or_else(PoisonError::into_inner);
         let mut evicted = None;
         if conns.len() >= self.max {
+            // Connections per peer process: a flood from one peer evicts
+            // its own connections before anyone else's, so with a small
+            // connection limit a flooder still cannot push out the
+            // apiserver's reconnect before its first call.
+            let mut per_peer: HashMap<(Option<u32>, Option<i32>), usize> = HashMap::new();
+            for c in conns.values() {
+                *per_peer.entry((c.peer.uid, c.peer.pid)).or_default() += 1;
+            }
             let victim = conns
                 .values()
                 // A call still waiting for its request message protects
@@ -290,7 +299,12 @@ impl Registry {
                     } else {
                         2
                     };
-                    (tier, c.last_active_ms.load(Ordering::Relaxed), c.id)
+                    (
+                        std::cmp::Reverse(per_peer[&(c.peer.uid, c.peer.pid)]),
+                        tier,
+                        c.last_active_ms.load(Ordering::Relaxed),
+                        c.id,
+                    )
                 })
                 .map(|c| c.id);
             let Some(id) = victim else {
