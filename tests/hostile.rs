@@ -1004,7 +1004,11 @@ async fn at_the_connection_limit_a_fresh_client_evicts_an_idle_connection() {
                 &logs,
             )
             .await;
-            assert_eq!(probe.code(), 0, "{what}: a fresh client's probe: {probe:#?}");
+            assert_eq!(
+                probe.code(),
+                0,
+                "{what}: a fresh client's probe: {probe:#?}"
+            );
         }
     };
     let first = flood(target.socket.clone()).await;
@@ -1220,8 +1224,11 @@ async fn held_partial_messages_cannot_raise_memory_past_the_bound() {
     let _serial = ATTACK.lock().await;
     let target = Target::start(&["--request-read-timeout", "2s"]).await;
     let before = target.memory();
-    let bound_kib =
-        memory_bound(MAX_CONNECTIONS, MAX_STREAMS_PER_CONNECTION, CONNECTION_REQUEST_BYTES) / 1024;
+    let bound_kib = memory_bound(
+        MAX_CONNECTIONS,
+        MAX_STREAMS_PER_CONNECTION,
+        CONNECTION_REQUEST_BYTES,
+    ) / 1024;
     let message = encrypt_request(59_996);
     assert_eq!(message.len(), 60_000);
     let partial = grpc_frame(0, 60_000, &message[..58_995]);
@@ -1521,8 +1528,11 @@ async fn unread_responses_cannot_raise_memory_past_the_bound() {
     let conns = MAX_CONNECTIONS - 1;
     let target = Target::start_unprobed(&[]).await;
     let before = target.memory();
-    let bound_kib =
-        memory_bound(MAX_CONNECTIONS, MAX_STREAMS_PER_CONNECTION, CONNECTION_REQUEST_BYTES) / 1024;
+    let bound_kib = memory_bound(
+        MAX_CONNECTIONS,
+        MAX_STREAMS_PER_CONNECTION,
+        CONNECTION_REQUEST_BYTES,
+    ) / 1024;
     let request = encrypt_request(987);
     let request = grpc_frame(0, u32::try_from(request.len()).unwrap(), &request);
     let mut unread = Vec::new();
