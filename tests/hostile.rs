@@ -1645,13 +1645,14 @@ fn declare_without_sending(
         .collect()
 }
 
-/// An allowed client opens 4 connections × 63 Encrypt streams and sends
-/// only each message's 5-byte gRPC prefix, declaring the 64 KiB maximum:
-/// 1,260 bytes sent, 16 MiB declared. kekd charges bytes as they really
+/// An allowed client opens 4 connections × 64 Encrypt streams and sends
+/// only each message's 5-byte gRPC prefix, declaring the 64 KiB maximum
+/// (the last one declares exactly what remains of the old 16 MiB budget):
+/// 1,280 bytes sent, 16 MiB declared. kekd charges bytes as they really
 /// arrive, to the connection they arrive on, and hands tonic (which
 /// reserves a message's declared length) only whole messages: the
-/// attacker's own last stream on each connection still gets its Encrypt
-/// answered, and so does the apiserver's client, again and again.
+/// attacker's own Encrypts on a fifth connection, and the apiserver's
+/// client, keep being answered, again and again.
 ///
 /// Before the fix the declared length was charged at once to a 16 MiB
 /// budget shared by every connection: these 1,280 bytes exhausted it, and
@@ -1659,23 +1660,30 @@ fn declare_without_sending(
 /// until the read timeout — and again as soon as the client reopened them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn declared_but_unsent_messages_cannot_exhaust_the_byte_budget() {
+    const OLD_BUDGET: u32 = 16 << 20;
     let _serial = ATTACK.lock().await;
     let mut target = Target::start_unprobed(&["--request-read-timeout", "1h"]).await;
-    let request = encrypt_request(987);
-    let request = grpc_frame(0, u32::try_from(request.len()).unwrap(), &request);
+    let streams = 4 * MAX_STREAMS_PER_CONNECTION;
+    let rest = OLD_BUDGET - (streams - 1) * (5 + 65_536) - 5;
     let mut held = Vec::new();
-    let mut conns = Vec::new();
-    for _ in 0..4 {
-        let mut send = h2_connect(&target.socket).await;
+    for c in 0..4 {
+        let send = h2_connect(&target.socket).await;
         held.extend(declare_without_sending(
             &send,
-            MAX_STREAMS_PER_CONNECTION - 1,
+            MAX_STREAMS_PER_CONNECTION - u32::from(c == 3),
             65_536,
         ));
-        // The connection's last stream: a whole Encrypt, after the
-        // prefixes on the same connection.
+        if c == 3 {
+            held.extend(declare_without_sending(&send, 1, rest));
+        }
+    }
+    // The attacker's own whole Encrypts, while kekd reads the prefixes.
+    let request = encrypt_request(987);
+    let request = grpc_frame(0, u32::try_from(request.len()).unwrap(), &request);
+    let mut probe = h2_connect(&target.socket).await;
+    for i in 0..50 {
         let outcome = grpc_call(
-            &mut send,
+            &mut probe,
             ENCRYPT,
             "application/grpc",
             request.clone(),
@@ -1685,19 +1693,18 @@ async fn declared_but_unsent_messages_cannot_exhaust_the_byte_budget() {
         assert_eq!(
             (outcome.code, outcome.message.as_str()),
             (Some(Code::Ok), ""),
-            "a whole Encrypt after 63 declared-but-unsent messages on its connection"
+            "Encrypt {i} beside 256 declared-but-unsent messages"
         );
-        conns.push(send);
     }
     for i in 0..20 {
         round_trip(
             &mut target.client,
-            &format!("while 252 declared messages are held, try {i}"),
+            &format!("while 256 declared messages are held, try {i}"),
         )
         .await;
     }
     assert!(target.process.try_exit().is_none(), "kekd exited");
-    drop((held, conns));
+    drop((held, probe));
 }
 
 /// An allowed client holds 17 connections × 63 Encrypt streams whose
@@ -1721,6 +1728,7 @@ async fn streams_whose_messages_never_come_hold_no_call_slot() {
     let encrypt = grpc_header_block(ENCRYPT);
     let status = grpc_header_block(STATUS);
     let mut held = Vec::new();
+    let mut resets = 0;
     for _ in 0..CONNS {
         let (mut raw, _) = Raw::handshake(&target.socket).await;
         let mut bytes = Vec::new();
@@ -1736,10 +1744,10 @@ async fn streams_whose_messages_never_come_hold_no_call_slot() {
                 .next(Duration::from_secs(10))
                 .await
                 .expect("kekd closed the connection before answering Status");
-            assert!(
-                f.kind != RST_STREAM && f.kind != GOAWAY,
-                "kekd refused a stream or the connection: {f:?}"
-            );
+            assert_ne!(f.kind, GOAWAY, "kekd closed the connection: {f:?}");
+            if f.kind == RST_STREAM {
+                resets += 1;
+            }
             if f.stream == last && f.kind == HEADERS && f.flags & END_STREAM != 0 {
                 break;
             }
@@ -1753,6 +1761,7 @@ async fn streams_whose_messages_never_come_hold_no_call_slot() {
         )
         .await;
     }
+    assert_eq!(resets, 0, "kekd refused stalled streams");
     for raw in &mut held {
         assert!(!raw.is_closed().await, "kekd closed a stalled connection");
     }
