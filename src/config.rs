@@ -18,11 +18,18 @@ use crate::telemetry::LogFormat;
 pub const DEFAULT_SOCKET_MODE: u32 = 0o600;
 /// Default cap on one gRPC request (tonic's own default is 4 MiB).
 pub const DEFAULT_MAX_REQUEST_BYTES: usize = 64 * 1024;
-/// Default cap on calls in flight across all connections.
+/// Default cap on Encrypt/Decrypt calls running at once (also capped at 8 per
+/// CPU, see `server::connection::running_limit`).
 pub const DEFAULT_MAX_CONCURRENCY: usize = 1024;
-/// Default budget of request bytes buffered at once, all connections
-/// together (see `server::connection` and docs/design.md).
-pub const DEFAULT_MAX_BUFFERED_REQUEST_BYTES: usize = 16 << 20;
+/// Default budget of request bytes one connection's calls may hold at once
+/// (see `server::admission` and docs/design.md): room for 64 typical
+/// requests or 3 of the largest; raised to hold one `max_request_bytes`
+/// message when that is larger.
+pub const DEFAULT_MAX_CONNECTION_REQUEST_BYTES: usize = 256 << 10;
+/// Default streams one connection may have open (HTTP/2
+/// SETTINGS_MAX_CONCURRENT_STREAMS).
+pub const DEFAULT_MAX_STREAMS_PER_CONNECTION: u32 =
+    crate::server::connection::MAX_STREAMS_PER_CONNECTION;
 /// Default time a new connection gets to send the HTTP/2 client preface.
 pub const DEFAULT_PREFACE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default time a call's request message gets to arrive completely.
@@ -262,11 +269,22 @@ pub struct Settings {
     /// Largest accepted gRPC request in bytes [default: 65536].
     #[arg(long, env = "KEKD_MAX_REQUEST_BYTES", value_name = "BYTES")]
     pub max_request_bytes: Option<usize>,
-    /// Most Encrypt/Decrypt calls in flight at once, all connections together [default: 1024].
+    /// Most Encrypt/Decrypt calls running at once, all connections together; at most 8 per CPU (or the HSM pool) run [default: 1024].
     #[arg(long, env = "KEKD_MAX_CONCURRENCY", value_name = "N")]
     pub max_concurrency: Option<usize>,
-    /// Request bytes buffered at once across all connections; a call past it is refused with RESOURCE_EXHAUSTED [default: 16777216].
-    #[arg(long, env = "KEKD_MAX_BUFFERED_REQUEST_BYTES", value_name = "BYTES")]
+    /// Request bytes one connection's calls may hold at once, charged as they arrive; a call past it is refused with RESOURCE_EXHAUSTED [default: 262144].
+    #[arg(long, env = "KEKD_MAX_CONNECTION_REQUEST_BYTES", value_name = "BYTES")]
+    pub max_connection_request_bytes: Option<usize>,
+    /// Streams one connection may have open at once (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS; clients queue past it) [default: 64].
+    #[arg(long, env = "KEKD_MAX_STREAMS_PER_CONNECTION", value_name = "N")]
+    pub max_streams_per_connection: Option<u32>,
+    /// Removed: the process-wide request byte budget let one client starve all others; see --max-connection-request-bytes.
+    #[arg(
+        long,
+        env = "KEKD_MAX_BUFFERED_REQUEST_BYTES",
+        value_name = "BYTES",
+        hide = true
+    )]
     pub max_buffered_request_bytes: Option<usize>,
     /// Time a new connection gets to send the HTTP/2 preface before it is closed [default: 10s].
     #[arg(long, env = "KEKD_PREFACE_TIMEOUT", value_name = "DURATION")]
@@ -370,6 +388,12 @@ impl Settings {
             socket_group: self.socket_group.or(fallback.socket_group),
             max_request_bytes: self.max_request_bytes.or(fallback.max_request_bytes),
             max_concurrency: self.max_concurrency.or(fallback.max_concurrency),
+            max_connection_request_bytes: self
+                .max_connection_request_bytes
+                .or(fallback.max_connection_request_bytes),
+            max_streams_per_connection: self
+                .max_streams_per_connection
+                .or(fallback.max_streams_per_connection),
             max_buffered_request_bytes: self
                 .max_buffered_request_bytes
                 .or(fallback.max_buffered_request_bytes),
@@ -441,8 +465,10 @@ pub struct ServeConfig {
 /// docs/design.md "Connection defences").
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
-    /// Request bytes buffered at once, all connections together.
-    pub max_buffered_request_bytes: usize,
+    /// Request bytes one connection's calls may hold at once.
+    pub max_connection_request_bytes: usize,
+    /// Streams one connection may have open at once.
+    pub max_streams_per_connection: u32,
     /// Time a new connection gets to send the HTTP/2 client preface.
     pub preface_timeout: Duration,
     /// Time a call's request message gets to arrive completely.
@@ -456,7 +482,8 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Self {
-            max_buffered_request_bytes: DEFAULT_MAX_BUFFERED_REQUEST_BYTES,
+            max_connection_request_bytes: DEFAULT_MAX_CONNECTION_REQUEST_BYTES,
+            max_streams_per_connection: DEFAULT_MAX_STREAMS_PER_CONNECTION,
             preface_timeout: DEFAULT_PREFACE_TIMEOUT,
             request_read_timeout: DEFAULT_REQUEST_READ_TIMEOUT,
             keepalive_interval: DEFAULT_KEEPALIVE_INTERVAL,
@@ -467,15 +494,36 @@ impl Default for Limits {
 
 impl Limits {
     fn resolve(s: &Settings, max_request_bytes: usize) -> Result<Self, ConfigError> {
-        let max_buffered_request_bytes = s
-            .max_buffered_request_bytes
-            .unwrap_or(DEFAULT_MAX_BUFFERED_REQUEST_BYTES);
-        if !(max_request_bytes..=1 << 30).contains(&max_buffered_request_bytes) {
+        if s.max_buffered_request_bytes.is_some() {
             return Err(ConfigError::Invalid {
                 what: "max_buffered_request_bytes",
+                reason: "it is gone: a budget shared by all connections let one client starve \
+                         every other; use max_connection_request_bytes (per connection; \
+                         docs/design.md \"Connection defences\") instead"
+                    .to_owned(),
+            });
+        }
+        // One whole message of the largest size, with its gRPC prefix.
+        let smallest = max_request_bytes + 5;
+        let max_connection_request_bytes = s
+            .max_connection_request_bytes
+            .unwrap_or(DEFAULT_MAX_CONNECTION_REQUEST_BYTES.max(smallest));
+        if !(smallest..=64 << 20).contains(&max_connection_request_bytes) {
+            return Err(ConfigError::Invalid {
+                what: "max_connection_request_bytes",
                 reason: format!(
-                    "{max_buffered_request_bytes} is outside {max_request_bytes}..=1073741824 (at least max_request_bytes)"
+                    "{max_connection_request_bytes} is outside {smallest}..=67108864 \
+                     (at least max_request_bytes + 5: one whole message)"
                 ),
+            });
+        }
+        let max_streams_per_connection = s
+            .max_streams_per_connection
+            .unwrap_or(DEFAULT_MAX_STREAMS_PER_CONNECTION);
+        if !(1..=1024).contains(&max_streams_per_connection) {
+            return Err(ConfigError::Invalid {
+                what: "max_streams_per_connection",
+                reason: format!("{max_streams_per_connection} is outside 1..=1024"),
             });
         }
         let timer = |what: &'static str, value: Option<&str>, default: Duration| {
@@ -489,7 +537,8 @@ impl Limits {
             Ok(d)
         };
         Ok(Self {
-            max_buffered_request_bytes,
+            max_connection_request_bytes,
+            max_streams_per_connection,
             preface_timeout: timer(
                 "preface_timeout",
                 s.preface_timeout.as_deref(),
@@ -827,19 +876,52 @@ mod tests {
         assert_eq!(c.max_concurrency, 1024);
         assert_eq!(c.shutdown_grace, Duration::from_secs(10));
         assert_eq!(c.limits, Limits::default());
-        assert_eq!(c.limits.max_buffered_request_bytes, 16 << 20);
+        assert_eq!(c.limits.max_connection_request_bytes, 256 << 10);
+        assert_eq!(c.limits.max_streams_per_connection, 64);
         assert_eq!(c.log_format, LogFormat::Text);
     }
 
     #[test]
     fn connection_limits_are_validated() {
         let s = Settings {
-            max_buffered_request_bytes: Some(1000),
+            max_connection_request_bytes: Some(65536),
             ..minimal()
         };
         assert_eq!(
             ServeConfig::resolve(s).unwrap_err().to_string(),
-            "invalid max_buffered_request_bytes: 1000 is outside 65536..=1073741824 (at least max_request_bytes)"
+            "invalid max_connection_request_bytes: 65536 is outside 65541..=67108864 \
+             (at least max_request_bytes + 5: one whole message)"
+        );
+        let s = Settings {
+            max_streams_per_connection: Some(0),
+            ..minimal()
+        };
+        assert_eq!(
+            ServeConfig::resolve(s).unwrap_err().to_string(),
+            "invalid max_streams_per_connection: 0 is outside 1..=1024"
+        );
+        // The old process-wide budget names its replacement.
+        let s = Settings {
+            max_buffered_request_bytes: Some(16 << 20),
+            ..minimal()
+        };
+        let err = ServeConfig::resolve(s).unwrap_err().to_string();
+        assert!(
+            err.starts_with("invalid max_buffered_request_bytes: it is gone")
+                && err.contains("use max_connection_request_bytes (per connection"),
+            "{err}"
+        );
+        // A larger max_request_bytes raises the default to one whole message.
+        let s = Settings {
+            max_request_bytes: Some(1 << 20),
+            ..minimal()
+        };
+        assert_eq!(
+            ServeConfig::resolve(s)
+                .unwrap()
+                .limits
+                .max_connection_request_bytes,
+            (1 << 20) + 5
         );
         let s = Settings {
             preface_timeout: Some("1ms".into()),
@@ -854,14 +936,16 @@ mod tests {
             keepalive_interval: Some("2s".into()),
             keepalive_timeout: Some("1s".into()),
             preface_timeout: Some("300ms".into()),
-            max_buffered_request_bytes: Some(1 << 20),
+            max_connection_request_bytes: Some(1 << 20),
+            max_streams_per_connection: Some(8),
             ..minimal()
         };
         let limits = ServeConfig::resolve(s).unwrap().limits;
         assert_eq!(
             limits,
             Limits {
-                max_buffered_request_bytes: 1 << 20,
+                max_connection_request_bytes: 1 << 20,
+                max_streams_per_connection: 8,
                 preface_timeout: Duration::from_millis(300),
                 request_read_timeout: Duration::from_millis(250),
                 keepalive_interval: Duration::from_secs(2),

@@ -165,18 +165,23 @@ impl Server {
             rlimit_nofile = nofile.map_or_else(|| "unlimited".to_owned(), |n| n.to_string()),
             "serving at most {max_connections} connections at once"
         );
-        let registry = Registry::new(max_connections);
         let limits = &config.limits;
+        let registry = Registry::new(max_connections, limits.max_connection_request_bytes);
+        // Streams per connection: never more than may run at once anyway.
+        let streams = u32::try_from(config.max_concurrency)
+            .unwrap_or(u32::MAX)
+            .min(limits.max_streams_per_connection);
         info!(
             max_connections,
-            max_concurrency = config.max_concurrency,
-            max_buffered_request_bytes = limits.max_buffered_request_bytes,
+            max_streams_per_connection = streams,
+            max_connection_request_bytes = limits.max_connection_request_bytes,
             bound_mib = connection::memory_bound(
                 max_connections,
-                config.max_concurrency,
-                limits.max_buffered_request_bytes
-            ) >> 20,
-            "what clients can make kekd buffer is bounded (docs/design.md \"Connection defences\")"
+                streams,
+                limits.max_connection_request_bytes
+            )
+            .div_ceil(1 << 20),
+            "what clients can make kekd hold is bounded per connection (docs/design.md \"Connection defences\")"
         );
         let accept = tokio::spawn(accept_loop(
             listener,
@@ -198,13 +203,8 @@ impl Server {
         ));
         let flusher = tokio::spawn(flush_loop(Arc::clone(&state)));
 
-        let streams = u32::try_from(config.max_concurrency)
-            .unwrap_or(u32::MAX)
-            .min(connection::MAX_STREAMS_PER_CONNECTION);
         let budgets = admission::Budgets::new(
             Arc::clone(&registry),
-            config.max_concurrency,
-            limits.max_buffered_request_bytes,
             config.max_request_bytes,
             limits.request_read_timeout,
         );
@@ -219,10 +219,11 @@ impl Server {
             "at most {running} Encrypt/Decrypt calls run at once; Status never waits for one"
         );
         // What one connection can make kekd hold: `max_concurrent_streams`
-        // streams, each with at most a header list and one window of
-        // unread bytes (the connection window bounds them all together);
-        // what the streams of all connections hold together is bounded by
-        // the admission layer (`server::admission`).
+        // streams (h2 counts a stream until its response is sent, so
+        // unread responses count), each with a header list, and one window
+        // of unread bytes (the connection window bounds them all
+        // together); request bytes read are charged to the connection's
+        // own budget (`server::admission`).
         let router = tonic::transport::Server::builder()
             .max_concurrent_streams(streams)
             .initial_stream_window_size(connection::FLOW_CONTROL_WINDOW)

@@ -37,9 +37,12 @@ use kekd::server::connection::{
     FLOW_CONTROL_WINDOW, MAX_CONNECTIONS, MAX_STREAMS_PER_CONNECTION, RESERVED_FDS, memory_bound,
 };
 
+/// kekd's default `--max-connection-request-bytes`.
+const CONNECTION_REQUEST_BYTES: usize = 256 << 10;
+
 /// The most memory kekd may hold at any moment of any attack here (VmHWM,
 /// the peak resident set). An idle kekd (debug build) holds about 10 MiB;
-/// 512 open HTTP/2 connections add about 40 MiB; a held stream costs its
+/// 64 open HTTP/2 connections add a few MiB; a held stream costs its
 /// task and buffers. 192 MiB leaves room for allocator slack on any host
 /// and still catches a per-connection or per-stream leak of the sizes an
 /// attack here would cause (2,000 connections × 1 MiB, 1,024 streams ×
@@ -984,15 +987,29 @@ async fn at_the_connection_limit_a_fresh_client_evicts_an_idle_connection() {
         }
         held
     };
-    let fresh_status = |socket: PathBuf, what: String| async move {
-        let mut client = Client::connect(&socket, Duration::from_secs(1))
-            .await
-            .unwrap_or_else(|e| panic!("{what}: a fresh client cannot connect: {e}"));
-        let status = client
-            .status()
-            .await
-            .unwrap_or_else(|e| panic!("{what}: a fresh client's Status failed: {e:?}"));
-        assert_eq!(status.healthz, "ok", "{what}");
+    // The fresh client is another process, as the apiserver is: at the
+    // limit the flooding process's own connections go first.
+    let logs = target.socket.parent().unwrap().to_owned();
+    let fresh_status = |socket: PathBuf, what: String| {
+        let logs = logs.clone();
+        async move {
+            let probe = common::admin_async(
+                &[
+                    "probe",
+                    "--timeout",
+                    "2s",
+                    "--socket",
+                    socket.to_str().unwrap(),
+                ],
+                &logs,
+            )
+            .await;
+            assert_eq!(
+                probe.code(),
+                0,
+                "{what}: a fresh client's probe: {probe:#?}"
+            );
+        }
     };
     let first = flood(target.socket.clone()).await;
     for i in 0..5 {
@@ -1028,13 +1045,13 @@ async fn at_the_connection_limit_a_fresh_client_evicts_an_idle_connection() {
         .await;
 }
 
-/// kekd at a small file-descriptor limit (256): the connection limit
+/// kekd at a small file-descriptor limit (160): the connection limit
 /// shrinks to leave `RESERVED_FDS` free, so a connection flood never makes
 /// kekd itself run out (EMFILE) — it still reloads a rotated keyring while
 /// the flood holds every connection slot.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn at_a_small_fd_limit_kekd_keeps_descriptors_for_itself() {
-    const NOFILE: u64 = 256;
+    const NOFILE: u64 = 160;
     let _serial = ATTACK.lock().await;
     raise_nofile(4096);
     let dir = tempdir().await;
@@ -1192,27 +1209,26 @@ async fn held_streams_are_capped_and_status_keeps_answering() {
     target.assert_survived("streams held open").await;
 }
 
-/// Held, unfinished streams cannot make kekd buffer without bound: 64
+/// Held, unfinished streams cannot make kekd buffer without bound: 48
 /// connections × 64 streams, each sending 59,000 bytes of a message that
-/// declares 60,000 and never finishing it (≈ 240 MB if kekd read them all).
-/// Each call is answered at once RESOURCE_EXHAUSTED when the call or byte
-/// budget cannot hold it, or DEADLINE_EXCEEDED at the request read timeout;
+/// declares 60,000 and never finishing it (≈ 180 MB if kekd read them all).
+/// Each call is answered at once RESOURCE_EXHAUSTED when its connection's
+/// byte budget cannot hold it, or DEADLINE_EXCEEDED at the request read timeout;
 /// kekd's peak memory grows by no more than `memory_bound` (docs/design.md)
 /// plus [`BOUND_SLACK_KIB`] for allocator slack.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn held_partial_messages_cannot_raise_memory_past_the_bound() {
-    const CONNS: usize = 64;
-    const BUDGET: usize = 4 << 20;
+    // Below the connection limit: the apiserver-like client and the prober
+    // keep their connections.
+    const CONNS: usize = MAX_CONNECTIONS - 16;
     let _serial = ATTACK.lock().await;
-    let target = Target::start(&[
-        "--max-buffered-request-bytes",
-        &BUDGET.to_string(),
-        "--request-read-timeout",
-        "2s",
-    ])
-    .await;
+    let target = Target::start(&["--request-read-timeout", "2s"]).await;
     let before = target.memory();
-    let bound_kib = memory_bound(MAX_CONNECTIONS, 1024, BUDGET) / 1024;
+    let bound_kib = memory_bound(
+        MAX_CONNECTIONS,
+        MAX_STREAMS_PER_CONNECTION,
+        CONNECTION_REQUEST_BYTES,
+    ) / 1024;
     let message = encrypt_request(59_996);
     assert_eq!(message.len(), 60_000);
     let partial = grpc_frame(0, 60_000, &message[..58_995]);
@@ -1419,4 +1435,336 @@ async fn keepalive_closes_a_dead_peer_but_never_a_healthy_idle_one() {
     );
     assert!(target.process.try_exit().is_none(), "kekd exited");
     round_trip(&mut target.client, "keepalive").await;
+}
+
+// ------------------------------------------------ adversarial review, round 2
+
+/// Opens a raw connection that holds one Status call whose request never
+/// arrives (stream 1) and has completed another (stream 3); returns once
+/// kekd has answered stream 3, so stream 1's call has started by then.
+async fn connection_with_a_stalled_status(socket: &Path) -> Raw {
+    let (mut raw, _) = Raw::handshake(socket).await;
+    let mut bytes = frame(HEADERS, END_HEADERS, 3, &grpc_header_block(STATUS));
+    bytes.extend(frame(DATA, END_STREAM, 3, &grpc_frame(0, 0, &[])));
+    bytes.extend(frame(HEADERS, END_HEADERS, 5, &grpc_header_block(STATUS)));
+    raw.write(&bytes).await;
+    loop {
+        let f = raw
+            .next(Duration::from_secs(10))
+            .await
+            .expect("kekd closed the connection before answering Status");
+        if f.stream == 3 && f.kind == HEADERS && f.flags & END_STREAM != 0 {
+            return raw;
+        }
+    }
+}
+
+/// An allowed client fills every connection slot with connections that
+/// each hold a call whose request never arrives (a Status whose message
+/// never comes: Status takes no call slot, so nothing else limits it).
+/// Such calls protect nothing from eviction: the apiserver's client (whose
+/// idle connection may be evicted, as documented) and a fresh client both
+/// still connect and round-trip, each new connection evicting a stalled
+/// one — kekd never reports every connection busy. Before the fix, every
+/// stalled connection counted as "in flight": the apiserver's idle
+/// connection was evicted and every reconnect was closed at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_calls_on_every_connection_cannot_lock_out_the_apiserver() {
+    let _serial = ATTACK.lock().await;
+    raise_nofile(4 * MAX_CONNECTIONS as u64);
+    // The stalled calls outlive the test: no timer frees them.
+    let mut target = Target::start_unprobed(&["--request-read-timeout", "1h"]).await;
+    round_trip(&mut target.client, "before the attack").await;
+    let mut held = Vec::new();
+    for _ in 0..MAX_CONNECTIONS {
+        held.push(connection_with_a_stalled_status(&target.socket).await);
+    }
+    // The apiserver reconnects (its idle connection may have been the one
+    // evicted) and so does a fresh client.
+    let mut apiserver = Client::connect(&target.socket, Duration::from_secs(5))
+        .await
+        .expect("the apiserver reconnects");
+    round_trip(&mut apiserver, "the apiserver, reconnected").await;
+    let mut fresh = Client::connect(&target.socket, Duration::from_secs(5))
+        .await
+        .expect("a fresh client connects");
+    assert_eq!(fresh.status().await.expect("fresh Status").healthz, "ok");
+    let stderr = target.process.stderr();
+    assert!(
+        !stderr.contains("all have calls in flight"),
+        "stalled calls made every connection unevictable:\n{}",
+        tail(&stderr)
+    );
+    assert!(
+        stderr.contains("connection limit reached: closed an idle connection to admit a new one"),
+        "{}",
+        tail(&stderr)
+    );
+    // The two new connections evicted the two oldest stalled ones.
+    held[0].expect_closed("the oldest stalled connection").await;
+    held[1].expect_closed("the next stalled connection").await;
+    drop(held);
+}
+
+/// A slow reader: an allowed client that never reads its responses
+/// (SETTINGS_INITIAL_WINDOW_SIZE = 0, so kekd can send no DATA) keeps 64
+/// answered Encrypts open on every connection it can get. A call's bytes
+/// are released when its response is ready and nothing times the stream
+/// out (the client answers keepalive PINGs), but the stream stays open
+/// until its response is sent, so it counts against its connection's
+/// stream limit: kekd's peak memory grows by no more than `memory_bound`
+/// (connections × per-connection maximum) plus slack. And a connection
+/// holding only unread responses has no call in flight: at the connection
+/// limit a new client evicts one and gets in.
+///
+/// Before the fix the bound assumed at most `max_concurrency + 4 × C` held
+/// streams, while a client could hold 64 × C: measured 14 MiB → 264 MiB
+/// (about 8 KiB per unread stream) against a bound of 189 MiB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unread_responses_cannot_raise_memory_past_the_bound() {
+    let _serial = ATTACK.lock().await;
+    raise_nofile(4 * MAX_CONNECTIONS as u64);
+    // Every connection slot but the apiserver-like client's.
+    let conns = MAX_CONNECTIONS - 1;
+    let target = Target::start_unprobed(&[]).await;
+    let before = target.memory();
+    let bound_kib = memory_bound(
+        MAX_CONNECTIONS,
+        MAX_STREAMS_PER_CONNECTION,
+        CONNECTION_REQUEST_BYTES,
+    ) / 1024;
+    let request = encrypt_request(987);
+    let request = grpc_frame(0, u32::try_from(request.len()).unwrap(), &request);
+    let mut unread = Vec::new();
+    let mut senders = Vec::new();
+    let mut codes: HashMap<Option<String>, usize> = HashMap::new();
+    for _ in 0..conns {
+        let io = UnixStream::connect(&target.socket).await.unwrap();
+        let (send, conn) = h2::client::Builder::new()
+            .initial_window_size(0)
+            .handshake::<_, Bytes>(io)
+            .await
+            .unwrap();
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let mut calls = tokio::task::JoinSet::new();
+        for _ in 0..MAX_STREAMS_PER_CONNECTION {
+            let send = send.clone();
+            let request = request.clone();
+            calls.spawn(async move {
+                let head = http::Request::builder()
+                    .method("POST")
+                    .uri(format!("http://localhost{ENCRYPT}"))
+                    .header("content-type", "application/grpc")
+                    .header("te", "trailers")
+                    .body(())
+                    .unwrap();
+                let mut ready = send.ready().await.unwrap();
+                let (response, mut stream) = ready.send_request(head, false).unwrap();
+                stream.send_data(Bytes::from(request), true).unwrap();
+                // The response's headers arrive (they are not flow
+                // controlled); its message never can.
+                let response = response.await.unwrap();
+                let code = response
+                    .headers()
+                    .get("grpc-status")
+                    .map(|v| v.to_str().unwrap().to_owned());
+                (code, response)
+            });
+        }
+        while let Some(r) = calls.join_next().await {
+            let (code, response) = r.unwrap();
+            *codes.entry(code).or_default() += 1;
+            unread.push(response);
+        }
+        senders.push(send);
+    }
+    let after = target.memory();
+    eprintln!(
+        "unread responses: {codes:?}; VmRSS {} → {} KiB, VmHWM {} KiB; bound {bound_kib} KiB",
+        before.rss_kib, after.rss_kib, after.hwm_kib
+    );
+    // Every call was answered (headers only: no grpc-status yet).
+    assert_eq!(
+        codes.get(&None).copied(),
+        Some(conns * MAX_STREAMS_PER_CONNECTION as usize),
+        "{codes:?}"
+    );
+    assert!(
+        after.hwm_kib <= before.rss_kib + bound_kib + BOUND_SLACK_KIB,
+        "kekd's peak memory {} KiB exceeds {} KiB at start + the bound {bound_kib} KiB + {BOUND_SLACK_KIB} KiB slack",
+        after.hwm_kib,
+        before.rss_kib
+    );
+    // Every slot is taken; unread responses protect no connection, so a
+    // fresh client (the apiserver reconnecting) evicts one and works.
+    let mut fresh = Client::connect(&target.socket, Duration::from_secs(5))
+        .await
+        .expect("a fresh client connects");
+    round_trip(&mut fresh, "a fresh client beside unread responses").await;
+    let stderr = target.process.stderr();
+    assert!(
+        !stderr.contains("all have calls in flight"),
+        "unread responses made every connection unevictable:\n{}",
+        tail(&stderr)
+    );
+    // The bound this test held kekd to is the one kekd logs at startup
+    // (and docs/design.md states: 143 MiB with the defaults).
+    assert_eq!(bound_kib.div_ceil(1024), 143);
+    assert!(
+        stderr.contains("bound_mib=143"),
+        "kekd did not log the bound at startup:\n{}",
+        tail(&stderr)
+    );
+    drop((unread, senders));
+}
+
+/// Sends `count` Encrypt streams on `send`, each with only a 5-byte gRPC
+/// prefix declaring `declared` bytes that never come; returns them held.
+fn declare_without_sending(
+    send: &SendRequest<Bytes>,
+    count: u32,
+    declared: u32,
+) -> Vec<(h2::client::ResponseFuture, h2::SendStream<Bytes>)> {
+    (0..count)
+        .map(|_| {
+            let head = http::Request::builder()
+                .method("POST")
+                .uri(format!("http://localhost{ENCRYPT}"))
+                .header("content-type", "application/grpc")
+                .header("te", "trailers")
+                .body(())
+                .unwrap();
+            let (response, mut stream) = send.clone().send_request(head, false).unwrap();
+            stream
+                .send_data(Bytes::from(grpc_frame(0, declared, &[])), false)
+                .unwrap();
+            (response, stream)
+        })
+        .collect()
+}
+
+/// An allowed client opens 4 connections × 64 Encrypt streams and sends
+/// only each message's 5-byte gRPC prefix, declaring the 64 KiB maximum
+/// (the last one declares exactly what remains of the old 16 MiB budget):
+/// 1,280 bytes sent, 16 MiB declared. kekd charges bytes as they really
+/// arrive, to the connection they arrive on, and hands tonic (which
+/// reserves a message's declared length) only whole messages: the
+/// attacker's own Encrypts on a fifth connection, and the apiserver's
+/// client, keep being answered, again and again.
+///
+/// Before the fix the declared length was charged at once to a 16 MiB
+/// budget shared by every connection: these 1,280 bytes exhausted it, and
+/// every Encrypt/Decrypt of everyone else was answered RESOURCE_EXHAUSTED
+/// until the read timeout — and again as soon as the client reopened them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn declared_but_unsent_messages_cannot_exhaust_the_byte_budget() {
+    const OLD_BUDGET: u32 = 16 << 20;
+    let _serial = ATTACK.lock().await;
+    let mut target = Target::start_unprobed(&["--request-read-timeout", "1h"]).await;
+    let streams = 4 * MAX_STREAMS_PER_CONNECTION;
+    let rest = OLD_BUDGET - (streams - 1) * (5 + 65_536) - 5;
+    let mut held = Vec::new();
+    for c in 0..4 {
+        let send = h2_connect(&target.socket).await;
+        held.extend(declare_without_sending(
+            &send,
+            MAX_STREAMS_PER_CONNECTION - u32::from(c == 3),
+            65_536,
+        ));
+        if c == 3 {
+            held.extend(declare_without_sending(&send, 1, rest));
+        }
+    }
+    // The attacker's own whole Encrypts, while kekd reads the prefixes.
+    let request = encrypt_request(987);
+    let request = grpc_frame(0, u32::try_from(request.len()).unwrap(), &request);
+    let mut probe = h2_connect(&target.socket).await;
+    for i in 0..50 {
+        let outcome = grpc_call(
+            &mut probe,
+            ENCRYPT,
+            "application/grpc",
+            request.clone(),
+            true,
+        )
+        .await;
+        assert_eq!(
+            (outcome.code, outcome.message.as_str()),
+            (Some(Code::Ok), ""),
+            "Encrypt {i} beside 256 declared-but-unsent messages"
+        );
+    }
+    for i in 0..20 {
+        round_trip(
+            &mut target.client,
+            &format!("while 256 declared messages are held, try {i}"),
+        )
+        .await;
+    }
+    assert!(target.process.try_exit().is_none(), "kekd exited");
+    drop((held, probe));
+}
+
+/// An allowed client holds 17 connections × 63 Encrypt streams whose
+/// request messages never come (headers only), 1,071 streams — more than
+/// `--max-concurrency` (1,024). No call slot is taken before a call's whole
+/// message has arrived (the running limit is taken only for the work), so
+/// the apiserver's Encrypt and Decrypt still run, again and again.
+///
+/// Each connection's last stream is a Status, answered only after kekd
+/// has dispatched (and admitted) the 63 streams opened before it on that
+/// connection, so every stalled stream has been admitted when the
+/// apiserver calls. Before the fix every stream took one of the 1,024
+/// process-wide slots at its headers and held it until the read timeout:
+/// the apiserver's calls were answered RESOURCE_EXHAUSTED ("calls in
+/// flight (--max-concurrency)").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_whose_messages_never_come_hold_no_call_slot() {
+    const CONNS: u32 = 17;
+    let _serial = ATTACK.lock().await;
+    let mut target = Target::start_unprobed(&["--request-read-timeout", "1h"]).await;
+    let encrypt = grpc_header_block(ENCRYPT);
+    let status = grpc_header_block(STATUS);
+    let mut held = Vec::new();
+    let mut resets = 0;
+    for _ in 0..CONNS {
+        let (mut raw, _) = Raw::handshake(&target.socket).await;
+        let mut bytes = Vec::new();
+        for i in 0..MAX_STREAMS_PER_CONNECTION - 1 {
+            bytes.extend(frame(HEADERS, END_HEADERS, 2 * i + 1, &encrypt));
+        }
+        let last = 2 * MAX_STREAMS_PER_CONNECTION - 1;
+        bytes.extend(frame(HEADERS, END_HEADERS, last, &status));
+        bytes.extend(frame(DATA, END_STREAM, last, &grpc_frame(0, 0, &[])));
+        raw.write(&bytes).await;
+        loop {
+            let f = raw
+                .next(Duration::from_secs(10))
+                .await
+                .expect("kekd closed the connection before answering Status");
+            assert_ne!(f.kind, GOAWAY, "kekd closed the connection: {f:?}");
+            if f.kind == RST_STREAM {
+                resets += 1;
+            }
+            if f.stream == last && f.kind == HEADERS && f.flags & END_STREAM != 0 {
+                break;
+            }
+        }
+        held.push(raw);
+    }
+    for i in 0..20 {
+        round_trip(
+            &mut target.client,
+            &format!("while 1,071 stalled streams are held, try {i}"),
+        )
+        .await;
+    }
+    assert_eq!(resets, 0, "kekd refused stalled streams");
+    for raw in &mut held {
+        assert!(!raw.is_closed().await, "kekd closed a stalled connection");
+    }
+    assert!(target.process.try_exit().is_none(), "kekd exited");
+    drop(held);
 }

@@ -322,3 +322,168 @@ async fn refused_flood_child() {
         serde_json::json!({"denied": denied, "refused_streams": refused_streams, "other": other, "max_window": max_window, "message": message})
     );
 }
+
+/// Environment variable telling [`refused_reset_child`] to attack this
+/// socket (set only when the test below runs this binary as another user).
+const RESET_SOCKET_ENV: &str = "PEERS_RESET_SOCKET";
+
+/// A refused peer on every refused-connection slot sends the "rapid reset"
+/// pattern (CVE-2023-44487: HEADERS then RST_STREAM, thousands of times),
+/// PINGs and SETTINGS, and never reads what kekd answers: kekd's memory
+/// stays within its refused connections' share, it keeps running, and the
+/// allowed client is served throughout.
+#[tokio::test]
+async fn a_refused_peers_rapid_resets_and_floods_stay_within_its_share() {
+    if my_uid() != 0 || Command::new("setpriv").arg("--version").output().is_err() {
+        assert!(
+            std::env::var_os("KEKD_REQUIRE_ALL").is_none(),
+            "this test needs root and setpriv (util-linux)"
+        );
+        eprintln!("*** SKIPPED: needs root and setpriv ***");
+        return;
+    }
+    use kekd::server::connection::{CONNECTION_COST, FLOW_CONTROL_WINDOW, MAX_REFUSED_CONNECTIONS};
+    let dir = common::tempdir().await;
+    Command::new("chmod")
+        .arg("0755")
+        .arg(dir.path())
+        .status()
+        .unwrap();
+    let keyring = dir.path().join("keyring");
+    common::create_keyring(&keyring);
+    let socket = dir.path().join("kms.sock");
+    let mut process = common::spawn_serve(
+        &keyring,
+        &socket,
+        dir.path(),
+        &[
+            "--socket-mode",
+            "0660",
+            "--socket-group",
+            "65534",
+            "--allow-uid",
+            "0",
+        ],
+    )
+    .await;
+    let mut client = process.ready().await;
+    let pid = tokio::net::UnixStream::connect(&socket)
+        .await
+        .unwrap()
+        .peer_cred()
+        .unwrap()
+        .pid()
+        .unwrap();
+    let before = memory(pid);
+    let out = tokio::task::spawn_blocking({
+        let socket = socket.clone();
+        move || {
+            Command::new("setpriv")
+                .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+                .arg(std::env::current_exe().unwrap())
+                .args(["--exact", "refused_reset_child", "--nocapture"])
+                .env(RESET_SOCKET_ENV, &socket)
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("RESET sent"), "{out:?}");
+    // Served meanwhile and after.
+    assert_eq!(client.status().await.unwrap().healthz, "ok");
+    let after = memory(pid);
+    let refused_cost_kib =
+        MAX_REFUSED_CONNECTIONS as u64 * (CONNECTION_COST + u64::from(FLOW_CONTROL_WINDOW)) / 1024;
+    eprintln!(
+        "refused rapid reset: VmRSS {} → {} KiB, VmHWM {} KiB; {}",
+        before.0,
+        after.0,
+        after.1,
+        stdout.trim()
+    );
+    assert!(
+        after.1 <= before.0 + refused_cost_kib + 16 * 1024,
+        "kekd's peak memory {} KiB grew past {} KiB + {refused_cost_kib} KiB + 16 MiB slack",
+        after.1,
+        before.0
+    );
+    assert!(process.try_exit().is_none(), "kekd exited");
+}
+
+/// The attack of the test above, run as the refused user; a no-op otherwise.
+#[tokio::test]
+async fn refused_reset_child() {
+    use tokio::io::AsyncWriteExt;
+    let Some(socket) = std::env::var_os(RESET_SOCKET_ENV) else {
+        return;
+    };
+    fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let len = u32::try_from(payload.len()).unwrap();
+        let mut f = len.to_be_bytes()[1..].to_vec();
+        f.extend_from_slice(&[kind, flags]);
+        f.extend_from_slice(&stream.to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    }
+    let literal = |n: &str, v: &str| {
+        let mut b = vec![0x00, u8::try_from(n.len()).unwrap()];
+        b.extend_from_slice(n.as_bytes());
+        b.push(u8::try_from(v.len()).unwrap());
+        b.extend_from_slice(v.as_bytes());
+        b
+    };
+    let block: Vec<u8> = [
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":path", "/v2.KeyManagementService/Encrypt"),
+        (":authority", "localhost"),
+        ("content-type", "application/grpc"),
+        ("te", "trailers"),
+    ]
+    .iter()
+    .flat_map(|(n, v)| literal(n, v))
+    .collect();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..kekd::server::connection::MAX_REFUSED_CONNECTIONS {
+        let socket = socket.clone();
+        let block = block.clone();
+        tasks.spawn(async move {
+            let Ok(mut io) = tokio::net::UnixStream::connect(&socket).await else {
+                return 0u64;
+            };
+            let mut bytes = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+            bytes.extend(frame(0x4, 0, 0, &[]));
+            let mut sent = 0u64;
+            for round in 0..200u32 {
+                let mut chunk = Vec::new();
+                for i in 0..50u32 {
+                    let id = 2 * (round * 50 + i) + 1;
+                    chunk.extend(frame(0x1, 0x4 | 0x1, id, &block));
+                    chunk.extend(frame(0x3, 0, id, &8u32.to_be_bytes()));
+                    chunk.extend(frame(0x6, 0, 0, &[0; 8]));
+                    chunk.extend(frame(0x4, 0, 0, &[0, 4, 0, 0, 0, 0]));
+                }
+                bytes.extend(chunk);
+                // Never read: kekd's answers pile up on its side, if it lets them.
+                if tokio::time::timeout(std::time::Duration::from_secs(2), io.write_all(&bytes))
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+                sent += bytes.len() as u64;
+                bytes.clear();
+            }
+            drop(io);
+            sent
+        });
+    }
+    let mut total = 0;
+    while let Some(n) = tasks.join_next().await {
+        total += n.unwrap();
+    }
+    println!("RESET sent {total} bytes");
+}

@@ -1,29 +1,42 @@
-//! Admission of each call (an HTTP/2 stream) before tonic reads it: the
-//! process-wide budgets that bound what held, unfinished streams can make
-//! kekd buffer, whatever the number of connections.
+//! Admission of each call (an HTTP/2 stream) before tonic reads it: what a
+//! call may make kekd hold, bounded per connection, so that the bound holds
+//! for the whole process (connections × per-connection maximum) and no
+//! client can fill a pool the others need.
 //!
 //! tonic reads a request's body as it arrives and releases HTTP/2 flow
-//! control as it reads, so a stream whose message never completes would keep
-//! up to the message cap buffered; many such streams on many connections
-//! would add up without bound. Here, before any byte is read:
+//! control as it reads, and as soon as a message's 5-byte gRPC prefix is in
+//! it reserves the whole declared length. So a stream whose message never
+//! completes would make kekd reserve up to the message cap for 5 bytes sent;
+//! many such streams would add up without bound. Here, for each call:
 //!
-//! - a call is marked in flight on its connection (so it is not evicted at
-//!   the connection limit);
-//! - Encrypt/Decrypt take one of `max_concurrency` call slots, process-wide;
-//!   without one the call is answered RESOURCE_EXHAUSTED at once;
-//! - their request bytes are charged to a process-wide byte budget as they
-//!   arrive — a message's whole declared length as soon as its 5-byte gRPC
-//!   prefix is in, since tonic reserves that much at once; a call the budget
-//!   cannot cover is answered RESOURCE_EXHAUSTED at once;
-//! - Status takes no call slot and no budget (it must never be starved by
-//!   them) but at most [`STATUS_STREAMS_PER_CONNECTION`] per connection, and
-//!   its body may be at most [`MAX_STATUS_BODY_BYTES`];
+//! - the call is marked in flight on its connection (so it is not evicted at
+//!   the connection limit) — but only once its request message has
+//!   arrived: a call still waiting for it protects nothing, or a client
+//!   stalling one call per connection could make every connection
+//!   unevictable and lock everyone else out;
+//! - Encrypt/Decrypt request bytes are charged to **their connection's**
+//!   budget (`--max-connection-request-bytes`) as they really arrive, never
+//!   as declared, and held back from tonic until the whole message is in:
+//!   tonic only ever sees (and reserves for) complete messages. A chunk the
+//!   budget cannot cover ends the call RESOURCE_EXHAUSTED at once. The
+//!   budget is the connection's own, so a client that fills it starves only
+//!   itself; nothing here is shared between connections. A message that
+//!   declares more than `--max-request-bytes` is handed to tonic at once,
+//!   which refuses it OUT_OF_RANGE;
+//! - no call slot is taken here: the process-wide limit on calls is on
+//!   calls *running* (`KmsService::with_call_limit`), taken once the whole
+//!   message has arrived and released when the work is done, so a stream
+//!   whose message never completes holds nothing anyone else needs;
+//! - Status takes no budget (it must never be starved by it) but at most
+//!   [`STATUS_STREAMS_PER_CONNECTION`] per connection, and its body may be at
+//!   most [`MAX_STATUS_BODY_BYTES`];
 //! - every request message must arrive completely within the request read
 //!   timeout, or the call ends DEADLINE_EXCEEDED and frees what it held.
 //!
-//! Slots and bytes are released when the call's response is ready (or the
-//! call is dropped), so a decoded message waiting for a running slot
-//! (`KmsService::with_call_limit`) stays counted.
+//! Bytes are released when the call's response is ready (or the call is
+//! dropped), so a decoded message waiting for a running slot stays counted.
+//! A response the client never reads keeps its stream open, and so counted
+//! against the connection's stream limit (`connection::memory_bound`).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -39,7 +52,7 @@ use tonic::body::Body;
 use tonic::codegen::{Bytes, http};
 
 use super::connection::{
-    CallGuard, ConnInfo, MAX_STATUS_BODY_BYTES, Registry, STATUS_STREAMS_PER_CONNECTION,
+    CallGuard, ConnInfo, MAX_STATUS_BODY_BYTES, Receiving, Registry, STATUS_STREAMS_PER_CONNECTION,
 };
 
 /// The Status method's path.
@@ -48,14 +61,10 @@ const STATUS_PATH: &str = "/v2.KeyManagementService/Status";
 /// gRPC's length prefix: a compression flag and a 4-byte length.
 const GRPC_PREFIX: usize = 5;
 
-/// The budgets shared by every connection.
+/// What admission needs from the server's settings.
 #[derive(Debug)]
 pub(crate) struct Budgets {
     registry: Arc<Registry>,
-    calls: Arc<Semaphore>,
-    max_calls: usize,
-    bytes: Arc<Semaphore>,
-    max_bytes: usize,
     max_request_bytes: usize,
     read_timeout: Duration,
 }
@@ -63,18 +72,11 @@ pub(crate) struct Budgets {
 impl Budgets {
     pub(crate) fn new(
         registry: Arc<Registry>,
-        max_calls: usize,
-        max_bytes: usize,
         max_request_bytes: usize,
         read_timeout: Duration,
     ) -> Arc<Self> {
-        let max_bytes = max_bytes.min(Semaphore::MAX_PERMITS);
         Arc::new(Self {
             registry,
-            calls: Arc::new(Semaphore::new(max_calls.max(1))),
-            max_calls: max_calls.max(1),
-            bytes: Arc::new(Semaphore::new(max_bytes)),
-            max_bytes,
             max_request_bytes,
             read_timeout,
         })
@@ -106,8 +108,7 @@ pub(crate) struct Admit<S> {
 /// What a call holds until its response is ready.
 #[derive(Debug)]
 struct Held {
-    _call: Option<CallGuard>,
-    _slot: Option<OwnedSemaphorePermit>,
+    _call: CallGuard,
     /// The bytes charged by the body, which tonic drops once the message is
     /// decoded: the decoded message is still held until the response.
     _bytes: Charged,
@@ -138,42 +139,33 @@ where
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
         let budgets = &self.budgets;
         let status = request.uri().path() == STATUS_PATH;
-        let conn = request.extensions().get::<ConnInfo>().cloned();
-        let call = match &conn {
-            Some(c) => match c.shared.start_call(&budgets.registry, status) {
-                Some(guard) => Some(guard),
-                None => {
-                    return refuse(Status::resource_exhausted(format!(
-                        "this connection already has {STATUS_STREAMS_PER_CONNECTION} Status calls in flight"
-                    )));
-                }
-            },
-            None => None,
+        // Every connection kekd serves is a `Connection`, which tonic puts
+        // here; without it there is no budget to charge: fail closed.
+        let Some(conn) = request.extensions().get::<ConnInfo>().cloned() else {
+            return refuse(Status::internal("a call without its connection's state"));
         };
-        let (slot, limit) = if status {
-            (None, Limit::Status)
+        let Some(call) = conn.shared.start_call(&budgets.registry, status) else {
+            return refuse(Status::resource_exhausted(format!(
+                "this connection already has {STATUS_STREAMS_PER_CONNECTION} Status calls in flight"
+            )));
+        };
+        let limit = if status {
+            Limit::Status
         } else {
-            match Arc::clone(&budgets.calls).try_acquire_owned() {
-                Ok(slot) => (Some(slot), Limit::Budget(Arc::clone(&budgets.bytes))),
-                Err(_) => {
-                    return refuse(Status::resource_exhausted(format!(
-                        "kekd has {} calls in flight (--max-concurrency); retry later",
-                        budgets.max_calls
-                    )));
-                }
-            }
+            let (bytes, max) = conn.shared.request_budget();
+            Limit::Budget { bytes, max }
         };
         let (parts, body) = request.into_parts();
         let charged = Charged::default();
         let body = ChargedBody {
             inner: Some(body),
+            receiving: Some(Receiving::of(&call)),
             limit,
-            max_bytes: budgets.max_bytes,
             max_request_bytes: budgets.max_request_bytes,
             received: 0,
-            charged: 0,
-            prefix: Vec::new(),
-            message_end: 0,
+            held: Vec::new(),
+            passthrough: false,
+            trailers: None,
             permits: Arc::clone(&charged),
             read_timeout: budgets.read_timeout,
             started: tokio::time::Instant::now(),
@@ -182,7 +174,6 @@ where
         let request = http::Request::from_parts(parts, Body::new(body));
         let held = Held {
             _call: call,
-            _slot: slot,
             _bytes: charged,
         };
         let future = self.inner.call(request);
@@ -204,26 +195,30 @@ fn refuse<E: Send + 'static>(status: Status) -> BoxFuture<Result<http::Response<
 enum Limit {
     /// At most [`MAX_STATUS_BODY_BYTES`], no budget.
     Status,
-    /// Charged to the process-wide byte budget.
-    Budget(Arc<Semaphore>),
+    /// Charged to the connection's budget of `max` request bytes.
+    Budget { bytes: Arc<Semaphore>, max: usize },
 }
 
-/// A request body that charges what it delivers (see the module docs) and
-/// ends with DEADLINE_EXCEEDED if it has not ended by the read timeout.
+/// A request body that charges what it delivers (see the module docs),
+/// delivers only whole gRPC messages, and ends with DEADLINE_EXCEEDED if it
+/// has not ended by the read timeout.
 struct ChargedBody {
     inner: Option<Body>,
+    /// Until the request has arrived (or failed), the call does not keep
+    /// its connection from being evicted (`Registry::admit`).
+    receiving: Option<Receiving>,
     limit: Limit,
-    max_bytes: usize,
     max_request_bytes: usize,
-    /// Bytes delivered so far.
+    /// Bytes received so far (all charged).
     received: usize,
-    /// Bytes charged to the budget so far (≥ `received`).
-    charged: usize,
-    /// The bytes of a gRPC prefix not yet complete.
-    prefix: Vec<u8>,
-    /// Where the last message whose prefix is complete ends (in `received`
-    /// terms): the next prefix starts there.
-    message_end: usize,
+    /// Received bytes of a message not yet complete, held back from tonic;
+    /// it starts at a message boundary.
+    held: Vec<u8>,
+    /// A message declared more than `max_request_bytes`: everything goes
+    /// to tonic as it comes, and tonic refuses it (OUT_OF_RANGE).
+    passthrough: bool,
+    /// Trailers that arrived while `held` was not empty: delivered next.
+    trailers: Option<Frame<Bytes>>,
     permits: Charged,
     read_timeout: Duration,
     started: tokio::time::Instant,
@@ -236,42 +231,16 @@ impl std::fmt::Debug for ChargedBody {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ChargedBody")
             .field("received", &self.received)
-            .field("charged", &self.charged)
+            .field("held", &self.held.len())
             .finish_non_exhaustive()
     }
 }
 
 impl ChargedBody {
-    /// Charges for `chunk`, which is about to be delivered: its bytes, and
-    /// for every message whose prefix completes in it, the message's whole
-    /// declared length.
+    /// Charges for `chunk`, which has just arrived: its bytes, to the
+    /// connection's budget (Status: checks its size instead).
     fn charge(&mut self, chunk: &[u8]) -> Result<(), Status> {
-        let mut need = self.received + chunk.len();
-        // Walk the gRPC framing through this chunk.
-        let mut pos = 0;
-        while pos < chunk.len() {
-            if self.message_end > self.received + pos {
-                // Inside a message body: skip to its end.
-                pos = (self.message_end - self.received).min(chunk.len());
-                continue;
-            }
-            let take = (GRPC_PREFIX - self.prefix.len()).min(chunk.len() - pos);
-            self.prefix.extend_from_slice(&chunk[pos..pos + take]);
-            pos += take;
-            if self.prefix.len() == GRPC_PREFIX {
-                let len = u32::from_be_bytes([
-                    self.prefix[1],
-                    self.prefix[2],
-                    self.prefix[3],
-                    self.prefix[4],
-                ]) as usize;
-                // tonic refuses a longer message itself (OUT_OF_RANGE).
-                let len = len.min(self.max_request_bytes);
-                self.message_end = self.received + pos + len;
-                self.prefix.clear();
-            }
-        }
-        need = need.max(self.message_end);
+        let need = self.received + chunk.len();
         match &self.limit {
             Limit::Status => {
                 if need > MAX_STATUS_BODY_BYTES {
@@ -280,32 +249,61 @@ impl ChargedBody {
                     )));
                 }
             }
-            Limit::Budget(bytes) => {
-                if need > self.charged {
-                    let more = u32::try_from(need - self.charged).unwrap_or(u32::MAX);
-                    let permit = Arc::clone(bytes)
-                        .try_acquire_many_owned(more)
-                        .map_err(|_| {
-                            Status::resource_exhausted(format!(
-                                "kekd is buffering its limit of {} request bytes \
-                             (--max-buffered-request-bytes); retry later",
-                                self.max_bytes
-                            ))
-                        })?;
-                    let mut permits = self
-                        .permits
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner);
-                    match permits.as_mut() {
-                        Some(p) => p.merge(permit),
-                        None => *permits = Some(permit),
-                    }
-                    self.charged = need;
+            Limit::Budget { bytes, max } => {
+                let more = u32::try_from(chunk.len()).unwrap_or(u32::MAX);
+                let permit = Arc::clone(bytes)
+                    .try_acquire_many_owned(more)
+                    .map_err(|_| {
+                        Status::resource_exhausted(format!(
+                            "this connection's calls hold its limit of {max} request bytes \
+                             (--max-connection-request-bytes); retry when they finish"
+                        ))
+                    })?;
+                let mut permits = self
+                    .permits
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                match permits.as_mut() {
+                    Some(p) => p.merge(permit),
+                    None => *permits = Some(permit),
                 }
             }
         }
-        self.received += chunk.len();
+        self.received = need;
         Ok(())
+    }
+
+    /// How many bytes at the start of `held` tonic may have now: the whole
+    /// messages there, or everything once a message declares more than
+    /// `max_request_bytes` (tonic refuses it before reserving anything).
+    fn deliverable(&mut self) -> usize {
+        if self.passthrough {
+            return self.held.len();
+        }
+        let mut pos = 0;
+        while self.held.len() - pos >= GRPC_PREFIX {
+            let p = &self.held[pos..pos + GRPC_PREFIX];
+            let len = u32::from_be_bytes([p[1], p[2], p[3], p[4]]) as usize;
+            if len > self.max_request_bytes {
+                self.passthrough = true;
+                return self.held.len();
+            }
+            if self.held.len() - pos - GRPC_PREFIX < len {
+                break;
+            }
+            pos += GRPC_PREFIX + len;
+        }
+        pos
+    }
+
+    /// Ends the body with `status`; dropping the inner body resets the
+    /// stream, so the client sends no more.
+    fn fail(&mut self, status: Status) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        self.inner = None;
+        self.receiving = None;
+        self.held = Vec::new();
+        self.trailers = None;
+        Poll::Ready(Some(Err(status)))
     }
 }
 
@@ -318,51 +316,78 @@ impl HttpBody for ChargedBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
         let this = self.get_mut();
-        let Some(inner) = this.inner.as_mut() else {
-            return Poll::Ready(None);
-        };
-        let polled = Pin::new(inner).poll_frame(cx);
-        let frame = match polled {
-            Poll::Pending => {
-                let deadline = this.deadline.get_or_insert_with(|| {
-                    Box::pin(tokio::time::sleep_until(this.started + this.read_timeout))
-                });
-                if deadline.as_mut().poll(cx).is_ready() {
-                    this.inner = None;
-                    return Poll::Ready(Some(Err(Status::deadline_exceeded(format!(
-                        "the request message did not arrive within {:?} (--request-read-timeout)",
-                        this.read_timeout
-                    )))));
-                }
-                return Poll::Pending;
-            }
-            Poll::Ready(None) => {
-                this.inner = None;
-                return Poll::Ready(None);
-            }
-            Poll::Ready(Some(Err(e))) => {
-                this.inner = None;
-                return Poll::Ready(Some(Err(Status::from_error(e.into()))));
-            }
-            Poll::Ready(Some(Ok(frame))) => frame,
-        };
-        if let Some(data) = frame.data_ref()
-            && let Err(status) = this.charge(data)
-        {
-            // Dropping the body resets the stream: the client sends no more.
-            this.inner = None;
-            return Poll::Ready(Some(Err(status)));
+        if let Some(trailers) = this.trailers.take() {
+            return Poll::Ready(Some(Ok(trailers)));
         }
-        Poll::Ready(Some(Ok(frame)))
+        loop {
+            let Some(inner) = this.inner.as_mut() else {
+                // Ended with part of a message: tonic reports it truncated.
+                if this.held.is_empty() {
+                    return Poll::Ready(None);
+                }
+                let rest = Bytes::from(std::mem::take(&mut this.held));
+                return Poll::Ready(Some(Ok(Frame::data(rest))));
+            };
+            let frame = match Pin::new(inner).poll_frame(cx) {
+                Poll::Pending => {
+                    let deadline = this.deadline.get_or_insert_with(|| {
+                        Box::pin(tokio::time::sleep_until(this.started + this.read_timeout))
+                    });
+                    if deadline.as_mut().poll(cx).is_ready() {
+                        let timeout = this.read_timeout;
+                        return this.fail(Status::deadline_exceeded(format!(
+                            "the request message did not arrive within {timeout:?} (--request-read-timeout)"
+                        )));
+                    }
+                    return Poll::Pending;
+                }
+                Poll::Ready(None) => {
+                    this.inner = None;
+                    this.receiving = None;
+                    continue;
+                }
+                Poll::Ready(Some(Err(e))) => return this.fail(Status::from_error(e.into())),
+                Poll::Ready(Some(Ok(frame))) => frame,
+            };
+            let data = match frame.into_data() {
+                Ok(data) => data,
+                Err(frame) => {
+                    // Trailers (or another non-data frame) after the data.
+                    if this.held.is_empty() {
+                        return Poll::Ready(Some(Ok(frame)));
+                    }
+                    this.trailers = Some(frame);
+                    let rest = Bytes::from(std::mem::take(&mut this.held));
+                    return Poll::Ready(Some(Ok(Frame::data(rest))));
+                }
+            };
+            if let Err(status) = this.charge(&data) {
+                return this.fail(status);
+            }
+            if matches!(this.limit, Limit::Status) {
+                return Poll::Ready(Some(Ok(Frame::data(data))));
+            }
+            this.held.extend_from_slice(&data);
+            let ready = this.deliverable();
+            if ready > 0 {
+                let rest = this.held.split_off(ready);
+                let whole = Bytes::from(std::mem::replace(&mut this.held, rest));
+                return Poll::Ready(Some(Ok(Frame::data(whole))));
+            }
+        }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.as_ref().is_none_or(HttpBody::is_end_stream)
+        self.held.is_empty()
+            && self.trailers.is_none()
+            && self.inner.as_ref().is_none_or(HttpBody::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner
-            .as_ref()
-            .map_or_else(|| SizeHint::with_exact(0), HttpBody::size_hint)
+        if self.is_end_stream() {
+            SizeHint::with_exact(0)
+        } else {
+            SizeHint::default()
+        }
     }
 }

@@ -1,7 +1,6 @@
 //! Connection-level defences: who may hold a connection, how many
-//! connections kekd holds, how long a new one may stay silent, how much a
-//! connection may make kekd buffer, and a call limit that Status never
-//! waits behind.
+//! connections kekd holds, how long a new one may stay silent, and how much
+//! a connection may make kekd hold.
 //!
 //! Anyone who can open the socket can open connections; each costs kekd a
 //! file descriptor, a task and HTTP/2 buffers. Without bounds, a client that
@@ -17,24 +16,29 @@
 //!   below `RLIMIT_NOFILE`. At the limit a new connection evicts the idle
 //!   connection least worth keeping ([`Registry::admit`]): one that never
 //!   sent its preface, then one that never made a call, then the one idle
-//!   longest — never one with a call in flight. Only when every connection
-//!   has a call in flight is the new one closed, with a warning (at most one
-//!   line per [`REFUSAL_LOG_INTERVAL`]);
+//!   longest — never one with a call in flight whose request has arrived
+//!   (a call still waiting for its request, or whose response waits for a
+//!   client that does not read it, protects nothing). Only when every
+//!   connection has such a call is the new one closed, with a warning (at
+//!   most one line per [`REFUSAL_LOG_INTERVAL`]);
 //! - a connection that has not sent the 24-byte HTTP/2 client preface within
 //!   the preface timeout is closed;
 //! - after the preface, HTTP/2 keepalive pings (see `server.rs`) close a peer
 //!   that stops answering. A healthy client — the apiserver's one long-lived
 //!   connection — answers pings in its HTTP/2 stack and is never cut by them;
-//! - what a connection can make kekd buffer is bounded per connection (flow
-//!   control windows, header list size, [`MAX_STREAMS_PER_CONNECTION`]) and
-//!   for the whole process (`server::admission`: calls in flight, request
-//!   bytes, and a deadline for a request message to arrive); see
-//!   [`memory_bound`];
-//! - Encrypt/Decrypt across connections are bounded to [`running_limit`]
-//!   (`KmsService::with_call_limit`, which takes a call's permit only once its
-//!   message has arrived) while Status never waits: it is answered from cached
-//!   state, and the apiserver must see it answered even while other calls
-//!   fill every slot.
+//! - everything a connection can make kekd hold is bounded **per
+//!   connection** — its streams (SETTINGS_MAX_CONCURRENT_STREAMS, which
+//!   counts a stream until its response is sent, so unread responses count
+//!   too), one flow-control window of unread bytes, its header lists, and
+//!   its request bytes as they really arrive (`server::admission`) — and no
+//!   pool is shared between connections that one of them could fill and
+//!   starve the others: the process-wide bound is the connection limit
+//!   times the per-connection maximum ([`memory_bound`]);
+//! - Encrypt/Decrypt across connections run at most [`running_limit`] at
+//!   once (`KmsService::with_call_limit`, whose permit is taken only once a
+//!   call's whole message has arrived and released when its work is done),
+//!   while Status never waits: it is answered from cached state, and the
+//!   apiserver must see it answered even while other calls fill every slot.
 
 use std::collections::HashMap;
 use std::io;
@@ -46,12 +50,16 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::UnixStream;
+use tokio::sync::Semaphore;
 use tokio::time::Sleep;
 use tonic::transport::server::Connected;
 
-/// Most connections kekd serves at once (the apiserver needs one per
-/// apiserver process; probes and doctors a few more).
-pub const MAX_CONNECTIONS: usize = 512;
+/// Most connections kekd serves at once. The apiserver multiplexes all its
+/// KMS calls on one connection per kekd; probes and doctors need a few
+/// more. Every connection may make kekd hold up to its per-connection
+/// maximum, so this bounds kekd's memory ([`memory_bound`]): 64 leaves
+/// ample room for legitimate clients, and eviction lets a new client in.
+pub const MAX_CONNECTIONS: usize = 64;
 
 /// File descriptors kept free below `RLIMIT_NOFILE` for everything that is
 /// not a connection: the listener, keyring and usage files, inotify, the ops
@@ -69,10 +77,12 @@ pub const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// [`connection_limit`].
 pub const MAX_REFUSED_CONNECTIONS: usize = 32;
 
-/// SETTINGS_MAX_CONCURRENT_STREAMS: streams one connection may have open.
-/// The apiserver multiplexes its calls on one connection and queues past
-/// this (gRPC clients respect the setting); kekd runs at most
-/// [`RUNNING_PER_CPU`] calls per CPU anyway.
+/// The default of `--max-streams-per-connection`
+/// (SETTINGS_MAX_CONCURRENT_STREAMS): streams one connection may have open,
+/// whatever their state — waiting for a request, running, or holding a
+/// response the client does not read. The apiserver multiplexes its calls
+/// on one connection and queues past this (gRPC clients respect the
+/// setting); kekd runs at most [`RUNNING_PER_CPU`] calls per CPU anyway.
 pub const MAX_STREAMS_PER_CONNECTION: u32 = 64;
 
 /// HTTP/2 flow-control windows, per stream and per connection: what a
@@ -86,9 +96,8 @@ pub const FLOW_CONTROL_WINDOW: u32 = 65_535;
 /// hundred bytes; HPACK lets a client make a small frame decode to this much.
 pub const MAX_HEADER_LIST_BYTES: u32 = 8 * 1024;
 
-/// Status calls one connection may have in flight: Status bypasses the
-/// process-wide call and byte budgets (it must never be starved by them),
-/// so it is bounded per connection instead.
+/// Status calls one connection may have in flight: Status takes no request
+/// bytes from the connection's budget (it must never be starved by it).
 pub const STATUS_STREAMS_PER_CONNECTION: usize = 4;
 
 /// Largest Status request body (a StatusRequest is empty: 5 bytes framed).
@@ -100,8 +109,9 @@ pub const MAX_STATUS_BODY_BYTES: usize = 64;
 pub const CONNECTION_COST: u64 = 96 * 1024;
 
 /// Memory a held stream costs beyond its request bytes: its header list, the
-/// gRPC decoder's initial 8 KiB buffer and its task (an upper estimate,
-/// checked by tests/hostile.rs).
+/// gRPC decoder's initial 8 KiB buffer, a response waiting to be sent (the
+/// encoder's buffer) and its task (an upper estimate, checked by
+/// tests/hostile.rs).
 pub const STREAM_COST: u64 = 24 * 1024;
 
 /// The HTTP/2 client connection preface (RFC 9113 §3.4).
@@ -125,30 +135,34 @@ pub fn connection_limit() -> (usize, Option<u64>) {
 }
 
 /// The most memory, in bytes, that clients can make kekd hold for their
-/// requests at once, whatever they send (docs/design.md "Connection
-/// defences"):
+/// calls at once, whatever they send (docs/design.md "Connection
+/// defences"): `max_connections` times what one connection can make kekd
+/// hold, plus the refused peers' connections:
 ///
 /// - per connection: [`CONNECTION_COST`] and at most one flow-control
 ///   window of unread bytes;
-/// - per held stream, [`STREAM_COST`]: at most `max_concurrency`
-///   Encrypt/Decrypt streams are held process-wide, and at most
-///   [`STATUS_STREAMS_PER_CONNECTION`] Status streams per connection (a
-///   stream past either is answered RESOURCE_EXHAUSTED at once);
-/// - request bytes read: at most `max_buffered_request_bytes`, counted
-///   twice (the gRPC decoder's buffer and the decoded message may coexist).
+/// - per stream, [`STREAM_COST`]: at most `streams_per_connection` open
+///   streams per connection, in any state (an unread response keeps its
+///   stream open, and so counted);
+/// - request bytes: at most `connection_request_bytes` per connection,
+///   charged as they arrive and held until the call's response is ready,
+///   counted twice (kekd's buffer of a message and tonic's decoder buffer,
+///   or that buffer and the decoded message, may coexist).
 ///
 /// Refused peers add [`MAX_REFUSED_CONNECTIONS`] connections, which never
 /// read a body.
 pub fn memory_bound(
     max_connections: usize,
-    max_concurrency: usize,
-    max_buffered_request_bytes: usize,
+    streams_per_connection: u32,
+    connection_request_bytes: usize,
 ) -> u64 {
-    let conns = (max_connections + MAX_REFUSED_CONNECTIONS) as u64;
-    let streams = (max_concurrency + max_connections * STATUS_STREAMS_PER_CONNECTION) as u64;
-    conns * (CONNECTION_COST + u64::from(FLOW_CONTROL_WINDOW))
-        + streams * STREAM_COST
-        + 2 * max_buffered_request_bytes as u64
+    let conns = max_connections as u64;
+    let per_connection = CONNECTION_COST
+        + u64::from(FLOW_CONTROL_WINDOW)
+        + u64::from(streams_per_connection) * STREAM_COST
+        + 2 * connection_request_bytes as u64;
+    conns * per_connection
+        + MAX_REFUSED_CONNECTIONS as u64 * (CONNECTION_COST + u64::from(FLOW_CONTROL_WINDOW))
 }
 
 /// How many Encrypt/Decrypt calls run at once: `max_concurrency`, but no
@@ -173,6 +187,8 @@ pub fn running_limit(max_concurrency: usize, hsm_sessions: usize) -> usize {
 #[derive(Debug)]
 pub(crate) struct Registry {
     max: usize,
+    /// Each connection's budget of request bytes (`server::admission`).
+    request_bytes: usize,
     epoch: Instant,
     conns: Mutex<HashMap<u64, Arc<Shared>>>,
     next_id: AtomicU64,
@@ -221,9 +237,10 @@ impl Peer {
 }
 
 impl Registry {
-    pub(crate) fn new(max: usize) -> Arc<Self> {
+    pub(crate) fn new(max: usize, request_bytes: usize) -> Arc<Self> {
         Arc::new(Self {
             max: max.max(1),
+            request_bytes: request_bytes.min(Semaphore::MAX_PERMITS),
             epoch: Instant::now(),
             conns: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(0),
@@ -246,7 +263,8 @@ impl Registry {
     }
 
     /// Takes a slot for a new connection from `peer`. At the limit, the
-    /// idle connection least worth keeping is closed to make room: first
+    /// idle connection least worth keeping is closed to make room: one of
+    /// the peer process holding the most connections, and of those first
     /// one that never sent its preface, then one that never made a call,
     /// then the one idle longest (oldest first within each). A connection
     /// with a call in flight is never chosen: the apiserver's connection is
@@ -256,9 +274,23 @@ impl Registry {
         let mut conns = self.conns.lock().unwrap_or_else(PoisonError::into_inner);
         let mut evicted = None;
         if conns.len() >= self.max {
+            // Connections per peer process: a flood from one peer evicts
+            // its own connections before anyone else's, so with a small
+            // connection limit a flooder still cannot push out the
+            // apiserver's reconnect before its first call.
+            let mut per_peer: HashMap<(Option<u32>, Option<i32>), usize> = HashMap::new();
+            for c in conns.values() {
+                *per_peer.entry((c.peer.uid, c.peer.pid)).or_default() += 1;
+            }
             let victim = conns
                 .values()
-                .filter(|c| c.in_flight.load(Ordering::Acquire) == 0)
+                // A call still waiting for its request message protects
+                // nothing: a client stalling its requests on every
+                // connection would otherwise make them all unevictable and
+                // lock out everyone else, the apiserver included.
+                .filter(|c| {
+                    c.in_flight.load(Ordering::Acquire) <= c.receiving.load(Ordering::Acquire)
+                })
                 .min_by_key(|c| {
                     let tier = if !c.preface_done.load(Ordering::Relaxed) {
                         0
@@ -267,7 +299,12 @@ impl Registry {
                     } else {
                         2
                     };
-                    (tier, c.last_active_ms.load(Ordering::Relaxed), c.id)
+                    (
+                        std::cmp::Reverse(per_peer[&(c.peer.uid, c.peer.pid)]),
+                        tier,
+                        c.last_active_ms.load(Ordering::Relaxed),
+                        c.id,
+                    )
                 })
                 .map(|c| c.id);
             let Some(id) = victim else {
@@ -286,7 +323,10 @@ impl Registry {
             preface_done: AtomicBool::new(false),
             served: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
+            receiving: AtomicUsize::new(0),
             status_in_flight: AtomicUsize::new(0),
+            request_bytes: Arc::new(Semaphore::new(self.request_bytes)),
+            request_bytes_max: self.request_bytes,
             last_active_ms: AtomicU64::new(self.now_ms()),
             evicted: AtomicBool::new(false),
             waker: Mutex::new(None),
@@ -314,8 +354,17 @@ pub(crate) struct Shared {
     served: AtomicBool,
     /// Streams between their headers and their response.
     in_flight: AtomicUsize,
+    /// Of those, calls whose request message has not fully arrived
+    /// ([`Receiving`]); a connection whose calls in flight are all such is
+    /// as evictable as an idle one.
+    receiving: AtomicUsize,
     /// Of those, Status calls.
     status_in_flight: AtomicUsize,
+    /// This connection's request bytes, charged as they arrive and held
+    /// until each call's response is ready (`server::admission`). Its own:
+    /// a client that fills it starves only itself.
+    request_bytes: Arc<Semaphore>,
+    request_bytes_max: usize,
     last_active_ms: AtomicU64,
     evicted: AtomicBool,
     /// The task serving the connection, woken to notice an eviction.
@@ -323,6 +372,11 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// This connection's budget of request bytes, and its size.
+    pub(crate) fn request_budget(&self) -> (Arc<Semaphore>, usize) {
+        (Arc::clone(&self.request_bytes), self.request_bytes_max)
+    }
+
     fn evict(&self) {
         self.evicted.store(true, Ordering::Release);
         if let Some(w) = self
@@ -372,6 +426,9 @@ impl Shared {
                 return None;
             }
         }
+        // `receiving` first: a call is never seen in flight and complete
+        // before its request has arrived.
+        self.receiving.fetch_add(1, Ordering::AcqRel);
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         self.served.store(true, Ordering::Relaxed);
         self.last_active_ms
@@ -381,6 +438,24 @@ impl Shared {
             epoch: registry.epoch,
             status,
         })
+    }
+}
+
+/// Marks a call's request as still arriving, until dropped (when the
+/// request body ends, fails, or is dropped unread).
+#[derive(Debug)]
+pub(crate) struct Receiving(Arc<Shared>);
+
+impl Receiving {
+    /// For a call [`Shared::start_call`] just counted.
+    pub(crate) fn of(guard: &CallGuard) -> Self {
+        Self(Arc::clone(&guard.shared))
+    }
+}
+
+impl Drop for Receiving {
+    fn drop(&mut self) {
+        self.0.receiving.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
