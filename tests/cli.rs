@@ -465,8 +465,17 @@ async fn sigterm_drains_calls_in_flight_then_exits_0() {
     const N: usize = 200;
     let setup = init_async().await;
     // The held messages arrive only after SIGTERM: on a loaded host that
-    // can take longer than the default request-read deadline (10s).
-    let mut server = setup.serve(&["--shutdown-grace", "60s", "--request-read-timeout", "10m"]);
+    // can take longer than the default request-read deadline (10s). One
+    // connection may open 64 streams by default; a client waits for a free
+    // one beyond that (so would the Status probe below), hence the limit.
+    let mut server = setup.serve(&[
+        "--shutdown-grace",
+        "60s",
+        "--request-read-timeout",
+        "10m",
+        "--max-streams-per-connection",
+        "256",
+    ]);
     let mut client = server.ready().await;
 
     let mut stored = Vec::with_capacity(N);
