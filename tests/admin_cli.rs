@@ -1878,3 +1878,143 @@ fn doctor_warns_when_the_environment_supplies_a_secret() {
     );
     assert!(doctor(&[]).is_empty());
 }
+
+// ------------------------------------------------------------ the procedure
+
+/// After a promotion, `next:` gives the one procedure that retires the old
+/// version: rewrite what the EncryptionConfiguration encrypts (the shipped
+/// default without `--encryption-config`, exactly its resources with it),
+/// scan, retire with the scan. JSON carries the same as fields.
+#[test]
+fn the_hint_after_a_promotion_gives_the_one_procedure() {
+    let ring = Ring::init();
+    let k = ring.k().to_owned();
+    let procedure = |old: u32, what: &str, migrate: &[&str]| {
+        let mut text = format!("  1. rewrite {what}:\n");
+        for m in migrate {
+            text.push_str(&format!("       {m}\n"));
+        }
+        text.push_str(&format!(
+            "  2. scan etcd (the apiserver's etcd client certificate; it must show 0 objects under version {old}):\n\
+             \x20      kekd admin scan --etcd-endpoints URL --cacert FILE --cert FILE --key FILE --keyring {k} --output \
+             json > scan.json\n\
+             \x20 3. on every node (copy scan.json there):\n\
+             \x20      kekd admin retire {old} --scan scan.json --keyring {k}\n"
+        ));
+        text
+    };
+    let shipped = [
+        "kubectl get secrets -A -o json | kubectl replace -f -",
+        "kubectl get configmaps -A -o json | kubectl replace -f -",
+    ];
+    let out = ring.run(&["rotate", "--promote"]);
+    assert_eq!(out.code(), 0, "{out:#?}");
+    assert_eq!(
+        out.stdout,
+        format!(
+            "{}next: kekd switches to version 2 within seconds. Once every apiserver reports the new key_id (wait \
+             3 + N + M minutes), retire version 1 with evidence that nothing is stored under it:\n{}",
+            ring.transitions(
+                "rotate",
+                &[
+                    (2, "new", "pending"),
+                    (1, "primary", "decrypt-only"),
+                    (2, "pending", "primary")
+                ]
+            ),
+            procedure(
+                1,
+                "every resource your EncryptionConfiguration encrypts with kekd (the shipped \
+                 deploy/encryption-config.yaml: secrets and configmaps; pass --encryption-config FILE to list yours)",
+                &shipped
+            )
+        )
+    );
+
+    // The shipped file lists exactly the default.
+    let shipped_file = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/encryption-config.yaml");
+    let shipped_path = shipped_file.to_str().unwrap();
+    ring.run(&["rotate"]);
+    let out = ring.run(&["promote", "3", "--encryption-config", shipped_path]);
+    assert_eq!(out.code(), 0, "{out:#?}");
+    assert!(
+        out.stdout.ends_with(&procedure(
+            2,
+            &format!("every resource {shipped_path} encrypts with kekd"),
+            &shipped
+        )),
+        "{out:#?}"
+    );
+
+    // A configuration with more resources, one of them under another
+    // provider: exactly kekd's, from the flag or KEKD_ENCRYPTION_CONFIG.
+    let custom = ring.dir.path().join("enc.yaml");
+    fs::write(
+        &custom,
+        "apiVersion: apiserver.config.k8s.io/v1\nkind: EncryptionConfiguration\nresources:\n  \
+         - resources: [secrets, widgets.example.com]\n    providers:\n      - kms:\n          apiVersion: v2\n          \
+         name: kekd\n          endpoint: unix:///var/run/kekd/kms.sock\n      - identity: {}\n  \
+         - resources: [events]\n    providers:\n      - aescbc: {keys: []}\n",
+    )
+    .unwrap();
+    let c = custom.to_str().unwrap();
+    let mut cmd = kekd();
+    cmd.args([
+        "admin",
+        "rotate",
+        "--promote",
+        "--output",
+        "json",
+        "--keyring",
+        &k,
+    ])
+    .env("KEKD_ENCRYPTION_CONFIG", c);
+    let out = run_guarded(cmd, ring.dir.path());
+    assert_eq!(out.code(), 0, "{out:#?}");
+    let doc = json_of(&out);
+    assert_eq!(
+        doc["next"],
+        "kekd switches to version 4 within seconds. Once every apiserver reports the new key_id (wait 3 + N + M \
+         minutes), retire version 3 with evidence that nothing is stored under it:"
+    );
+    assert_eq!(
+        doc["procedure"],
+        serde_json::json!({
+            "version": 3,
+            "resources": ["secrets", "widgets.example.com"],
+            "resources_from": c,
+            "migrate": [
+                "kubectl get secrets -A -o json | kubectl replace -f -",
+                "kubectl get widgets.example.com -A -o json | kubectl replace -f -",
+            ],
+            "scan": format!("kekd admin scan --etcd-endpoints URL --cacert FILE --cert FILE --key FILE --keyring {k} --output json > scan.json"),
+            "retire": format!("kekd admin retire 3 --scan scan.json --keyring {k}"),
+        })
+    );
+    // The refused retire names the same commands.
+    let out = ring.run(&["retire", "3", "--encryption-config", c]);
+    assert_eq!(out.code(), 1, "{out:#?}");
+    assert!(
+        out.stderr.ends_with(&procedure(
+            3,
+            &format!("every resource {c} encrypts with kekd"),
+            &[
+                "kubectl get secrets -A -o json | kubectl replace -f -",
+                "kubectl get widgets.example.com -A -o json | kubectl replace -f -",
+            ]
+        )),
+        "{out:#?}"
+    );
+
+    // An unusable file is a configuration error before anything changes.
+    fs::write(&custom, "kind: Other\n").unwrap();
+    ring.run(&["rotate"]);
+    ring.refused(
+        &["promote", "5", "--encryption-config", c],
+        EX_CONFIG,
+        &format!(
+            "--encryption-config {c}: not an apiserver.config.k8s.io/v1 EncryptionConfiguration; start from \
+             deploy/encryption-config.yaml"
+        ),
+    );
+}
