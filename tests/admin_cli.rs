@@ -2018,3 +2018,19 @@ fn the_hint_after_a_promotion_gives_the_one_procedure() {
         ),
     );
 }
+
+/// `retire --help` shows the window's value, not a Rust path.
+#[test]
+fn retire_help_shows_the_window_as_a_value() {
+    let dir = tempdir_blocking();
+    let out = admin(&["retire", "--help"], dir.path());
+    assert_eq!(out.code(), 0, "{out:#?}");
+    assert!(!out.stdout.contains("kekd::"), "{}", out.stdout);
+    assert!(
+        out.stdout
+            .contains("within this window (the apiserver caches seeds for 24h)"),
+        "{}",
+        out.stdout
+    );
+    assert!(out.stdout.contains("[default: 24h]"), "{}", out.stdout);
+}
