@@ -54,6 +54,10 @@ pub struct AuditRecord {
     pub to: &'static str,
     /// `--force` or similar overrides used, if any.
     pub overrides: Vec<&'static str>,
+    /// What the change risks, when an override let it skip a guard (a
+    /// `retire --force` without a scan).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub risk: Option<String>,
 }
 
 impl AuditRecord {
@@ -82,7 +86,14 @@ impl AuditRecord {
             from: transition.from.map(|s| s.as_str()),
             to: transition.to.as_str(),
             overrides,
+            risk: None,
         }
+    }
+
+    /// This record, stating what the change risks.
+    #[must_use]
+    pub fn with_risk(self, risk: Option<String>) -> Self {
+        Self { risk, ..self }
     }
 }
 

@@ -77,7 +77,8 @@ impl Ring {
 
     /// Runs a step that must change the keyring and print exactly the
     /// `transitions` lines, then `warning: …` if given, then one `next:`
-    /// line that names `next` (the wording around it is the docs' business).
+    /// line (and the indented steps of a procedure, if any) that names
+    /// `next` (the wording around it is the docs' business).
     #[track_caller]
     fn changed(&self, args: &[&str], transitions: &str, warning: Option<&str>, next: &str) {
         let before = self.bytes();
@@ -97,7 +98,7 @@ impl Ring {
         let next_line = rest
             .strip_prefix("next: ")
             .and_then(|r| r.strip_suffix('\n'))
-            .filter(|r| !r.contains('\n'))
+            .filter(|r| r.lines().skip(1).all(|l| l.starts_with("  ")))
             .unwrap_or_else(|| panic!("{args:?}: expected one `next:` line: {out:#?}"));
         assert!(
             next_line.contains(next),
@@ -151,9 +152,35 @@ impl Ring {
             .collect()
     }
 
-    /// What `next:` must name after a promotion: retiring the old primary.
+    /// What `next:` must name after a promotion: retiring the old primary
+    /// with a scan.
     fn next_after_promote(&self, old: u32) -> String {
-        format!("`kekd admin retire {old} --keyring {}`", self.k())
+        format!(
+            "\n       kekd admin retire {old} --scan scan.json --keyring {}",
+            self.k()
+        )
+    }
+
+    /// The refusal of `retire V` without a scan for a version that was
+    /// primary (its first line).
+    fn needs_scan(&self, v: u32) -> String {
+        let file = store::read(&self.path).unwrap();
+        let promoted = file.versions[v as usize - 1].info.promoted.unwrap();
+        format!(
+            "retire refused: version {v} was primary (since {promoted}), so objects may be stored under it although \
+             it served no Decrypt: an apiserver caches the seeds it made itself and only decrypts them after a \
+             restart, so Decrypt counts prove nothing for this version. Retire it only with a fresh scan that shows \
+             nothing stored under it (--scan), or pass --force to retire it anyway (objects stored under version \
+             {v} become unreadable until `kekd admin restore {v}`). The procedure:"
+        )
+    }
+
+    /// The warning of a forced retire.
+    fn risk(v: u32) -> String {
+        format!(
+            "retired without a scan: objects stored under version {v} become unreadable (at the latest when an \
+             apiserver restarts) until `kekd admin restore {v}`"
+        )
     }
 
     /// What `next:` must name after a retire: how to undo it.
@@ -289,19 +316,23 @@ fn retire_guards_and_idempotence() {
         "retire refused: version 7 is not in this keyring (see `kekd admin list`)",
     );
     ring.run(&["rotate", "--promote"]);
-    // No server has written usage for this keyring: allowed, with a warning.
+    // Version 1 was primary: usage proves nothing, a scan or --force is
+    // needed, and the override states what it risks.
+    ring.refused(&["retire", "1"], 1, &ring.needs_scan(1));
     ring.changed(
-        &["retire", "1"],
+        &["retire", "1", "--force"],
         &ring.transitions("retire", &[(1, "decrypt-only", "retired")]),
-        Some(&ring.no_usage_warning(1)),
+        Some(&Ring::risk(1)),
         &ring.next_after_retire(1),
     );
     ring.noop(&["retire", "1"], "version 1 is already retired");
     ring.noop(&["retire", "1", "--force"], "version 1 is already retired");
-    // A pending version can be retired (a rotation abandoned before promote).
+    // A pending version can be retired (a rotation abandoned before
+    // promote); no server has written usage for this keyring: allowed, with
+    // a warning.
     ring.run(&["rotate"]);
     ring.changed(
-        &["retire", "3", "--force"],
+        &["retire", "3"],
         &ring.transitions("retire", &[(3, "pending", "retired")]),
         Some(&ring.no_usage_warning(3)),
         &ring.next_after_retire(3),
@@ -318,39 +349,29 @@ fn retire_guards_and_idempotence() {
 fn destroy_guards_and_idempotence() {
     let ring = Ring::init();
     ring.run(&["rotate", "--promote"]);
-    for args in [
-        &["destroy", "1"][..],
-        &["destroy", "2"][..],
-        &["destroy", "9"][..],
-    ] {
+    // The state is checked before the confirmation is asked for: a version
+    // that cannot be destroyed says so, flag or not.
+    for confirm in [&[][..], &["--yes-destroy-key-material"][..]] {
+        let with = |v: &'static str| [&["destroy", v][..], confirm].concat();
         ring.refused(
-            args,
+            &with("1"),
             1,
-            &format!(
-                "destroy erases the key material of version {} forever: anything still encrypted under it becomes \
-                 unreadable. Check `kekd admin list` first, then re-run with --yes-destroy-key-material to confirm",
-                args[1]
-            ),
+            "destroy refused: version 1 is decrypt-only: only a retired version can be destroyed; retire it \
+             first and make sure nothing needs it",
+        );
+        ring.refused(
+            &with("2"),
+            1,
+            "destroy refused: version 2 is primary: only a retired version can be destroyed; retire it first \
+             and make sure nothing needs it",
+        );
+        ring.refused(
+            &with("9"),
+            1,
+            "destroy refused: version 9 is not in this keyring (see `kekd admin list`)",
         );
     }
-    ring.refused(
-        &["destroy", "1", "--yes-destroy-key-material"],
-        1,
-        "destroy refused: version 1 is decrypt-only: only a retired version can be destroyed; retire it first \
-         and make sure nothing needs it",
-    );
-    ring.refused(
-        &["destroy", "2", "--yes-destroy-key-material"],
-        1,
-        "destroy refused: version 2 is primary: only a retired version can be destroyed; retire it first and \
-         make sure nothing needs it",
-    );
-    ring.refused(
-        &["destroy", "9", "--yes-destroy-key-material"],
-        1,
-        "destroy refused: version 9 is not in this keyring (see `kekd admin list`)",
-    );
-    ring.run(&["retire", "1"]);
+    ring.run(&["retire", "1", "--force"]);
     // Still refused without the flag, even once retired.
     ring.refused(
         &["destroy", "1"],
@@ -388,7 +409,7 @@ fn restore_guards_and_idempotence() {
         "restore refused: version 4 is not in this keyring (see `kekd admin list`)",
     );
     ring.run(&["rotate", "--promote"]);
-    ring.run(&["retire", "1"]);
+    ring.run(&["retire", "1", "--force"]);
     ring.changed(
         &["restore", "1"],
         &ring.transitions("restore", &[(1, "retired", "decrypt-only")]),
@@ -412,7 +433,7 @@ fn restore_guards_and_idempotence() {
         &["restore", "3"],
         "version 3 is pending, not retired: nothing to restore",
     );
-    ring.run(&["retire", "1"]);
+    ring.run(&["retire", "1", "--force"]);
     ring.run(&["destroy", "1", "--yes-destroy-key-material"]);
     ring.refused(
         &["restore", "1"],
@@ -708,7 +729,9 @@ fn changed_doc(ring: &Ring, args: &[&str]) -> Value {
             "keyring",
             "transitions",
             "warning",
+            "risk",
             "next",
+            "procedure",
         ],
     );
     assert_eq!(doc["command"], args[0]);
@@ -798,9 +821,10 @@ fn json_output_of_every_command() {
     let doc = changed_doc(&ring, &["promote", "2"]);
     assert_eq!(moves(&doc), [(1, Some(p), d), (2, Some("pending"), p)]);
     noop_doc(&ring, &["promote", "2"], "version 2 is already primary");
-    let doc = changed_doc(&ring, &["retire", "1"]);
+    let doc = changed_doc(&ring, &["retire", "1", "--force"]);
     assert_eq!(moves(&doc), [(1, Some(d), r)]);
-    assert_eq!(doc["warning"], ring.no_usage_warning(1).as_str());
+    assert!(doc["warning"].is_null(), "{doc}");
+    assert_eq!(doc["risk"], Ring::risk(1).as_str());
     noop_doc(&ring, &["retire", "1"], "version 1 is already retired");
     let doc = changed_doc(&ring, &["restore", "1"]);
     assert_eq!(moves(&doc), [(1, Some(r), d)]);
@@ -960,7 +984,8 @@ fn audit_log_records_each_change_once_and_never_key_material() {
     step(&["promote", "2"], 0);
     step(&["promote", "2"], 0); // no-op
     step(&["retire", "2"], 1); // refused: primary
-    step(&["retire", "1"], 0);
+    step(&["retire", "1"], 1); // refused: was primary, no scan
+    step(&["retire", "1", "--force"], 0);
     step(&["restore", "1"], 0);
     step(&["retire", "1", "--force"], 0);
     step(&["destroy", "1"], 1); // refused: no confirmation
@@ -1006,6 +1031,11 @@ fn audit_log_records_each_change_once_and_never_key_material() {
                 // Run under sudo: the environment's claim is kept apart.
                 expected_keys.push("claimed_user");
             }
+            if l.get("risk").is_some() {
+                // A forced retire says what it risks.
+                assert_eq!(l["command"], "retire", "{l}");
+                assert_eq!(l["risk"], Ring::risk(1).as_str(), "{l}");
+            }
             expected_keys.extend([
                 "command",
                 "keyring",
@@ -1016,6 +1046,9 @@ fn audit_log_records_each_change_once_and_never_key_material() {
                 "to",
                 "overrides",
             ]);
+            if l.get("risk").is_some() {
+                expected_keys.push("risk");
+            }
             assert_keys(l, &expected_keys);
             assert_eq!(l["format"], 2, "{l}");
             assert!(
@@ -1052,7 +1085,7 @@ fn audit_log_records_each_change_once_and_never_key_material() {
         ("rotate", 2, None, "pending", vec![]),
         ("promote", 1, Some(p), d, vec![]),
         ("promote", 2, Some("pending"), p, vec![]),
-        ("retire", 1, Some(d), r, vec![]),
+        ("retire", 1, Some(d), r, vec!["--force"]),
         ("restore", 1, Some(r), d, vec![]),
         ("retire", 1, Some(d), r, vec!["--force"]),
         (
@@ -2017,4 +2050,160 @@ fn serve_and_doctor_refuse_a_keyring_linked_from_a_directory_others_can_write() 
         format!("chmod go-w {}", public.display()),
         "{access:#}"
     );
+}
+
+// ------------------------------------------------------------ the procedure
+
+/// After a promotion, `next:` gives the one procedure that retires the old
+/// version: rewrite what the EncryptionConfiguration encrypts (the shipped
+/// default without `--encryption-config`, exactly its resources with it),
+/// scan, retire with the scan. JSON carries the same as fields.
+#[test]
+fn the_hint_after_a_promotion_gives_the_one_procedure() {
+    let ring = Ring::init();
+    let k = ring.k().to_owned();
+    let procedure = |old: u32, what: &str, migrate: &[&str]| {
+        let mut text = format!("  1. rewrite {what}:\n");
+        for m in migrate {
+            text.push_str(&format!("       {m}\n"));
+        }
+        text.push_str(&format!(
+            "  2. scan etcd (the apiserver's etcd client certificate; it must show 0 objects under version {old}):\n\
+             \x20      kekd admin scan --etcd-endpoints URL --cacert FILE --cert FILE --key FILE --keyring {k} --output \
+             json > scan.json\n\
+             \x20 3. on every node (copy scan.json there):\n\
+             \x20      kekd admin retire {old} --scan scan.json --keyring {k}\n"
+        ));
+        text
+    };
+    let shipped = [
+        "kubectl get secrets -A -o json | kubectl replace -f -",
+        "kubectl get configmaps -A -o json | kubectl replace -f -",
+    ];
+    let out = ring.run(&["rotate", "--promote"]);
+    assert_eq!(out.code(), 0, "{out:#?}");
+    assert_eq!(
+        out.stdout,
+        format!(
+            "{}next: kekd switches to version 2 within seconds. Once every apiserver reports the new key_id (wait \
+             3 + N + M minutes), retire version 1 with evidence that nothing is stored under it:\n{}",
+            ring.transitions(
+                "rotate",
+                &[
+                    (2, "new", "pending"),
+                    (1, "primary", "decrypt-only"),
+                    (2, "pending", "primary")
+                ]
+            ),
+            procedure(
+                1,
+                "every resource your EncryptionConfiguration encrypts with kekd (the shipped \
+                 deploy/encryption-config.yaml: secrets and configmaps; pass --encryption-config FILE to list yours)",
+                &shipped
+            )
+        )
+    );
+
+    // The shipped file lists exactly the default.
+    let shipped_file = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/encryption-config.yaml");
+    let shipped_path = shipped_file.to_str().unwrap();
+    ring.run(&["rotate"]);
+    let out = ring.run(&["promote", "3", "--encryption-config", shipped_path]);
+    assert_eq!(out.code(), 0, "{out:#?}");
+    assert!(
+        out.stdout.ends_with(&procedure(
+            2,
+            &format!("every resource {shipped_path} encrypts with kekd"),
+            &shipped
+        )),
+        "{out:#?}"
+    );
+
+    // A configuration with more resources, one of them under another
+    // provider: exactly kekd's, from the flag or KEKD_ENCRYPTION_CONFIG.
+    let custom = ring.dir.path().join("enc.yaml");
+    fs::write(
+        &custom,
+        "apiVersion: apiserver.config.k8s.io/v1\nkind: EncryptionConfiguration\nresources:\n  \
+         - resources: [secrets, widgets.example.com]\n    providers:\n      - kms:\n          apiVersion: v2\n          \
+         name: kekd\n          endpoint: unix:///var/run/kekd/kms.sock\n      - identity: {}\n  \
+         - resources: [events]\n    providers:\n      - aescbc: {keys: []}\n",
+    )
+    .unwrap();
+    let c = custom.to_str().unwrap();
+    let mut cmd = kekd();
+    cmd.args([
+        "admin",
+        "rotate",
+        "--promote",
+        "--output",
+        "json",
+        "--keyring",
+        &k,
+    ])
+    .env("KEKD_ENCRYPTION_CONFIG", c);
+    let out = run_guarded(cmd, ring.dir.path());
+    assert_eq!(out.code(), 0, "{out:#?}");
+    let doc = json_of(&out);
+    assert_eq!(
+        doc["next"],
+        "kekd switches to version 4 within seconds. Once every apiserver reports the new key_id (wait 3 + N + M \
+         minutes), retire version 3 with evidence that nothing is stored under it:"
+    );
+    assert_eq!(
+        doc["procedure"],
+        serde_json::json!({
+            "version": 3,
+            "resources": ["secrets", "widgets.example.com"],
+            "resources_from": c,
+            "migrate": [
+                "kubectl get secrets -A -o json | kubectl replace -f -",
+                "kubectl get widgets.example.com -A -o json | kubectl replace -f -",
+            ],
+            "scan": format!("kekd admin scan --etcd-endpoints URL --cacert FILE --cert FILE --key FILE --keyring {k} --output json > scan.json"),
+            "retire": format!("kekd admin retire 3 --scan scan.json --keyring {k}"),
+        })
+    );
+    // The refused retire names the same commands.
+    let out = ring.run(&["retire", "3", "--encryption-config", c]);
+    assert_eq!(out.code(), 1, "{out:#?}");
+    assert!(
+        out.stderr.ends_with(&procedure(
+            3,
+            &format!("every resource {c} encrypts with kekd"),
+            &[
+                "kubectl get secrets -A -o json | kubectl replace -f -",
+                "kubectl get widgets.example.com -A -o json | kubectl replace -f -",
+            ]
+        )),
+        "{out:#?}"
+    );
+
+    // An unusable file is a configuration error before anything changes.
+    fs::write(&custom, "kind: Other\n").unwrap();
+    ring.run(&["rotate"]);
+    ring.refused(
+        &["promote", "5", "--encryption-config", c],
+        EX_CONFIG,
+        &format!(
+            "--encryption-config {c}: not an apiserver.config.k8s.io/v1 EncryptionConfiguration; start from \
+             deploy/encryption-config.yaml"
+        ),
+    );
+}
+
+/// `retire --help` shows the window's value, not a Rust path.
+#[test]
+fn retire_help_shows_the_window_as_a_value() {
+    let dir = tempdir_blocking();
+    let out = admin(&["retire", "--help"], dir.path());
+    assert_eq!(out.code(), 0, "{out:#?}");
+    assert!(!out.stdout.contains("kekd::"), "{}", out.stdout);
+    assert!(
+        out.stdout
+            .contains("within this window (the apiserver caches seeds for 24h)"),
+        "{}",
+        out.stdout
+    );
+    assert!(out.stdout.contains("[default: 24h]"), "{}", out.stdout);
 }

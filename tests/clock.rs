@@ -5,8 +5,9 @@
 //! - The first test proves that libfaketime really moves the Rust binary's
 //!   clock (the times kekd writes into its audit log follow it); without
 //!   that, every other test here would prove nothing.
-//! - No premature retire: a version that served a Decrypt seconds ago is
-//!   refused by `retire` whether the admin's clock is 400 days ahead (the
+//! - No premature retire: a version never promoted here (another node
+//!   promoted it) that served a Decrypt seconds ago is refused by `retire`
+//!   whether the admin's clock is 400 days ahead (the
 //!   boot clock, `CLOCK_BOOTTIME`, which a wall-clock jump does not move,
 //!   says "seconds ago") or 400 days behind (the last use is in the future:
 //!   refused, naming the clock). Destroy needs a retired version anyway.
@@ -192,6 +193,10 @@ fn between<'a>(message: &'a str, prefix: &str, suffix: &str) -> &'a str {
         })
 }
 
+/// The usage guard applies to a version this keyring never promoted: a
+/// version another node promoted (and encrypted under) is pending here but
+/// decrypts. A version that was primary here needs a scan whatever the
+/// clock (tests/scan.rs), so this test uses the pending one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wall_clock_400_days_off_never_makes_a_used_version_retirable() {
     let Some(lib) = libfaketime() else { return };
@@ -202,25 +207,27 @@ async fn a_wall_clock_400_days_off_never_makes_a_used_version_retirable() {
     let k = keyring.to_str().unwrap().to_owned();
     let out = admin_at_async(&lib, None, &["init", "--keyring", &k], &logs).await;
     assert_eq!(out.code(), 0, "{out:#?}");
+    let out = admin_at_async(&lib, None, &["rotate", "--keyring", &k], &logs).await;
+    assert_eq!(out.code(), 0, "{out:#?}");
+    // Node B got version 2 and promoted it; this node has not yet.
+    let b_dir = dir.path().join("b");
+    fs::create_dir(&b_dir).unwrap();
+    let b_keyring = b_dir.join("keyring");
+    fs::copy(&keyring, &b_keyring).unwrap();
+    let bk = b_keyring.to_str().unwrap().to_owned();
+    let out = admin_at_async(&lib, None, &["promote", "2", "--keyring", &bk], &logs).await;
+    assert_eq!(out.code(), 0, "{out:#?}");
+    let mut server_b = spawn_serve(&b_keyring, &b_dir.join("kms.sock"), &b_dir, &[]).await;
+    let mut client_b = server_b.ready().await;
+    let s = seed();
+    let sealed = client_b.encrypt(s.clone(), &uid(1)).await.unwrap();
+    assert!(sealed.key_id.ends_with("/v2"), "{}", sealed.key_id);
+
     let mut server = spawn_serve(&keyring, &socket, &logs, &[]).await;
     let mut client = server.ready().await;
-    let v1 = client.status().await.unwrap().key_id;
-    let s = seed();
-    let sealed = client.encrypt(s.clone(), &uid(1)).await.unwrap();
-
-    let out = admin_at_async(&lib, None, &["rotate", "--promote", "--keyring", &k], &logs).await;
-    assert_eq!(out.code(), 0, "{out:#?}");
-    let v2 = v1.replace("/v1", "/v2");
-    eventually("Status reports v2", WAIT, || {
-        let mut c = client.clone();
-        let v2 = v2.clone();
-        async move {
-            let id = c.status().await.map_err(|e| e.to_string())?.key_id;
-            if id == v2 { Ok(()) } else { Err(id) }
-        }
-    })
-    .await;
-    // v1 serves a Decrypt now (an apiserver refilling its cache).
+    assert!(client.status().await.unwrap().key_id.ends_with("/v1"));
+    // This node's apiserver reads what B's stored: v2 (pending here)
+    // serves a Decrypt.
     let plain = client
         .decrypt(
             sealed.ciphertext.clone(),
@@ -231,7 +238,7 @@ async fn a_wall_clock_400_days_off_never_makes_a_used_version_retirable() {
         .await
         .unwrap();
     assert_eq!(plain, s);
-    let t1 = eventually("the usage file records v1's Decrypt", WAIT, || {
+    let t1 = eventually("the usage file records v2's Decrypt", WAIT, || {
         let (keyring, logs) = (k.clone(), logs.clone());
         let lib = lib.clone();
         async move {
@@ -243,7 +250,7 @@ async fn a_wall_clock_400_days_off_never_makes_a_used_version_retirable() {
             )
             .await;
             let doc = json_of(&out);
-            match doc["versions"][0]["last_decrypt"].as_str() {
+            match doc["versions"][1]["last_decrypt"].as_str() {
                 Some(t) => Ok(t.to_owned()),
                 None => Err(doc.to_string()),
             }
@@ -253,17 +260,18 @@ async fn a_wall_clock_400_days_off_never_makes_a_used_version_retirable() {
     let before = fs::read(&keyring).unwrap();
     let audit_before = audit_lines(&keyring).len();
 
-    // The admin's clock 400 days ahead: by the wall clock v1 was last used
+    // The admin's clock 400 days ahead: by the wall clock v2 was last used
     // 400 days ago, but the boot clock says seconds ago.
     let ahead_suffix = |window: &str| {
         format!(
             " ago by the system's boot clock, within the last {window}, although the wall clock puts it at {t1}: \
-             the wall clock has jumped; apiservers may still need it (wait, migrate the data, or pass --force)"
+             the wall clock has jumped; apiservers may still need it (wait until {window} after it, or retire it \
+             with a fresh scan showing nothing stored under it (--scan), or pass --force)"
         )
     };
     for (args, window) in [
-        (&["retire", "1"][..], "24h"),
-        (&["retire", "1", "--window", "1h"][..], "1h"),
+        (&["retire", "2"][..], "24h"),
+        (&["retire", "2", "--window", "1h"][..], "1h"),
     ] {
         let mut all = args.to_vec();
         all.extend(["--keyring", &k]);
@@ -271,7 +279,7 @@ async fn a_wall_clock_400_days_off_never_makes_a_used_version_retirable() {
         assert_eq!(out.code(), 1, "{args:?}: {out:#?}");
         let ago = between(
             error_message(&out),
-            "retire refused: version 1 served a Decrypt ",
+            "retire refused: version 2 served a Decrypt ",
             &ahead_suffix(window),
         );
         let ago = humantime::parse_duration(ago).unwrap();
@@ -284,7 +292,7 @@ async fn a_wall_clock_400_days_off_never_makes_a_used_version_retirable() {
     let out = admin_at_async(
         &lib,
         Some("-400d"),
-        &["retire", "1", "--keyring", &k],
+        &["retire", "2", "--keyring", &k],
         &logs,
     )
     .await;
@@ -292,10 +300,10 @@ async fn a_wall_clock_400_days_off_never_makes_a_used_version_retirable() {
     let fake_now = between(
         error_message(&out),
         &format!(
-            "retire refused: version 1 served a Decrypt at {t1}, later than this host's clock says it is now ("
+            "retire refused: version 2 served a Decrypt at {t1}, later than this host's clock says it is now ("
         ),
         "): the clock has jumped back or differs from the server's; fix the clock (`timedatectl`) and run this \
-         again, or pass --force",
+         again, or retire it with a fresh scan showing nothing stored under it (--scan), or pass --force",
     );
     assert_near(
         "the clock the refusal names",
@@ -310,7 +318,7 @@ async fn a_wall_clock_400_days_off_never_makes_a_used_version_retirable() {
             Some(spec),
             &[
                 "destroy",
-                "1",
+                "2",
                 "--yes-destroy-key-material",
                 "--keyring",
                 &k,
@@ -321,7 +329,7 @@ async fn a_wall_clock_400_days_off_never_makes_a_used_version_retirable() {
         assert_eq!(out.code(), 1, "{out:#?}");
         assert_eq!(
             error_message(&out),
-            "destroy refused: version 1 is decrypt-only: only a retired version can be destroyed; retire it \
+            "destroy refused: version 2 is pending: only a retired version can be destroyed; retire it \
              first and make sure nothing needs it"
         );
     }
@@ -335,6 +343,16 @@ async fn a_wall_clock_400_days_off_never_makes_a_used_version_retirable() {
         audit_before,
         "a refusal was audited"
     );
+
+    // The operator's override still works under a jumped clock.
+    let out = admin_at_async(
+        &lib,
+        Some("+400d"),
+        &["retire", "2", "--force", "--keyring", &k],
+        &logs,
+    )
+    .await;
+    assert_eq!(out.code(), 0, "{out:#?}");
 
     // The guard is about use, not about the clock: a version that never
     // decrypted retires under either jump.
@@ -379,15 +397,6 @@ async fn a_wall_clock_400_days_off_never_makes_a_used_version_retirable() {
     )
     .await;
     assert_eq!(out.code(), 0, "{out:#?}");
-    // And the operator's override still works under a jumped clock.
-    let out = admin_at_async(
-        &lib,
-        Some("+400d"),
-        &["retire", "1", "--force", "--keyring", &k],
-        &logs,
-    )
-    .await;
-    assert_eq!(out.code(), 0, "{out:#?}");
     let states: Vec<(u32, kekd::keyring::KeyState)> = store::read(&keyring)
         .unwrap()
         .versions
@@ -396,14 +405,17 @@ async fn a_wall_clock_400_days_off_never_makes_a_used_version_retirable() {
         .collect();
     {
         use kekd::keyring::KeyState::{Destroyed, Primary, Retired};
-        assert_eq!(states, [(1, Retired), (2, Primary), (3, Destroyed)]);
+        assert_eq!(states, [(1, Primary), (2, Retired), (3, Destroyed)]);
     }
 
-    // The server served throughout.
-    assert_eq!(client.status().await.unwrap().key_id, v2);
-    server.signal(rustix::process::Signal::TERM);
-    let out = server.wait_exit().await;
-    assert_eq!(out.code(), 0, "{out:#?}");
+    // The servers served throughout.
+    assert!(client.status().await.unwrap().key_id.ends_with("/v1"));
+    assert_eq!(client_b.status().await.unwrap().key_id, sealed.key_id);
+    for p in [server, server_b] {
+        p.signal(rustix::process::Signal::TERM);
+        let out = p.wait_exit().await;
+        assert_eq!(out.code(), 0, "{out:#?}");
+    }
 }
 
 /// Sets the offset a serving kekd reads from its timestamp file.

@@ -761,7 +761,8 @@ fn admin_lifecycle_on_the_token_through_config() {
         ]
     );
 
-    let retire = admin_json(&token, &node, "retire", &["1"]);
+    // Version 1 was primary: without a scan only --force retires it.
+    let retire = admin_json(&token, &node, "retire", &["1", "--force"]);
     assert_eq!(
         transitions(&retire),
         [tr(1, Some("decrypt-only"), "retired")]
@@ -771,7 +772,7 @@ fn admin_lifecycle_on_the_token_through_config() {
         transitions(&restore),
         [tr(1, Some("retired"), "decrypt-only")]
     );
-    admin_json(&token, &node, "retire", &["1"]);
+    admin_json(&token, &node, "retire", &["1", "--force"]);
 
     let unconfirmed = token.admin(&node, "destroy", &["1"]);
     assert_eq!(unconfirmed.code(), 1, "{unconfirmed:#?}");

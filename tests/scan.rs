@@ -790,6 +790,209 @@ async fn retire_with_scan_refuses_a_version_still_in_use() {
     );
 }
 
+/// The issue's scenario: version 2 was primary and encrypted, but never
+/// served a Decrypt (the apiserver caches the seeds it made). After the
+/// next rotation `retire 2` must not go by that zero: refused, naming the
+/// procedure that clears it; `--scan` with objects under 2 refused; a fresh
+/// scan with none allowed; `--force` allowed, stating the risk in text,
+/// JSON and audit. A version never promoted retires by its usage as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_that_encrypted_is_retired_only_on_a_scan_or_by_force() {
+    let Some(bin) = etcd_binary() else { return };
+    let etcd = Etcd::start(&bin, false).await;
+    let server = TestServer::start_with(|s| s.reload_interval = Some("200ms".to_owned())).await;
+    let logs = server.dir.path().to_owned();
+    let k = server.keyring.display().to_string();
+    let kid2 = rotate(&server).await;
+    let (ct2, sealed_kid) = seal(&server).await;
+    assert_eq!(sealed_kid, kid2, "Encrypt under version 2");
+    let kid3 = rotate(&server).await;
+    let (ct3, _) = seal(&server).await;
+    // What the apiserver stored under version 2, in both resources the
+    // shipped EncryptionConfiguration encrypts.
+    etcd.put_all(vec![
+        (
+            "/registry/secrets/default/s".to_owned(),
+            kms_value("kekd", &kid2, &ct2, 100),
+        ),
+        (
+            "/registry/configmaps/default/c".to_owned(),
+            kms_value("kekd", &kid2, &ct2, 100),
+        ),
+    ])
+    .await;
+    // Version 2 served Encrypt and no Decrypt.
+    let list = common::eventually(
+        "the usage file counts v2's Encrypt",
+        Duration::from_secs(15),
+        || {
+            let (k, logs) = (k.clone(), logs.clone());
+            async move {
+                let doc = json_of(
+                    &admin_async(&["list", "--keyring", &k, "--output", "json"], &logs).await,
+                );
+                if doc["versions"][1]["encrypts"].as_u64() > Some(0) {
+                    Ok(doc)
+                } else {
+                    Err(doc.to_string())
+                }
+            }
+        },
+    )
+    .await;
+    assert_eq!(list["versions"][1]["decrypts"], 0, "{list}");
+    let promoted = list["versions"][1]["promoted"].as_str().unwrap().to_owned();
+    let keyring_bytes = fs::read(&server.keyring).unwrap();
+
+    // 1. Following the old hint literally: refused, with the procedure.
+    let out = admin_async(&["retire", "2", "--keyring", &k], &logs).await;
+    assert_eq!(out.code(), 1, "{out:#?}");
+    assert_eq!(
+        out.stderr,
+        format!(
+            "kekd: error: retire refused: version 2 was primary (since {promoted}), so objects may be stored under \
+             it although it served no Decrypt: an apiserver caches the seeds it made itself and only decrypts them \
+             after a restart, so Decrypt counts prove nothing for this version. Retire it only with a fresh scan \
+             that shows nothing stored under it (--scan), or pass --force to retire it anyway (objects stored under \
+             version 2 become unreadable until `kekd admin restore 2`). The procedure:\n\
+             \x20 1. rewrite every resource your EncryptionConfiguration encrypts with kekd (the shipped \
+             deploy/encryption-config.yaml: secrets and configmaps; pass --encryption-config FILE to list yours):\n\
+             \x20      kubectl get secrets -A -o json | kubectl replace -f -\n\
+             \x20      kubectl get configmaps -A -o json | kubectl replace -f -\n\
+             \x20 2. scan etcd (the apiserver's etcd client certificate; it must show 0 objects under version 2):\n\
+             \x20      kekd admin scan --etcd-endpoints URL --cacert FILE --cert FILE --key FILE --keyring {k} \
+             --output json > scan.json\n\
+             \x20 3. on every node (copy scan.json there):\n\
+             \x20      kekd admin retire 2 --scan scan.json --keyring {k}\n"
+        )
+    );
+    assert_eq!(out.stdout, "");
+    let out = admin_async(&["retire", "2", "--keyring", &k, "--output", "json"], &logs).await;
+    assert_eq!(out.code(), 1, "{out:#?}");
+    let doc = json_of(&out);
+    assert_eq!(doc["exit_code"], 1);
+    assert_eq!(
+        doc["procedure"],
+        serde_json::json!({
+            "version": 2,
+            "resources": ["secrets", "configmaps"],
+            "resources_from": null,
+            "migrate": [
+                "kubectl get secrets -A -o json | kubectl replace -f -",
+                "kubectl get configmaps -A -o json | kubectl replace -f -",
+            ],
+            "scan": format!("kekd admin scan --etcd-endpoints URL --cacert FILE --cert FILE --key FILE --keyring {k} --output json > scan.json"),
+            "retire": format!("kekd admin retire 2 --scan scan.json --keyring {k}"),
+        })
+    );
+    assert_eq!(
+        fs::read(&server.keyring).unwrap(),
+        keyring_bytes,
+        "a refusal changed the keyring"
+    );
+
+    // 2. A fresh scan that still sees objects under 2: refused.
+    let scan_to = |file: PathBuf| {
+        let (etcd_flags, k, logs) = (etcd.flags(), k.clone(), logs.clone());
+        async move {
+            let mut args = etcd_flags;
+            args.extend(["--keyring".into(), k, "--output".into(), "json".into()]);
+            let out = scan(args, &logs).await;
+            assert_eq!(out.code(), 0, "{out:#?}");
+            fs::write(&file, &out.stdout).unwrap();
+            file.display().to_string()
+        }
+    };
+    let first = scan_to(logs.join("scan-1.json")).await;
+    let out = admin_async(&["retire", "2", "--scan", &first, "--keyring", &k], &logs).await;
+    assert_eq!(out.code(), 1, "{out:#?}");
+    let msg = error_message(&out);
+    assert!(
+        msg.starts_with("retire refused: 2 stored object(s) under /registry/ still reference version 2 (scan of "),
+        "{msg}"
+    );
+    assert!(
+        msg.ends_with(
+            "`kubectl get configmaps,secrets -A -o json | kubectl replace -f -`; then scan again and retire with the \
+             new result"
+        ),
+        "{msg}"
+    );
+    assert_eq!(
+        fs::read(&server.keyring).unwrap(),
+        keyring_bytes,
+        "a refusal changed the keyring"
+    );
+
+    // 3. Migrated and scanned again: nothing under 2, retired.
+    etcd.put_all(vec![
+        (
+            "/registry/secrets/default/s".to_owned(),
+            kms_value("kekd", &kid3, &ct3, 100),
+        ),
+        (
+            "/registry/configmaps/default/c".to_owned(),
+            kms_value("kekd", &kid3, &ct3, 100),
+        ),
+    ])
+    .await;
+    let second = scan_to(logs.join("scan-2.json")).await;
+    let out = admin_async(&["retire", "2", "--scan", &second, "--keyring", &k], &logs).await;
+    assert_eq!(out.code(), 0, "{out:#?}");
+    assert!(!out.stdout.contains("warning:"), "{out:#?}");
+    let out = admin_async(&["restore", "2", "--keyring", &k], &logs).await;
+    assert_eq!(out.code(), 0, "{out:#?}");
+
+    // 4. --force without a scan: done, and the risk is stated everywhere.
+    let risk = "retired without a scan: objects stored under version 2 become unreadable (at the latest when an \
+                apiserver restarts) until `kekd admin restore 2`";
+    let out = admin_async(&["retire", "2", "--force", "--keyring", &k], &logs).await;
+    assert_eq!(out.code(), 0, "{out:#?}");
+    assert!(
+        out.stdout.contains(&format!("\nwarning: {risk}\n")),
+        "{out:#?}"
+    );
+    let out = admin_async(&["restore", "2", "--keyring", &k], &logs).await;
+    assert_eq!(out.code(), 0, "{out:#?}");
+    let out = admin_async(
+        &[
+            "retire",
+            "2",
+            "--force",
+            "--keyring",
+            &k,
+            "--output",
+            "json",
+        ],
+        &logs,
+    )
+    .await;
+    assert_eq!(out.code(), 0, "{out:#?}");
+    assert_eq!(json_of(&out)["risk"], risk);
+    let audit = fs::read_to_string(logs.join("keyring.audit.jsonl")).unwrap();
+    let retires: Vec<Value> = audit
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|l| l["command"] == "retire")
+        .collect();
+    assert_eq!(retires.len(), 3, "{audit}");
+    assert!(
+        retires[0].get("risk").is_none(),
+        "the scanned retire risks nothing: {audit}"
+    );
+    for r in &retires[1..] {
+        assert_eq!(r["risk"], risk, "{audit}");
+        assert_eq!(r["overrides"], serde_json::json!(["--force"]), "{audit}");
+    }
+
+    // 5. A version never promoted retires by its usage, without a scan.
+    let out = admin_async(&["rotate", "--keyring", &k], &logs).await;
+    assert_eq!(out.code(), 0, "{out:#?}");
+    let out = admin_async(&["retire", "4", "--keyring", &k], &logs).await;
+    assert_eq!(out.code(), 0, "{out:#?}");
+    assert!(!out.stdout.contains("warning:"), "{out:#?}");
+}
+
 /// 100,000 keys of ~3 KiB (about 300 MiB of values): the scan reads them
 /// in 100 pages of 1,000 and its peak RSS stays under 64 MiB — a fifth of
 /// the data, so a scan that held the values would fail. A page is ~3 MiB

@@ -707,7 +707,13 @@ fn the_rest_of_the_successor_rule_applies() {
     let backup = copy(&current);
     let v3 = KeyVersion::new(3).unwrap();
     current
-        .retire(v3, at(30), None, std::time::Duration::ZERO, false)
+        .retire(
+            v3,
+            at(30),
+            None,
+            std::time::Duration::ZERO,
+            crate::keyring::ops::RetireBasis::Force,
+        )
         .unwrap();
     current.destroy(v3, at(31)).unwrap();
     let e = plan_restore(Some(&current), &backup).unwrap_err();

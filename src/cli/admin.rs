@@ -8,6 +8,7 @@
 
 pub mod backup;
 pub mod doctor;
+pub mod encryption_config;
 pub mod keyring;
 pub mod probe;
 pub mod scan;
@@ -27,7 +28,7 @@ pub enum AdminCommand {
     /// Add a new KEK version as pending (or, with --promote, as primary).
     Rotate(RotateArgs),
     /// Make a pending version the primary; the old primary becomes decrypt-only.
-    Promote(VersionArgs),
+    Promote(PromoteArgs),
     /// Stop a version from decrypting (its material is kept; `restore` undoes it).
     Retire(RetireArgs),
     /// Let a retired version decrypt again.
@@ -93,6 +94,52 @@ pub struct VersionArgs {
     pub target: Target,
 }
 
+/// Where the resources to rewrite before a retire come from.
+#[derive(Debug, Clone, clap::Args)]
+pub struct MigrationArgs {
+    /// The apiserver's --encryption-provider-config file: the printed
+    /// procedure rewrites every resource its kms provider for kekd encrypts
+    /// [default: secrets and configmaps, as deploy/encryption-config.yaml].
+    #[arg(long, env = "KEKD_ENCRYPTION_CONFIG", value_name = "FILE")]
+    pub encryption_config: Option<PathBuf>,
+}
+
+impl MigrationArgs {
+    /// The resources to rewrite: those `--encryption-config` encrypts with a
+    /// kms provider on kekd's socket (`KEKD_SOCKET` or the `--config`
+    /// file's `socket`, when known), else the shipped default.
+    ///
+    /// # Errors
+    /// Exit 78 when the file cannot be read or encrypts nothing with kekd.
+    fn encrypted(&self, t: &Target) -> Result<encryption_config::Encrypted, CliError> {
+        let Some(path) = &self.encryption_config else {
+            return Ok(encryption_config::Encrypted::shipped());
+        };
+        let socket = match std::env::var_os("KEKD_SOCKET").filter(|s| !s.is_empty()) {
+            Some(s) => Some(PathBuf::from(s)),
+            None => match &t.config {
+                Some(c) => Settings::from_file(c).map_err(CliError::config)?.socket,
+                None => None,
+            },
+        };
+        encryption_config::Encrypted::read(path, socket.as_deref())
+    }
+}
+
+/// Arguments of `promote`.
+#[derive(Debug, clap::Args)]
+pub struct PromoteArgs {
+    /// The version number (see `kekd admin list`).
+    #[arg(value_parser = parse_version)]
+    pub version: KeyVersion,
+    /// What the hint says to rewrite.
+    #[command(flatten)]
+    pub migration: MigrationArgs,
+    /// The keyring.
+    #[command(flatten)]
+    pub target: Target,
+}
+
 /// Arguments of `rotate`.
 #[derive(Debug, clap::Args)]
 pub struct RotateArgs {
@@ -103,6 +150,9 @@ pub struct RotateArgs {
     /// re-run `rotate --promote` without rotating twice.
     #[arg(long, value_name = "VERSION", value_parser = parse_version)]
     pub expect_primary: Option<KeyVersion>,
+    /// What the hint says to rewrite.
+    #[command(flatten)]
+    pub migration: MigrationArgs,
     /// The keyring.
     #[command(flatten)]
     pub target: Target,
@@ -114,18 +164,24 @@ pub struct RetireArgs {
     /// The version number.
     #[arg(value_parser = parse_version)]
     pub version: KeyVersion,
-    /// Refuse if the version served a Decrypt within this window (the
-    /// apiserver caches seeds for 24h, `kekd::keyring::ops::DEFAULT_RETIRE_WINDOW`).
+    /// Without --scan, refuse a never-promoted version that served a
+    /// Decrypt within this window (the apiserver caches seeds for 24h).
     #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
     pub window: Duration,
-    /// Retire even if the version was used within the window.
+    /// Retire without a scan, even a version that was primary or served a
+    /// Decrypt within the window: objects stored under it become unreadable
+    /// until `kekd admin restore`.
     #[arg(long)]
     pub force: bool,
-    /// The JSON result of a fresh `kekd admin scan` (at most 24h old): refuse
-    /// while any stored object still references the version (--force does
-    /// not override this).
+    /// The JSON result of a fresh `kekd admin scan` (at most 24h old), run
+    /// after rewriting every encrypted resource: required for a version that
+    /// was ever primary; refuses while any stored object still references the
+    /// version (--force does not override this).
     #[arg(long, value_name = "FILE")]
     pub scan: Option<PathBuf>,
+    /// What a refusal says to rewrite.
+    #[command(flatten)]
+    pub migration: MigrationArgs,
     /// The keyring.
     #[command(flatten)]
     pub target: Target,
@@ -194,7 +250,8 @@ impl AdminCommand {
         match self {
             Self::Init(t) | Self::List(t) | Self::AcceptKeyring(t) => t.output,
             Self::Rotate(a) => a.target.output,
-            Self::Promote(a) | Self::Restore(a) => a.target.output,
+            Self::Promote(a) => a.target.output,
+            Self::Restore(a) => a.target.output,
             Self::Retire(a) => a.target.output,
             Self::Destroy(a) => a.target.output,
             Self::Import(a) => a.target.output,
@@ -212,42 +269,49 @@ fn dispatch(cmd: AdminCommand) -> Result<(), CliError> {
     use keyring::Step;
     match cmd {
         AdminCommand::Init(t) => keyring::init(&t),
-        AdminCommand::Rotate(a) => keyring::change(
+        AdminCommand::Rotate(a) => keyring::change_checked(
             &a.target,
             Step::Rotate {
                 promote: a.promote,
                 expect_primary: a.expect_primary,
             },
+            &a.migration.encrypted(&a.target)?,
+            |_| Ok(()),
         ),
-        AdminCommand::Promote(a) => keyring::change(&a.target, Step::Promote(a.version)),
+        AdminCommand::Promote(a) => keyring::change_checked(
+            &a.target,
+            Step::Promote(a.version),
+            &a.migration.encrypted(&a.target)?,
+            |_| Ok(()),
+        ),
         AdminCommand::Retire(a) => {
             let step = Step::Retire {
                 version: a.version,
                 window: a.window,
                 force: a.force,
+                scan: a.scan.is_some(),
             };
+            let encrypted = a.migration.encrypted(&a.target)?;
             match &a.scan {
-                None => keyring::change(&a.target, step),
+                None => keyring::change_checked(&a.target, step, &encrypted, |_| Ok(())),
                 Some(file) => {
                     let scan = scan::read_scan(file)?;
-                    keyring::change_checked(&a.target, step, |keyring| {
+                    keyring::change_checked(&a.target, step, &encrypted, |keyring| {
                         scan::check_retire(&scan, file, keyring, a.version)
                     })
                 }
             }
         }
         AdminCommand::Restore(a) => keyring::change(&a.target, Step::Restore(a.version)),
-        AdminCommand::Destroy(a) => {
-            if !a.yes_destroy_key_material {
-                return Err(CliError::runtime(format!(
-                    "destroy erases the key material of version {v} forever: anything still encrypted under it \
-                     becomes unreadable. Check `kekd admin list` first, then re-run with \
-                     --yes-destroy-key-material to confirm",
-                    v = a.version
-                )));
-            }
-            keyring::change(&a.target, Step::Destroy(a.version))
-        }
+        // The state is checked first: the confirmation is asked for only
+        // when the version could be destroyed.
+        AdminCommand::Destroy(a) => keyring::change(
+            &a.target,
+            Step::Destroy {
+                version: a.version,
+                confirmed: a.yes_destroy_key_material,
+            },
+        ),
         AdminCommand::List(t) => keyring::list(&t),
         AdminCommand::Import(a) => keyring::import(&a.target, &a.from),
         AdminCommand::AcceptKeyring(t) => keyring::accept(&t),

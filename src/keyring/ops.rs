@@ -31,6 +31,38 @@ use crate::secret::{Kek, KeyFingerprint, RandomError};
 /// a Decrypt more recently may still be needed by an apiserver's cache refill.
 pub const DEFAULT_RETIRE_WINDOW: Duration = Duration::from_secs(24 * 3600);
 
+/// What a `retire` goes by.
+///
+/// Decrypt counts are evidence only for a version that never encrypted: an
+/// apiserver keeps the seed of every DEK it made itself, so objects it
+/// stored under a version may never have cost that version a Decrypt — not
+/// until the apiserver restarts and reads them. Every node may have
+/// encrypted under any version that was ever primary (the keyring records
+/// when: `promoted`), so such a version needs a scan of what is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetireBasis {
+    /// This node's usage record: only a never-promoted version may be
+    /// retired this way, and only if it served no Decrypt within the window.
+    Usage,
+    /// A fresh scan of etcd that the caller checks, under the keyring lock
+    /// and before writing, to show no stored object under the version
+    /// (`retire --scan`). It clears the usage guard too: nothing stored
+    /// under the version means no apiserver can need it.
+    Scan,
+    /// The operator's override (`--force` without `--scan`): no guard
+    /// applies, and anything still stored under the version becomes
+    /// unreadable until `restore` ([`retire_risk`]).
+    Force,
+}
+
+/// What a forced retire of `version` risks, for its report and audit record.
+pub fn retire_risk(version: KeyVersion) -> String {
+    format!(
+        "retired without a scan: objects stored under version {version} become unreadable (at the latest when an \
+         apiserver restarts) until `kekd admin restore {version}`"
+    )
+}
+
 /// One version changing state (`from: None` for a new version).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Transition {
@@ -67,10 +99,25 @@ pub enum OpError {
         /// Why, and what to do instead.
         why: &'static str,
     },
+    /// The version was primary once: usage cannot show it is unused.
+    #[error(
+        "version {version} was primary (since {promoted}), so objects may be stored under it although it served \
+         no Decrypt: an apiserver caches the seeds it made itself and only decrypts them after a restart, so \
+         Decrypt counts prove nothing for this version. Retire it only with a fresh scan that shows nothing \
+         stored under it (--scan), or pass --force to retire it anyway (objects stored under version {version} \
+         become unreadable until `kekd admin restore {version}`)"
+    )]
+    NeedsScan {
+        /// The version.
+        version: KeyVersion,
+        /// When it became primary.
+        promoted: Timestamp,
+    },
     /// The version served a Decrypt recently.
     #[error(
         "version {version} served a Decrypt at {last_used}, within the last {window}; apiservers may still need it \
-         (wait, migrate the data, or pass --force)"
+         (wait until {window} after it, or retire it with a fresh scan showing nothing stored under it (--scan), \
+         or pass --force)"
     )]
     RecentlyUsed {
         /// The version.
@@ -84,7 +131,7 @@ pub enum OpError {
     #[error(
         "version {version} served a Decrypt at {last_used}, later than this host's clock says it is now ({now}): \
          the clock has jumped back or differs from the server's; fix the clock (`timedatectl`) and run this again, \
-         or pass --force"
+         or retire it with a fresh scan showing nothing stored under it (--scan), or pass --force"
     )]
     UsedInTheFuture {
         /// The version.
@@ -99,7 +146,8 @@ pub enum OpError {
     #[error(
         "version {version} served a Decrypt {ago} ago by the system's boot clock, within the last {window}, \
          although the wall clock puts it at {last_used}: the wall clock has jumped; apiservers may still need it \
-         (wait, migrate the data, or pass --force)"
+         (wait until {window} after it, or retire it with a fresh scan showing nothing stored under it (--scan), \
+         or pass --force)"
     )]
     RecentlyUsedByBootClock {
         /// The version.
@@ -302,21 +350,25 @@ impl KeyringFile {
 
     /// Stops a version from decrypting, keeping its material.
     ///
-    /// `last_decrypt` is when the version last served a Decrypt (from the
-    /// server's usage file); within `window` of `now` the call is refused
-    /// unless `force`.
+    /// A version that was ever primary is retired only on `basis`
+    /// [`RetireBasis::Scan`] or [`RetireBasis::Force`]. On
+    /// [`RetireBasis::Usage`], `last_decrypt` is when the version last
+    /// served a Decrypt (from the server's usage file); within `window` of
+    /// `now`, or later than `now`, the call is refused.
     ///
     /// # Errors
-    /// Unknown version; the primary; destroyed; recently used.
+    /// Unknown version; the primary; destroyed; once primary without a scan;
+    /// recently used.
     pub fn retire(
         &mut self,
         version: KeyVersion,
         now: Timestamp,
         last_decrypt: Option<Timestamp>,
         window: Duration,
-        force: bool,
+        basis: RetireBasis,
     ) -> Result<Outcome, OpError> {
-        let state = self.slot(version)?.info.state;
+        let slot = self.slot(version)?;
+        let (state, promoted) = (slot.info.state, slot.info.promoted);
         match state {
             KeyState::Retired => {
                 return Ok(Outcome::Unchanged(format!(
@@ -339,25 +391,28 @@ impl KeyringFile {
             }
             KeyState::Pending | KeyState::DecryptOnly => {}
         }
-        if let Some(last) = last_decrypt
-            && !force
-            && last > now
-        {
-            return Err(OpError::UsedInTheFuture {
-                version,
-                last_used: last,
-                now,
-            });
-        }
-        if let Some(last) = last_decrypt
-            && !force
-            && now.unix() < last.unix().saturating_add(window.as_secs())
-        {
-            return Err(OpError::RecentlyUsed {
-                version,
-                last_used: last,
-                window: HumanDuration(window),
-            });
+        if basis == RetireBasis::Usage {
+            if let Some(promoted) = promoted {
+                return Err(OpError::NeedsScan { version, promoted });
+            }
+            if let Some(last) = last_decrypt
+                && last > now
+            {
+                return Err(OpError::UsedInTheFuture {
+                    version,
+                    last_used: last,
+                    now,
+                });
+            }
+            if let Some(last) = last_decrypt
+                && now.unix() < last.unix().saturating_add(window.as_secs())
+            {
+                return Err(OpError::RecentlyUsed {
+                    version,
+                    last_used: last,
+                    window: HumanDuration(window),
+                });
+            }
         }
         let slot = self.slot(version)?;
         slot.info.state = KeyState::Retired;
@@ -376,16 +431,17 @@ impl KeyringFile {
     /// jumped forward cannot make a version in use look idle this way.
     ///
     /// # Errors
-    /// [`OpError::RecentlyUsedByBootClock`] within `window`, unless `force`.
+    /// [`OpError::RecentlyUsedByBootClock`] within `window`, on
+    /// [`RetireBasis::Usage`] only.
     pub fn check_retire_by_boot_clock(
         version: KeyVersion,
         since_last: Option<Duration>,
         last_used: Option<Timestamp>,
         window: Duration,
-        force: bool,
+        basis: RetireBasis,
     ) -> Result<(), OpError> {
         match (since_last, last_used) {
-            (Some(ago), Some(last_used)) if !force && ago < window => {
+            (Some(ago), Some(last_used)) if basis == RetireBasis::Usage && ago < window => {
                 Err(OpError::RecentlyUsedByBootClock {
                     version,
                     // Whole seconds: the operator needs no milliseconds.

@@ -658,12 +658,17 @@ step3() { # NODE LABEL
     assert_stored "$n" secrets "$N_SECRETS" "${KID[$n:2]}"
     assert_stored "$n" configmaps 10 "${KID[$n:2]}"
     etcdctl get "${NODE_PREFIX[$n]}/secrets/default/s-0001" -w json | "$HELPER" value >"$saved_new"
-    local out rc
+    local out rc scan=$WORK/$n/scan-step3.json
     out=$(kekd_admin "$n" retire "$old" 2>&1)
     rc=$?
-    check "retire $old without --force is refused (exit 1: it served a Decrypt within 24h)" test "$rc" = 1
-    echo "$out" | head -2 | sed 's/^/     | /'
-    check "kekd admin retire $old --force" kekd_admin "$n" retire "$old" --force >>"$LOGS/admin.log" 2>&1
+    check "retire $old without --scan is refused (exit 1: it was primary, so Decrypt counts prove nothing)" test "$rc" = 1
+    echo "$out" | head -2 | cut -c1-400 | sed 's/^/     | /'
+    check "…and the refusal gives the procedure: rewrite secrets and configmaps, scan, retire --scan" \
+        grep -qF "kubectl get configmaps -A -o json | kubectl replace -f -" <<<"$out"
+    # The procedure the hint printed: migrated above, now scan and retire with it.
+    check "kekd admin scan --etcd-endpoints $ETCD_URL --prefix ${NODE_PREFIX[$n]}/ --output json > scan.json" \
+        scan_to "$n" "$scan" || return 1
+    check "kekd admin retire $old --scan scan.json" kekd_admin "$n" retire "$old" --scan "$scan" >>"$LOGS/admin.log" 2>&1
     check "version $old is retired" test "$(state_of "$n" "$old")" = retired
     sleep 3 # kekd reloads within reload_interval (200 ms local, 2 s pkcs11)
     t=$(now)

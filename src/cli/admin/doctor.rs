@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 use serde_json::json;
-use yaml_rust2::{Yaml, YamlLoader};
+use yaml_rust2::Yaml;
 
 use super::{Target, report};
 use crate::backend::Backend;
@@ -368,43 +368,10 @@ fn check_socket(socket: &Path) -> Vec<Finding> {
 pub fn check_encryption_config(path: &Path, socket: Option<&Path>) -> Vec<Finding> {
     const C: &str = "encryption config";
     let mut out = Vec::new();
-    let text = match fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) => {
-            return vec![fail(
-                C,
-                format!("{}: {e}", path.display()),
-                "give the file passed to --encryption-provider-config",
-            )];
-        }
+    let doc = match super::encryption_config::load(path) {
+        Ok(doc) => doc,
+        Err(e) => return vec![fail(C, e.detail, e.fix)],
     };
-    let docs = match YamlLoader::load_from_str(&text) {
-        Ok(d) => d,
-        Err(e) => {
-            return vec![fail(
-                C,
-                format!("{}: not YAML: {e}", path.display()),
-                "fix the YAML syntax",
-            )];
-        }
-    };
-    let Some(doc) = docs.first() else {
-        return vec![fail(
-            C,
-            format!("{} is empty", path.display()),
-            "write an EncryptionConfiguration (deploy/encryption-config.yaml)",
-        )];
-    };
-    if doc["apiVersion"].as_str() != Some("apiserver.config.k8s.io/v1")
-        || doc["kind"].as_str() != Some("EncryptionConfiguration")
-    {
-        out.push(fail(
-            C,
-            "not an apiserver.config.k8s.io/v1 EncryptionConfiguration",
-            "start from deploy/encryption-config.yaml",
-        ));
-        return out;
-    }
     let mut found_kms = false;
     for (i, rule) in doc["resources"]
         .as_vec()

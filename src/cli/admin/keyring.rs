@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
+use super::encryption_config::Encrypted;
 use super::{LOCK_WAIT, Target, report};
 use crate::audit::{self, AuditRecord};
 use crate::backend::local::LocalBackend;
@@ -21,7 +22,9 @@ use crate::backend::{BackendError, KeyringStore};
 use crate::cli::CliError;
 use crate::cli::serve::{ensure_state_dir, pkcs11_error};
 use crate::config::BackendConfig;
-use crate::keyring::ops::{Outcome, Transition, check_successor};
+use crate::keyring::ops::{
+    OpError, Outcome, RetireBasis, Transition, check_successor, retire_risk,
+};
 use crate::keyring::served::{self, Served};
 use crate::keyring::store::{self, KeyringFile, StoreError};
 use crate::keyring::{KeyState, KeyVersion, Timestamp};
@@ -80,11 +83,19 @@ pub enum Step {
         window: Duration,
         /// `--force`.
         force: bool,
+        /// `--scan`: checked under the lock before the change is written.
+        scan: bool,
     },
     /// `restore`.
     Restore(KeyVersion),
-    /// `destroy` (confirmed).
-    Destroy(KeyVersion),
+    /// `destroy`.
+    Destroy {
+        /// The version.
+        version: KeyVersion,
+        /// `--yes-destroy-key-material`: asked for only once the version
+        /// is known to be destroyable.
+        confirmed: bool,
+    },
 }
 
 impl Step {
@@ -94,7 +105,7 @@ impl Step {
             Self::Promote(_) => "promote",
             Self::Retire { .. } => "retire",
             Self::Restore(_) => "restore",
-            Self::Destroy(_) => "destroy",
+            Self::Destroy { .. } => "destroy",
         }
     }
 }
@@ -189,17 +200,20 @@ pub fn init(t: &Target) -> Result<(), CliError> {
 /// # Errors
 /// Exit 1 when the step is refused, 75 when locked, 78 for keyring problems.
 pub fn change(t: &Target, step: Step) -> Result<(), CliError> {
-    change_checked(t, step, |_| Ok(()))
+    change_checked(t, step, &Encrypted::shipped(), |_| Ok(()))
 }
 
 /// [`change`], with one more guard: `check` sees the keyring as read under
 /// the lock and may refuse a step that would change it (`retire --scan`).
+/// `encrypted` is what a rotation must rewrite before retiring, for the
+/// `next:` hint and a refused retire.
 ///
 /// # Errors
 /// As [`change`], and whatever `check` returns.
 pub fn change_checked(
     t: &Target,
     step: Step,
+    encrypted: &Encrypted,
     check: impl FnOnce(&KeyringFile) -> Result<(), CliError>,
 ) -> Result<(), CliError> {
     let store = t.open()?;
@@ -215,6 +229,7 @@ pub fn change_checked(
     let now = Timestamp::now();
     let mut overrides = Vec::new();
     let mut warning = None;
+    let mut risk = None;
     let outcome = match step {
         Step::Rotate {
             promote,
@@ -225,30 +240,57 @@ pub fn change_checked(
             version,
             window,
             force,
+            scan,
         } => {
-            let (last, since_last) = last_decrypt(path, &file, version, &mut warning);
+            let basis = match (scan, force) {
+                (true, _) => RetireBasis::Scan,
+                (false, true) => RetireBasis::Force,
+                (false, false) => RetireBasis::Usage,
+            };
             if force {
                 overrides.push("--force");
             }
+            if basis == RetireBasis::Force {
+                risk = Some(retire_risk(version));
+            }
+            let (last, since_last) = if basis == RetireBasis::Usage {
+                last_decrypt(path, &file, version, &mut warning)
+            } else {
+                (None, None)
+            };
             // The wall clock first (its refusals name the time), then the
             // boot clock, which a jumped wall clock cannot fool.
-            file.retire(version, now, last, window, force)
+            file.retire(version, now, last, window, basis)
                 .and_then(|outcome| {
                     if matches!(outcome, Outcome::Changed(_)) {
                         KeyringFile::check_retire_by_boot_clock(
-                            version, since_last, last, window, force,
+                            version, since_last, last, window, basis,
                         )?;
                     }
                     Ok(outcome)
                 })
         }
         Step::Restore(v) => file.restore(v),
-        Step::Destroy(v) => {
+        Step::Destroy { version, .. } => {
             overrides.push("--yes-destroy-key-material");
-            file.destroy(v, now)
+            file.destroy(version, now)
         }
     }
-    .map_err(|e| CliError::runtime(format!("{} refused: {e}", step.name())))?;
+    .map_err(|e| refused(t, step, &e, encrypted))?;
+    if let (
+        Step::Destroy {
+            version,
+            confirmed: false,
+        },
+        Outcome::Changed(_),
+    ) = (step, &outcome)
+    {
+        return Err(CliError::runtime(format!(
+            "destroy erases the key material of version {version} forever: anything still encrypted under it \
+             becomes unreadable. Check `kekd admin list` first, then re-run with \
+             --yes-destroy-key-material to confirm"
+        )));
+    }
 
     let transitions = match outcome {
         Outcome::Unchanged(why) => {
@@ -265,11 +307,21 @@ pub fn change_checked(
     let not_durable = written(store.replace(&original, &file))?;
     let records: Vec<AuditRecord> = transitions
         .iter()
-        .map(|tr| AuditRecord::new(step.name(), &name, &file.id, tr, overrides.clone(), now))
+        .map(|tr| {
+            AuditRecord::new(step.name(), &name, &file.id, tr, overrides.clone(), now)
+                .with_risk(risk.clone())
+        })
         .collect();
     let audit_result = audit::append(path, &records);
 
-    let next = next_step(step, &transitions, &target_flags(t), file.material);
+    let flags = target_flags(t);
+    let next = next_step(step, &transitions, &flags, file.material);
+    let procedure = transitions
+        .iter()
+        .find(|tr| {
+            tr.to == KeyState::DecryptOnly && matches!(step, Step::Rotate { .. } | Step::Promote(_))
+        })
+        .map(|tr| Procedure::new(tr.version, &flags, encrypted));
     let mut text = String::new();
     for tr in &transitions {
         text.push_str(&format!(
@@ -284,7 +336,13 @@ pub fn change_checked(
     if let Some(w) = &warning {
         text.push_str(&format!("warning: {w}\n"));
     }
+    if let Some(r) = &risk {
+        text.push_str(&format!("warning: {r}\n"));
+    }
     text.push_str(&format!("next: {next}\n"));
+    if let Some(p) = &procedure {
+        text.push_str(&p.text());
+    }
     report(
         t.output,
         &json!({
@@ -298,7 +356,9 @@ pub fn change_checked(
                 "to": tr.to.as_str(),
             })).collect::<Vec<Value>>(),
             "warning": warning,
+            "risk": risk,
             "next": next,
+            "procedure": procedure.as_ref().map(Procedure::to_json),
         }),
         &text,
     );
@@ -484,24 +544,118 @@ fn next_step(
                  (nodes sharing one HSM token need no copy); then run `kekd admin promote {v} {flags}` on every node"
             )
         }
-        (Step::Rotate { .. } | Step::Promote(_), Some(v)) => format!(
-            "kekd switches to version {v} within seconds. Once every apiserver reports the new key_id (wait 3 + N + M \
-             minutes), rewrite stored data: `kubectl get secrets -A -o json | kubectl replace -f -`; then retire the \
-             old version{}",
-            demoted.map_or(String::new(), |d| format!(
-                " (`kekd admin retire {d} {flags}`)"
-            ))
-        ),
+        (Step::Rotate { .. } | Step::Promote(_), Some(v)) => match demoted {
+            Some(d) => format!(
+                "kekd switches to version {v} within seconds. Once every apiserver reports the new key_id (wait \
+                 3 + N + M minutes), retire version {d} with evidence that nothing is stored under it:"
+            ),
+            None => format!("kekd switches to version {v} within seconds"),
+        },
         (Step::Retire { version, .. }, _) => format!(
             "version {version} refuses to decrypt now; if anything fails to read, `kekd admin restore {version} {flags}`. \
              Later, `kekd admin destroy {version} {flags} --yes-destroy-key-material`"
         ),
         (Step::Restore(v), _) => format!("version {v} decrypts again"),
-        (Step::Destroy(v), _) => {
+        (Step::Destroy { version: v, .. }, _) => {
             format!("the key material of version {v} is erased; its number stays reserved")
         }
         (Step::Promote(_), None) => String::new(),
     }
+}
+
+/// A command line: the words that are not empty, joined by spaces.
+fn command(words: &[&str]) -> String {
+    words
+        .iter()
+        .filter(|w| !w.is_empty())
+        .copied()
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The one way to retire a version that was primary: rewrite what the
+/// EncryptionConfiguration encrypts, scan etcd, retire with the scan.
+struct Procedure {
+    version: KeyVersion,
+    encrypted: Encrypted,
+    scan: String,
+    retire: String,
+}
+
+impl Procedure {
+    fn new(version: KeyVersion, flags: &str, encrypted: &Encrypted) -> Self {
+        let provider = encrypted
+            .provider_name
+            .as_ref()
+            .map_or(String::new(), |n| format!("--provider-name {n}"));
+        Self {
+            version,
+            encrypted: encrypted.clone(),
+            scan: command(&[
+                "kekd admin scan --etcd-endpoints URL --cacert FILE --cert FILE --key FILE",
+                &provider,
+                flags,
+                "--output json > scan.json",
+            ]),
+            retire: command(&[
+                &format!("kekd admin retire {version} --scan scan.json"),
+                flags,
+            ]),
+        }
+    }
+
+    fn text(&self) -> String {
+        let mut text = format!("  1. rewrite {}:\n", self.encrypted.describe());
+        for c in self.encrypted.migrate_commands() {
+            text.push_str(&format!("       {c}\n"));
+        }
+        text.push_str(&format!(
+            "  2. scan etcd (the apiserver's etcd client certificate; it must show 0 objects under version {}):\n       {}\n",
+            self.version, self.scan
+        ));
+        text.push_str(&format!(
+            "  3. on every node (copy scan.json there):\n       {}\n",
+            self.retire
+        ));
+        text
+    }
+
+    fn to_json(&self) -> Value {
+        let mut doc = self.encrypted.to_json();
+        if let Some(o) = doc.as_object_mut() {
+            o.insert("version".to_owned(), json!(self.version.get()));
+            o.insert("scan".to_owned(), json!(self.scan));
+            o.insert("retire".to_owned(), json!(self.retire));
+        }
+        doc
+    }
+}
+
+/// A refused step as an error; a retire refused for want of a scan also
+/// gives the procedure that clears it, in text and JSON.
+fn refused(t: &Target, step: Step, e: &OpError, encrypted: &Encrypted) -> CliError {
+    let message = format!("{} refused: {e}", step.name());
+    let OpError::NeedsScan { version, .. } = e else {
+        return CliError::runtime(message);
+    };
+    let procedure = Procedure::new(*version, &target_flags(t), encrypted);
+    let mut error = CliError::runtime(format!(
+        "{message}. The procedure:\n{}",
+        procedure.text().trim_end()
+    ));
+    if t.output == crate::cli::Output::Json {
+        error.reported = true;
+        report(
+            t.output,
+            &json!({
+                "error": error.message,
+                "exit_code": error.code,
+                "procedure": procedure.to_json(),
+            }),
+            "",
+        );
+    }
+    error
 }
 
 /// `kekd admin list`.

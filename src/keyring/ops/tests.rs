@@ -73,8 +73,14 @@ fn staged_rotation_walks_every_state() {
     assert_eq!(f.versions[1].info.promoted, Some(t(3_000)));
 
     changed(
-        f.retire(v(1), t(4_000), None, DEFAULT_RETIRE_WINDOW, false)
-            .unwrap(),
+        f.retire(
+            v(1),
+            t(4_000),
+            None,
+            DEFAULT_RETIRE_WINDOW,
+            RetireBasis::Scan,
+        )
+        .unwrap(),
     );
     assert_eq!(states(&f), [(1, Retired), (2, Primary)]);
     assert_eq!(f.versions[0].info.retired, Some(t(4_000)));
@@ -84,8 +90,14 @@ fn staged_rotation_walks_every_state() {
     assert_eq!(f.versions[0].info.retired, None);
 
     changed(
-        f.retire(v(1), t(5_000), None, DEFAULT_RETIRE_WINDOW, false)
-            .unwrap(),
+        f.retire(
+            v(1),
+            t(5_000),
+            None,
+            DEFAULT_RETIRE_WINDOW,
+            RetireBasis::Scan,
+        )
+        .unwrap(),
     );
     changed(f.destroy(v(1), t(6_000)).unwrap());
     assert_eq!(states(&f), [(1, Destroyed), (2, Primary)]);
@@ -114,12 +126,12 @@ fn every_command_is_idempotent() {
         "version 2 is already primary"
     );
     changed(
-        f.retire(v(1), t(6), None, DEFAULT_RETIRE_WINDOW, false)
+        f.retire(v(1), t(6), None, DEFAULT_RETIRE_WINDOW, RetireBasis::Scan)
             .unwrap(),
     );
     assert_eq!(
         unchanged(
-            f.retire(v(1), t(7), None, DEFAULT_RETIRE_WINDOW, false)
+            f.retire(v(1), t(7), None, DEFAULT_RETIRE_WINDOW, RetireBasis::Usage)
                 .unwrap()
         ),
         "version 1 is already retired"
@@ -170,7 +182,7 @@ fn rotate_promote_uses_a_pending_version_and_expect_primary_guards_reruns() {
 fn guards_refuse_with_the_fix() {
     let mut f = fresh();
     let err = f
-        .retire(v(1), t(2), None, DEFAULT_RETIRE_WINDOW, true)
+        .retire(v(1), t(2), None, DEFAULT_RETIRE_WINDOW, RetireBasis::Force)
         .unwrap_err();
     assert_eq!(
         err.to_string(),
@@ -201,7 +213,7 @@ fn guards_refuse_with_the_fix() {
     assert!(err.to_string().contains("would reuse its key id"), "{err}");
     // Destroy needs retire first; restore cannot bring back destroyed material.
     changed(
-        f.retire(v(1), t(4), None, DEFAULT_RETIRE_WINDOW, false)
+        f.retire(v(1), t(4), None, DEFAULT_RETIRE_WINDOW, RetireBasis::Scan)
             .unwrap(),
     );
     changed(f.destroy(v(1), t(5)).unwrap());
@@ -215,34 +227,91 @@ fn guards_refuse_with_the_fix() {
 }
 
 #[test]
-fn retire_refuses_recently_used_versions_unless_forced() {
+fn retire_refuses_recently_used_versions_unless_scanned_or_forced() {
+    // Version 2 is pending here but decrypted: another node promoted it.
     let mut f = fresh();
-    changed(f.rotate(t(2), true, None).unwrap());
+    changed(f.rotate(t(2), false, None).unwrap());
     let now = t(100 * DAY);
     let recent = Some(t(100 * DAY - 3600));
     let err = f
-        .retire(v(1), now, recent, DEFAULT_RETIRE_WINDOW, false)
+        .retire(v(2), now, recent, DEFAULT_RETIRE_WINDOW, RetireBasis::Usage)
         .unwrap_err();
     assert_eq!(
         err.to_string(),
-        "version 1 served a Decrypt at 1970-04-10T23:00:00Z, within the last 24h; apiservers may still need it \
-         (wait, migrate the data, or pass --force)"
+        "version 2 served a Decrypt at 1970-04-10T23:00:00Z, within the last 24h; apiservers may still need it \
+         (wait until 24h after it, or retire it with a fresh scan showing nothing stored under it (--scan), or \
+         pass --force)"
+    );
+    assert_eq!(
+        states(&f)[1].1,
+        KeyState::Pending,
+        "refusal changed nothing"
+    );
+    // Just outside the window, with a scan, and with --force, it goes through.
+    let old = Some(t(100 * DAY - DAY));
+    for (last, basis) in [
+        (old, RetireBasis::Usage),
+        (recent, RetireBasis::Scan),
+        (recent, RetireBasis::Force),
+    ] {
+        changed(
+            f.retire(v(2), now, last, DEFAULT_RETIRE_WINDOW, basis)
+                .unwrap(),
+        );
+        changed(f.restore(v(2)).unwrap());
+    }
+}
+
+#[test]
+fn a_version_that_was_primary_retires_only_on_a_scan_or_by_force() {
+    let mut f = fresh();
+    changed(f.rotate(t(2), true, None).unwrap());
+    changed(f.rotate(t(3), false, None).unwrap());
+    let now = t(100 * DAY);
+    // No Decrypt ever, long ago: still refused, since the apiserver caches
+    // the seeds it made and never decrypts them until it restarts.
+    let err = f
+        .retire(v(1), now, None, DEFAULT_RETIRE_WINDOW, RetireBasis::Usage)
+        .unwrap_err();
+    assert_eq!(
+        err,
+        OpError::NeedsScan {
+            version: v(1),
+            promoted: t(1_000)
+        }
+    );
+    assert_eq!(
+        err.to_string(),
+        "version 1 was primary (since 1970-01-01T00:16:40Z), so objects may be stored under it although it \
+         served no Decrypt: an apiserver caches the seeds it made itself and only decrypts them after a restart, \
+         so Decrypt counts prove nothing for this version. Retire it only with a fresh scan that shows nothing \
+         stored under it (--scan), or pass --force to retire it anyway (objects stored under version 1 become \
+         unreadable until `kekd admin restore 1`)"
     );
     assert_eq!(
         states(&f)[0].1,
         KeyState::DecryptOnly,
         "refusal changed nothing"
     );
-    // Just outside the window, and with --force, it goes through.
-    let old = Some(t(100 * DAY - DAY));
+    // A version never promoted goes by its usage, as before.
     changed(
-        f.retire(v(1), now, old, DEFAULT_RETIRE_WINDOW, false)
+        f.retire(v(3), now, None, DEFAULT_RETIRE_WINDOW, RetireBasis::Usage)
+            .unwrap(),
+    );
+    // The scan (checked by the caller) or the override retire it.
+    changed(
+        f.retire(v(1), now, None, DEFAULT_RETIRE_WINDOW, RetireBasis::Scan)
             .unwrap(),
     );
     changed(f.restore(v(1)).unwrap());
     changed(
-        f.retire(v(1), now, recent, DEFAULT_RETIRE_WINDOW, true)
+        f.retire(v(1), now, None, DEFAULT_RETIRE_WINDOW, RetireBasis::Force)
             .unwrap(),
+    );
+    assert_eq!(
+        retire_risk(v(1)),
+        "retired without a scan: objects stored under version 1 become unreadable (at the latest when an \
+         apiserver restarts) until `kekd admin restore 1`"
     );
 }
 
@@ -251,7 +320,7 @@ fn restore_returns_never_promoted_versions_to_pending() {
     let mut f = fresh();
     changed(f.rotate(t(2), false, None).unwrap());
     changed(
-        f.retire(v(2), t(3), None, DEFAULT_RETIRE_WINDOW, false)
+        f.retire(v(2), t(3), None, DEFAULT_RETIRE_WINDOW, RetireBasis::Usage)
             .unwrap(),
     );
     let c = changed(f.restore(v(2)).unwrap());
@@ -275,7 +344,7 @@ fn successor_rules() {
     let mut g = KeyringFile::parse(f.encode().as_bytes()).unwrap();
     changed(g.promote(v(2), t(3)).unwrap());
     changed(
-        g.retire(v(1), t(4), None, DEFAULT_RETIRE_WINDOW, false)
+        g.retire(v(1), t(4), None, DEFAULT_RETIRE_WINDOW, RetireBasis::Scan)
             .unwrap(),
     );
     changed(g.destroy(v(1), t(5)).unwrap());
@@ -321,22 +390,23 @@ fn successor_rules() {
 #[test]
 fn retire_refuses_a_last_decrypt_later_than_the_clock_and_trusts_the_boot_clock() {
     let mut f = fresh();
-    changed(f.rotate(t(2), true, None).unwrap());
+    changed(f.rotate(t(2), false, None).unwrap());
     // The clock was set back 400 days after the server recorded a Decrypt.
     let now = t(1_000 * DAY);
     let future = Some(t(1_400 * DAY));
     let err = f
-        .retire(v(1), now, future, DEFAULT_RETIRE_WINDOW, false)
+        .retire(v(2), now, future, DEFAULT_RETIRE_WINDOW, RetireBasis::Usage)
         .unwrap_err();
     assert_eq!(
         err.to_string(),
-        "version 1 served a Decrypt at 1973-11-01T00:00:00Z, later than this host's clock says it is now \
+        "version 2 served a Decrypt at 1973-11-01T00:00:00Z, later than this host's clock says it is now \
          (1972-09-27T00:00:00Z): the clock has jumped back or differs from the server's; fix the clock \
-         (`timedatectl`) and run this again, or pass --force"
+         (`timedatectl`) and run this again, or retire it with a fresh scan showing nothing stored under it \
+         (--scan), or pass --force"
     );
     assert_eq!(
-        states(&f)[0].1,
-        KeyState::DecryptOnly,
+        states(&f)[1].1,
+        KeyState::Pending,
         "refusal changed nothing"
     );
 
@@ -344,31 +414,34 @@ fn retire_refuses_a_last_decrypt_later_than_the_clock_and_trusts_the_boot_clock(
     // clock says 5 s ago.
     let last = Some(t(600 * DAY));
     let err = KeyringFile::check_retire_by_boot_clock(
-        v(1),
+        v(2),
         Some(Duration::from_millis(5_900)),
         last,
         DEFAULT_RETIRE_WINDOW,
-        false,
+        RetireBasis::Usage,
     )
     .unwrap_err();
     assert_eq!(
         err.to_string(),
-        "version 1 served a Decrypt 5s ago by the system's boot clock, within the last 24h, although the wall \
-         clock puts it at 1971-08-24T00:00:00Z: the wall clock has jumped; apiservers may still need it (wait, \
-         migrate the data, or pass --force)"
+        "version 2 served a Decrypt 5s ago by the system's boot clock, within the last 24h, although the wall \
+         clock puts it at 1971-08-24T00:00:00Z: the wall clock has jumped; apiservers may still need it (wait \
+         until 24h after it, or retire it with a fresh scan showing nothing stored under it (--scan), or pass \
+         --force)"
     );
-    // Outside the window, unknown (another boot), or forced: no objection.
-    for (since, force) in [
-        (Some(Duration::from_secs(DAY)), false),
-        (None, false),
-        (Some(Duration::from_secs(5)), true),
+    // Outside the window, unknown (another boot), scanned or forced: no
+    // objection.
+    for (since, basis) in [
+        (Some(Duration::from_secs(DAY)), RetireBasis::Usage),
+        (None, RetireBasis::Usage),
+        (Some(Duration::from_secs(5)), RetireBasis::Scan),
+        (Some(Duration::from_secs(5)), RetireBasis::Force),
     ] {
-        KeyringFile::check_retire_by_boot_clock(v(1), since, last, DEFAULT_RETIRE_WINDOW, force)
+        KeyringFile::check_retire_by_boot_clock(v(2), since, last, DEFAULT_RETIRE_WINDOW, basis)
             .unwrap();
     }
     // --force also passes the future check.
     changed(
-        f.retire(v(1), now, future, DEFAULT_RETIRE_WINDOW, true)
+        f.retire(v(2), now, future, DEFAULT_RETIRE_WINDOW, RetireBasis::Force)
             .unwrap(),
     );
 }
