@@ -15,7 +15,7 @@
 #   KEKD_REQUIRE_ALL=1   a missing tool or a failed build is a failure, never a skip
 #   KEKD_E2E_CACHE=DIR   binary cache (default ${XDG_CACHE_HOME:-$HOME/.cache}/kekd-e2e)
 #   KEKD_E2E_SECRETS=N   Secrets created in step 1 (default 200)
-#   KEKD_E2E_STEPS="1 2 3 4 5 6 7 8"  which steps to run (1-3 always run with 4, 5 or 8)
+#   KEKD_E2E_STEPS="1 2 3 4 5 6 7 8 9"  which steps to run (1-3 always run with 4, 5 or 8; 6, 7, 9 stand alone)
 #   KEKD_E2E_KEEP=1      keep etcd's data directory after a passing run
 #   KEKD_E2E_BUILD_ONLY=1  only build (or find cached) kube-apiserver, kubectl, etcd, etcdctl and
 #                        e2ehelper, then stop: CI runs this before `cargo test` (tests/scan.rs needs etcd)
@@ -31,7 +31,7 @@ ETCD_VERSION=v3.7.3
 CACHE=${KEKD_E2E_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kekd-e2e}
 REQUIRE_ALL=${KEKD_REQUIRE_ALL:-0}
 N_SECRETS=${KEKD_E2E_SECRETS:-200}
-STEPS=${KEKD_E2E_STEPS:-1 2 3 4 5 6 7 8}
+STEPS=${KEKD_E2E_STEPS:-1 2 3 4 5 6 7 8 9}
 export GOTOOLCHAIN=local # go.mod files say go 1.26.0: never download a toolchain
 
 WORK=$(mktemp -d /tmp/kekd-e2e.XXXXXX)
@@ -139,7 +139,10 @@ stop_proc() {
 }
 
 cleanup() {
-    local name
+    local name f
+    for f in "$WORK"/node*/fs/run/systemd-kekd.pid; do # step 9's systemctl shim
+        [[ -s $f ]] && kill -s TERM "$(cat "$f")" 2>/dev/null
+    done
     for name in "${!PIDS[@]}"; do
         kill -s TERM "${PIDS[$name]}" 2>/dev/null
     done
@@ -162,7 +165,7 @@ finish() {
     for r in "${TIMINGS[@]}"; do echo "  $r"; done
     echo "  total $(since "$T0")s; logs of every process: $LOGS"
     if ((FAILED == 0)) && [[ ${KEKD_E2E_KEEP:-0} != 1 ]]; then
-        rm -rf "$WORK/etcd"
+        rm -rf "$WORK/etcd" "$WORK/etcd-docs"
     fi
     if ((SKIPPED > 0)); then
         echo "$PASSED passed, $FAILED failed, $SKIPPED skipped"
@@ -328,6 +331,8 @@ etcd_healthy() { etcdctl endpoint health >/dev/null 2>&1; }
 etcdctl() { "$ETCDCTL" --endpoints "$ETCD_URL" --command-timeout 20s "$@"; }
 
 declare -A NODE_KIND=() NODE_PORT=() NODE_PREFIX=()
+# Step 9's nodes: their own etcd (TLS) and EncryptionConfiguration ("" = none).
+declare -A NODE_ETCD=() NODE_ETCD_TLS=() NODE_ENC=()
 
 # The node's copy of OUR deploy/encryption-config.yaml, endpoint rewritten.
 encryption_config() {
@@ -401,8 +406,12 @@ start_apiserver() {
     local n=$1 t
     t=$(now)
     mkdir -p "$WORK/$n/certs"
+    local etcd_tls=() enc=(--encryption-provider-config="${NODE_ENC[$n]-$WORK/$n/encryption-config.yaml}")
+    [[ -n ${NODE_ENC[$n]-x} ]] || enc=()
+    # shellcheck disable=SC2206 # paths without spaces
+    [[ -n ${NODE_ETCD_TLS[$n]:-} ]] && etcd_tls=(${NODE_ETCD_TLS[$n]})
     start_proc "kube-apiserver-$n" "$KUBE_APISERVER" \
-        --etcd-servers="$ETCD_URL" --etcd-prefix="${NODE_PREFIX[$n]}" \
+        --etcd-servers="${NODE_ETCD[$n]:-$ETCD_URL}" --etcd-prefix="${NODE_PREFIX[$n]}" "${etcd_tls[@]}" \
         --bind-address=127.0.0.1 --advertise-address=127.0.0.1 --secure-port="${NODE_PORT[$n]}" \
         --cert-dir="$WORK/$n/certs" --tls-cert-file="$PKI/serving.crt" --tls-private-key-file="$PKI/serving.key" \
         --client-ca-file="$PKI/ca.crt" \
@@ -410,8 +419,7 @@ start_apiserver() {
         --service-account-key-file="$PKI/sa.pub" --service-account-signing-key-file="$PKI/sa.key" \
         --service-cluster-ip-range=10.96.0.0/24 --endpoint-reconciler-type=none \
         --authorization-mode=RBAC --profiling=false \
-        --encryption-provider-config="$WORK/$n/encryption-config.yaml" \
-        --v=2
+        "${enc[@]}" --v=2
     if check "node $n: kube-apiserver $K8S_VERSION ready on :${NODE_PORT[$n]} (/readyz ok)" wait_up 180 "kube-apiserver-$n" readyz_ok "$n" ""; then
         timing "kube-apiserver $n start to /readyz ok: $(since "$t")s"
     else
@@ -989,6 +997,362 @@ setup_hsm_node() {
         kekd_admin h init >>"$LOGS/admin.log" 2>&1
 }
 
+# ---------------------------------------------------------------- step 9
+
+# Every command block of docs/runbook.md and docs/rotation.md, verbatim: only
+# the paths of tests/e2e/README.md's table are substituted (docblocks.py),
+# and scp, ssh and systemctl are shims on PATH. Two nodes, node1 (kekd as the
+# systemd unit + kube-apiserver on a TLS etcd, kubeadm's certificate paths)
+# and node2 (a keyring: install step 2, the HA rollout); each has a root
+# $WORK/NODE/fs for /etc/kekd, /etc/kubernetes, /root, … and runs the blocks
+# from $WORK/NODE/src, which holds `kekd` and a copy of deploy/.
+
+DOCS_FILES=(docs/runbook.md docs/rotation.md)
+declare -A DOC_NEXT=() DOC_RAN=()
+DOC_OUT=
+
+# doc_exec NODE SCRIPT OUT ERR: runs one substituted command as the operator on NODE.
+doc_exec() {
+    (cd "$WORK/$1/src" && PATH="$WORK/docs/bin:$PATH" DOCS_DIR=$WORK DOCS_NODE=$1 DOCS_LOGS=$LOGS \
+        KUBECONFIG=$WORK/$1/fs/etc/kubernetes/admin.conf KEKD_BACKUP_PASSPHRASE=$DOCS_PASS \
+        bash -o pipefail "$2") >"$3" 2>"$4" </dev/null
+}
+
+# doc_try NODE ID: runs every command of the block; a command ending in
+# `# ok` or `# <number>` must print exactly that, any other must exit 0.
+doc_try() {
+    local n=$1 c r out rc want
+    DOC_OUT=
+    for c in "$WORK/docs/blocks/$2"/*.cmd; do
+        r=${c%.cmd}
+        python3 "$E2E_DIR/docblocks.py" subst "$WORK/docs/subst.json" "$n" <"$c" >"$r.run"
+        doc_exec "$n" "$r.run" "$r.out" "$r.err"
+        rc=$?
+        { echo "--- $n \$ $(cat "$r.run")"; cat "$r.out" "$r.err"; echo "--- exit $rc"; } >>"$LOGS/docs.log"
+        out=$(cat "$r.out")
+        DOC_OUT+=$out$'\n'
+        if [[ -f $r.expect ]]; then
+            want=$(cat "$r.expect")
+            [[ $out == "$want" ]] || { REASON="\`$(head -1 "$c")\` printed '$(head -c 200 <<<"$out")' (exit $rc), the doc says $want"; return 1; }
+        elif ((rc != 0)); then
+            REASON="\`$(head -1 "$c")\` exited $rc: $(tail -3 "$r.err" | head -c 400)"
+            return 1
+        fi
+    done
+}
+
+# doc_block NODE FILE PREFIX [RETRY_SECONDS [CHECK ARGS...]]: runs the next
+# block of FILE (in document order; marked blocks are passed over), which
+# must start with PREFIX, on NODE. With RETRY_SECONDS the block is run again
+# until it and CHECK (which reads DOC_OUT) pass, as the doc says to.
+doc_block() {
+    local n=$1 file=$2 prefix=$3 retry=${4:-0} i id line skip first deadline ids
+    shift 3
+    (($#)) && shift
+    mapfile -t ids < <(awk -F'\t' -v f="$file" '$2 == f {print $1 "\t" $3 "\t" $4 "\t" $5}' "$WORK/docs/blocks/index.tsv")
+    i=${DOC_NEXT[$file]:-0}
+    while ((i < ${#ids[@]})); do
+        IFS=$'\t' read -r id line skip first <<<"${ids[i]}"
+        [[ $skip == - ]] && break
+        info "$file:$line: marked not run ($skip)"
+        i=$((i + 1))
+    done
+    if ((i >= ${#ids[@]})); then
+        fail "$file: no command block left; the scenario expected \`$prefix…\`"
+        return 1
+    fi
+    DOC_NEXT[$file]=$((i + 1))
+    if [[ $first != "$prefix"* ]]; then
+        fail "$file:$line: the next command block is \`$first\`, step 9 expected \`$prefix…\` (the doc changed: update step9)"
+        return 1
+    fi
+    deadline=$(($(date +%s) + retry))
+    until doc_try "$n" "$id" && { (($# == 0)) || "$@"; }; do
+        if (($(date +%s) >= deadline)); then
+            fail "$file:$line on $n: \`$first\` — $REASON"
+            return 1
+        fi
+        sleep 1
+    done
+    DOC_RAN[$id]=1
+    pass "$file:$line on $n: \`$first\`$(((${#ids[@]} > 0)) && n_cmds "$id")"
+}
+n_cmds() {
+    local c
+    c=$(find "$WORK/docs/blocks/$1" -name '*.cmd' | wc -l)
+    ((c > 1)) && echo " (+$((c - 1)) more)"
+}
+
+# Checks of what a block printed (DOC_OUT).
+out_has() { grep -qF -- "$1" <<<"$DOC_OUT" || { REASON="its output lacks '$1'"; return 1; }; }
+# primary_encrypts V: `kekd admin list` shows V primary with ENCRYPTS >= 1.
+primary_encrypts() {
+    awk -v v="$1" '$1 == v && $2 == "primary" && $6 + 0 >= 1 {ok = 1} END {exit !ok}' <<<"$DOC_OUT" ||
+        { REASON="version $1 is not yet primary with ENCRYPTS >= 1"; return 1; }
+}
+probe_all_ok() { # `kekd admin probe` printed an ok line for each call
+    [[ $(awk '$1 == "ok" && ($2 == "status" || $2 == "encrypt" || $2 == "decrypt")' <<<"$DOC_OUT" | grep -c .) == 3 ]] ||
+        { REASON="not three ok lines (status, encrypt, decrypt)"; return 1; }
+}
+no_fail() { ! grep -q FAIL <<<"$DOC_OUT" || { REASON="a FAIL line: $(grep -m1 FAIL <<<"$DOC_OUT")"; return 1; }; }
+# hexdump -C shows the prefix in its text column, split over lines.
+hexdump_kms() { [[ $(grep -o '|.*|' <<<"$DOC_OUT" | tr -d '|\n') == *k8s:enc:kms:v2:kekd:* ]] || { REASON="no k8s:enc:kms:v2:kekd: in the hexdump"; return 1; }; }
+
+docs_keyring() { "$KEKD" admin list --keyring "$WORK/$1/fs/etc/kekd/keyring" --output json 2>>"$LOGS/admin.log" | "$HELPER" kekdlist; }
+docs_state() { docs_keyring "$1" | awk -v v="$2" '$1 == v {print $2}'; }
+same_keyring() {
+    diff <(docs_keyring "$1" | awk '$1 ~ /^[0-9]+$/ {print $1, $2, $3}') <(docs_keyring "$2" | awk '$1 ~ /^[0-9]+$/ {print $1, $2, $3}') >/dev/null ||
+        { REASON="node $1 and node $2 list different versions"; return 1; }
+}
+docs_etcdctl() {
+    local p=$WORK/node1/fs/etc/kubernetes/pki
+    "$ETCDCTL" --endpoints "$DOCS_ETCD" --cacert "$p/etcd/ca.crt" --cert "$p/apiserver-etcd-client.crt" --key "$p/apiserver-etcd-client.key" "$@"
+}
+docs_scan() {
+    local p=$WORK/node1/fs/etc/kubernetes/pki
+    "$KEKD" admin scan --keyring "$WORK/node1/fs/etc/kekd/keyring" --etcd-endpoints "$DOCS_ETCD" --cacert "$p/etcd/ca.crt" \
+        --cert "$p/apiserver-etcd-client.crt" --key "$p/apiserver-etcd-client.key" --output json >"$1" 2>>"$LOGS/scan.log"
+}
+docs_reads() { # the 20 labelled Secrets and 5 ConfigMaps read back with their values
+    local s c
+    s=$(kc node1 get secrets -n docs -l kekd-docs -o go-template --template='{{range .items}}{{.metadata.name}} {{index .data "token" | base64decode}}{{"\n"}}{{end}}' 2>&1)
+    c=$(kc node1 get configmaps -n docs -l kekd-docs -o go-template --template='{{range .items}}{{.metadata.name}} {{.data.token}}{{"\n"}}{{end}}' 2>&1)
+    [[ $(awk -v m="$MARKER" '$2 == m"-"$1' <<<"$s" | grep -c .) == 20 && $(awk -v m="$MARKER" '$2 == m"-"$1' <<<"$c" | grep -c .) == 5 ]] ||
+        { REASON="secrets: $(grep -c . <<<"$s") read; configmaps: $(grep -c . <<<"$c")"; return 1; }
+}
+docs_data() { # an existing cluster's data, written before encryption is on
+    local f=$WORK/docs/data.yaml i
+    {
+        echo "apiVersion: v1"
+        echo "kind: List"
+        echo "items:"
+        for ((i = 1; i <= 20; i++)); do
+            printf -- '- {apiVersion: v1, kind: Secret, metadata: {name: d-%02d, namespace: docs, labels: {kekd-docs: "1"}}, stringData: {token: "%s-d-%02d"}}\n' "$i" "$MARKER" "$i"
+        done
+        for ((i = 1; i <= 5; i++)); do
+            printf -- '- {apiVersion: v1, kind: ConfigMap, metadata: {name: c-%02d, namespace: docs, labels: {kekd-docs: "1"}}, data: {token: "%s-c-%02d"}}\n' "$i" "$MARKER" "$i"
+        done
+    } >"$f"
+    kc node1 create namespace docs >>"$LOGS/kubectl.log" 2>&1
+    [[ $(kc node1 create -f "$f" -o name 2>>"$LOGS/kubectl.log" | grep -c .) == 25 ]]
+}
+
+docs_shims() {
+    local b=$WORK/docs/bin
+    mkdir -p "$b"
+    ln -sf "$KEKD" "$b/kekd"
+    ln -sf "$KUBECTL" "$b/kubectl"
+    ln -sf "$ETCDCTL" "$b/etcdctl"
+    cat >"$b/scp" <<'EOF'
+#!/usr/bin/env bash
+# scp shim (tests/e2e step 9): the substitution made NODE:/path a local path.
+for a in "$@"; do
+    [[ $a == *:* ]] && { echo "scp shim: $a: a remote path the substitution did not map" >&2; exit 1; }
+done
+exec cp -- "$@"
+EOF
+    cat >"$b/ssh" <<'EOF'
+#!/usr/bin/env bash
+# ssh shim (tests/e2e step 9): `ssh NODE CMD…` runs CMD as on that node.
+host=$1
+shift
+[[ -d $DOCS_DIR/$host/fs ]] || { echo "ssh shim: unknown node $host" >&2; exit 255; }
+cd "$DOCS_DIR/$host/src" || exit 255
+DOCS_NODE=$host KUBECONFIG=$DOCS_DIR/$host/fs/etc/kubernetes/admin.conf exec bash -o pipefail -c "$*"
+EOF
+    cat >"$b/systemctl" <<'EOF'
+#!/usr/bin/env bash
+# systemctl shim (tests/e2e step 9): the node's kekd.service, started from
+# its ExecStart line (RuntimeDirectory made as systemd would).
+fs=$DOCS_DIR/$DOCS_NODE/fs
+pidf=$fs/run/systemd-kekd.pid
+unit=$fs/etc/systemd/system/kekd.service
+running() { [[ -s $pidf ]] && kill -0 "$(cat "$pidf")" 2>/dev/null; }
+start() {
+    running && return 0
+    [[ -f $unit ]] || { echo "systemctl shim: $unit not installed" >&2; exit 5; }
+    local cmd
+    cmd=$(sed -n 's/^ExecStart=//p' "$unit")
+    install -d -m 0750 "$fs/var/run/kekd"
+    # shellcheck disable=SC2086 # ExecStart is split on spaces, as systemd does here
+    setsid $cmd >>"$DOCS_LOGS/kekd-$DOCS_NODE.log" 2>&1 </dev/null &
+    echo $! >"$pidf"
+}
+stop() {
+    running || return 0
+    local pid i
+    pid=$(cat "$pidf")
+    kill -s TERM "$pid"
+    for ((i = 0; i < 200; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    rm -f "$pidf"
+}
+words=()
+for a in "$@"; do [[ $a == --* ]] || words+=("$a"); done
+if [[ ${words[0]} != daemon-reload && ${words[1]%.service} != kekd ]]; then
+    echo "systemctl shim: only kekd(.service): $*" >&2
+    exit 1
+fi
+case ${words[0]} in
+daemon-reload) ;;
+enable) [[ " $* " == *" --now "* ]] && start ;;
+start) start ;;
+stop) stop ;;
+restart) stop && start ;;
+status) running && echo "kekd.service: active (running), pid $(cat "$pidf")" || { echo "kekd.service: inactive"; exit 3; } ;;
+*) echo "systemctl shim: unsupported: $*" >&2; exit 1 ;;
+esac
+EOF
+    chmod 755 "$b/scp" "$b/ssh" "$b/systemctl"
+}
+
+# docs_node NODE OPS_PORT: the node's root and its release directory.
+docs_node() {
+    local n=$1 fs=$WORK/$1/fs f
+    mkdir -p "$fs"/etc/kubernetes/pki/etcd "$fs"/etc/kubernetes/manifests "$fs"/etc/systemd/system \
+        "$fs"/root "$fs"/usr/local/bin "$fs"/var/run "$fs"/run "$WORK/$n/src/deploy"
+    chmod 700 "$WORK/$n"
+    ln -s "$KEKD" "$WORK/$n/src/kekd"
+    for f in "$ROOT"/deploy/*; do
+        [[ -f $f ]] || continue
+        python3 "$E2E_DIR/docblocks.py" subst "$WORK/docs/subst.json" "$n" <"$f" >"$WORK/$n/src/deploy/${f##*/}"
+    done
+}
+
+docs_pki() { # kubeadm's etcd certificates, under node1's /etc/kubernetes/pki
+    local p=$WORK/node1/fs/etc/kubernetes/pki
+    (
+        cd "$p" || exit 1
+        set -e
+        ec="-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes"
+        # shellcheck disable=SC2086
+        openssl req -x509 $ec -keyout etcd/ca.key -out etcd/ca.crt -days 2 -subj /CN=etcd-ca
+        # shellcheck disable=SC2086
+        openssl req $ec -keyout etcd/server.key -out etcd/server.csr -subj /CN=etcd
+        printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n' >etcd/server.ext
+        openssl x509 -req -in etcd/server.csr -CA etcd/ca.crt -CAkey etcd/ca.key -CAcreateserial -days 2 -extfile etcd/server.ext -out etcd/server.crt
+        # shellcheck disable=SC2086
+        openssl req $ec -keyout apiserver-etcd-client.key -out client.csr -subj "/O=system:masters/CN=kube-apiserver-etcd-client"
+        printf 'extendedKeyUsage=clientAuth\n' >client.ext
+        openssl x509 -req -in client.csr -CA etcd/ca.crt -CAkey etcd/ca.key -CAcreateserial -days 2 -extfile client.ext -out apiserver-etcd-client.crt
+    ) >>"$LOGS/pki.log" 2>&1
+}
+
+docs_etcd_healthy() { docs_etcdctl endpoint health >/dev/null 2>&1; }
+
+step9() {
+    begin_step "step 9" "docs/runbook.md and docs/rotation.md: every command block, verbatim, on a real apiserver and etcd"
+    if ! command -v python3 >/dev/null || ! command -v openssl >/dev/null; then
+        missing "python3 and openssl are needed (docblocks.py; kubeadm-like etcd certificates)"
+        return 0
+    fi
+    local ports t fs1=$WORK/node1/fs p scan=$WORK/docs/scan.json
+    mapfile -t ports < <("$HELPER" ports 5)
+    DOCS_ETCD=https://127.0.0.1:${ports[0]}
+    DOCS_PASS="e2e docs passphrase $RUNID: correct horse battery staple"
+    mkdir -p "$WORK/docs"
+    printf '{"roots": {"node1": "%s", "node2": "%s"}, "ops": {"node1": %s, "node2": %s}, "etcd": "%s"}\n' \
+        "$fs1" "$WORK/node2/fs" "${ports[3]}" "${ports[4]}" "$DOCS_ETCD" >"$WORK/docs/subst.json"
+    python3 "$E2E_DIR/docblocks.py" extract "$WORK/docs/blocks" "${DOCS_FILES[@]/#/$ROOT/}" || { fail "docblocks.py extract"; return 1; }
+    sed -i "s#\t$ROOT/#\t#" "$WORK/docs/blocks/index.tsv"
+    info "$(wc -l <"$WORK/docs/blocks/index.tsv") command blocks in ${DOCS_FILES[*]}; substitutions: $WORK/docs/subst.json"
+    docs_shims
+    docs_node node1
+    docs_node node2
+    check "node1: deploy/encryption-config.yaml copy differs only in its endpoint" \
+        test "$(diff "$ROOT/deploy/encryption-config.yaml" "$WORK/node1/src/deploy/encryption-config.yaml" | grep -c '^>')" = 1
+    check "kubeadm's etcd certificates (etcd/ca.crt, apiserver-etcd-client.crt) made with openssl" docs_pki || return 1
+    p=$fs1/etc/kubernetes/pki
+    start_proc etcd-docs "$ETCD" --name docs --data-dir "$WORK/etcd-docs" \
+        --listen-client-urls "$DOCS_ETCD" --advertise-client-urls "$DOCS_ETCD" \
+        --listen-peer-urls "http://127.0.0.1:${ports[1]}" --initial-advertise-peer-urls "http://127.0.0.1:${ports[1]}" \
+        --initial-cluster "docs=http://127.0.0.1:${ports[1]}" --unsafe-no-fsync --log-level warn \
+        --cert-file "$p/etcd/server.crt" --key-file "$p/etcd/server.key" --trusted-ca-file "$p/etcd/ca.crt" --client-cert-auth
+    check "etcd with client-certificate TLS serves $DOCS_ETCD" wait_up 30 etcd-docs docs_etcd_healthy || return 1
+
+    # An existing cluster: the apiserver runs without encryption and holds data.
+    NODE_KIND[node1]=local NODE_PORT[node1]=${ports[2]} NODE_PREFIX[node1]=/registry
+    NODE_ETCD[node1]=$DOCS_ETCD NODE_ENC[node1]=""
+    NODE_ETCD_TLS[node1]="--etcd-cafile=$p/etcd/ca.crt --etcd-certfile=$p/apiserver-etcd-client.crt --etcd-keyfile=$p/apiserver-etcd-client.key"
+    kubeconfig node1
+    cp "$WORK/node1/kubeconfig" "$fs1/etc/kubernetes/admin.conf"
+    start_apiserver node1 || return 1
+    check "an existing cluster: 20 Secrets and 5 ConfigMaps written before encryption is on" docs_data || return 1
+
+    local R=docs/runbook.md O=docs/rotation.md
+    info "runbook §1 install"
+    doc_block node1 $R "install -d -m 0700 /etc/kekd" || return 1
+    check "install step 1: the backup is in node1's /root" compgen -G "$fs1/root/kekd-*.backup" >/dev/null
+    doc_block node2 $R "install -d -m 0700 /etc/kekd" 0 same_keyring node1 node2 || return 1
+    doc_block node1 $R "install -m 0600 deploy/kekd-static-pod.yaml"
+    doc_block node1 $R "install -m 0755 kekd /usr/local/bin/kekd" || return 1
+    doc_block node1 $R "curl -s http://127.0.0.1:9464/readyz" 30 probe_all_ok || return 1
+    doc_block node1 $R "install -D -m 0600 deploy/encryption-config.yaml" || return 1
+    doc_block node1 $R "kekd admin doctor" 0 no_fail
+    # Install step 6 (kubeadm, the kubelet): the apiserver restarts with the flag,
+    # and the kubelet's readiness probe (kubeadm: /readyz every second) runs.
+    stop_proc kube-apiserver-node1
+    NODE_ENC[node1]=$fs1/etc/kubernetes/enc/encryption-config.yaml
+    start_apiserver node1 || return 1
+    start_proc kubelet-probe-node1 bash -c "while sleep 1; do '$KUBECTL' --kubeconfig '$WORK/node1/kubeconfig' get --raw /readyz >/dev/null 2>&1; done"
+    doc_block node1 $R "kubectl get --raw='/readyz/kms-providers'" 60 || return 1
+    local out
+    out=$(kc node1 get --raw '/readyz/kms-provider-0' 2>&1)
+    check "the check the runbook used to name, /readyz/kms-provider-0, is NotFound on $K8S_VERSION" grep -q NotFound <<<"$out"
+    check "/readyz?verbose lists [+]kms-providers ok" grep -qF '[+]kms-providers ok' <<<"$(kc node1 get --raw '/readyz?verbose' 2>&1)"
+    check "kekd admin scan: every Secret and ConfigMap is kms:v2:kekd now, none identity" docs_scan "$scan"
+    check "scan: secrets and configmaps: 0 identity (install step 7 rewrote what was stored in plaintext)" \
+        test "$(scan_q "$scan" provider secrets identity)/$(scan_q "$scan" provider configmaps identity)" = 0/0
+    check "…and the 20 + 5 of the existing cluster read back" docs_reads
+    info "runbook §2 verify with etcd bytes"
+    doc_block node1 $R "kubectl create secret generic x" 0 hexdump_kms
+    info "runbook §3 rotate, §4 retire"
+    t=$(now)
+    doc_block node1 $R "kekd admin rotate --promote" || return 1
+    if doc_block node1 $R "kekd admin list --keyring /etc/kekd/keyring" 120 primary_encrypts 2; then
+        timing "docs: rotation 1 → 2 confirmed by \`kekd admin list\` (ENCRYPTS ≥ 1) after $(since "$t")s"
+    fi
+    doc_block node1 $R "kubectl get secrets -A -o json | kubectl replace -f -" || return 1
+    check "runbook §4: version 1 is retired" test "$(docs_state node1 1)" = retired
+    check "…and every Secret and ConfigMap still reads" docs_reads
+    info "runbook §5 back up and restore"
+    doc_block node1 $R "kekd admin backup --keyring /etc/kekd/keyring --out /root/kekd-2026-11-28.backup"
+    doc_block node1 $R "kekd admin accept-keyring"
+    info "rotation.md: one control-plane node"
+    t=$(now)
+    doc_block node1 $O "kekd admin rotate --promote" || return 1
+    if doc_block node1 $O "kekd admin list --keyring /etc/kekd/keyring" 120 primary_encrypts 3; then
+        timing "docs: rotation 2 → 3 confirmed by \`kekd admin list\` (ENCRYPTS ≥ 1) after $(since "$t")s"
+    fi
+    doc_block node1 $O "kubectl get secrets -A -o json | kubectl replace -f -" || return 1
+    check "rotation.md: version 2 is retired" test "$(docs_state node1 2)" = retired
+    info "rotation.md: several nodes (step 1, \`kekd admin rotate\`, is prose: run here)"
+    check "node1: kekd admin rotate (version 4 pending)" "$KEKD" admin rotate --keyring "$fs1/etc/kekd/keyring" >>"$LOGS/admin.log" 2>&1
+    doc_block node1 $O "scp /etc/kekd/keyring node2:/root/keyring.new" 0 same_keyring node1 node2
+    check "node2: version 4 is pending, the copy is gone" test "$(docs_state node2 4)" = pending -a ! -e "$WORK/node2/fs/root/keyring.new"
+    doc_block node1 $O "kekd admin scan --etcd-endpoints" 0 out_has "scan of /registry/"
+    # Nothing lost: a restarted apiserver (cold seed cache) reads everything.
+    stop_proc kube-apiserver-node1
+    start_apiserver node1 || return 1
+    check "after all of it, a restarted kube-apiserver reads every Secret and ConfigMap" wait_for 30 docs_reads
+    docs_coverage
+}
+
+# docs_coverage: a block neither run nor marked is a failure.
+docs_coverage() {
+    local id file line skip first ran=0 marked=0 missed=0
+    while IFS=$'\t' read -r id file line skip first; do
+        if [[ -n ${DOC_RAN[$id]:-} ]]; then
+            ran=$((ran + 1))
+        elif [[ $skip != - ]]; then
+            marked=$((marked + 1))
+        else
+            missed=$((missed + 1))
+            fail "$file:$line: command block \`$first\` was not run by step 9 and is not marked <!-- e2e-skip: … -->"
+        fi
+    done <"$WORK/docs/blocks/index.tsv"
+    check "every command block of ${DOCS_FILES[*]} ran ($ran) or is marked not run ($marked)" test "$missed" = 0 -a "$ran" -gt 0
+}
+
 # ---------------------------------------------------------------- main
 
 want() { [[ " $STEPS " == *" $1 "* ]]; }
@@ -1032,6 +1396,13 @@ main() {
             fi
             end_step
         fi
+    fi
+    if want 9; then
+        step9
+        end_step
+        local q
+        for q in kube-apiserver-node1 kubelet-probe-node1 etcd-docs; do stop_proc "$q"; done
+        FS=$WORK/node1/fs DOCS_DIR=$WORK DOCS_NODE=node1 "$WORK/docs/bin/systemctl" stop kekd 2>/dev/null
     fi
     finish
 }
