@@ -1082,8 +1082,10 @@ async fn a_refused_decrypt_does_not_break_the_calls_after_it() {
 // -------------------------------------------------------------- concurrency
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sixty_four_clients_through_a_pool_of_four_sessions() {
-    const CLIENTS: usize = 64;
+async fn forty_eight_clients_through_a_pool_of_four_sessions() {
+    // Within kekd's connection limit (64, with this test's own client and
+    // the self-check's), so no client is evicted mid-run.
+    const CLIENTS: usize = 48;
     const ROUNDS: usize = 20;
     let Some(token) = Token::create() else { return };
     let mut backend = token.backend("a");
