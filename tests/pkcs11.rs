@@ -3212,3 +3212,58 @@ async fn public_objects_churned_without_the_pin_never_fail_a_load() {
     assert!(reported <= 256, "{reported} objects logged one by one");
     assert_eq!(reported, distinct(&log), "an object was logged twice");
 }
+
+/// A PIN holder keeps a copy of an older metadata revision and, after a
+/// promotion, deletes the newest and puts the copy back under its own label:
+/// its MAC (bound to that revision) verifies, so only the keyring rules can
+/// catch it. The running kekd refuses it at the next reload (a primary never
+/// goes backwards) and keeps sealing under v2; admin commands see v1 as
+/// primary again. A node starting now takes it — the documented limit (a
+/// PIN holder can drive the token as kekd does), kept here so the docs stay
+/// precise about it.
+#[tokio::test]
+async fn a_pin_holder_replaying_an_older_revision_is_refused_while_serving() {
+    let Some(token) = Token::create() else { return };
+    let node = token.default_node("a");
+    let v1 = token.init(&node);
+    admin_json(&token, &node, "rotate", &[]);
+    let saved = token.read_value("data", "kekd-keyring@2").unwrap();
+    admin_json(&token, &node, "promote", &["2"]);
+    assert_eq!(metadata_labels(&token), ["kekd-keyring@3"]);
+    let v2 = v1.replace("/v1", "/v2");
+    let (server, client) = serving(&token, &node).await;
+    assert_eq!(status_key_id(&client).await, v2);
+
+    let out = token.tool(&[
+        "--delete-object",
+        "--type",
+        "data",
+        "--label",
+        "kekd-keyring@3",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    write_object(
+        &token,
+        true,
+        &saved,
+        &[
+            "--type",
+            "data",
+            "--private",
+            "--label",
+            "kekd-keyring@2",
+            "--application-label",
+            "kekd",
+        ],
+    );
+    server.wait_for_stderr("keyring change refused").await;
+    assert_eq!(status_key_id(&client).await, v2);
+    let sealed = client.clone().encrypt(seed(), &uid(1)).await.unwrap();
+    assert_eq!(sealed.key_id, v2, "sealed under the replayed primary");
+
+    // The limit: a node with no record of its own takes the replayed
+    // revision (v1 primary again).
+    let fresh = token.default_node("fresh");
+    let (_fresh_server, fresh_client) = serving(&token, &fresh).await;
+    assert_eq!(status_key_id(&fresh_client).await, v1);
+}
