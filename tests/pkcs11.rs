@@ -3094,3 +3094,178 @@ fn serve_refuses_a_state_dir_another_user_can_write() {
         assert!(!node.socket.exists(), "a socket was left behind");
     }
 }
+
+// ------------------------------------------- round 2: attacks on the hardening
+
+/// The file whose creation tells [`churn_child`] to stop.
+const CHURN_STOP: &str = "KEKD_TEST_CHURN_STOP";
+
+/// In a child process, **without the PIN**: keeps 100 public AES keys
+/// labelled `kekd-churn-<n>` in the token and replaces the oldest by a new
+/// one, as fast as the token allows, until the file `CHURN_STOP` exists;
+/// prints `churned=<n>`.
+fn churn_child() {
+    use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+    use cryptoki::object::{Attribute, KeyType, ObjectClass};
+
+    let var = |name: &str| std::env::var(name).unwrap();
+    let ctx = Pkcs11::new(softhsm::MODULE).unwrap();
+    ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
+        .unwrap();
+    let slot = ctx
+        .get_slots_with_token()
+        .unwrap()
+        .into_iter()
+        .find(|&s| ctx.get_token_info(s).unwrap().label().trim_end() == var(CHILD_LABEL))
+        .expect("the token's slot");
+    let session = ctx.open_rw_session(slot).unwrap();
+    let stop = std::path::PathBuf::from(var(CHURN_STOP));
+    let mut alive = std::collections::VecDeque::new();
+    let mut n: u32 = 0;
+    while !stop.exists() {
+        n += 1;
+        let handle = session
+            .create_object(&[
+                Attribute::Class(ObjectClass::SECRET_KEY),
+                Attribute::KeyType(KeyType::AES),
+                Attribute::Token(true),
+                Attribute::Private(false),
+                Attribute::Label(format!("kekd-churn-{n}").into_bytes()),
+                Attribute::Id([&[0xff][..], &n.to_be_bytes()].concat()),
+                Attribute::Value(vec![7; 32]),
+            ])
+            .unwrap();
+        alive.push_back(handle);
+        if alive.len() > 100 {
+            session.destroy_object(alive.pop_front().unwrap()).unwrap();
+        }
+    }
+    println!("churned={n}");
+}
+
+/// Someone without the PIN creates and deletes public look-alike objects
+/// as fast as the token allows, so objects vanish while kekd reads them. kekd
+/// only reports public objects: one gone mid-read is skipped, never a failed
+/// load (before the fix, reloads failed with "object handle is not valid",
+/// so a real rotation could be held off, and a start could fail). Each
+/// object is logged once, by label and CKA_ID, at most 256 in all (before,
+/// once per handle, remembered forever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn public_objects_churned_without_the_pin_never_fail_a_load() {
+    const TEST: &str = "public_objects_churned_without_the_pin_never_fail_a_load";
+    if std::env::var_os(CHILD).is_some() {
+        return churn_child();
+    }
+    let Some(token) = Token::create() else { return };
+    let node = token.default_node("a");
+    let key_id = token.init(&node);
+    let (server, client) = serving(&token, &node).await;
+    let stop = token.path().join("stop-churn");
+    let child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([TEST, "--exact", "--nocapture", "--test-threads=1"])
+        .env(CHILD, "1")
+        .env("SOFTHSM2_CONF", &token.conf)
+        .env(CHILD_LABEL, &token.label)
+        .env(CHURN_STOP, &stop)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Progress: each load logs the churned objects it had not seen. 200
+    // distinct ones are a few loads, each racing the deletions.
+    let distinct = |log: &str| {
+        log.lines()
+            .filter_map(|l| l.split("public secret key \"kekd-churn-").nth(1))
+            .filter_map(|rest| rest.split('"').next())
+            .collect::<HashSet<_>>()
+            .len()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while distinct(&server.stderr()) < 200 && !server.stderr().contains("keyring change refused") {
+        assert!(Instant::now() < deadline, "{}", server.stderr());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A rotation made meanwhile is picked up.
+    let out = token.admin(&node, "rotate", &["--promote"]);
+    assert_eq!(out.code(), 0, "{out:#?}");
+    let v2 = key_id.replace("/v1", "/v2");
+    eventually("the rotation is served", Duration::from_secs(15), || {
+        let c = client.clone();
+        let v2 = v2.clone();
+        async move {
+            let now = status_key_id(&c).await;
+            if now == v2 { Ok(()) } else { Err(now) }
+        }
+    })
+    .await;
+    // A start while look-alikes come and go works too.
+    let fresh = token.default_node("fresh");
+    let (_fresh_server, fresh_client) = serving(&token, &fresh).await;
+    assert_eq!(status_key_id(&fresh_client).await, v2);
+    fs::write(&stop, "").unwrap();
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(out.status.success(), "the churn child failed: {out:?}");
+    let log = server.stderr();
+    assert!(!log.contains("keyring change refused"), "{log}");
+    assert!(!log.contains("load the keyring failed"), "{log}");
+    let reported = log.matches("public secret key \"kekd-churn-").count();
+    assert!(reported <= 256, "{reported} objects logged one by one");
+    assert_eq!(reported, distinct(&log), "an object was logged twice");
+}
+
+/// A PIN holder keeps a copy of an older metadata revision and, after a
+/// promotion, deletes the newest and puts the copy back under its own label:
+/// its MAC (bound to that revision) verifies, so only the keyring rules can
+/// catch it. The running kekd refuses it at the next reload (a primary never
+/// goes backwards) and keeps sealing under v2; admin commands see v1 as
+/// primary again. A node starting now takes it — the documented limit (a
+/// PIN holder can drive the token as kekd does), kept here so the docs stay
+/// precise about it.
+#[tokio::test]
+async fn a_pin_holder_replaying_an_older_revision_is_refused_while_serving() {
+    let Some(token) = Token::create() else { return };
+    let node = token.default_node("a");
+    let v1 = token.init(&node);
+    admin_json(&token, &node, "rotate", &[]);
+    let saved = token.read_value("data", "kekd-keyring@2").unwrap();
+    admin_json(&token, &node, "promote", &["2"]);
+    assert_eq!(metadata_labels(&token), ["kekd-keyring@3"]);
+    let v2 = v1.replace("/v1", "/v2");
+    let (server, client) = serving(&token, &node).await;
+    assert_eq!(status_key_id(&client).await, v2);
+
+    let out = token.tool(&[
+        "--delete-object",
+        "--type",
+        "data",
+        "--label",
+        "kekd-keyring@3",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    write_object(
+        &token,
+        true,
+        &saved,
+        &[
+            "--type",
+            "data",
+            "--private",
+            "--label",
+            "kekd-keyring@2",
+            "--application-label",
+            "kekd",
+        ],
+    );
+    server.wait_for_stderr("keyring change refused").await;
+    assert_eq!(status_key_id(&client).await, v2);
+    let sealed = client.clone().encrypt(seed(), &uid(1)).await.unwrap();
+    assert_eq!(sealed.key_id, v2, "sealed under the replayed primary");
+
+    // The limit: a node with no record of its own takes the replayed
+    // revision (v1 primary again).
+    let fresh = token.default_node("fresh");
+    let (_fresh_server, fresh_client) = serving(&token, &fresh).await;
+    assert_eq!(status_key_id(&fresh_client).await, v1);
+}

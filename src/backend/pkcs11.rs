@@ -82,6 +82,8 @@ const APPLICATION: &str = "kekd";
 const TAG_BITS: u64 = 128;
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Most public look-alike objects logged (and remembered) one by one.
+const MAX_PUBLIC_REPORTED: usize = 256;
 
 /// Validated settings of the PKCS#11 backend.
 #[derive(Debug, Clone)]
@@ -348,6 +350,21 @@ fn is_connection_loss(e: &CkError) -> bool {
     )
 }
 
+/// An object deleted (by another process) since the search that found it.
+fn vanished(e: &CkError) -> bool {
+    matches!(e, CkError::Pkcs11(RvError::ObjectHandleInvalid, _))
+}
+
+/// The value of an attribute read for a report only: `None` when the object
+/// vanished or the token would not say; only a lost connection is an error.
+fn readable<T>(read: Result<T, CkError>) -> Result<Option<T>, CkError> {
+    match read {
+        Ok(v) => Ok(Some(v)),
+        Err(e) if is_connection_loss(&e) => Err(e),
+        Err(_) => Ok(None),
+    }
+}
+
 /// One process-wide context per module path: C_Initialize is process-global.
 fn context(module: &Path) -> Result<Pkcs11, Pkcs11Error> {
     static CONTEXTS: OnceLock<Mutex<HashMap<PathBuf, Pkcs11>>> = OnceLock::new();
@@ -387,7 +404,9 @@ pub struct Token {
     state: Mutex<Conn>,
     /// Signalled whenever a session goes back to the pool or is closed.
     freed: std::sync::Condvar,
-    /// Public objects already reported, so each is logged once.
+    /// Public objects already reported (by kind, label and `CKA_ID`, not by
+    /// handle), so each is logged once; at most `MAX_PUBLIC_REPORTED`, plus
+    /// `""` once the rest are summed up in one line.
     warned: Mutex<HashSet<String>>,
 }
 
@@ -826,7 +845,13 @@ impl Token {
             Attribute::Class(ObjectClass::DATA),
             Attribute::Application(APPLICATION.as_bytes().to_vec()),
         ]))? {
-            let label = objects::label(s, handle)?;
+            // Deleted since the search (another node's write dropping the
+            // revisions older than its own): not a revision any more.
+            let label = match objects::label(s, handle) {
+                Ok(label) => label,
+                Err(e) if vanished(&e) => continue,
+                Err(e) => return Err(e),
+            };
             let revision = label
                 .strip_prefix(&prefix)
                 .filter(|r| !r.starts_with('0'))
@@ -990,30 +1015,49 @@ impl Token {
 
     /// Logs, once each, the public objects that look like kekd's: kekd never
     /// makes one, so someone without the PIN did.
+    ///
+    /// Only a report: anyone who reaches the token can create and delete
+    /// public objects at will, so an object that is gone (or unreadable) by
+    /// the time its label is read is skipped, never a failed load; and at
+    /// most [`MAX_PUBLIC_REPORTED`] distinct objects are remembered and
+    /// logged, then one line says that more were not.
     fn report_public(&self, s: &Session, id: Option<&KeyringId>) -> Result<(), CkError> {
+        // (what identifies the object across handles, the log text)
         let mut seen = Vec::new();
         for handle in s.find_objects(&[
             Attribute::Class(ObjectClass::DATA),
             Attribute::Application(APPLICATION.as_bytes().to_vec()),
             Attribute::Private(false),
         ])? {
-            let label = objects::label(s, handle)?;
+            let Some(label) = readable(objects::label(s, handle))? else {
+                continue;
+            };
             if label.starts_with(&self.metadata_prefix()) {
-                seen.push(format!("data object {label:?} (handle {handle})"));
+                seen.push((
+                    format!("data {label:?}"),
+                    format!("data object {label:?} (handle {handle})"),
+                ));
             }
         }
         for handle in s.find_objects(&[
             Attribute::Class(ObjectClass::SECRET_KEY),
             Attribute::Private(false),
         ])? {
-            let label = objects::label(s, handle)?;
-            let object_id = objects::object_id(s, handle)?;
+            let Some(label) = readable(objects::label(s, handle))? else {
+                continue;
+            };
+            let Some(object_id) = readable(objects::object_id(s, handle))? else {
+                continue;
+            };
             if label.starts_with(&self.settings.key_label_prefix)
                 || id.is_some_and(|id| object_id.starts_with(id.as_bytes()))
             {
-                seen.push(format!(
-                    "secret key {label:?} (CKA_ID {}, handle {handle})",
-                    hex(&object_id)
+                seen.push((
+                    format!("secrkey {label:?} {}", hex(&object_id)),
+                    format!(
+                        "secret key {label:?} (CKA_ID {}, handle {handle})",
+                        hex(&object_id)
+                    ),
                 ));
             }
         }
@@ -1021,14 +1065,27 @@ impl Token {
             .warned
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        for object in seen {
-            if warned.insert(object.clone()) {
-                warn!(
-                    token = %self.settings.token_label,
-                    "public {object} ignored: kekd reads only private objects; it was created without the \
-                     PIN — delete it"
-                );
+        for (key, object) in seen {
+            if warned.contains(&key) {
+                continue;
             }
+            if warned.len() >= MAX_PUBLIC_REPORTED {
+                if warned.insert(String::new()) {
+                    warn!(
+                        token = %self.settings.token_label,
+                        "more public objects that look like kekd's ignored; {MAX_PUBLIC_REPORTED} were \
+                         logged, the others are not: kekd reads only private objects — list them with \
+                         `pkcs11-tool --list-objects` (without --login) and delete them"
+                    );
+                }
+                break;
+            }
+            warned.insert(key);
+            warn!(
+                token = %self.settings.token_label,
+                "public {object} ignored: kekd reads only private objects; it was created without the \
+                 PIN — delete it"
+            );
         }
         Ok(())
     }
