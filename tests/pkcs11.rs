@@ -3135,9 +3135,20 @@ fn churn_child() {
                 Attribute::Value(vec![7; 32]),
             ])
             .unwrap();
-        alive.push_back(handle);
+        let _ = handle;
+        alive.push_back(n);
         if alive.len() > 100 {
-            session.destroy_object(alive.pop_front().unwrap()).unwrap();
+            // By label: SoftHSM renumbers this session's handles when
+            // another process (kekd) changes the token.
+            let oldest = alive.pop_front().unwrap();
+            let found = session
+                .find_objects(&[Attribute::Label(
+                    format!("kekd-churn-{oldest}").into_bytes(),
+                )])
+                .unwrap();
+            for h in found {
+                session.destroy_object(h).unwrap();
+            }
         }
     }
     println!("churned={n}");

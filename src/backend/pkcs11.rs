@@ -351,8 +351,14 @@ fn is_connection_loss(e: &CkError) -> bool {
 }
 
 /// An object deleted (by another process) since the search that found it.
+/// How often one load reads the token again when a handle vanished mid-read.
+const LOAD_ATTEMPTS: u32 = 4;
+
 fn vanished(e: &CkError) -> bool {
-    matches!(e, CkError::Pkcs11(RvError::ObjectHandleInvalid, _))
+    matches!(
+        e,
+        CkError::Pkcs11(RvError::ObjectHandleInvalid | RvError::KeyHandleInvalid, _)
+    )
 }
 
 /// The value of an attribute read for a report only: `None` when the object
@@ -852,11 +858,7 @@ impl Token {
                 Err(e) if vanished(&e) => continue,
                 Err(e) => return Err(e),
             };
-            let revision = label
-                .strip_prefix(&prefix)
-                .filter(|r| !r.starts_with('0'))
-                .and_then(|r| r.parse::<u64>().ok());
-            if let Some(r) = revision {
+            if let Some(r) = revision_of(&label, &prefix) {
                 out.push((r, handle));
             }
         }
@@ -917,6 +919,13 @@ impl Token {
             }
             .into()
         };
+        // The next write is revision + 1: a revision kekd could never
+        // follow is not one it wrote.
+        if raw.revision == u64::MAX {
+            return Ok(Err(forged(
+                "its revision number is the largest possible, which kekd never writes".to_owned(),
+            )));
+        }
         let framed = match objects::split(&raw.value) {
             Ok(f) => f,
             Err(FrameError::Legacy) => {
@@ -1173,7 +1182,10 @@ impl Token {
             };
             let revision = match (&current, &old_encoded) {
                 (None, None) => 1,
-                (Some(c), Some(expected)) if c.body == expected.as_bytes() => c.revision + 1,
+                // `read_verified` refuses revision u64::MAX, so this cannot wrap.
+                (Some(c), Some(expected)) if c.body == expected.as_bytes() => {
+                    c.revision.saturating_add(1)
+                }
                 (Some(_), None) => {
                     return Ok(Err(Pkcs11Error::KeyringExists {
                         label: self.settings.token_label.clone(),
@@ -1445,53 +1457,67 @@ impl Backend for Pkcs11Backend {
     fn load(&self) -> Result<Keyring, BackendError> {
         let token = &self.token;
         let (file, keys, generation) = token.with_session("load the keyring", |s, g| {
-            let read = token.read_verified(s)?;
-            let id = match &read {
-                Ok(Some(v)) => Some(v.file.id),
-                _ => None,
-            };
-            token.report_public(s, id.as_ref())?;
-            let verified = match read {
-                Ok(Some(v)) => v,
-                Ok(None) => {
-                    return Ok(Err(BackendError::from(Pkcs11Error::NoKeyring {
-                        label: token.settings.token_label.clone(),
-                        prefix: token.settings.key_label_prefix.clone(),
-                    })));
-                }
-                Err(e) => return Ok(Err(e)),
-            };
-            // Resolve and check every key object now: a key deleted, planted
-            // or swapped behind kekd's back makes this keyring invalid
-            // rather than fail (or succeed under the wrong key) per call.
-            let id = verified.file.id;
-            let mut keys = BTreeMap::new();
-            for v in &verified.file.versions {
-                let version = v.info.version;
-                let Some(&check) = verified.checks.get(&version) else {
-                    continue; // no material (read_verified matched them up)
+            // One pass over the token's objects. A handle that vanishes
+            // mid-pass means the token changed under it (another node's
+            // write, objects created or deleted without the PIN; SoftHSM
+            // also renumbers handles when another process changes the
+            // token): read it again, a few times, before calling it an error.
+            let read_once = || {
+                let read = token.read_verified(s)?;
+                let id = match &read {
+                    Ok(Some(v)) => Some(v.file.id),
+                    _ => None,
                 };
-                let handle = match token.find_key_object(s, &id, Some(version))? {
-                    Ok(Some(h)) => h,
+                token.report_public(s, id.as_ref())?;
+                let verified = match read {
+                    Ok(Some(v)) => v,
                     Ok(None) => {
-                        return Ok(Err(Pkcs11Error::KeyMissing {
+                        return Ok(Err(BackendError::from(Pkcs11Error::NoKeyring {
+                            label: token.settings.token_label.clone(),
+                            prefix: token.settings.key_label_prefix.clone(),
+                        })));
+                    }
+                    Err(e) => return Ok(Err(e)),
+                };
+                // Resolve and check every key object now: a key deleted, planted
+                // or swapped behind kekd's back makes this keyring invalid
+                // rather than fail (or succeed under the wrong key) per call.
+                let id = verified.file.id;
+                let mut keys = BTreeMap::new();
+                for v in &verified.file.versions {
+                    let version = v.info.version;
+                    let Some(&check) = verified.checks.get(&version) else {
+                        continue; // no material (read_verified matched them up)
+                    };
+                    let handle = match token.find_key_object(s, &id, Some(version))? {
+                        Ok(Some(h)) => h,
+                        Ok(None) => {
+                            return Ok(Err(Pkcs11Error::KeyMissing {
+                                version,
+                                label: token.label_of(version),
+                            }
+                            .into()));
+                        }
+                        Err(e) => return Ok(Err(e.into())),
+                    };
+                    if !check.opens(s, handle, &objects::check_aad(&id, version))? {
+                        return Ok(Err(Pkcs11Error::CheckFailed {
                             version,
-                            label: token.label_of(version),
+                            label: objects::label(s, handle)?,
                         }
                         .into()));
                     }
-                    Err(e) => return Ok(Err(e.into())),
-                };
-                if !check.opens(s, handle, &objects::check_aad(&id, version))? {
-                    return Ok(Err(Pkcs11Error::CheckFailed {
-                        version,
-                        label: objects::label(s, handle)?,
-                    }
-                    .into()));
+                    keys.insert(version, (handle, check));
                 }
-                keys.insert(version, (handle, check));
+                Ok(Ok((verified.file, keys, g)))
+            };
+            let mut attempts = 1;
+            loop {
+                match read_once() {
+                    Err(e) if vanished(&e) && attempts < LOAD_ATTEMPTS => attempts += 1,
+                    read => break read,
+                }
             }
-            Ok(Ok((verified.file, keys, g)))
         })??;
         let id = file.id;
         let mut versions = Vec::with_capacity(file.versions.len());
@@ -1692,5 +1718,43 @@ impl Pkcs11Key {
         let mut bytes = self.object.object_id.clone();
         bytes.extend_from_slice(self.object.check.as_bytes());
         KeyFingerprint::of_public(b"kekd/pkcs11-key/v2\0", &bytes)
+    }
+}
+
+/// The revision a metadata label names: `<prefix><digits>`, no sign, no
+/// leading zero, no other spelling of the same number (so two objects can
+/// never claim one revision under different labels).
+fn revision_of(label: &str, prefix: &str) -> Option<u64> {
+    label
+        .strip_prefix(prefix)
+        .filter(|r| !r.starts_with('0') && !r.is_empty() && r.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|r| r.parse::<u64>().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::revision_of;
+
+    #[test]
+    fn a_revision_label_has_exactly_one_spelling() {
+        let p = "kekd-keyring@";
+        assert_eq!(revision_of("kekd-keyring@1", p), Some(1));
+        assert_eq!(
+            revision_of("kekd-keyring@18446744073709551615", p),
+            Some(u64::MAX)
+        );
+        for other in [
+            "kekd-keyring@",
+            "kekd-keyring@0",
+            "kekd-keyring@05",
+            "kekd-keyring@+5",
+            "kekd-keyring@-5",
+            "kekd-keyring@ 5",
+            "kekd-keyring@5 ",
+            "kekd-keyring@18446744073709551616",
+            "other-keyring@5",
+        ] {
+            assert_eq!(revision_of(other, p), None, "{other}");
+        }
     }
 }

@@ -261,7 +261,16 @@ impl Token {
         }
 
         // 5. Revision n+1 (the commit point), read back authenticated.
-        let revision = raw.revision + 1;
+        // An unverified (older kekd's) revision: refuse one that cannot be
+        // followed rather than wrap.
+        let Some(revision) = raw.revision.checked_add(1) else {
+            return Ok(Err(Pkcs11Error::MetadataForged {
+                label: raw.label.clone(),
+                reason: "its revision number is the largest possible, which kekd never writes"
+                    .to_owned(),
+            }
+            .into()));
+        };
         let body = file.encode();
         let created = self.create_revision(s, revision, &body, &checks, mac_key, mac_iv)?;
         match self.read_verified(s)? {
