@@ -846,11 +846,7 @@ async fn dev_mode_creates_then_reuses_its_keyring_and_prints_the_config() {
 async fn a_refused_hardening_step_is_logged() {
     let have_strace = Command::new("strace").arg("-V").output().is_ok();
     if !have_strace {
-        assert!(
-            std::env::var_os("KEKD_REQUIRE_ALL").is_none_or(|v| v != "1"),
-            "this test needs strace (KEKD_REQUIRE_ALL=1)"
-        );
-        eprintln!("SKIP: needs strace to inject EPERM");
+        common::skip::skip("strace not installed (it injects the EPERM): apt-get install -y strace");
         return;
     }
     let strace = |inner: &Command| {
@@ -940,6 +936,7 @@ fn examples(help: &str) -> Vec<String> {
 
 #[test]
 fn every_subcommand_help_has_examples_that_parse() {
+    let logs = tempdir_blocking();
     use clap::CommandFactory as _;
     let mut cli = kekd::cli::Cli::command();
     cli.build();
@@ -953,14 +950,14 @@ fn every_subcommand_help_has_examples_that_parse() {
         // What an operator sees: the binary's own --help.
         let mut cmd = kekd();
         cmd.args(path).arg("--help");
-        let out = run(cmd, Path::new("/nonexistent"));
+        let out = run(cmd, logs.path());
         assert_eq!(out.code(), 0, "{path:?}: {out:#?}");
         let lines = examples(&out.stdout);
         assert!(!lines.is_empty(), "{path:?} --help has no Examples: {}", out.stdout);
         for line in lines {
             let words: Vec<&str> = line.split_whitespace().collect();
             assert_eq!(words[..path.len() + 1], *[&["kekd"][..], &path.iter().map(String::as_str).collect::<Vec<_>>()].concat(), "{path:?}: {line}");
-            if let Err(e) = kekd::cli::Cli::try_parse_from(&words) {
+            if let Err(e) = <kekd::cli::Cli as clap::Parser>::try_parse_from(&words) {
                 panic!("{path:?}: the example `{line}` does not parse: {e}");
             }
         }
@@ -969,9 +966,10 @@ fn every_subcommand_help_has_examples_that_parse() {
 
 #[test]
 fn serve_help_says_what_the_concurrency_limits_do_and_groups_the_backend_flags() {
+    let logs = tempdir_blocking();
     let mut cmd = kekd();
     cmd.args(["serve", "--help"]);
-    let out = run(cmd, Path::new("/nonexistent"));
+    let out = run(cmd, logs.path());
     assert_eq!(out.code(), 0, "{out:#?}");
     let help = out.stdout.split_whitespace().collect::<Vec<_>>().join(" ");
     assert!(
@@ -987,7 +985,7 @@ fn serve_help_says_what_the_concurrency_limits_do_and_groups_the_backend_flags()
     for args in [&["serve", "--help"][..], &["admin", "list", "--help"]] {
         let mut cmd = kekd();
         cmd.args(args);
-        let out = run(cmd, Path::new("/nonexistent"));
+        let out = run(cmd, logs.path());
         let (before, after) = out
             .stdout
             .split_once("\nBackend (PKCS#11; or the [backend] table of --config):\n")
@@ -999,6 +997,7 @@ fn serve_help_says_what_the_concurrency_limits_do_and_groups_the_backend_flags()
 
 #[test]
 fn a_usage_error_under_output_json_is_a_json_document() {
+    let logs = tempdir_blocking();
     for args in [
         &["admin", "list", "--output", "json", "--no-such-flag"][..],
         &["admin", "retire", "x", "--output=json", "--keyring", "/k"],
@@ -1006,7 +1005,7 @@ fn a_usage_error_under_output_json_is_a_json_document() {
     ] {
         let mut cmd = kekd();
         cmd.args(args);
-        let out = run(cmd, Path::new("/nonexistent"));
+        let out = run(cmd, logs.path());
         assert_eq!(out.code(), common::EX_USAGE, "{args:?}: {out:#?}");
         let doc: serde_json::Value = serde_json::from_str(out.stdout.trim())
             .unwrap_or_else(|e| panic!("{args:?}: stdout is not one JSON document ({e}): {out:#?}"));
@@ -1019,7 +1018,7 @@ fn a_usage_error_under_output_json_is_a_json_document() {
     // Without --output json, stdout stays empty.
     let mut cmd = kekd();
     cmd.args(["admin", "list", "--no-such-flag"]);
-    let out = run(cmd, Path::new("/nonexistent"));
+    let out = run(cmd, logs.path());
     assert_eq!((out.code(), out.stdout.as_str()), (common::EX_USAGE, ""));
 }
 
@@ -1045,4 +1044,62 @@ fn a_closed_stdout_and_stderr_do_not_crash_serve() {
             .unwrap();
         assert_eq!(status.code(), Some(78), "{args:?}: {status:?}");
     }
+}
+
+// ------------------------------------------------------ skipped tests
+
+/// Skips itself when `KEKD_TEST_FORCE_SKIP=1` (run by the test below);
+/// otherwise does nothing.
+#[test]
+fn skip_helper_demo() {
+    if std::env::var_os("KEKD_TEST_FORCE_SKIP").is_some_and(|v| v == "1") {
+        common::skip::skip("a demonstration skip: nothing is missing");
+    }
+}
+
+#[test]
+fn a_skipped_test_is_named_in_one_line_at_the_end_of_the_run() {
+    let run = |require_all: Option<&str>| {
+        let mut cmd = Command::new(std::env::current_exe().unwrap());
+        cmd.args(["skip_helper_demo", "--exact", "--test-threads", "1"])
+            .env("KEKD_TEST_FORCE_SKIP", "1")
+            .env_remove("KEKD_REQUIRE_ALL");
+        if let Some(v) = require_all {
+            cmd.env("KEKD_REQUIRE_ALL", v);
+        }
+        // Reads stderr to its end: past the exit of the test binary, until
+        // the reporter it started has printed and closed it too.
+        cmd.output().unwrap()
+    };
+    let binary = std::env::current_exe()
+        .unwrap()
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .rsplit_once('-')
+        .unwrap()
+        .0
+        .to_owned();
+    let line = format!(
+        "*** SKIPPED 1 test(s) in {binary}: skip_helper_demo (a demonstration skip: nothing is missing) — set \
+         KEKD_REQUIRE_ALL=1 to make a skip a failure ***"
+    );
+    // Only "1" means required: any other value skips.
+    for value in [None, Some("0"), Some("yes")] {
+        let out = run(value);
+        assert!(out.status.success(), "{value:?}: {out:?}");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stdout.contains("test result: ok. 1 passed"), "{stdout}");
+        let lines: Vec<&str> = stderr.lines().filter(|l| l.starts_with("*** SKIPPED")).collect();
+        assert_eq!(lines, [line.as_str()], "{value:?}: {stderr}");
+    }
+    let out = run(Some("1"));
+    assert!(!out.status.success(), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("a demonstration skip: nothing is missing (KEKD_REQUIRE_ALL=1 forbids skipping)"),
+        "{stdout}"
+    );
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("*** SKIPPED"));
 }

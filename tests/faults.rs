@@ -63,13 +63,7 @@ fn available(what: &str, ok: bool, fix: &str) -> bool {
     if ok {
         return true;
     }
-    assert!(
-        std::env::var("KEKD_REQUIRE_ALL").as_deref() != Ok("1"),
-        "{what} is required: {fix} (KEKD_REQUIRE_ALL=1 forbids skipping)"
-    );
-    eprintln!(
-        "\n*** SKIPPED: {what} is not available ({fix}); set KEKD_REQUIRE_ALL=1 to make this a failure ***\n"
-    );
+    common::skip::skip(&format!("{what} is not available: {fix}"));
     false
 }
 
