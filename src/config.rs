@@ -845,10 +845,17 @@ mod tests {
         use std::path::Path;
         let path = Path::new("/etc/kekd/kekd.toml");
         let mode = |text: &str| {
-            super::Settings::from_toml(text, path).map(|s| s.socket_mode.map(|m| super::parse_mode(&m)))
+            super::Settings::from_toml(text, path)
+                .map(|s| s.socket_mode.map(|m| super::parse_mode(&m)))
         };
-        assert_eq!(mode("socket_mode = \"0660\"\n").unwrap().unwrap().unwrap(), 0o660);
-        assert_eq!(mode("socket_mode = 0o660\n").unwrap().unwrap().unwrap(), 0o660);
+        assert_eq!(
+            mode("socket_mode = \"0660\"\n").unwrap().unwrap().unwrap(),
+            0o660
+        );
+        assert_eq!(
+            mode("socket_mode = 0o660\n").unwrap().unwrap().unwrap(),
+            0o660
+        );
         // Decimal 660 is not 0660: its bits include the sticky bit, refused.
         assert!(mode("socket_mode = 660\n").unwrap().unwrap().is_err());
         let e = mode("socket_mode = 0660\n").unwrap_err().to_string();

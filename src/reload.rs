@@ -123,7 +123,9 @@ pub async fn try_reload(state: &Arc<ServingState>, backend: &Arc<dyn Backend>) -
         // problem reported earlier is gone.
         if state.set_reload_error(None) {
             publish(state).await;
-            info!("keyring problem resolved: the keyring is valid again and unchanged from the one served");
+            info!(
+                "keyring problem resolved: the keyring is valid again and unchanged from the one served"
+            );
         }
         state.metrics().reload("unchanged", Timestamp::now().unix());
         return false;

@@ -903,11 +903,15 @@ fn json_output_of_every_command() {
             "primary",
             "versions",
             "server",
+            "server_running",
+            "reload_pending",
             "reload_error",
             "usage_updated",
         ],
     );
     assert_eq!(doc["keyring"], k);
+    // No server ever recorded itself: neither running nor behind.
+    assert!(doc["server_running"].is_null() && doc["reload_pending"] == false);
     assert_eq!(doc["keyring_id"], ring.id().as_str());
     assert_eq!(doc["primary"], 3);
     assert!(
@@ -1326,7 +1330,6 @@ const NOBODY: u32 = 65534;
 fn is_root() -> bool {
     rustix::process::geteuid().is_root()
 }
-
 
 /// Whether a test that needs a second uid can run (root and setpriv).
 fn can_switch_users(test: &str) -> bool {

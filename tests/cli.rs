@@ -846,7 +846,9 @@ async fn dev_mode_creates_then_reuses_its_keyring_and_prints_the_config() {
 async fn a_refused_hardening_step_is_logged() {
     let have_strace = Command::new("strace").arg("-V").output().is_ok();
     if !have_strace {
-        common::skip::skip("strace not installed (it injects the EPERM): apt-get install -y strace");
+        common::skip::skip(
+            "strace not installed (it injects the EPERM): apt-get install -y strace",
+        );
         return;
     }
     let strace = |inner: &Command| {
@@ -953,10 +955,22 @@ fn every_subcommand_help_has_examples_that_parse() {
         let out = run(cmd, logs.path());
         assert_eq!(out.code(), 0, "{path:?}: {out:#?}");
         let lines = examples(&out.stdout);
-        assert!(!lines.is_empty(), "{path:?} --help has no Examples: {}", out.stdout);
+        assert!(
+            !lines.is_empty(),
+            "{path:?} --help has no Examples: {}",
+            out.stdout
+        );
         for line in lines {
             let words: Vec<&str> = line.split_whitespace().collect();
-            assert_eq!(words[..path.len() + 1], *[&["kekd"][..], &path.iter().map(String::as_str).collect::<Vec<_>>()].concat(), "{path:?}: {line}");
+            assert_eq!(
+                words[..path.len() + 1],
+                *[
+                    &["kekd"][..],
+                    &path.iter().map(String::as_str).collect::<Vec<_>>()
+                ]
+                .concat(),
+                "{path:?}: {line}"
+            );
             if let Err(e) = <kekd::cli::Cli as clap::Parser>::try_parse_from(&words) {
                 panic!("{path:?}: the example `{line}` does not parse: {e}");
             }
@@ -991,7 +1005,11 @@ fn serve_help_says_what_the_concurrency_limits_do_and_groups_the_backend_flags()
             .split_once("\nBackend (PKCS#11; or the [backend] table of --config):\n")
             .unwrap_or_else(|| panic!("{args:?}: no backend heading: {}", out.stdout));
         assert!(!before.contains("--pkcs11-"), "{args:?}: {}", out.stdout);
-        assert!(after.contains("--pkcs11-module"), "{args:?}: {}", out.stdout);
+        assert!(
+            after.contains("--pkcs11-module"),
+            "{args:?}: {}",
+            out.stdout
+        );
     }
 }
 
@@ -1007,8 +1025,9 @@ fn a_usage_error_under_output_json_is_a_json_document() {
         cmd.args(args);
         let out = run(cmd, logs.path());
         assert_eq!(out.code(), common::EX_USAGE, "{args:?}: {out:#?}");
-        let doc: serde_json::Value = serde_json::from_str(out.stdout.trim())
-            .unwrap_or_else(|e| panic!("{args:?}: stdout is not one JSON document ({e}): {out:#?}"));
+        let doc: serde_json::Value = serde_json::from_str(out.stdout.trim()).unwrap_or_else(|e| {
+            panic!("{args:?}: stdout is not one JSON document ({e}): {out:#?}")
+        });
         assert_eq!(doc["exit_code"], common::EX_USAGE, "{doc:#}");
         let error = doc["error"].as_str().unwrap();
         assert!(!error.is_empty() && !error.starts_with("error:"), "{doc:#}");
@@ -1028,10 +1047,19 @@ fn a_closed_stdout_and_stderr_do_not_crash_serve() {
     let dir = tempdir_blocking();
     for args in [
         // A configuration error: exit 78, message to a closed stderr.
-        vec!["serve".to_owned(), "--socket".to_owned(), p(&dir.path().join("s.sock"))],
+        vec![
+            "serve".to_owned(),
+            "--socket".to_owned(),
+            p(&dir.path().join("s.sock")),
+        ],
         // --dev: the keyring line and the EncryptionConfiguration to a
         // closed pipe; with a mode open to others it then stops with 78.
-        vec!["serve".to_owned(), "--dev".to_owned(), "--socket-mode".to_owned(), "0666".to_owned()],
+        vec![
+            "serve".to_owned(),
+            "--dev".to_owned(),
+            "--socket-mode".to_owned(),
+            "0666".to_owned(),
+        ],
     ] {
         let (reader, writer) = std::io::pipe().unwrap();
         drop(reader);
@@ -1091,14 +1119,19 @@ fn a_skipped_test_is_named_in_one_line_at_the_end_of_the_run() {
         let stdout = String::from_utf8_lossy(&out.stdout);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stdout.contains("test result: ok. 1 passed"), "{stdout}");
-        let lines: Vec<&str> = stderr.lines().filter(|l| l.starts_with("*** SKIPPED")).collect();
+        let lines: Vec<&str> = stderr
+            .lines()
+            .filter(|l| l.starts_with("*** SKIPPED"))
+            .collect();
         assert_eq!(lines, [line.as_str()], "{value:?}: {stderr}");
     }
     let out = run(Some("1"));
     assert!(!out.status.success(), "{out:?}");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
-        stdout.contains("a demonstration skip: nothing is missing (KEKD_REQUIRE_ALL=1 forbids skipping)"),
+        stdout.contains(
+            "a demonstration skip: nothing is missing (KEKD_REQUIRE_ALL=1 forbids skipping)"
+        ),
         "{stdout}"
     );
     assert!(!String::from_utf8_lossy(&out.stderr).contains("*** SKIPPED"));

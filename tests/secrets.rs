@@ -160,7 +160,6 @@ fn is_root() -> bool {
     rustix::process::geteuid().is_root()
 }
 
-
 struct Node {
     dir: tempfile::TempDir,
     keyring: PathBuf,

@@ -27,16 +27,12 @@ pub fn required() -> bool {
 /// it). Panics instead under `KEKD_REQUIRE_ALL=1`. The caller returns.
 #[track_caller]
 pub fn skip(why: &str) {
-    assert!(
-        !required(),
-        "{why} (KEKD_REQUIRE_ALL=1 forbids skipping)"
-    );
-    let test = std::thread::current()
-        .name()
-        .unwrap_or("a test")
-        .to_owned();
+    assert!(!required(), "{why} (KEKD_REQUIRE_ALL=1 forbids skipping)");
+    let test = std::thread::current().name().unwrap_or("a test").to_owned();
     eprintln!("SKIPPED {test}: {why}");
-    let mut state = SKIPPED.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut state = SKIPPED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     state.skipped.push((test, why.to_owned()));
     let line = summary(&state.skipped);
     if state.reporter.is_none() {

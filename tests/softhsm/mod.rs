@@ -103,7 +103,9 @@ impl Token {
     /// `KEKD_REQUIRE_ALL=1`.
     pub fn create() -> Option<Self> {
         if let Some(what) = missing() {
-            crate::common::skip::skip(&format!("softhsm2 not installed (missing: {what}): {INSTALL}"));
+            crate::common::skip::skip(&format!(
+                "softhsm2 not installed (missing: {what}): {INSTALL}"
+            ));
             return None;
         }
         // Short, so socket paths inside stay far below the 107-byte limit.

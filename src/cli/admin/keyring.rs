@@ -813,7 +813,10 @@ pub fn list(t: &Target) -> Result<(), CliError> {
 /// Whether process `pid` exists (in this PID namespace). A process of
 /// another uid exists too: the signal is refused, not unknown.
 fn process_alive(pid: u32) -> bool {
-    let Some(pid) = i32::try_from(pid).ok().and_then(rustix::process::Pid::from_raw) else {
+    let Some(pid) = i32::try_from(pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+    else {
         return false;
     };
     !matches!(
