@@ -134,6 +134,16 @@ pub(crate) fn damaged_hint(path: &Path) -> String {
     )
 }
 
+/// A keyring is already there: a refusal (exit 1), like every step that
+/// would lose keys, not a problem with that keyring (78).
+fn init_error(e: BackendError) -> CliError {
+    match e {
+        BackendError::Store(e @ StoreError::AlreadyExists { .. }) => CliError::runtime(e),
+        BackendError::Pkcs11(e @ Pkcs11Error::KeyringExists { .. }) => CliError::runtime(e),
+        e => backend_error(e),
+    }
+}
+
 /// `kekd admin init`.
 ///
 /// # Errors
@@ -158,16 +168,12 @@ pub fn init(t: &Target) -> Result<(), CliError> {
     let anchor = store.anchor();
     let _lock = store::lock(&anchor, lock_wait()).map_err(store_error)?;
     let now = Timestamp::now();
-    let file = store.generate(now).map_err(backend_error)?;
+    let file = store.generate(now).map_err(init_error)?;
     let not_durable = match store.create(&file) {
-        // A keyring is there: a refusal (exit 1), like every step that
-        // would lose keys, not a problem with that keyring (78).
-        Err(BackendError::Store(e @ StoreError::AlreadyExists { .. })) => {
-            return Err(CliError::runtime(e));
-        }
-        Err(BackendError::Pkcs11(e @ Pkcs11Error::KeyringExists { .. })) => {
-            return Err(CliError::runtime(e));
-        }
+        Err(
+            e @ (BackendError::Store(StoreError::AlreadyExists { .. })
+            | BackendError::Pkcs11(Pkcs11Error::KeyringExists { .. })),
+        ) => return Err(init_error(e)),
         result => written(result)?,
     };
     let version = KeyVersion::FIRST;
