@@ -2,7 +2,9 @@
 //!
 //! Each subcommand group has its own file with its `Args` and a `run()`.
 //! Errors leave here as [`CliError`], carrying the process exit code:
-//! 0 ok, 1 runtime failure, 64 usage, 78 configuration or keyring problem.
+//! 0 ok, 1 runtime failure, 64 usage, 75 keyring locked (admin), 78
+//! configuration or keyring problem. A usage error of a command line that
+//! asks for `--output json` is also reported as one JSON document on stdout.
 
 pub mod admin;
 pub mod serve;
@@ -24,6 +26,10 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve the KMS v2 API on a Unix socket.
+    #[command(after_help = "Examples:\n\
+        \x20 kekd serve --keyring /etc/kekd/keyring --socket /var/run/kekd/kms.sock\n\
+        \x20 kekd serve --config /etc/kekd/kekd.toml\n\
+        \x20 kekd serve --dev")]
     Serve(Box<serve::ServeArgs>),
     /// Manage keyrings and check a running plugin.
     #[command(subcommand)]
@@ -92,4 +98,47 @@ impl CliError {
     pub fn runtime(e: impl std::fmt::Display) -> Self {
         Self::new(Self::RUNTIME, e)
     }
+}
+
+/// Whether a command line asks for `--output json` (`--output json` or
+/// `--output=json`, before any `--`), looked at when clap refused it.
+pub fn wants_json<I, S>(args: I) -> bool
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let mut previous_was_output = false;
+    for arg in args {
+        let arg = arg.as_ref();
+        if arg == "--" {
+            return false;
+        }
+        if (previous_was_output && arg == "json") || arg == "--output=json" {
+            return true;
+        }
+        previous_was_output = arg == "--output";
+    }
+    false
+}
+
+/// The JSON document of a usage error: clap's message (first line, without
+/// its `error: ` prefix) as `error`, its whole text (with the usage line
+/// and hint) as `detail`, and the exit code — the shape every admin
+/// command's failure has.
+pub fn usage_error_json(rendered: &str, exit_code: u8) -> serde_json::Value {
+    let first = rendered.lines().next().unwrap_or_default();
+    let message = first.strip_prefix("error: ").unwrap_or(first);
+    serde_json::json!({
+        "error": message,
+        "exit_code": exit_code,
+        "detail": rendered.trim_end(),
+    })
+}
+
+/// Prints one JSON document on stdout; a closed stdout is ignored (the exit
+/// code still tells).
+pub fn print_json_line(doc: &serde_json::Value) {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{doc}").and_then(|()| out.flush());
 }

@@ -59,6 +59,7 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/kekd";
 /// Where the KEKs live: the `[backend]` table of the config file, or flags.
 #[derive(Debug, Default, Clone, clap::Args, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[command(next_help_heading = "Backend (PKCS#11; or the [backend] table of --config)")]
 pub struct BackendSettings {
     /// `local` (keyring file) or `pkcs11` (HSM token) [default: local].
     #[arg(long = "backend", env = "KEKD_BACKEND", value_name = "KIND")]
@@ -262,6 +263,7 @@ pub struct Settings {
     pub socket: Option<PathBuf>,
     /// Socket permission bits, octal [default: 0600]; other-user bits are refused.
     #[arg(long, env = "KEKD_SOCKET_MODE", value_name = "OCTAL")]
+    #[serde(default, deserialize_with = "mode_from_toml")]
     pub socket_mode: Option<String>,
     /// Group owning the socket (name in /etc/group or numeric gid); use with mode 0660.
     #[arg(long, env = "KEKD_SOCKET_GROUP", value_name = "GROUP")]
@@ -269,7 +271,7 @@ pub struct Settings {
     /// Largest accepted gRPC request in bytes [default: 65536].
     #[arg(long, env = "KEKD_MAX_REQUEST_BYTES", value_name = "BYTES")]
     pub max_request_bytes: Option<usize>,
-    /// Most Encrypt/Decrypt calls running at once, all connections together; at most 8 per CPU (or the HSM pool) run [default: 1024].
+    /// Most Encrypt/Decrypt calls running at once, all connections together (more wait; Status never does), capped at 8 per CPU or, when larger, the PKCS#11 pool size; also caps --max-streams-per-connection [default: 1024].
     #[arg(long, env = "KEKD_MAX_CONCURRENCY", value_name = "N")]
     pub max_concurrency: Option<usize>,
     /// Request bytes one connection's calls may hold at once, charged as they arrive; a call past it is refused with RESOURCE_EXHAUSTED [default: 262144].
@@ -373,9 +375,19 @@ impl Settings {
     /// TOML syntax, unknown keys or wrong types.
     #[doc(hidden)]
     pub fn from_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError::File {
-            path: path.to_owned(),
-            reason: e.to_string().trim_end().to_owned(),
+        toml::from_str(text).map_err(|e| {
+            let mut reason = e.to_string().trim_end().to_owned();
+            // `socket_mode = 0660` is how a mode is written everywhere but
+            // in TOML, which has no leading-zero integers.
+            if reason.contains("leading zero") {
+                reason.push_str(
+                    "\nhint: write a mode as a string, `socket_mode = \"0660\"` (or as a TOML octal, 0o660)",
+                );
+            }
+            ConfigError::File {
+                path: path.to_owned(),
+                reason,
+            }
         })
     }
 
@@ -723,6 +735,21 @@ fn resolve_ops_limits(s: &Settings) -> Result<crate::ops::OpsLimits, ConfigError
     })
 }
 
+/// `socket_mode` in TOML: a string (`"0660"`) or an integer, which TOML
+/// can write in octal (`0o660`); the integer's value is the mode bits.
+fn mode_from_toml<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Mode {
+        Text(String),
+        Bits(u32),
+    }
+    Ok(Option::<Mode>::deserialize(d)?.map(|m| match m {
+        Mode::Text(t) => t,
+        Mode::Bits(b) => format!("0o{b:o}"),
+    }))
+}
+
 fn parse_mode(s: &str) -> Result<u32, ConfigError> {
     let invalid = |reason: &str| ConfigError::Invalid {
         what: "socket_mode",
@@ -813,6 +840,32 @@ pub enum ConfigError {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn socket_mode_in_toml_takes_a_string_or_an_octal_integer_and_hints_at_a_leading_zero() {
+        use std::path::Path;
+        let path = Path::new("/etc/kekd/kekd.toml");
+        let mode = |text: &str| {
+            super::Settings::from_toml(text, path)
+                .map(|s| s.socket_mode.map(|m| super::parse_mode(&m)))
+        };
+        assert_eq!(
+            mode("socket_mode = \"0660\"\n").unwrap().unwrap().unwrap(),
+            0o660
+        );
+        assert_eq!(
+            mode("socket_mode = 0o660\n").unwrap().unwrap().unwrap(),
+            0o660
+        );
+        // Decimal 660 is not 0660: its bits include the sticky bit, refused.
+        assert!(mode("socket_mode = 660\n").unwrap().unwrap().is_err());
+        let e = mode("socket_mode = 0660\n").unwrap_err().to_string();
+        assert!(e.contains("leading zero"), "{e}");
+        assert!(
+            e.contains("hint: write a mode as a string, `socket_mode = \"0660\"` (or as a TOML octal, 0o660)"),
+            "{e}"
+        );
+    }
+
     use super::*;
 
     #[test]

@@ -1,5 +1,6 @@
 //! The `kekd` binary: parse the command line, run, turn errors into exit codes.
 
+use std::io::Write as _;
 use std::process::ExitCode;
 
 use clap::Parser as _;
@@ -15,17 +16,27 @@ fn main() -> ExitCode {
     let cli = match kekd::cli::Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
+            // A closed stdout or stderr (`| head`) must not turn into a panic.
             let _ = e.print();
             return match e.kind() {
                 ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => ExitCode::SUCCESS,
-                _ => ExitCode::from(EXIT_USAGE),
+                _ => {
+                    if kekd::cli::wants_json(std::env::args_os()) {
+                        kekd::cli::print_json_line(&kekd::cli::usage_error_json(
+                            &e.render().to_string(),
+                            EXIT_USAGE,
+                        ));
+                    }
+                    ExitCode::from(EXIT_USAGE)
+                }
             };
         }
     };
     match cli.run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("kekd: error: {e}");
+            // Best effort: the exit code says it all when stderr is gone.
+            let _ = writeln!(std::io::stderr(), "kekd: error: {e}");
             ExitCode::from(e.code)
         }
     }

@@ -58,7 +58,7 @@ pub async fn reload_loop(
 
 /// Loads the backend's keyring and swaps it in if it is a valid successor.
 /// Returns whether the snapshot changed.
-pub async fn try_reload(state: &ServingState, backend: &Arc<dyn Backend>) -> bool {
+pub async fn try_reload(state: &Arc<ServingState>, backend: &Arc<dyn Backend>) -> bool {
     let loader = Arc::clone(backend);
     // A local keyring's raw keys pass through this thread's stack while
     // the file is parsed and each cipher built: zeroed before it returns.
@@ -100,10 +100,11 @@ pub async fn try_reload(state: &ServingState, backend: &Arc<dyn Backend>) -> boo
                      bring the token back or restore its objects, and do not run `kekd admin init`",
                     backend.describe()
                 ),
-            );
+            )
+            .await;
         }
-        Ok(Err(e)) => return refuse(state, e.to_string()),
-        Err(e) => return refuse(state, format!("keyring load task failed: {e}")),
+        Ok(Err(e)) => return refuse(state, e.to_string()).await,
+        Err(e) => return refuse(state, format!("keyring load task failed: {e}")).await,
     };
     let current = state.current();
     if let Err(e) = check_successor(
@@ -112,15 +113,20 @@ pub async fn try_reload(state: &ServingState, backend: &Arc<dyn Backend>) -> boo
         keyring.id(),
         &keyring.views(),
     ) {
-        return refuse(state, format!("{}: {e}", backend.describe()));
+        return refuse(state, format!("{}: {e}", backend.describe())).await;
     }
     if let Err(e) = keyring.self_check().await {
-        return refuse(state, format!("{}: {e}", backend.describe()));
+        return refuse(state, format!("{}: {e}", backend.describe())).await;
     }
     if keyring.versions().eq(current.keyring.versions()) {
         // Same keyring (a touch, or a token poll): keep the snapshot, but a
         // problem reported earlier is gone.
-        state.set_reload_error(None);
+        if state.set_reload_error(None) {
+            publish(state).await;
+            info!(
+                "keyring problem resolved: the keyring is valid again and unchanged from the one served"
+            );
+        }
         state.metrics().reload("unchanged", Timestamp::now().unix());
         return false;
     }
@@ -129,30 +135,48 @@ pub async fn try_reload(state: &ServingState, backend: &Arc<dyn Backend>) -> boo
         keyring.primary_key_id().clone(),
     );
     let served = Served::of(&keyring);
+    let had_problem = state.reload_error().is_some();
     state.swap(Snapshot::new(keyring, Timestamp::now(), true));
+    // `kekd admin list` and `probe --keyring` read what is served (and any
+    // refusal) from the usage file: publish the change now, not at the
+    // next periodic flush.
+    publish(state).await;
     // A restart must not go back below what is served now.
     if let Some(anchor) = backend.state_anchor() {
         let _ = tokio::task::spawn_blocking(move || note_served(&anchor, served)).await;
     }
     state.metrics().reload("applied", Timestamp::now().unix());
-    state.event(Event::SnapshotSwitched {
-        from: old_id.to_string(),
-        to: new_id.to_string(),
-    });
+    if had_problem {
+        info!("keyring problem resolved: the changed keyring is valid and now served");
+    }
+    // The audit event records a switch of the primary; a change that keeps
+    // it (a pending version added, one retired) is no switch.
     if old_id == new_id {
         info!(key_id = %new_id, "keyring reloaded");
     } else {
+        state.event(Event::SnapshotSwitched {
+            from: old_id.to_string(),
+            to: new_id.to_string(),
+        });
         info!(key_id = %new_id, previous_key_id = %old_id, "keyring reloaded: new primary");
     }
     true
 }
 
-fn refuse(state: &ServingState, message: String) -> bool {
+/// Writes the usage file (what is served, any refusal) at once; a failure
+/// is left to the periodic flush, which retries and logs it.
+async fn publish(state: &Arc<ServingState>) {
+    let state = Arc::clone(state);
+    let _ = tokio::task::spawn_blocking(move || state.usage().flush(Timestamp::now())).await;
+}
+
+async fn refuse(state: &Arc<ServingState>, message: String) -> bool {
     state.metrics().reload("refused", Timestamp::now().unix());
     if state.set_reload_error(Some(ReloadProblem {
         at: Timestamp::now(),
         message: message.clone(),
     })) {
+        publish(state).await;
         error!(error = %message, "keyring change refused; still serving the last good keyring");
         state.event(Event::KeyringRejected { reason: message });
     }

@@ -903,11 +903,15 @@ fn json_output_of_every_command() {
             "primary",
             "versions",
             "server",
+            "server_running",
+            "reload_pending",
             "reload_error",
             "usage_updated",
         ],
     );
     assert_eq!(doc["keyring"], k);
+    // No server ever recorded itself: neither running nor behind.
+    assert!(doc["server_running"].is_null() && doc["reload_pending"] == false);
     assert_eq!(doc["keyring_id"], ring.id().as_str());
     assert_eq!(doc["primary"], 3);
     assert!(
@@ -1327,10 +1331,6 @@ fn is_root() -> bool {
     rustix::process::geteuid().is_root()
 }
 
-fn require_all() -> bool {
-    std::env::var_os("KEKD_REQUIRE_ALL").is_some_and(|v| v == "1")
-}
-
 /// Whether a test that needs a second uid can run (root and setpriv).
 fn can_switch_users(test: &str) -> bool {
     let ok = is_root()
@@ -1339,11 +1339,7 @@ fn can_switch_users(test: &str) -> bool {
             .output()
             .is_ok();
     if !ok {
-        assert!(
-            !require_all(),
-            "{test} needs root and setpriv (KEKD_REQUIRE_ALL=1)"
-        );
-        eprintln!("SKIP {test}: needs root and setpriv");
+        common::skip::skip(&format!("{test} needs root and setpriv"));
     }
     ok
 }

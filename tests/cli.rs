@@ -148,7 +148,8 @@ fn init_refuses_an_existing_keyring_and_leaves_it_unchanged() {
         cmd.args(["admin", "init", "--output", output, "--keyring"])
             .arg(&setup.keyring);
         let out = run(cmd, setup.dir.path());
-        assert_eq!(out.code(), EX_CONFIG, "{out:#?}");
+        // A refusal, as README's exit codes say: 1, not 78.
+        assert_eq!(out.code(), 1, "{out:#?}");
         assert_eq!(
             error_line(&out),
             format!(
@@ -336,6 +337,16 @@ fn serve_refuses_a_keyring_with_one_byte_changed() {
             p(&setup.keyring)
         )
     );
+    // The next line says how to get the keyring back.
+    let k = p(&setup.keyring);
+    assert!(
+        out.stderr.contains(&format!(
+            "\nhint: if {k} is damaged, move it aside (`mv {k} {k}.damaged`) and bring the keyring back: \
+             `kekd admin restore-backup --from BACKUP --keyring {k}`, or `kekd admin import --from COPY --keyring {k}` \
+             with the keyring of another node\n"
+        )),
+        "{out:#?}"
+    );
     assert_no_secrets(&out, &[kek, changed_kek]);
     assert!(!setup.socket().exists());
 }
@@ -445,6 +456,59 @@ async fn probe_against_no_socket_fails_and_says_kekd_is_not_running() {
         ),
         "{out:#?}"
     );
+
+    // A regular file where the socket should be: the wrong path, not a
+    // stale socket.
+    let file = dir.path().join("not-a-socket");
+    fs::write(&file, b"").unwrap();
+    let mut cmd = kekd();
+    cmd.args(["admin", "probe", "--timeout", "2s", "--socket"])
+        .arg(&file);
+    let out = run_async(cmd, dir.path()).await;
+    assert_eq!(out.code(), 1, "{out:#?}");
+    assert!(!out.stdout.contains("stale"), "{out:#?}");
+    assert!(
+        out.stdout.contains(&format!(
+            "; {} is a regular file, not a socket: --socket names the wrong path (kekd serves on the path of \
+             its --socket setting)",
+            file.display()
+        )),
+        "{out:#?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probe_takes_its_keyring_from_kekd_keyring() {
+    let setup = init_in(tempdir().await);
+    let mut server = Process::spawn(
+        {
+            let mut cmd = kekd();
+            cmd.args(["serve", "--keyring"])
+                .arg(&setup.keyring)
+                .arg("--socket")
+                .arg(setup.socket());
+            cmd
+        },
+        &setup.socket(),
+        setup.dir.path(),
+    );
+    server.ready().await;
+    let mut cmd = kekd();
+    cmd.args(["admin", "probe", "--output", "json", "--socket"])
+        .arg(setup.socket())
+        .env("KEKD_KEYRING", &setup.keyring);
+    let out = run_async(cmd, setup.dir.path()).await;
+    assert_eq!(out.code(), 0, "{out:#?}");
+    let doc: serde_json::Value = serde_json::from_str(out.stdout.trim()).unwrap();
+    let keyring = doc["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "keyring")
+        .unwrap_or_else(|| panic!("no keyring check: {doc:#}"));
+    assert_eq!(keyring["ok"], true, "{doc:#}");
+    server.signal(Signal::TERM);
+    assert_eq!(server.wait_exit().await.code(), 0);
 }
 
 /// [`run`] without blocking a runtime worker.
@@ -782,11 +846,9 @@ async fn dev_mode_creates_then_reuses_its_keyring_and_prints_the_config() {
 async fn a_refused_hardening_step_is_logged() {
     let have_strace = Command::new("strace").arg("-V").output().is_ok();
     if !have_strace {
-        assert!(
-            std::env::var_os("KEKD_REQUIRE_ALL").is_none_or(|v| v != "1"),
-            "this test needs strace (KEKD_REQUIRE_ALL=1)"
+        common::skip::skip(
+            "strace not installed (it injects the EPERM): apt-get install -y strace",
         );
-        eprintln!("SKIP: needs strace to inject EPERM");
         return;
     }
     let strace = |inner: &Command| {
@@ -858,4 +920,219 @@ async fn a_refused_hardening_step_is_logged() {
     .unwrap();
     assert_eq!(out.code(), 0, "{out:#?}");
     assert!(out.stderr.contains(WARNING), "{out:#?}");
+}
+
+// ------------------------------------------------ help, usage and pipes
+
+/// The `Examples:` lines of `help`, without their indentation.
+fn examples(help: &str) -> Vec<String> {
+    help.split_once("\nExamples:\n")
+        .map(|(_, rest)| {
+            rest.lines()
+                .map_while(|l| l.strip_prefix("  "))
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn every_subcommand_help_has_examples_that_parse() {
+    let logs = tempdir_blocking();
+    use clap::CommandFactory as _;
+    let mut cli = kekd::cli::Cli::command();
+    cli.build();
+    let mut commands = vec![vec!["serve".to_owned()]];
+    let admin = cli.find_subcommand("admin").unwrap();
+    for sub in admin.get_subcommands().filter(|c| c.get_name() != "help") {
+        commands.push(vec!["admin".to_owned(), sub.get_name().to_owned()]);
+    }
+    assert!(commands.len() > 10, "{commands:?}");
+    for path in &commands {
+        // What an operator sees: the binary's own --help.
+        let mut cmd = kekd();
+        cmd.args(path).arg("--help");
+        let out = run(cmd, logs.path());
+        assert_eq!(out.code(), 0, "{path:?}: {out:#?}");
+        let lines = examples(&out.stdout);
+        assert!(
+            !lines.is_empty(),
+            "{path:?} --help has no Examples: {}",
+            out.stdout
+        );
+        for line in lines {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            assert_eq!(
+                words[..path.len() + 1],
+                *[
+                    &["kekd"][..],
+                    &path.iter().map(String::as_str).collect::<Vec<_>>()
+                ]
+                .concat(),
+                "{path:?}: {line}"
+            );
+            if let Err(e) = <kekd::cli::Cli as clap::Parser>::try_parse_from(&words) {
+                panic!("{path:?}: the example `{line}` does not parse: {e}");
+            }
+        }
+    }
+}
+
+#[test]
+fn serve_help_says_what_the_concurrency_limits_do_and_groups_the_backend_flags() {
+    let logs = tempdir_blocking();
+    let mut cmd = kekd();
+    cmd.args(["serve", "--help"]);
+    let out = run(cmd, logs.path());
+    assert_eq!(out.code(), 0, "{out:#?}");
+    let help = out.stdout.split_whitespace().collect::<Vec<_>>().join(" ");
+    assert!(
+        help.contains(
+            "Most Encrypt/Decrypt calls running at once, all connections together (more wait; Status never \
+             does), capped at 8 per CPU or, when larger, the PKCS#11 pool size; also caps \
+             --max-streams-per-connection [default: 1024]"
+        ),
+        "{help}"
+    );
+    assert!(!help.contains("across connections"), "{help}");
+    // The PKCS#11 flags stand under their own heading, in serve and admin.
+    for args in [&["serve", "--help"][..], &["admin", "list", "--help"]] {
+        let mut cmd = kekd();
+        cmd.args(args);
+        let out = run(cmd, logs.path());
+        let (before, after) = out
+            .stdout
+            .split_once("\nBackend (PKCS#11; or the [backend] table of --config):\n")
+            .unwrap_or_else(|| panic!("{args:?}: no backend heading: {}", out.stdout));
+        assert!(!before.contains("--pkcs11-"), "{args:?}: {}", out.stdout);
+        assert!(
+            after.contains("--pkcs11-module"),
+            "{args:?}: {}",
+            out.stdout
+        );
+    }
+}
+
+#[test]
+fn a_usage_error_under_output_json_is_a_json_document() {
+    let logs = tempdir_blocking();
+    for args in [
+        &["admin", "list", "--output", "json", "--no-such-flag"][..],
+        &["admin", "retire", "x", "--output=json", "--keyring", "/k"],
+        &["admin", "rotate", "--output", "json", "--expect-primary"],
+    ] {
+        let mut cmd = kekd();
+        cmd.args(args);
+        let out = run(cmd, logs.path());
+        assert_eq!(out.code(), common::EX_USAGE, "{args:?}: {out:#?}");
+        let doc: serde_json::Value = serde_json::from_str(out.stdout.trim()).unwrap_or_else(|e| {
+            panic!("{args:?}: stdout is not one JSON document ({e}): {out:#?}")
+        });
+        assert_eq!(doc["exit_code"], common::EX_USAGE, "{doc:#}");
+        let error = doc["error"].as_str().unwrap();
+        assert!(!error.is_empty() && !error.starts_with("error:"), "{doc:#}");
+        // The plain message still goes to stderr.
+        assert!(out.stderr.contains(error), "{out:#?}");
+    }
+    // Without --output json, stdout stays empty.
+    let mut cmd = kekd();
+    cmd.args(["admin", "list", "--no-such-flag"]);
+    let out = run(cmd, logs.path());
+    assert_eq!((out.code(), out.stdout.as_str()), (common::EX_USAGE, ""));
+}
+
+#[test]
+fn a_closed_stdout_and_stderr_do_not_crash_serve() {
+    // `kekd serve … 2>&1 | head -1`: the reader is gone before kekd writes.
+    let dir = tempdir_blocking();
+    for args in [
+        // A configuration error: exit 78, message to a closed stderr.
+        vec![
+            "serve".to_owned(),
+            "--socket".to_owned(),
+            p(&dir.path().join("s.sock")),
+        ],
+        // --dev: the keyring line and the EncryptionConfiguration to a
+        // closed pipe; with a mode open to others it then stops with 78.
+        vec![
+            "serve".to_owned(),
+            "--dev".to_owned(),
+            "--socket-mode".to_owned(),
+            "0666".to_owned(),
+        ],
+    ] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let status = kekd()
+            .args(&args)
+            .current_dir(dir.path())
+            .stdout(writer.try_clone().unwrap())
+            .stderr(writer)
+            .status()
+            .unwrap();
+        assert_eq!(status.code(), Some(78), "{args:?}: {status:?}");
+    }
+}
+
+// ------------------------------------------------------ skipped tests
+
+/// Skips itself when `KEKD_TEST_FORCE_SKIP=1` (run by the test below);
+/// otherwise does nothing.
+#[test]
+fn skip_helper_demo() {
+    if std::env::var_os("KEKD_TEST_FORCE_SKIP").is_some_and(|v| v == "1") {
+        common::skip::skip("a demonstration skip: nothing is missing");
+    }
+}
+
+#[test]
+fn a_skipped_test_is_named_in_one_line_at_the_end_of_the_run() {
+    let run = |require_all: Option<&str>| {
+        let mut cmd = Command::new(std::env::current_exe().unwrap());
+        cmd.args(["skip_helper_demo", "--exact", "--test-threads", "1"])
+            .env("KEKD_TEST_FORCE_SKIP", "1")
+            .env_remove("KEKD_REQUIRE_ALL");
+        if let Some(v) = require_all {
+            cmd.env("KEKD_REQUIRE_ALL", v);
+        }
+        // Reads stderr to its end: past the exit of the test binary, until
+        // the reporter it started has printed and closed it too.
+        cmd.output().unwrap()
+    };
+    let binary = std::env::current_exe()
+        .unwrap()
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .rsplit_once('-')
+        .unwrap()
+        .0
+        .to_owned();
+    let line = format!(
+        "*** SKIPPED 1 test(s) in {binary}: skip_helper_demo (a demonstration skip: nothing is missing) — set \
+         KEKD_REQUIRE_ALL=1 to make a skip a failure ***"
+    );
+    // Only "1" means required: any other value skips.
+    for value in [None, Some("0"), Some("yes")] {
+        let out = run(value);
+        assert!(out.status.success(), "{value:?}: {out:?}");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stdout.contains("test result: ok. 1 passed"), "{stdout}");
+        let lines: Vec<&str> = stderr
+            .lines()
+            .filter(|l| l.starts_with("*** SKIPPED"))
+            .collect();
+        assert_eq!(lines, [line.as_str()], "{value:?}: {stderr}");
+    }
+    let out = run(Some("1"));
+    assert!(!out.status.success(), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains(
+            "a demonstration skip: nothing is missing (KEKD_REQUIRE_ALL=1 forbids skipping)"
+        ),
+        "{stdout}"
+    );
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("*** SKIPPED"));
 }

@@ -58,11 +58,7 @@ async fn allowed_uids_and_gids_call_normally() {
 #[tokio::test]
 async fn another_local_user_is_refused_unless_allowed() {
     if my_uid() != 0 || Command::new("setpriv").arg("--version").output().is_err() {
-        assert!(
-            std::env::var_os("KEKD_REQUIRE_ALL").is_none(),
-            "this test needs root and setpriv (util-linux)"
-        );
-        eprintln!("*** SKIPPED: needs root and setpriv ***");
+        common::skip::skip("needs root and setpriv (util-linux)");
         return;
     }
     let probe_as_nobody = |socket: &std::path::Path| {
@@ -125,11 +121,7 @@ const FLOOD_SOCKET_ENV: &str = "PEERS_FLOOD_SOCKET";
 #[tokio::test]
 async fn a_refused_peer_is_refused_at_accept_and_never_buffers_a_byte() {
     if my_uid() != 0 || Command::new("setpriv").arg("--version").output().is_err() {
-        assert!(
-            std::env::var_os("KEKD_REQUIRE_ALL").is_none(),
-            "this test needs root and setpriv (util-linux)"
-        );
-        eprintln!("*** SKIPPED: needs root and setpriv ***");
+        common::skip::skip("needs root and setpriv (util-linux)");
         return;
     }
     use kekd::server::connection::{CONNECTION_COST, FLOW_CONTROL_WINDOW, MAX_REFUSED_CONNECTIONS};
@@ -335,11 +327,7 @@ const RESET_SOCKET_ENV: &str = "PEERS_RESET_SOCKET";
 #[tokio::test]
 async fn a_refused_peers_rapid_resets_and_floods_stay_within_its_share() {
     if my_uid() != 0 || Command::new("setpriv").arg("--version").output().is_err() {
-        assert!(
-            std::env::var_os("KEKD_REQUIRE_ALL").is_none(),
-            "this test needs root and setpriv (util-linux)"
-        );
-        eprintln!("*** SKIPPED: needs root and setpriv ***");
+        common::skip::skip("needs root and setpriv (util-linux)");
         return;
     }
     use kekd::server::connection::{CONNECTION_COST, FLOW_CONTROL_WINDOW, MAX_REFUSED_CONNECTIONS};

@@ -887,7 +887,7 @@ fn admin_lifecycle_on_the_token_through_config() {
     // The keyring exists: init refuses to replace it (whether it leaves
     // anything behind is `a_refused_init_leaves_no_object_behind`).
     let again = token.admin(&node, "init", &[]);
-    assert_eq!(again.code(), EX_CONFIG, "{again:#?}");
+    assert_eq!(again.code(), 1, "{again:#?}");
     assert_eq!(
         error_message(&again),
         format!(
@@ -1840,15 +1840,7 @@ async fn token_directory_moved_away_and_back_while_serving() {
 async fn token_behind_p11_kit_server() {
     let Some(token) = Token::create() else { return };
     if !P11KitServer::available() {
-        assert!(
-            std::env::var("KEKD_REQUIRE_ALL").as_deref() != Ok("1"),
-            "p11-kit is required: apt-get install -y p11-kit p11-kit-modules"
-        );
-        use std::io::Write as _;
-        let _ = writeln!(
-            std::io::stderr(),
-            "*** SKIPPED: p11-kit not installed (apt-get install -y p11-kit p11-kit-modules) ***"
-        );
+        common::skip::skip("p11-kit not installed: apt-get install -y p11-kit p11-kit-modules");
         return;
     }
     let direct = token.default_node("direct");

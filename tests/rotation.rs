@@ -1123,3 +1123,113 @@ async fn a_destroyed_version_number_and_key_id_are_never_issued_again() {
     assert_decrypts(decrypt(&mut client, &ct4).await, &ct4);
     server.stop().await.unwrap();
 }
+
+/// The JSON lines of the keyring's audit log.
+fn audit_lines(keyring: &Path) -> Vec<serde_json::Value> {
+    fs::read_to_string(kekd::audit::audit_path(keyring))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// `list` (text and JSON) right after the server logged a reload event: no
+/// wait for a periodic usage flush.
+async fn list_now(keyring: &str, logs: &Path) -> (serde_json::Value, String) {
+    let (code, doc) = list_json(keyring, logs).await;
+    assert_eq!(code, 0, "{doc:#}");
+    let text = admin_async(&["list", "--keyring", keyring], logs).await;
+    assert_eq!(text.code(), 0, "{text:#?}");
+    (doc, text.stdout)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotation_that_keeps_the_primary_audits_no_snapshot_switch() {
+    let dir = tempdir().await;
+    let keyring = dir.path().join("keyring");
+    let v1 = common::create_keyring(&keyring);
+    let v2 = key_id(&v1, 2);
+    let socket = dir.path().join("kms.sock");
+    let mut server = spawn_serve(&keyring, &socket, dir.path(), &[]).await;
+    server.ready().await;
+    let k = p(&keyring);
+    let out = admin_async(&["rotate", "--keyring", k], dir.path()).await;
+    assert_eq!(out.code(), 0, "{out:#?}");
+    // The reload of the keyring with v2 pending is applied …
+    server.wait_for_stderr("keyring reloaded").await;
+    let out = admin_async(&["promote", "2", "--keyring", k], dir.path()).await;
+    assert_eq!(out.code(), 0, "{out:#?}");
+    server.wait_for_stderr("new primary").await;
+    // … and audited only when the primary moved: one line, v1 to v2.
+    let switched: Vec<_> = audit_lines(&keyring)
+        .into_iter()
+        .filter(|l| l["event"] == "snapshot_switched")
+        .collect();
+    assert_eq!(switched.len(), 1, "{switched:#?}");
+    assert_eq!(switched[0]["from_key_id"], v1.as_str());
+    assert_eq!(switched[0]["to_key_id"], v2.as_str());
+    server.signal(Signal::TERM);
+    assert_eq!(server.wait_exit().await.code(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_shows_a_refusal_its_repair_a_pending_change_and_a_stopped_server_at_once() {
+    let dir = tempdir().await;
+    let logs = dir.path();
+    let path = dir.path().join("keyring");
+    let v1 = common::create_keyring(&path);
+    let v2 = key_id(&v1, 2);
+    let keyring = p(&path).to_owned();
+    let good = fs::read(&path).unwrap();
+    let socket = dir.path().join("kms.sock");
+    let mut server = spawn_serve(&path, &socket, logs, &[]).await;
+    server.ready().await;
+
+    // A damaged keyring: the refusal is published as it is logged.
+    write_keyring(&path, b"not a keyring\n", How::Rename, 0o600);
+    server.wait_for_stderr("keyring change refused").await;
+    let (code, doc) = list_json(&keyring, logs).await;
+    assert_eq!(code, EX_CONFIG, "{doc:#}");
+    assert!(doc["reload_error"]["message"].is_string(), "{doc:#}");
+
+    // Repaired: logged, and list clears the refusal at once.
+    write_keyring(&path, &good, How::Rename, 0o600);
+    server.wait_for_stderr("keyring problem resolved").await;
+    let (doc, text) = list_now(&keyring, logs).await;
+    assert!(doc["reload_error"].is_null(), "{doc:#}");
+    assert_eq!(doc["server_running"], true, "{doc:#}");
+    assert_eq!(doc["reload_pending"], false, "{doc:#}");
+    assert!(!text.contains("WARNING"), "{text}");
+
+    // A promotion the (stopped) server has not loaded yet is said to be
+    // pending, not reported as served.
+    server.signal(Signal::STOP);
+    let out = admin_async(&["rotate", "--promote", "--keyring", &keyring], logs).await;
+    assert_eq!(out.code(), 0, "{out:#?}");
+    let (doc, text) = list_now(&keyring, logs).await;
+    assert_eq!(doc["server"]["primary"], 1, "{doc:#}");
+    assert_eq!(doc["reload_pending"], true, "{doc:#}");
+    assert!(
+        text.contains("still serves version 1 (")
+            && text.contains("has not loaded this keyring's primary (version 2) yet"),
+        "{text}"
+    );
+    // Once it runs, the switch is published as it is logged.
+    server.signal(Signal::CONT);
+    server.wait_for_stderr("new primary").await;
+    let (doc, text) = list_now(&keyring, logs).await;
+    assert_eq!(doc["server"]["key_id"], v2.as_str(), "{doc:#}");
+    assert_eq!(doc["reload_pending"], false, "{doc:#}");
+    assert!(text.contains(") serves version 2 ("), "{text}");
+
+    // A stopped server is named as stopped, not as serving.
+    server.signal(Signal::TERM);
+    assert_eq!(server.wait_exit().await.code(), 0);
+    let (doc, text) = list_now(&keyring, logs).await;
+    assert_eq!(doc["server_running"], false, "{doc:#}");
+    assert!(
+        text.contains("is not running (in this PID namespace): it served version 2 ("),
+        "{text}"
+    );
+    assert!(!text.contains(") serves version"), "{text}");
+}

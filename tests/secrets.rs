@@ -160,10 +160,6 @@ fn is_root() -> bool {
     rustix::process::geteuid().is_root()
 }
 
-fn require_all() -> bool {
-    std::env::var_os("KEKD_REQUIRE_ALL").is_some_and(|v| v == "1")
-}
-
 struct Node {
     dir: tempfile::TempDir,
     keyring: PathBuf,
@@ -429,11 +425,7 @@ async fn without_memory_lock_rights_kekd_warns_once_and_serves() {
     let have_tools = Command::new("setpriv").arg("--version").output().is_ok()
         && Command::new("prlimit").arg("--version").output().is_ok();
     if !is_root() || !have_tools {
-        assert!(
-            !require_all(),
-            "this test needs root, setpriv and prlimit (KEKD_REQUIRE_ALL=1)"
-        );
-        eprintln!("SKIP: needs root, setpriv and prlimit to drop CAP_IPC_LOCK");
+        common::skip::skip("needs root, setpriv and prlimit to drop CAP_IPC_LOCK");
         return;
     }
     let node = Node::new().await;
@@ -784,11 +776,7 @@ fn self_checks_passed(serve: &Process) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn no_kek_or_key_schedule_outside_locked_memory_after_a_workload() {
     if !is_root() {
-        assert!(
-            !require_all(),
-            "reading a serving kekd's memory needs root (KEKD_REQUIRE_ALL=1)"
-        );
-        eprintln!("SKIP: needs root to read /proc/<pid>/mem of a non-dumpable process");
+        common::skip::skip("needs root to read /proc/<pid>/mem of a non-dumpable process");
         return;
     }
     let node = Node::new().await;

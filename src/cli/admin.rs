@@ -24,44 +24,80 @@ use crate::keyring::KeyVersion;
 #[derive(Debug, clap::Subcommand)]
 pub enum AdminCommand {
     /// Create a new keyring with version 1 as primary. Never overwrites.
+    #[command(after_help = "Examples:\n\
+        \x20 kekd admin init --keyring /etc/kekd/keyring\n\
+        \x20 kekd admin init --config /etc/kekd/kekd.toml --output json")]
     Init(Target),
     /// Add a new KEK version as pending (or, with --promote, as primary).
+    #[command(after_help = "Examples:\n\
+        \x20 kekd admin rotate --keyring /etc/kekd/keyring\n\
+        \x20 kekd admin rotate --promote --expect-primary 1 --keyring /etc/kekd/keyring")]
     Rotate(RotateArgs),
     /// Make a pending version the primary; the old primary becomes decrypt-only.
+    #[command(after_help = "Examples:\n\
+        \x20 kekd admin promote 2 --keyring /etc/kekd/keyring --encryption-config /etc/kubernetes/enc.yaml")]
     Promote(PromoteArgs),
     /// Stop a version from decrypting (its material is kept; `restore` undoes it).
+    #[command(after_help = "Examples:\n\
+        \x20 kekd admin retire 1 --scan scan.json --keyring /etc/kekd/keyring\n\
+        \x20 kekd admin retire 3 --keyring /etc/kekd/keyring")]
     Retire(RetireArgs),
     /// Let a retired version decrypt again.
+    #[command(after_help = "Examples:\n\
+        \x20 kekd admin restore 1 --keyring /etc/kekd/keyring")]
     Restore(VersionArgs),
     /// Erase a retired version's key material for good.
+    #[command(after_help = "Examples:\n\
+        \x20 kekd admin destroy 1 --yes-destroy-key-material --keyring /etc/kekd/keyring")]
     Destroy(DestroyArgs),
     /// Show every version with its state, times and usage.
+    #[command(after_help = "Examples:\n\
+        \x20 kekd admin list --keyring /etc/kekd/keyring\n\
+        \x20 kekd admin list --config /etc/kekd/kekd.toml --output json")]
     List(Target),
     /// Replace this node's keyring with a copy from another node, after
     /// checking that the copy is intact and loses nothing.
+    #[command(after_help = "Examples:\n\
+        \x20 kekd admin import --from /tmp/keyring-from-node-a --keyring /etc/kekd/keyring")]
     Import(ImportArgs),
     /// Trust the keyring as it is now as the one this node serves: after a
     /// restore of an older backup, or a deliberately new keyring, which
     /// `kekd serve` otherwise refuses to start from.
+    #[command(after_help = "Examples:\n\
+        \x20 kekd admin accept-keyring --keyring /etc/kekd/keyring")]
     AcceptKeyring(Target),
     /// Adopt a keyring an older kekd wrote into a PKCS#11 token (metadata
     /// `kekd-keyring-meta v1`): check every key object, record its key check
     /// value and authenticate the metadata. Run once, as the PIN holder.
+    #[command(after_help = "Examples:\n\
+        \x20 kekd admin upgrade-token --dry-run --config /etc/kekd/kekd.toml\n\
+        \x20 kekd admin upgrade-token --config /etc/kekd/kekd.toml")]
     UpgradeToken(keyring::UpgradeTokenArgs),
     /// Check a running plugin: Status, Encrypt and Decrypt, checked against
     /// the apiserver's rules.
+    #[command(after_help = "Examples:\n\
+        \x20 kekd admin probe --socket /var/run/kekd/kms.sock\n\
+        \x20 kekd admin probe --socket /var/run/kekd/kms.sock --keyring /etc/kekd/keyring --output json")]
     Probe(probe::ProbeArgs),
     /// Check this node's setup end to end (keyring or token, socket,
     /// EncryptionConfiguration, live probe) and say what to fix.
+    #[command(after_help = "Examples:\n\
+        \x20 kekd admin doctor --keyring /etc/kekd/keyring --socket /var/run/kekd/kms.sock --encryption-config /etc/kubernetes/enc.yaml")]
     Doctor(doctor::DoctorArgs),
     /// Write the local keyring to a file sealed under a passphrase
     /// (argon2id, AES-256-GCM). The passphrase is never a flag value.
+    #[command(after_help = "Examples:\n\
+        \x20 kekd admin backup --out /backup/keyring.kekd-backup --passphrase-file /root/passphrase --keyring /etc/kekd/keyring")]
     Backup(backup::BackupArgs),
     /// Bring a keyring back from a backup: creates a missing keyring, never
     /// replaces one holding versions the backup lacks.
+    #[command(after_help = "Examples:\n\
+        \x20 kekd admin restore-backup --from /backup/keyring.kekd-backup --passphrase-file /root/passphrase --keyring /etc/kekd/keyring")]
     RestoreBackup(backup::RestoreBackupArgs),
     /// Read every object the apiserver stored in etcd (read-only, paged) and
     /// report per resource which provider and which kekd key version holds it.
+    #[command(after_help = "Examples:\n\
+        \x20 kekd admin scan --etcd-endpoints https://127.0.0.1:2379 --cacert /etc/kubernetes/pki/etcd/ca.crt --cert /etc/kubernetes/pki/apiserver-etcd-client.crt --key /etc/kubernetes/pki/apiserver-etcd-client.key --keyring /etc/kekd/keyring --output json")]
     Scan(scan::ScanArgs),
 }
 

@@ -1,6 +1,7 @@
 //! `kekd serve`: load the keyring, bind the socket, serve until SIGTERM.
 
 use std::fs;
+use std::io::Write as _;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -100,7 +101,20 @@ pub fn run(args: ServeArgs) -> Result<(), CliError> {
     let backend: Arc<dyn Backend> = Arc::new(served::Guarded::new(backend, target));
     runtime
         .block_on(server::run(config, backend, shutdown_signal()))
-        .map_err(|e| CliError::new(e.exit_code(), &e))
+        .map_err(|e| {
+            let mut error = CliError::new(e.exit_code(), &e);
+            if let server::ServerError::Keyring(crate::backend::BackendError::Store(
+                StoreError::Parse { path, .. } | StoreError::TooLarge { path, .. },
+            )) = &e
+            {
+                error.message = format!(
+                    "{}\n{}",
+                    error.message,
+                    crate::cli::admin::keyring::damaged_hint(path)
+                );
+            }
+            error
+        })
 }
 
 /// Environment variables that can carry a secret, and the file option that
@@ -192,13 +206,24 @@ fn prepare_dev(settings: &mut Settings) -> Result<(), CliError> {
         .clone();
     match KeyringFile::generate(Timestamp::now()) {
         Ok(file) => match store::create(&keyring, &file) {
-            Ok(()) => eprintln!("kekd: created development keyring {}", keyring.display()),
+            // `serve … 2>&1 | head -1` closes the pipe: these lines are
+            // best effort, never a panic (the log carries on or not).
+            Ok(()) => {
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "kekd: created development keyring {}",
+                    keyring.display()
+                );
+            }
             Err(StoreError::AlreadyExists { .. }) => {}
             Err(e) => return Err(CliError::config(e)),
         },
         Err(e) => return Err(CliError::runtime(e)),
     }
-    print!("{}", encryption_config_snippet(&absolute(&cwd, &socket)));
+    let mut out = std::io::stdout().lock();
+    let _ = out
+        .write_all(encryption_config_snippet(&absolute(&cwd, &socket)).as_bytes())
+        .and_then(|()| out.flush());
     Ok(())
 }
 

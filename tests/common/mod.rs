@@ -7,6 +7,7 @@
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod apiserver;
+pub mod skip;
 pub mod wire;
 
 use std::fs;

@@ -103,20 +103,9 @@ impl Token {
     /// `KEKD_REQUIRE_ALL=1`.
     pub fn create() -> Option<Self> {
         if let Some(what) = missing() {
-            if std::env::var("KEKD_REQUIRE_ALL").as_deref() == Ok("1") {
-                panic!("{INSTALL} (missing: {what}; KEKD_REQUIRE_ALL=1 forbids skipping)");
-            }
-            // Straight to the process's stderr, past the test harness's
-            // output capture, once per test binary.
-            static LOUD: std::sync::Once = std::sync::Once::new();
-            LOUD.call_once(|| {
-                use std::io::Write as _;
-                let _ = writeln!(
-                    std::io::stderr(),
-                    "\n*** SKIPPED: softhsm2 not installed (missing: {what}); the PKCS#11 tests did not run. \
-                     {INSTALL}, or set KEKD_REQUIRE_ALL=1 to make this a failure ***\n"
-                );
-            });
+            crate::common::skip::skip(&format!(
+                "softhsm2 not installed (missing: {what}): {INSTALL}"
+            ));
             return None;
         }
         // Short, so socket paths inside stay far below the 107-byte limit.

@@ -17,7 +17,7 @@ use super::encryption_config::Encrypted;
 use super::{LOCK_WAIT, Target, report};
 use crate::audit::{self, AuditRecord};
 use crate::backend::local::LocalBackend;
-use crate::backend::pkcs11::Pkcs11Backend;
+use crate::backend::pkcs11::{Pkcs11Backend, Pkcs11Error};
 use crate::backend::{BackendError, KeyringStore};
 use crate::cli::CliError;
 use crate::cli::serve::{ensure_state_dir, pkcs11_error};
@@ -113,6 +113,9 @@ impl Step {
 pub(super) fn store_error(e: StoreError) -> CliError {
     match e {
         StoreError::Locked { .. } => CliError::new(CliError::LOCKED, &e),
+        StoreError::Parse { ref path, .. } | StoreError::TooLarge { ref path, .. } => {
+            CliError::config(format!("{e}\n{}", damaged_hint(path)))
+        }
         StoreError::Io { .. } | StoreError::NotDurable { .. } | StoreError::Random(_) => {
             CliError::runtime(e)
         }
@@ -120,10 +123,32 @@ pub(super) fn store_error(e: StoreError) -> CliError {
     }
 }
 
+/// How to get a damaged keyring file back, as a second line under the
+/// error (the first line stays the error itself).
+pub(crate) fn damaged_hint(path: &Path) -> String {
+    let p = path.display();
+    format!(
+        "hint: if {p} is damaged, move it aside (`mv {p} {p}.damaged`) and bring the keyring back: \
+         `kekd admin restore-backup --from BACKUP --keyring {p}`, or `kekd admin import --from COPY --keyring {p}` \
+         with the keyring of another node"
+    )
+}
+
+/// A keyring is already there: a refusal (exit 1), like every step that
+/// would lose keys, not a problem with that keyring (78).
+fn init_error(e: BackendError) -> CliError {
+    match e {
+        BackendError::Store(e @ StoreError::AlreadyExists { .. }) => CliError::runtime(e),
+        BackendError::Pkcs11(e @ Pkcs11Error::KeyringExists { .. }) => CliError::runtime(e),
+        e => backend_error(e),
+    }
+}
+
 /// `kekd admin init`.
 ///
 /// # Errors
-/// Exit 78 if the keyring exists (it is left untouched) or cannot be written.
+/// Exit 1 if a keyring exists (it is left untouched), 78 if it cannot be
+/// written.
 pub fn init(t: &Target) -> Result<(), CliError> {
     if let Some(dir) = t
         .keyring
@@ -143,8 +168,14 @@ pub fn init(t: &Target) -> Result<(), CliError> {
     let anchor = store.anchor();
     let _lock = store::lock(&anchor, lock_wait()).map_err(store_error)?;
     let now = Timestamp::now();
-    let file = store.generate(now).map_err(backend_error)?;
-    let not_durable = written(store.create(&file))?;
+    let file = store.generate(now).map_err(init_error)?;
+    let not_durable = match store.create(&file) {
+        Err(
+            e @ (BackendError::Store(StoreError::AlreadyExists { .. })
+            | BackendError::Pkcs11(Pkcs11Error::KeyringExists { .. })),
+        ) => return Err(init_error(e)),
+        result => written(result)?,
+    };
     let version = KeyVersion::FIRST;
     let key_id = file.key_id(version);
     let transition = Transition {
@@ -733,7 +764,28 @@ pub fn list(t: &Target) -> Result<(), CliError> {
     }
     let server = usage.as_ref().and_then(|u| u.serving.clone());
     let reload_error = usage.as_ref().and_then(|u| u.reload_error.clone());
+    let running = server.as_ref().map(|s| process_alive(s.pid));
+    let primary = file.primary().map(KeyVersion::get);
+    // The server publishes a change as soon as it has loaded it; until then
+    // the file's primary differs from the one served.
+    let pending = server
+        .as_ref()
+        .is_some_and(|s| running == Some(true) && Some(s.primary) != primary);
     match (&server, usage.as_ref().and_then(|u| u.updated)) {
+        (Some(s), Some(updated)) if running == Some(false) => text.push_str(&format!(
+            "kekd (pid {}) is not running (in this PID namespace): it served version {} ({}) \
+             until it stopped; counts as of {updated}\n",
+            s.pid, s.primary, s.key_id
+        )),
+        (Some(s), Some(updated)) if pending => text.push_str(&format!(
+            "kekd (pid {}) still serves version {} ({}): it has not loaded this keyring's primary \
+             (version {}) yet; it reloads by itself (`kekd admin probe --keyring` checks it); \
+             counts as of {updated}\n",
+            s.pid,
+            s.primary,
+            s.key_id,
+            primary.map_or_else(|| "-".to_owned(), |p| p.to_string())
+        )),
         (Some(s), Some(updated)) => text.push_str(&format!(
             "kekd (pid {}) serves version {} ({}); counts as of {updated}\n",
             s.pid, s.primary, s.key_id
@@ -742,7 +794,7 @@ pub fn list(t: &Target) -> Result<(), CliError> {
     }
     if let Some(e) = &reload_error {
         text.push_str(&format!(
-            "WARNING: kekd refused the keyring change at {}: {}\n         it keeps serving its last good keyring; fix the file and it reloads by itself\n",
+            "WARNING: kekd refused the keyring change at {}: {}\n         it keeps serving its last good keyring; fix the file (or bring it back with `kekd admin restore-backup`,\n         or `kekd admin import` of another node's keyring) and it reloads by itself\n",
             e.at, e.message
         ));
     }
@@ -751,9 +803,11 @@ pub fn list(t: &Target) -> Result<(), CliError> {
         &json!({
             "keyring": store.name(),
             "keyring_id": file.id.to_string(),
-            "primary": file.primary().map(KeyVersion::get),
+            "primary": primary,
             "versions": versions,
             "server": server,
+            "server_running": running,
+            "reload_pending": pending,
             "reload_error": reload_error,
             "usage_updated": usage.as_ref().and_then(|u| u.updated),
         }),
@@ -762,10 +816,28 @@ pub fn list(t: &Target) -> Result<(), CliError> {
     Ok(())
 }
 
+/// Whether process `pid` exists (in this PID namespace). A process of
+/// another uid exists too: the signal is refused, not unknown.
+fn process_alive(pid: u32) -> bool {
+    let Some(pid) = i32::try_from(pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+    else {
+        return false;
+    };
+    !matches!(
+        rustix::process::test_kill_process(pid),
+        Err(rustix::io::Errno::SRCH)
+    )
+}
+
 /// The keyring cannot be read: say so, and what the server still serves.
 fn unreadable_keyring(t: &Target, anchor: &Path, e: BackendError) -> CliError {
     let usage = usage::read(anchor).ok().flatten();
-    let serving = usage.as_ref().and_then(|u| u.serving.clone());
+    let serving = usage
+        .as_ref()
+        .and_then(|u| u.serving.clone())
+        .filter(|s| process_alive(s.pid));
     let mut error = backend_error(e);
     if let Some(s) = &serving {
         error.reported = true;

@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 use std::fs;
 use std::io;
+use std::os::unix::fs::FileTypeExt as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -21,7 +22,7 @@ pub struct ProbeArgs {
     pub socket: PathBuf,
     /// The keyring the plugin serves: also report whether the plugin serves
     /// its current primary and whether a change to it was refused.
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, env = "KEKD_KEYRING", value_name = "PATH")]
     pub keyring: Option<PathBuf>,
     /// Time allowed per call.
     #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
@@ -218,11 +219,19 @@ fn check_keyring(path: &Path, served: Option<&str>) -> Result<String, String> {
 }
 
 fn connect_hint(socket: &Path, reason: &str) -> String {
-    let hint = match fs::symlink_metadata(socket) {
+    let hint = match fs::metadata(socket) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             "no socket there: is kekd running, and is this the path it serves (--socket)?"
         }
         Err(_) => "the socket cannot be examined",
+        Ok(m) if !m.file_type().is_socket() => {
+            return format!(
+                "{reason}; {} is a {}, not a socket: --socket names the wrong path (kekd serves on the \
+                 path of its --socket setting)",
+                socket.display(),
+                kind_of(&m)
+            );
+        }
         Ok(_) if reason.contains("ermission denied") => {
             "permission denied: run as the socket's owner or its group (--socket-mode/--socket-group)"
         }
@@ -232,6 +241,18 @@ fn connect_hint(socket: &Path, reason: &str) -> String {
         Ok(_) => "the plugin did not answer",
     };
     format!("{reason}; {hint}")
+}
+
+/// What a non-socket file is, for a message.
+fn kind_of(m: &fs::Metadata) -> &'static str {
+    let t = m.file_type();
+    if t.is_dir() {
+        "directory"
+    } else if t.is_file() {
+        "regular file"
+    } else {
+        "special file"
+    }
 }
 
 /// The apiserver's rules for a Status response.
