@@ -11,6 +11,7 @@ use protox::prost::Message;
 fn main() -> Result<(), Box<dyn Error>> {
     let proto = "proto/v2/kms.proto";
     println!("cargo:rerun-if-changed={proto}");
+    println!("cargo:rerun-if-changed=build.rs");
 
     let descriptors = protox::compile([proto], ["proto"])?;
     let out = PathBuf::from(std::env::var_os("OUT_DIR").ok_or("OUT_DIR is not set")?);

@@ -301,7 +301,9 @@ const KMS_DESCRIPTOR: &[u8] = tonic::include_file_descriptor_set!("kms_descripto
 /// slot. Like the KMS service it decodes at most `max_request_bytes` per
 /// message, which admission relies on: a message declared larger is passed
 /// through for the decoder to refuse before it reserves anything.
-fn reflection_services(max_request_bytes: usize) -> Result<
+fn reflection_services(
+    max_request_bytes: usize,
+) -> Result<
     (
         tonic_reflection::server::v1::ServerReflectionServer<
             impl tonic_reflection::server::v1::ServerReflection,

@@ -68,8 +68,8 @@ fn python_with_grpcio(test: &str) -> Option<PathBuf> {
 async fn output(mut cmd: Command) -> (Output, String) {
     let out = tokio::task::spawn_blocking(move || cmd.stdin(Stdio::null()).output())
         .await
-        .expect("task")
-        .expect("run the client");
+        .unwrap_or_else(|e| panic!("the client's task: {e}"))
+        .unwrap_or_else(|e| panic!("run the client: {e}"));
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -110,7 +110,10 @@ async fn grpcurl_lists_describes_and_calls_status_by_reflection() {
 
     let (out, text) = run(&["list"]).await;
     assert!(out.status.success(), "{text}");
-    assert_eq!(text, "grpc.reflection.v1.ServerReflection\nv2.KeyManagementService\n");
+    assert_eq!(
+        text,
+        "grpc.reflection.v1.ServerReflection\nv2.KeyManagementService\n"
+    );
 
     let (out, text) = run(&["describe", "v2.KeyManagementService"]).await;
     assert!(out.status.success(), "{text}");
@@ -133,8 +136,14 @@ async fn grpcurl_lists_describes_and_calls_status_by_reflection() {
     // A relative path: grpcurl dials `unix://kms.sock`, whose `kms.sock` is
     // the URL's host, not a path — the endpoint host trap again.
     let mut cmd = Command::new(&grpcurl);
-    cmd.current_dir(dir.path())
-        .args(["-plaintext", "-connect-timeout", "1", "-unix", "kms.sock", "list"]);
+    cmd.current_dir(dir.path()).args([
+        "-plaintext",
+        "-connect-timeout",
+        "1",
+        "-unix",
+        "kms.sock",
+        "list",
+    ]);
     let (out, text) = output(cmd).await;
     assert!(!out.status.success(), "{text}");
     assert!(
@@ -228,7 +237,10 @@ with grpc.insecure_channel("unix:" + sock, options=options) as channel:
     assert_eq!(lines.len(), 3, "{text}");
     for line in &lines {
         assert!(line.starts_with("INTERNAL "), "{text}");
-        assert!(line.contains("Received RST_STREAM with error code 1"), "{text}");
+        assert!(
+            line.contains("Received RST_STREAM with error code 1"),
+            "{text}"
+        );
     }
     // One warning for the connection, naming the fix.
     let warning = "reset a call as malformed (HTTP/2 PROTOCOL_ERROR; the client sees INTERNAL \"Received \
@@ -241,7 +253,11 @@ with grpc.insecure_channel("unix:" + sock, options=options) as channel:
     // one warning (the working calls came after the reset ones).
     let (out, text) = run("localhost").await;
     assert!(out.status.success(), "{text}");
-    assert_eq!(text.lines().filter(|l| l.starts_with("ok ")).count(), 3, "{text}");
+    assert_eq!(
+        text.lines().filter(|l| l.starts_with("ok ")).count(),
+        3,
+        "{text}"
+    );
     let stderr = kekd.stderr();
     assert_eq!(stderr.matches(warning).count(), 1, "{stderr}");
     let line = stderr.lines().find(|l| l.contains(warning)).unwrap();

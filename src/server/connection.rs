@@ -622,7 +622,8 @@ impl ResetWatch {
                 if self.header_len == self.header.len() {
                     let [a, b, c, kind, ..] = self.header;
                     self.payload_left = usize::from(a) << 16 | usize::from(b) << 8 | usize::from(c);
-                    self.rst = (kind == RST_STREAM && self.payload_left == 4).then_some(([0; 4], 0));
+                    self.rst =
+                        (kind == RST_STREAM && self.payload_left == 4).then_some(([0; 4], 0));
                     self.end_of_frame_if_done();
                 }
                 continue;

@@ -604,9 +604,7 @@ mod tests {
             "{fails:#?}"
         );
         assert!(
-            fails
-                .iter()
-                .any(|d| d.contains("is not this plugin's socket")),
+            fails.iter().any(|d| d.contains("not this plugin's socket")),
             "{fails:#?}"
         );
         assert!(fails.iter().any(|d| d.contains("cachesize")), "{fails:#?}");
@@ -659,20 +657,29 @@ mod tests {
         let trap = f("unix://kekd-dev/kms.sock", None);
         assert_eq!(trap.level, Level::Warn, "{trap:#?}");
         assert!(
-            trap.detail.contains(r#"dial "/kms.sock" ("kekd-dev" after `unix://` is the URL's host"#),
+            trap.detail
+                .contains(r#"dial "/kms.sock" ("kekd-dev" after `unix://` is the URL's host"#),
             "{trap:#?}"
         );
-        assert_eq!(trap.fix.as_deref(), Some("set `endpoint: unix:///kms.sock`"));
+        assert_eq!(
+            trap.fix.as_deref(),
+            Some("set `endpoint: unix:///kms.sock`")
+        );
         // A host and nothing else: no socket at all.
         let empty = f("unix://kms.sock", sock);
         assert_eq!(empty.level, Level::Fail, "{empty:#?}");
         assert!(
-            empty.detail.contains(r#"gives the apiserver no socket to dial ("kms.sock" after `unix://`"#),
+            empty
+                .detail
+                .contains(r#"gives the apiserver no socket to dial ("kms.sock" after `unix://`"#),
             "{empty:#?}"
         );
         let opaque = f("unix:kms.sock", sock);
         assert_eq!(opaque.level, Level::Fail, "{opaque:#?}");
-        assert!(opaque.detail.contains("is a URL without a path"), "{opaque:#?}");
+        assert!(
+            opaque.detail.contains("is a URL without a path"),
+            "{opaque:#?}"
+        );
         // Abstract sockets, refusals, another socket.
         assert_eq!(f("unix:///@kekd", sock).level, Level::Fail);
         let refused = f("unix:///a%zz", sock);
@@ -687,7 +694,10 @@ mod tests {
         );
         // Control bytes from a %-escape are shown escaped.
         let escaped = f("unix:///a%1Bb", sock);
-        assert!(escaped.detail.contains(r#"dial "/a\u{1b}b""#), "{escaped:#?}");
+        assert!(
+            escaped.detail.contains(r#"dial "/a\u{1b}b""#),
+            "{escaped:#?}"
+        );
     }
 
     #[test]
