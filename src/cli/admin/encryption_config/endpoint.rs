@@ -58,7 +58,9 @@ pub enum EndpointError {
     #[error("remote KMS provider can't use empty string as endpoint")]
     Empty,
     /// Go's `url.Parse` fails.
-    #[error("invalid endpoint {endpoint:?} for remote KMS provider, error: parse {url:?}: {reason}")]
+    #[error(
+        "invalid endpoint {endpoint:?} for remote KMS provider, error: parse {url:?}: {reason}"
+    )]
     Url {
         /// The endpoint.
         endpoint: String,
@@ -268,7 +270,8 @@ fn parse_host(host: &str) -> Result<(), String> {
             let zone = unescaped.iter().position(|b| *b == b'%');
             let zone_ok = zone.is_none_or(|z| z + 1 < unescaped.len());
             unescaped.truncate(zone.unwrap_or(unescaped.len()));
-            let addr_ok = std::str::from_utf8(&unescaped).is_ok_and(|a| a.parse::<Ipv6Addr>().is_ok());
+            let addr_ok =
+                std::str::from_utf8(&unescaped).is_ok_and(|a| a.parse::<Ipv6Addr>().is_ok());
             if is_v6 && zone_ok && addr_ok {
                 Ok(())
             } else {

@@ -21,7 +21,9 @@ fn every_endpoint_parses_as_the_apiserver_parses_it() {
             _ => false,
         };
         if !same {
-            wrong.push(format!("{endpoint:?}: kekd {got:?}, the apiserver {want:?}"));
+            wrong.push(format!(
+                "{endpoint:?}: kekd {got:?}, the apiserver {want:?}"
+            ));
         }
     }
     assert!(wrong.is_empty(), "{wrong:#?}");
@@ -61,7 +63,9 @@ fn refusals_say_why_as_the_apiserver_does() {
          escape \"%zz\""
     );
     assert_eq!(
-        parse_endpoint("unix://ho st/k.sock").unwrap_err().to_string(),
+        parse_endpoint("unix://ho st/k.sock")
+            .unwrap_err()
+            .to_string(),
         "invalid endpoint \"unix://ho st/k.sock\" for remote KMS provider, error: parse \"unix://ho st/k.sock\": \
          invalid character \" \" in host name"
     );
