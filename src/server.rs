@@ -224,6 +224,10 @@ impl Server {
         // of unread bytes (the connection window bounds them all
         // together); request bytes read are charged to the connection's
         // own budget (`server::admission`).
+        // Server reflection (`grpcurl list`, `describe`) for the peers the
+        // policy allows: a refused peer never reaches the router, and its
+        // streams pass the same admission and per-connection limits.
+        let reflection = reflection_services(config.max_request_bytes)?;
         let router = tonic::transport::Server::builder()
             .max_concurrent_streams(streams)
             .initial_stream_window_size(connection::FLOW_CONTROL_WINDOW)
@@ -237,7 +241,9 @@ impl Server {
                 KmsService::new(Arc::clone(&state), config.peers.clone())
                     .with_call_limit(running)
                     .into_server(config.max_request_bytes),
-            );
+            )
+            .add_service(reflection.0)
+            .add_service(reflection.1);
         // Shutdown is driven by the end of `incoming`, not by a signal: when
         // the accept task stops, tonic still takes every connection already
         // accepted (queued in the channel), then stops accepting and drains
@@ -281,6 +287,50 @@ impl Server {
         info!("stopped");
         result
     }
+}
+
+/// The file descriptor set of `proto/v2/kms.proto` (build.rs).
+const KMS_DESCRIPTOR: &[u8] = tonic::include_file_descriptor_set!("kms_descriptor");
+
+/// gRPC server reflection of the KMS service (and of reflection itself),
+/// in both versions clients ask for: `grpc.reflection.v1` and `v1alpha`.
+///
+/// Its streams pass `server::admission` like any call: request bytes are
+/// charged to the connection's budget, a stream that keeps its request open
+/// stays evictable and ends at the read timeout, and it takes no running
+/// slot. Like the KMS service it decodes at most `max_request_bytes` per
+/// message, which admission relies on: a message declared larger is passed
+/// through for the decoder to refuse before it reserves anything.
+fn reflection_services(
+    max_request_bytes: usize,
+) -> Result<
+    (
+        tonic_reflection::server::v1::ServerReflectionServer<
+            impl tonic_reflection::server::v1::ServerReflection,
+        >,
+        tonic_reflection::server::v1alpha::ServerReflectionServer<
+            impl tonic_reflection::server::v1alpha::ServerReflection,
+        >,
+    ),
+    ServerError,
+> {
+    let builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(KMS_DESCRIPTOR)
+    };
+    let broken = |e: tonic_reflection::server::Error| {
+        ServerError::Transport(format!("the reflection service: {e}"))
+    };
+    Ok((
+        builder()
+            .build_v1()
+            .map_err(broken)?
+            .max_decoding_message_size(max_request_bytes),
+        builder()
+            .build_v1alpha()
+            .map_err(broken)?
+            .max_decoding_message_size(max_request_bytes),
+    ))
 }
 
 /// Loads the keyring, binds, and serves until `shutdown`.

@@ -39,6 +39,16 @@
 //!   call's whole message has arrived and released when its work is done),
 //!   while Status never waits: it is answered from cached state, and the
 //!   apiserver must see it answered even while other calls fill every slot.
+//!
+//! One more thing is watched here, for the operator rather than as a
+//! defence: h2, below tonic, resets a stream with PROTOCOL_ERROR when it
+//! refuses the request's headers — most often an `:authority` that is not
+//! a URI authority, such as the socket path python grpcio and apiservers
+//! before 1.32 send — and says so only at debug. The client sees `INTERNAL`
+//! `Received RST_STREAM with error code 1`. [`ResetWatch`] follows the
+//! frames kekd itself writes (never the client's bytes) and logs the first
+//! such reset of each connection at warn, with the client-side fix (at most
+//! one line per [`REFUSAL_LOG_INTERVAL`] for all connections).
 
 use std::collections::HashMap;
 use std::io;
@@ -53,6 +63,7 @@ use tokio::net::UnixStream;
 use tokio::sync::Semaphore;
 use tokio::time::Sleep;
 use tonic::transport::server::Connected;
+use tracing::warn;
 
 /// Most connections kekd serves at once. The apiserver multiplexes all its
 /// KMS calls on one connection per kekd; probes and doctors need a few
@@ -193,6 +204,9 @@ pub(crate) struct Registry {
     conns: Mutex<HashMap<u64, Arc<Shared>>>,
     next_id: AtomicU64,
     evictions: AtomicU64,
+    /// The "reset as malformed" warning, rate-limited across connections:
+    /// when the last line was logged, and how many were left out since.
+    malformed_log: Mutex<(Option<Instant>, u64)>,
 }
 
 /// What [`Registry::admit`] decided.
@@ -245,7 +259,24 @@ impl Registry {
             conns: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(0),
             evictions: AtomicU64::new(0),
+            malformed_log: Mutex::new((None, 0)),
         })
+    }
+
+    /// `Some(lines left out since the last one)` when a "reset as
+    /// malformed" line is due (one per [`REFUSAL_LOG_INTERVAL`]).
+    fn malformed_line_due(&self) -> Option<u64> {
+        let mut log = self
+            .malformed_log
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let (last, left_out) = &mut *log;
+        if last.is_some_and(|t| t.elapsed() < REFUSAL_LOG_INTERVAL) {
+            *left_out += 1;
+            return None;
+        }
+        *last = Some(Instant::now());
+        Some(std::mem::take(left_out))
     }
 
     /// The most connections served at once.
@@ -502,6 +533,7 @@ pub(crate) struct Connection {
     shared: Arc<Shared>,
     registry: Arc<Registry>,
     preface: Option<Preface>,
+    resets: ResetWatch,
 }
 
 #[derive(Debug)]
@@ -527,7 +559,97 @@ impl Connection {
                 timeout: preface_timeout,
                 deadline: Box::pin(tokio::time::sleep(preface_timeout)),
             }),
+            resets: ResetWatch::default(),
         }
+    }
+
+    /// Follows `written`, the next bytes kekd sent on this connection, and
+    /// warns (once per connection) at the first stream it reset as
+    /// malformed.
+    fn wrote(&mut self, written: &[u8]) {
+        if !self.resets.protocol_error(written) {
+            return;
+        }
+        let Some(left_out) = self.registry.malformed_line_due() else {
+            return;
+        };
+        let peer = self.shared.peer;
+        warn!(
+            peer.uid = peer.uid,
+            peer.pid = peer.pid,
+            left_out,
+            "reset a call as malformed (HTTP/2 PROTOCOL_ERROR; the client sees INTERNAL \"Received RST_STREAM with \
+             error code 1\"): most likely the client sends the socket path as :authority, which HTTP/2 refuses. \
+             Fix the client: python grpcio options=[(\"grpc.default_authority\", \"localhost\")], grpc-go \
+             grpc.WithAuthority(\"localhost\"); kube-apiserver before 1.32 does this (upgrade it)"
+        );
+    }
+}
+
+/// Follows the HTTP/2 frames kekd writes on one connection — its own
+/// bytes, framed by h2: a 9-byte header (24-bit length, type, flags,
+/// stream id), then the payload — to notice the first RST_STREAM with
+/// error code PROTOCOL_ERROR (1). Then it stops looking.
+#[derive(Debug, Default)]
+struct ResetWatch {
+    header: [u8; 9],
+    header_len: usize,
+    /// Payload bytes of the current frame still to come.
+    payload_left: usize,
+    /// The current frame is a RST_STREAM: its 4-byte error code so far.
+    rst: Option<([u8; 4], usize)>,
+    /// Found one: nothing more to follow.
+    done: bool,
+}
+
+/// HTTP/2 frame type RST_STREAM, and the error code PROTOCOL_ERROR.
+const RST_STREAM: u8 = 0x3;
+const PROTOCOL_ERROR: u32 = 0x1;
+
+impl ResetWatch {
+    /// Feeds the next written bytes; true exactly once, at the first
+    /// RST_STREAM carrying PROTOCOL_ERROR.
+    fn protocol_error(&mut self, mut bytes: &[u8]) -> bool {
+        if self.done {
+            return false;
+        }
+        while !self.done && !bytes.is_empty() {
+            if self.header_len < self.header.len() {
+                let n = (self.header.len() - self.header_len).min(bytes.len());
+                self.header[self.header_len..self.header_len + n].copy_from_slice(&bytes[..n]);
+                self.header_len += n;
+                bytes = &bytes[n..];
+                if self.header_len == self.header.len() {
+                    let [a, b, c, kind, ..] = self.header;
+                    self.payload_left = usize::from(a) << 16 | usize::from(b) << 8 | usize::from(c);
+                    self.rst =
+                        (kind == RST_STREAM && self.payload_left == 4).then_some(([0; 4], 0));
+                    self.end_of_frame_if_done();
+                }
+                continue;
+            }
+            let n = self.payload_left.min(bytes.len());
+            if let Some((code, have)) = &mut self.rst {
+                code[*have..*have + n].copy_from_slice(&bytes[..n]);
+                *have += n;
+            }
+            self.payload_left -= n;
+            bytes = &bytes[n..];
+            self.end_of_frame_if_done();
+        }
+        self.done
+    }
+
+    /// At the end of a frame: checks a RST_STREAM's code, then expects the
+    /// next header.
+    fn end_of_frame_if_done(&mut self) {
+        if self.payload_left > 0 {
+            return;
+        }
+        if let Some((code, 4)) = self.rst.take() {
+            self.done = u32::from_be_bytes(code) == PROTOCOL_ERROR;
+        }
+        self.header_len = 0;
     }
 }
 
@@ -578,7 +700,11 @@ impl AsyncWrite for Connection {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         this.shared.check_evicted(cx)?;
-        Pin::new(&mut this.stream).poll_write(cx, buf)
+        let written = Pin::new(&mut this.stream).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = written {
+            this.wrote(&buf[..n]);
+        }
+        written
     }
 
     fn poll_write_vectored(
@@ -588,7 +714,18 @@ impl AsyncWrite for Connection {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         this.shared.check_evicted(cx)?;
-        Pin::new(&mut this.stream).poll_write_vectored(cx, bufs)
+        let written = Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(mut n)) = written {
+            for buf in bufs {
+                if n == 0 {
+                    break;
+                }
+                let part = n.min(buf.len());
+                this.wrote(&buf[..part]);
+                n -= part;
+            }
+        }
+        written
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -611,5 +748,43 @@ impl Connected for Connection {
         ConnInfo {
             shared: Arc::clone(&self.shared),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(kind: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let len = u32::try_from(payload.len()).unwrap().to_be_bytes();
+        let mut f = vec![len[1], len[2], len[3], kind, 0];
+        f.extend(stream.to_be_bytes());
+        f.extend(payload);
+        f
+    }
+
+    /// The first RST_STREAM(PROTOCOL_ERROR) is found wherever the writes
+    /// split the frames, once; other codes, and look-alike payload bytes,
+    /// are not.
+    #[test]
+    fn the_first_protocol_error_reset_is_found_once() {
+        let settings = frame(0x4, 0, &[0, 3, 0, 0, 0, 64]);
+        let cancel = frame(RST_STREAM, 1, &8u32.to_be_bytes());
+        // DATA whose payload is itself a RST_STREAM(PROTOCOL_ERROR) frame.
+        let data = frame(0x0, 3, &frame(RST_STREAM, 3, &1u32.to_be_bytes()));
+        let ping = frame(0x6, 0, &[0; 8]);
+        let reset = frame(RST_STREAM, 5, &PROTOCOL_ERROR.to_be_bytes());
+        let innocent: Vec<u8> = [settings, cancel, data, ping].concat();
+        let all: Vec<u8> = [innocent.clone(), reset.clone(), reset].concat();
+        for split in 1..=all.len() {
+            let mut watch = ResetWatch::default();
+            let found: Vec<bool> = all.chunks(split).map(|c| watch.protocol_error(c)).collect();
+            let first = found.iter().position(|f| *f).unwrap();
+            // Found in the chunk holding the reset's last byte.
+            assert_eq!(first, (innocent.len() + 13 - 1) / split, "split {split}");
+            assert_eq!(found.iter().filter(|f| **f).count(), 1, "split {split}");
+        }
+        let mut watch = ResetWatch::default();
+        assert!(!watch.protocol_error(&innocent));
     }
 }

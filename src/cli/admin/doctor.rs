@@ -8,8 +8,10 @@
 //!    passphrase) supplied through the environment;
 //! 2. the socket: exists, is a socket, its mode and directory;
 //! 3. the EncryptionConfiguration, if given: apiVersion and kind, a `kms`
-//!    provider with `apiVersion: v2`, a name without `:`, an endpoint that is
-//!    this socket, a sane timeout, no `cachesize`, `identity` after it;
+//!    provider with `apiVersion: v2`, a name without `:`, an endpoint whose
+//!    socket — the one the apiserver really dials, which ignores the URL's
+//!    host part — is this socket, a sane timeout, no `cachesize`, `identity`
+//!    after it;
 //! 4. a live probe of the plugin (Status, Encrypt, Decrypt).
 
 use std::fs;
@@ -21,6 +23,7 @@ use serde::Serialize;
 use serde_json::json;
 use yaml_rust2::Yaml;
 
+use super::encryption_config::{self, Dial};
 use super::{Target, report};
 use crate::backend::Backend;
 use crate::backend::local::LocalBackend;
@@ -412,25 +415,7 @@ pub fn check_encryption_config(path: &Path, socket: Option<&Path>) -> Vec<Findin
             None => out.push(fail(C, format!("{where_}: kms has no name"), "add `name: kekd`")),
         }
         match kms["endpoint"].as_str() {
-            Some(e) => match (e.strip_prefix("unix://"), socket) {
-                (None, _) => out.push(fail(
-                    C,
-                    format!("{where_}: endpoint {e:?} is not unix://…"),
-                    "use `endpoint: unix:///var/run/kekd/kms.sock`",
-                )),
-                (Some(p), Some(sock)) if !same_file(Path::new(p), sock) => out.push(fail(
-                    C,
-                    format!(
-                        "{where_}: endpoint {e:?} is not this plugin's socket {}",
-                        sock.display()
-                    ),
-                    format!(
-                        "set `endpoint: unix://{}` or serve kekd on {p}",
-                        sock.display()
-                    ),
-                )),
-                (Some(_), _) => out.push(ok(C, format!("{where_}: endpoint {e}"))),
-            },
+            Some(e) => out.push(check_endpoint(&where_, e, socket)),
             None => out.push(fail(
                 C,
                 format!("{where_}: kms has no endpoint"),
@@ -503,6 +488,75 @@ pub fn check_encryption_config(path: &Path, socket: Option<&Path>) -> Vec<Findin
     out
 }
 
+/// A kms provider's `endpoint`: the socket the apiserver really dials (it
+/// parses the endpoint as a URL and dials its path; see
+/// [`super::encryption_config::parse_endpoint`]), against this plugin's.
+fn check_endpoint(where_: &str, endpoint: &str, socket: Option<&Path>) -> Finding {
+    const C: &str = "encryption-config";
+    let want = socket.unwrap_or(Path::new("/var/run/kekd/kms.sock"));
+    // An absolute path after `unix://`: three slashes.
+    let fix = format!("set `endpoint: unix://{}`", want.display());
+    let parsed = match encryption_config::parse_endpoint(endpoint) {
+        Ok(parsed) => parsed,
+        Err(e) => {
+            return fail(
+                C,
+                format!("{where_}: the apiserver refuses endpoint {endpoint:?}: {e}"),
+                fix,
+            );
+        }
+    };
+    // What the apiserver ignores, and why.
+    let trap = match (&parsed.authority, &parsed.opaque) {
+        (Some(host), _) => format!(
+            " ({host:?} after `unix://` is the URL's host, which the apiserver ignores: the socket's path starts \
+             at the next `/`)"
+        ),
+        (None, Some(opaque)) => format!(
+            " (`unix:` followed by {opaque:?}, not `/`, is a URL without a path: the apiserver dials no file)"
+        ),
+        (None, None) => String::new(),
+    };
+    match parsed.dial() {
+        Dial::Empty => fail(
+            C,
+            format!("{where_}: endpoint {endpoint:?} gives the apiserver no socket to dial{trap}"),
+            format!("{fix} (the socket's absolute path after `unix://`)"),
+        ),
+        Dial::Abstract(name) => fail(
+            C,
+            format!(
+                "{where_}: endpoint {endpoint:?} makes the apiserver dial the abstract socket {name:?}, and kekd \
+                 serves a socket file"
+            ),
+            fix,
+        ),
+        Dial::Path(dials) => match socket {
+            Some(sock) if !same_file(dials, sock) => fail(
+                C,
+                format!(
+                    "{where_}: endpoint {endpoint:?} makes the apiserver dial {dials:?}, not this plugin's socket \
+                     {sock:?}{trap}"
+                ),
+                if trap.is_empty() {
+                    format!("{fix} or serve kekd on {dials:?}")
+                } else {
+                    fix
+                },
+            ),
+            _ if !trap.is_empty() => warn(
+                C,
+                format!("{where_}: endpoint {endpoint:?} makes the apiserver dial {dials:?}{trap}"),
+                format!("set `endpoint: unix://{}`", dials.display()),
+            ),
+            _ => ok(
+                C,
+                format!("{where_}: endpoint {endpoint:?}: the apiserver dials {dials:?}"),
+            ),
+        },
+    }
+}
+
 /// The same path, or two paths naming the same existing file.
 fn same_file(a: &Path, b: &Path) -> bool {
     a == b || matches!((fs::canonicalize(a), fs::canonicalize(b)), (Ok(x), Ok(y)) if x == y)
@@ -550,9 +604,7 @@ mod tests {
             "{fails:#?}"
         );
         assert!(
-            fails
-                .iter()
-                .any(|d| d.contains("is not this plugin's socket")),
+            fails.iter().any(|d| d.contains("not this plugin's socket")),
             "{fails:#?}"
         );
         assert!(fails.iter().any(|d| d.contains("cachesize")), "{fails:#?}");
@@ -569,6 +621,82 @@ mod tests {
             f.iter()
                 .any(|f| f.level == Level::Warn && f.detail.contains("no `identity` provider")),
             "{f:#?}"
+        );
+    }
+
+    /// The socket doctor names is the one kube-apiserver dials
+    /// (tests/conformance/testdata/endpoints.json holds the apiserver's own
+    /// answers); the host part of `unix://HOST/PATH` is named as a trap.
+    #[test]
+    fn endpoints_are_read_as_the_apiserver_reads_them() {
+        let sock = Some(Path::new("/var/run/kekd/kms.sock"));
+        let f = |e: &str, sock: Option<&Path>| check_endpoint("resources[0] (secrets)", e, sock);
+        let level_detail_fix = |f: Finding| (f.level, f.detail, f.fix.unwrap_or_default());
+
+        // unix:/PATH is a path: it works.
+        assert_eq!(
+            level_detail_fix(f("unix:/var/run/kekd/kms.sock", sock)),
+            (
+                Level::Ok,
+                r#"resources[0] (secrets): endpoint "unix:/var/run/kekd/kms.sock": the apiserver dials "/var/run/kekd/kms.sock""#
+                    .to_owned(),
+                String::new()
+            )
+        );
+        // The host trap: `var` is the host, the apiserver dials /run/kekd/kms.sock.
+        assert_eq!(
+            level_detail_fix(f("unix://var/run/kekd/kms.sock", sock)),
+            (
+                Level::Fail,
+                r#"resources[0] (secrets): endpoint "unix://var/run/kekd/kms.sock" makes the apiserver dial "/run/kekd/kms.sock", not this plugin's socket "/var/run/kekd/kms.sock" ("var" after `unix://` is the URL's host, which the apiserver ignores: the socket's path starts at the next `/`)"#
+                    .to_owned(),
+                "set `endpoint: unix:///var/run/kekd/kms.sock`".to_owned()
+            )
+        );
+        // Without --socket, doctor still names what the apiserver dials.
+        let trap = f("unix://kekd-dev/kms.sock", None);
+        assert_eq!(trap.level, Level::Warn, "{trap:#?}");
+        assert!(
+            trap.detail
+                .contains(r#"dial "/kms.sock" ("kekd-dev" after `unix://` is the URL's host"#),
+            "{trap:#?}"
+        );
+        assert_eq!(
+            trap.fix.as_deref(),
+            Some("set `endpoint: unix:///kms.sock`")
+        );
+        // A host and nothing else: no socket at all.
+        let empty = f("unix://kms.sock", sock);
+        assert_eq!(empty.level, Level::Fail, "{empty:#?}");
+        assert!(
+            empty
+                .detail
+                .contains(r#"gives the apiserver no socket to dial ("kms.sock" after `unix://`"#),
+            "{empty:#?}"
+        );
+        let opaque = f("unix:kms.sock", sock);
+        assert_eq!(opaque.level, Level::Fail, "{opaque:#?}");
+        assert!(
+            opaque.detail.contains("is a URL without a path"),
+            "{opaque:#?}"
+        );
+        // Abstract sockets, refusals, another socket.
+        assert_eq!(f("unix:///@kekd", sock).level, Level::Fail);
+        let refused = f("unix:///a%zz", sock);
+        assert_eq!(
+            refused.detail,
+            r#"resources[0] (secrets): the apiserver refuses endpoint "unix:///a%zz": invalid endpoint "unix:///a%zz" for remote KMS provider, error: parse "unix:///a%zz": invalid URL escape "%zz""#
+        );
+        let other = f("unix:///other.sock", sock);
+        assert_eq!(
+            other.fix.as_deref(),
+            Some(r#"set `endpoint: unix:///var/run/kekd/kms.sock` or serve kekd on "/other.sock""#)
+        );
+        // Control bytes from a %-escape are shown escaped.
+        let escaped = f("unix:///a%1Bb", sock);
+        assert!(
+            escaped.detail.contains(r#"dial "/a\u{1b}b""#),
+            "{escaped:#?}"
         );
     }
 

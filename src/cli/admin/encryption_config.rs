@@ -11,6 +11,10 @@ use yaml_rust2::{Yaml, YamlLoader};
 
 use crate::cli::CliError;
 
+mod endpoint;
+
+pub use endpoint::{Dial, Endpoint, EndpointError, parse_endpoint};
+
 /// What the shipped `deploy/encryption-config.yaml` encrypts, shown when
 /// no `--encryption-config` is given.
 pub const SHIPPED_RESOURCES: [&str; 2] = ["secrets", "configmaps"];
@@ -108,10 +112,11 @@ impl Encrypted {
             let ours = providers.iter().map(|p| &p["kms"]).find(|kms| {
                 !kms.is_badvalue()
                     && socket.is_none_or(|s| {
+                        // The socket the apiserver dials, found as it finds it.
                         kms["endpoint"]
                             .as_str()
-                            .and_then(|e| e.strip_prefix("unix://"))
-                            .is_some_and(|e| Path::new(e) == s)
+                            .and_then(|e| parse_endpoint(e).ok())
+                            .is_some_and(|e| e.dial() == Dial::Path(s))
                     })
             });
             let Some(kms) = ours else { continue };
@@ -249,6 +254,12 @@ mod tests {
             "--encryption-config FILE: no resources are encrypted by a kms provider with endpoint \
              unix:///nowhere.sock; give the file passed to kube-apiserver --encryption-provider-config"
         );
+        // The socket is the one the apiserver dials: `unix:/k.sock` is
+        // /k.sock; `unix://k.sock` dials nothing (`k.sock` is the host).
+        let other_forms = yaml.replace("unix:///k.sock", "unix:/k.sock");
+        assert_eq!(read(&other_forms, Some("/k.sock")).unwrap(), e);
+        let host_trap = yaml.replace("unix:///k.sock", "unix://k.sock");
+        assert!(read(&host_trap, Some("/k.sock")).is_err());
         assert_eq!(
             read("kind: Other\n", None).unwrap_err(),
             "--encryption-config FILE: not an apiserver.config.k8s.io/v1 EncryptionConfiguration; start from \
