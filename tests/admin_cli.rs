@@ -2253,10 +2253,7 @@ fn a_fifo_planted_beside_the_keyring_never_blocks_kekd() {
     mkfifo(&served);
     assert_eq!(
         serve_error(&ring),
-        (
-            EX_CONFIG,
-            unreadable("it is a FIFO, not a regular file")
-        )
+        (EX_CONFIG, unreadable("it is a FIFO, not a regular file"))
     );
     let doctor = ring.run(&["doctor", "--output", "json"]);
     assert_eq!(doctor.code(), 1, "{doctor:#?}");
@@ -2278,10 +2275,7 @@ fn a_fifo_planted_beside_the_keyring_never_blocks_kekd() {
     // The fix named: accept-keyring replaces it with a record.
     let out = ring.run(&["accept-keyring"]);
     assert_eq!(out.code(), 0, "{out:#?}");
-    assert!(
-        fs::symlink_metadata(&served).unwrap().is_file(),
-        "{out:#?}"
-    );
+    assert!(fs::symlink_metadata(&served).unwrap().is_file(), "{out:#?}");
     fs::remove_file(&served).unwrap();
     fs::create_dir(&served).unwrap();
     assert_eq!(
@@ -2295,10 +2289,7 @@ fn a_fifo_planted_beside_the_keyring_never_blocks_kekd() {
     std::os::unix::fs::symlink("/dev/null", &served).unwrap();
     assert_eq!(
         serve_error(&ring),
-        (
-            EX_CONFIG,
-            unreadable("it is a symlink")
-        )
+        (EX_CONFIG, unreadable("it is a symlink"))
     );
     fs::remove_file(&served).unwrap();
 
@@ -2312,7 +2303,10 @@ fn a_fifo_planted_beside_the_keyring_never_blocks_kekd() {
     // The keyring itself, and a link from it to a device.
     let keyring = ring.dir.path().join("fifo-keyring");
     mkfifo(&keyring);
-    let out = admin(&["list", "--keyring", keyring.to_str().unwrap()], ring.dir.path());
+    let out = admin(
+        &["list", "--keyring", keyring.to_str().unwrap()],
+        ring.dir.path(),
+    );
     assert_eq!(out.code(), EX_CONFIG, "{out:#?}");
     assert_eq!(
         error_message(&out),

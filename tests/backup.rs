@@ -757,7 +757,12 @@ fn a_fifo_as_a_backup_or_passphrase_file_is_refused_without_blocking() {
             out_path.display()
         )
     );
-    assert!(fs::symlink_metadata(&out_path).unwrap().file_type().is_fifo());
+    assert!(
+        fs::symlink_metadata(&out_path)
+            .unwrap()
+            .file_type()
+            .is_fifo()
+    );
 
     let pass = node.path("fifo-passphrase");
     mkfifo(&pass);

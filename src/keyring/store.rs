@@ -999,20 +999,22 @@ pub fn open_regular(path: &Path, links: Links) -> Result<(File, fs::Metadata), O
         // The flag bits are small positive constants; the cast cannot wrap.
         .custom_flags(flags.bits() as i32)
         .open(path)
-        .map_err(|e| match e.raw_os_error().map(rustix::io::Errno::from_raw_os_error) {
-            _ if e.kind() == io::ErrorKind::NotFound => OpenError::NotFound {
-                path: path.to_owned(),
+        .map_err(
+            |e| match e.raw_os_error().map(rustix::io::Errno::from_raw_os_error) {
+                _ if e.kind() == io::ErrorKind::NotFound => OpenError::NotFound {
+                    path: path.to_owned(),
+                },
+                Some(rustix::io::Errno::LOOP) if links == Links::Refuse => OpenError::Symlink {
+                    path: path.to_owned(),
+                },
+                // open(2) of a Unix socket.
+                Some(rustix::io::Errno::NXIO) => OpenError::NotRegular {
+                    path: path.to_owned(),
+                    what: "a socket",
+                },
+                _ => io(e),
             },
-            Some(rustix::io::Errno::LOOP) if links == Links::Refuse => OpenError::Symlink {
-                path: path.to_owned(),
-            },
-            // open(2) of a Unix socket.
-            Some(rustix::io::Errno::NXIO) => OpenError::NotRegular {
-                path: path.to_owned(),
-                what: "a socket",
-            },
-            _ => io(e),
-        })?;
+        )?;
     let meta = file.metadata().map_err(io)?;
     if !meta.is_file() {
         return Err(OpenError::NotRegular {

@@ -375,9 +375,11 @@ const MAX_SCAN_FILE: u64 = 16 * 1024 * 1024;
 /// # Errors
 /// Exit 78 when the file cannot be read or is not a scan result.
 pub(super) fn read_scan(file: &std::path::Path) -> Result<ScanReport, CliError> {
-    let name = file.display().to_string();
     use std::io::Read;
+
     use crate::keyring::store;
+
+    let name = file.display().to_string();
     // A regular file only, checked on what was opened: a FIFO would block.
     let (f, meta) = store::open_regular(file, store::Links::Follow).map_err(|e| match e {
         store::OpenError::NotRegular { what, .. } => CliError::config(format!(
