@@ -442,7 +442,7 @@ fn open_regular_refuses_everything_but_a_regular_file_without_blocking() {
 
     rustix::fs::mknodat(
         rustix::fs::CWD,
-        &at("fifo"),
+        at("fifo"),
         rustix::fs::FileType::Fifo,
         rustix::fs::Mode::from_raw_mode(0o600),
         0,
