@@ -149,16 +149,22 @@ fn open_log(path: &Path, owner_of: Option<&Path>) -> io::Result<std::fs::File> {
                 .append(true)
                 .custom_flags(store::no_follow())
                 .open(path)
-                .map_err(|e| {
-                    if e.raw_os_error() == Some(rustix::io::Errno::LOOP.raw_os_error()) {
-                        planted(path, "a symlink")
-                    } else {
-                        e
-                    }
-                })?;
+                .map_err(
+                    |e| match e.raw_os_error().map(rustix::io::Errno::from_raw_os_error) {
+                        Some(rustix::io::Errno::LOOP) => planted(path, "a symlink"),
+                        // A FIFO nobody reads (or a socket): opening it to
+                        // write without blocking fails so.
+                        Some(rustix::io::Errno::NXIO) => planted(
+                            path,
+                            std::fs::symlink_metadata(path)
+                                .map_or("not a regular file", |m| store::kind_of(m.file_type())),
+                        ),
+                        _ => e,
+                    },
+                )?;
             let meta = f.metadata()?;
             if !meta.is_file() {
-                return Err(planted(path, "not a regular file"));
+                return Err(planted(path, store::kind_of(meta.file_type())));
             }
             if meta.nlink() != 1 {
                 return Err(planted(path, "a hard link to another file"));

@@ -29,7 +29,6 @@
 //! sealed body are one opaque error ([`BackupError::Open`]).
 
 use std::fmt::{self, Write as _};
-use std::fs::File;
 use std::io::{self, Read};
 use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
@@ -393,13 +392,20 @@ pub fn read(path: &Path) -> Result<Backup, BackupError> {
             source,
         }
     };
-    let file = File::open(path).map_err(|e| match e.kind() {
-        io::ErrorKind::NotFound => BackupError::NotFound {
+    // A regular file only: a FIFO (planted at `--out`, or named by
+    // mistake) would block the command forever.
+    let (file, _) = store::open_regular(path, store::Links::Follow).map_err(|e| match e {
+        store::OpenError::NotFound { .. } => BackupError::NotFound {
             path: path.to_owned(),
         },
-        _ => io("open")(e),
+        store::OpenError::NotRegular { what, .. } => BackupError::NotAFile {
+            path: path.to_owned(),
+            what,
+        },
+        store::OpenError::Io { source, .. } => io("open")(source),
+        // Links are followed here; kept total all the same.
+        e @ store::OpenError::Symlink { .. } => io("open")(io::Error::other(e)),
     })?;
-    // No size check by metadata: a pipe (`--from <(ssh …)`) has none.
     let mut bytes = Vec::new();
     file.take(MAX_BACKUP_LEN + 1)
         .read_to_end(&mut bytes)
@@ -830,6 +836,17 @@ pub enum BackupError {
     NotFound {
         /// The path.
         path: PathBuf,
+    },
+    /// Not a regular file; nothing was read from it.
+    #[error(
+        "backup {path} is {what}, not a regular file; nothing was read from it: name the backup file itself \
+         (save a pipe's output to a file first)"
+    )]
+    NotAFile {
+        /// The path.
+        path: PathBuf,
+        /// `a FIFO`, `a directory`, …
+        what: &'static str,
     },
     /// Larger than any backup.
     #[error("backup {path} is more than {MAX_BACKUP_LEN} bytes: not a kekd backup")]

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::keyring::store::{Links, OpenError, open_regular};
 use crate::telemetry::LogFormat;
 
 /// Default permission bits of the socket: owner only.
@@ -197,6 +198,8 @@ impl BackendConfig {
 /// Largest PIN file kekd reads (PKCS#11 PINs are short; a larger file is a
 /// wrong path, not a PIN).
 const MAX_PIN_FILE: usize = 1024;
+/// Largest configuration file kekd reads (a few dozen settings).
+const MAX_CONFIG_FILE: u64 = 1 << 20;
 
 fn read_pin(file: Option<&Path>) -> Result<crate::secret::Pin, ConfigError> {
     use std::os::unix::fs::PermissionsExt;
@@ -213,13 +216,15 @@ fn read_pin(file: Option<&Path>) -> Result<crate::secret::Pin, ConfigError> {
         what: "pin_file",
         reason,
     };
-    let meta = fs::metadata(path).map_err(|e| bad(format!("{}: {e}", path.display())))?;
-    if !meta.is_file() {
-        return Err(bad(format!(
-            "{} is not a regular file; point pin_file at a file holding only the PIN",
+    // One open, then every check on what was opened: a FIFO swapped in
+    // after a check would block the read forever.
+    let (file, meta) = open_regular(path, Links::Follow).map_err(|e| match e {
+        OpenError::NotRegular { what, .. } => bad(format!(
+            "{} is {what}, not a regular file; point pin_file at a file holding only the PIN",
             path.display()
-        )));
-    }
+        )),
+        e => bad(e.to_string()),
+    })?;
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
         return Err(bad(format!(
@@ -232,8 +237,8 @@ fn read_pin(file: Option<&Path>) -> Result<crate::secret::Pin, ConfigError> {
     let mut bytes = zeroize::Zeroizing::new(Vec::with_capacity(MAX_PIN_FILE + 1));
     {
         use std::io::Read;
-        fs::File::open(path)
-            .and_then(|f| f.take(MAX_PIN_FILE as u64 + 1).read_to_end(&mut bytes))
+        file.take(MAX_PIN_FILE as u64 + 1)
+            .read_to_end(&mut bytes)
             .map_err(|e| bad(format!("{}: {e}", path.display())))?;
     }
     if bytes.len() > MAX_PIN_FILE {
@@ -360,10 +365,26 @@ impl Settings {
     /// # Errors
     /// Unreadable file, TOML syntax, unknown keys or wrong types.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = fs::read_to_string(path).map_err(|e| ConfigError::File {
+        use std::io::Read;
+        let file = |reason: String| ConfigError::File {
             path: path.to_owned(),
-            reason: e.to_string(),
+            reason,
+        };
+        let (f, _) = open_regular(path, Links::Follow).map_err(|e| match e {
+            OpenError::NotRegular { what, .. } => file(format!(
+                "it is {what}, not a regular file; nothing was read from it: give --config the TOML file itself"
+            )),
+            e => file(e.to_string()),
         })?;
+        let mut text = String::new();
+        f.take(MAX_CONFIG_FILE + 1)
+            .read_to_string(&mut text)
+            .map_err(|e| file(e.to_string()))?;
+        if text.len() as u64 > MAX_CONFIG_FILE {
+            return Err(file(format!(
+                "more than {MAX_CONFIG_FILE} bytes: not a kekd configuration"
+            )));
+        }
         Self::from_toml(&text, path)
     }
 
@@ -898,7 +919,8 @@ mod tests {
         // A device would never end: refused before reading.
         assert_eq!(
             err(Path::new("/dev/zero")),
-            "invalid pin_file: /dev/zero is not a regular file; point pin_file at a file holding only the PIN"
+            "invalid pin_file: /dev/zero is a character device, not a regular file; point pin_file at a file \
+             holding only the PIN"
         );
         let binary = write("binary", &[0xff, 0xfe, b'\n']);
         assert_eq!(

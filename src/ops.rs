@@ -13,14 +13,17 @@ use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
+use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::{AbortHandle, JoinSet};
 use tracing::{debug, info, warn};
@@ -93,7 +96,8 @@ const MAX_REQUEST_HEAD: usize = 16 * 1024;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OpsLimits {
     /// Connections held at once; at the cap, a new connection closes the
-    /// oldest one (so a probe always gets through a flood of idle ones).
+    /// oldest idle one, or the oldest when none is idle (so a probe always
+    /// gets through a flood of idle ones, and one in progress completes).
     pub max_connections: usize,
     /// Time to send a request's headers, and most idle time between
     /// requests on a kept-alive connection.
@@ -115,10 +119,9 @@ impl Default for OpsLimits {
 /// Serves the ops endpoints until `shutdown` completes, within `limits`.
 ///
 /// The listener is the lowest-priority user of kekd's descriptors: at its
-/// connection cap it closes its oldest connection, and when accept fails
-/// because the process is out of descriptors (EMFILE/ENFILE) it closes its
-/// oldest connection too and backs off, so it never competes with the KMS
-/// socket. Accept failures are logged at most once per
+/// connection cap it closes a connection (see [`shed`]), and when accept
+/// fails because the process is out of descriptors (EMFILE/ENFILE) it
+/// closes one too and backs off, so it never competes with the KMS socket. Accept failures are logged at most once per
 /// [`ACCEPT_ERROR_LOG_EVERY`].
 pub async fn serve(
     listener: TcpListener,
@@ -132,7 +135,7 @@ pub async fn serve(
     // Every connection task; dropping the set at return closes them all.
     let mut tasks = JoinSet::new();
     // Connections not yet shed, oldest first.
-    let mut open: VecDeque<AbortHandle> = VecDeque::new();
+    let mut open: VecDeque<Conn> = VecDeque::new();
     let mut errors = AcceptErrors::default();
     loop {
         let accepted = tokio::select! {
@@ -142,7 +145,7 @@ pub async fn serve(
                     Ok((id, ())) => id,
                     Err(e) => e.id(),
                 };
-                open.retain(|h| h.id() != id);
+                open.retain(|c| c.handle.id() != id);
                 continue;
             }
             // `tasks` also counts shed connections not yet dropped: accept
@@ -157,10 +160,7 @@ pub async fn serve(
             }
             Err(e) => {
                 state.metrics().ops_accept_error();
-                if is_fd_exhaustion(&e)
-                    && let Some(oldest) = open.pop_front()
-                {
-                    oldest.abort();
+                if is_fd_exhaustion(&e) && shed(&mut open, 0).is_some() {
                     state.metrics().ops_connection_shed("fd_exhausted");
                 }
                 let (pause, log) = errors.failed(Instant::now());
@@ -169,7 +169,7 @@ pub async fn serve(
                         error = %e,
                         suppressed,
                         pause = ?pause,
-                        "ops listener: accept failed; closing the oldest ops connection and backing off"
+                        "ops listener: accept failed; closing an ops connection and backing off"
                     );
                 }
                 tokio::select! {
@@ -180,24 +180,159 @@ pub async fn serve(
             }
         };
         let (state_c, readiness) = (Arc::clone(&state), Arc::clone(&readiness));
+        let stream = Tracked::new(stream);
+        let (busy, weak) = (Arc::clone(&stream.busy), Arc::downgrade(&stream.stream));
         let handle = tasks.spawn(serve_connection(stream, limits, state_c, readiness));
-        open.push_back(handle);
+        open.push_back(Conn {
+            handle,
+            busy,
+            stream: weak,
+        });
+        // The connection just accepted is never the one closed: a flood of
+        // new connections must not keep a probe out.
         if open.len() > cap
-            && let Some(oldest) = open.pop_front()
+            && let Some(idle) = shed(&mut open, 1)
         {
-            oldest.abort();
             state.metrics().ops_connection_shed("cap");
             debug!(
                 cap,
-                "ops listener at its connection cap: closed the oldest connection"
+                idle, "ops listener at its connection cap: closed a connection"
             );
         }
     }
 }
 
+/// One open ops connection, as the accept loop sees it.
+struct Conn {
+    handle: AbortHandle,
+    /// Set by [`Tracked`] while a request is in progress.
+    busy: Arc<AtomicBool>,
+    /// The socket, while its connection task holds it.
+    stream: Weak<TcpStream>,
+}
+
+impl Conn {
+    /// Between requests: none being answered, and no byte of a next one
+    /// waiting in the socket's receive queue (a probe whose request has
+    /// arrived is in progress, even before kekd has read it).
+    fn is_idle(&self) -> bool {
+        if self.busy.load(Ordering::Acquire) {
+            return false;
+        }
+        // A socket already gone (the task is ending) frees nothing by
+        // waiting: idle. One whose queue cannot be read counts as busy.
+        self.stream
+            .upgrade()
+            .is_none_or(|s| rustix::io::ioctl_fionread(&*s).is_ok_and(|queued| queued == 0))
+    }
+}
+
+/// Closes the oldest idle connection of `open` or, when none is idle, the
+/// oldest; the newest `spare` are never closed. Returns whether the one
+/// closed was idle, or `None` when there was none to close.
+///
+/// A connection counts as idle between requests, so a kubelet probe whose
+/// request has arrived gets its answer while a flood of idle connections
+/// goes first.
+fn shed(open: &mut VecDeque<Conn>, spare: usize) -> Option<bool> {
+    let candidates = open.len().saturating_sub(spare);
+    if candidates == 0 {
+        return None;
+    }
+    let idle = (0..candidates).find(|&i| open[i].is_idle());
+    let victim = open.remove(idle.unwrap_or(0))?;
+    victim.handle.abort();
+    Some(idle.is_some())
+}
+
+/// An ops connection's socket, marking its connection busy from the first
+/// byte of a request until its response has been written and flushed.
+///
+/// Hyper drives one connection from one task and flushes after writing a
+/// response, so "read bytes" then "wrote and flushed" brackets a request
+/// (a pipelined request read together with the previous one counts as
+/// idle once that one's answer is out: probes do not pipeline).
+struct Tracked {
+    stream: Arc<TcpStream>,
+    busy: Arc<AtomicBool>,
+    /// Bytes were written since the last flush.
+    wrote: bool,
+}
+
+impl Tracked {
+    fn new(stream: TcpStream) -> Self {
+        Self {
+            stream: Arc::new(stream),
+            busy: Arc::new(AtomicBool::new(false)),
+            wrote: false,
+        }
+    }
+}
+
+impl AsyncRead for Tracked {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        loop {
+            ready!(self.stream.poll_read_ready(cx))?;
+            match self.stream.try_read(buf.initialize_unfilled()) {
+                Ok(n) => {
+                    if n > 0 {
+                        self.busy.store(true, Ordering::Release);
+                    }
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                // Readiness was stale: wait for the next event.
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+impl AsyncWrite for Tracked {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        loop {
+            ready!(self.stream.poll_write_ready(cx))?;
+            match self.stream.try_write(buf) {
+                Ok(n) => {
+                    self.wrote |= n > 0;
+                    return Poll::Ready(Ok(n));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        // A TCP socket has no user-space buffer: what was written is sent.
+        // Hyper also flushes while waiting for a request: only a flush
+        // after a write ends one.
+        if std::mem::take(&mut self.wrote) {
+            self.busy.store(false, Ordering::Release);
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(
+            rustix::net::shutdown(&*self.stream, rustix::net::Shutdown::Write)
+                .map_err(std::io::Error::from),
+        )
+    }
+}
+
 /// Serves one ops connection within the header timeout and lifetime.
 async fn serve_connection(
-    stream: TcpStream,
+    stream: Tracked,
     limits: OpsLimits,
     state: Arc<ServingState>,
     readiness: Arc<Readiness>,

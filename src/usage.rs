@@ -132,6 +132,10 @@ impl UsageFile {
     }
 }
 
+/// Largest usage file kekd reads: a few hundred bytes per key version, and
+/// a keyring holds at most a few thousand.
+const MAX_USAGE_FILE: u64 = 16 << 20;
+
 /// The usage file of the keyring at `keyring`.
 pub fn usage_path(keyring: &Path) -> PathBuf {
     store::sibling(keyring, ".usage.json")
@@ -142,14 +146,28 @@ pub fn usage_path(keyring: &Path) -> PathBuf {
 /// # Errors
 /// When it exists but cannot be read or parsed.
 pub fn read(keyring: &Path) -> Result<Option<UsageFile>, String> {
+    use std::io::Read;
     let path = usage_path(keyring);
-    match std::fs::read(&path) {
-        Ok(bytes) => serde_json::from_slice(&bytes)
-            .map(Some)
-            .map_err(|e| format!("usage file {}: {e}", path.display())),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(format!("usage file {}: {e}", path.display())),
+    // kekd writes it by rename, never as a link; a FIFO there must not
+    // block `serve` or `admin list`.
+    let (file, _) = match store::open_regular(&path, store::Links::Refuse) {
+        Ok(f) => f,
+        Err(store::OpenError::NotFound { .. }) => return Ok(None),
+        Err(e) => return Err(format!("usage file: {e}")),
+    };
+    let mut bytes = Vec::new();
+    file.take(MAX_USAGE_FILE + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("usage file {}: {e}", path.display()))?;
+    if bytes.len() as u64 > MAX_USAGE_FILE {
+        return Err(format!(
+            "usage file {} is more than {MAX_USAGE_FILE} bytes: not kekd's",
+            path.display()
+        ));
     }
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|e| format!("usage file {}: {e}", path.display()))
 }
 
 /// The server's live usage counters.

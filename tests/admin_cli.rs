@@ -2265,3 +2265,251 @@ fn serve_and_doctor_refuse_a_link_chain_through_a_directory_another_user_owns() 
         "{out:#?}"
     );
 }
+
+// ------------------------------- special files where kekd reads a file
+
+/// Makes a FIFO at `path`: opening it to read would wait for a writer.
+fn mkfifo(path: &Path) {
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        path,
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o600),
+        0,
+    )
+    .unwrap();
+}
+
+/// The message of `serve` (run to its exit: the watchdog in `run_guarded`
+/// only reports a hang) on the keyring of `ring`.
+fn serve_error(ring: &Ring) -> (i32, String) {
+    let out = run_guarded(
+        serve_cmd(&ring.path, &ring.dir.path().join("kms.sock")),
+        ring.dir.path(),
+    );
+    (out.code(), error_message(&out).to_owned())
+}
+
+/// A FIFO (or a directory, or a link to a device) planted where kekd reads
+/// a file of its own would block it forever or feed it garbage: `serve`,
+/// `accept-keyring`, `doctor` and `list` fail (or go on) at once, saying
+/// which path and what to do.
+#[test]
+fn a_fifo_planted_beside_the_keyring_never_blocks_kekd() {
+    let ring = Ring::init();
+    let served = ring.dir.path().join("keyring.served");
+    let unreadable = |what: &str| {
+        format!(
+            "keyring local keyring {k}: invalid keyring: {r}: {what}, which kekd never makes there (remove it); it \
+             should hold the keyring this node served. Check how it changed; to trust the keyring as it is now, \
+             run `kekd admin accept-keyring --keyring {k}`",
+            k = ring.k(),
+            r = served.display()
+        )
+    };
+    // The served record: a FIFO, a directory, a link to /dev/null.
+    mkfifo(&served);
+    assert_eq!(
+        serve_error(&ring),
+        (EX_CONFIG, unreadable("it is a FIFO, not a regular file"))
+    );
+    let doctor = ring.run(&["doctor", "--output", "json"]);
+    assert_eq!(doctor.code(), 1, "{doctor:#?}");
+    let finding = json_of(&doctor)["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["check"] == "served record")
+        .cloned()
+        .unwrap_or_else(|| panic!("{doctor:#?}"));
+    assert_eq!(finding["level"], "fail", "{finding:#}");
+    assert!(
+        finding["detail"].as_str().unwrap().starts_with(&format!(
+            "{}: it is a FIFO, not a regular file, which kekd never makes there (remove it)",
+            served.display()
+        )),
+        "{finding:#}"
+    );
+    // The fix named: accept-keyring replaces it with a record.
+    let out = ring.run(&["accept-keyring"]);
+    assert_eq!(out.code(), 0, "{out:#?}");
+    assert!(fs::symlink_metadata(&served).unwrap().is_file(), "{out:#?}");
+    fs::remove_file(&served).unwrap();
+    fs::create_dir(&served).unwrap();
+    assert_eq!(
+        serve_error(&ring),
+        (
+            EX_CONFIG,
+            unreadable("it is a directory, not a regular file")
+        )
+    );
+    fs::remove_dir(&served).unwrap();
+    std::os::unix::fs::symlink("/dev/null", &served).unwrap();
+    assert_eq!(
+        serve_error(&ring),
+        (EX_CONFIG, unreadable("it is a symlink"))
+    );
+    fs::remove_file(&served).unwrap();
+
+    // The usage file: `list` goes on without the counts.
+    let usage = ring.dir.path().join("keyring.usage.json");
+    mkfifo(&usage);
+    let out = ring.run(&["list"]);
+    assert_eq!(out.code(), 0, "{out:#?}");
+    fs::remove_file(&usage).unwrap();
+
+    // The keyring itself, and a link from it to a device.
+    let keyring = ring.dir.path().join("fifo-keyring");
+    mkfifo(&keyring);
+    let out = admin(
+        &["list", "--keyring", keyring.to_str().unwrap()],
+        ring.dir.path(),
+    );
+    assert_eq!(out.code(), EX_CONFIG, "{out:#?}");
+    assert_eq!(
+        error_message(&out),
+        format!("keyring {} is not a regular file", keyring.display())
+    );
+    let linked = ring.dir.path().join("null-keyring");
+    std::os::unix::fs::symlink("/dev/null", &linked).unwrap();
+    let out = run_guarded(
+        serve_cmd(&linked, &ring.dir.path().join("kms.sock")),
+        ring.dir.path(),
+    );
+    assert_eq!(out.code(), EX_CONFIG, "{out:#?}");
+    assert_eq!(
+        error_message(&out),
+        format!("keyring {} is not a regular file", linked.display())
+    );
+
+    // The audit log: the change is made, the log refused by name.
+    let audit = ring.dir.path().join("keyring.audit.jsonl");
+    fs::remove_file(&audit).unwrap();
+    mkfifo(&audit);
+    let out = ring.run(&["rotate"]);
+    assert_eq!(out.code(), 1, "{out:#?}");
+    assert!(
+        error_message(&out).starts_with(&format!(
+            "the keyring was changed, but its audit log {0} could not be written: {0} is a FIFO, which kekd never \
+             makes there",
+            audit.display()
+        )),
+        "{out:#?}"
+    );
+}
+
+/// A FIFO named as the configuration, the PIN file or `--scan`: refused at
+/// once, with the fix.
+#[test]
+fn a_fifo_named_as_an_input_file_is_refused_without_blocking() {
+    let ring = Ring::init();
+    let dir = ring.dir.path();
+    let config = dir.join("kekd.toml");
+    mkfifo(&config);
+    let mut cmd = kekd();
+    cmd.args(["serve", "--config", config.to_str().unwrap()]);
+    let out = run_guarded(cmd, dir);
+    assert_eq!(out.code(), EX_CONFIG, "{out:#?}");
+    assert_eq!(
+        error_message(&out),
+        format!(
+            "config file {}: it is a FIFO, not a regular file; nothing was read from it: give --config the TOML \
+             file itself",
+            config.display()
+        )
+    );
+
+    let pin = dir.join("pin");
+    mkfifo(&pin);
+    let toml = dir.join("pkcs11.toml");
+    fs::write(
+        &toml,
+        format!(
+            "socket = \"{d}/kms.sock\"\n[backend]\nkind = \"pkcs11\"\nmodule = \"/nonexistent.so\"\n\
+             token_label = \"t\"\npin_file = \"{p}\"\nstate_dir = \"{d}/state\"\n",
+            d = dir.display(),
+            p = pin.display()
+        ),
+    )
+    .unwrap();
+    let mut cmd = kekd();
+    cmd.args(["serve", "--config", toml.to_str().unwrap()]);
+    let out = run_guarded(cmd, dir);
+    assert_eq!(out.code(), EX_CONFIG, "{out:#?}");
+    assert_eq!(
+        error_message(&out),
+        format!(
+            "invalid pin_file: {} is a FIFO, not a regular file; point pin_file at a file holding only the PIN",
+            pin.display()
+        )
+    );
+
+    let scan = dir.join("scan.json");
+    mkfifo(&scan);
+    let out = ring.run(&["retire", "1", "--scan", scan.to_str().unwrap()]);
+    assert_eq!(out.code(), EX_CONFIG, "{out:#?}");
+    assert_eq!(
+        error_message(&out),
+        format!(
+            "--scan {} is a FIFO, not a regular file; nothing was read from it: save the output of `kekd admin \
+             scan … --output json` to a file and pass that",
+            scan.display()
+        )
+    );
+}
+
+/// Another user who can write the keyring's directory plants
+/// `<keyring>.served` as a link to a record of their own: kekd never reads
+/// through it, and root's `accept-keyring` replaces the link with a record
+/// owned like the keyring, never by the planter.
+#[test]
+fn a_planted_served_record_link_is_neither_read_nor_handed_to_its_planter() {
+    if !can_switch_users("a_planted_served_record_link_is_neither_read_nor_handed_to_its_planter") {
+        return;
+    }
+    let ring = Ring::init();
+    let dir = ring.dir.path();
+    // A shared directory: root's, sticky, writable by all.
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o1777)).unwrap();
+    // nobody plants the link and the record it points at.
+    let forged = dir.join("forged");
+    let served = dir.join("keyring.served");
+    let plant = format!(
+        "echo forged > {f} && ln -s {f} {s}",
+        f = forged.display(),
+        s = served.display()
+    );
+    let mut sh = std::process::Command::new("sh");
+    sh.args(["-c", &plant]);
+    let out = run_guarded(setpriv(&as_user(NOBODY, NOBODY), &sh), dir);
+    assert_eq!(out.code(), 0, "{out:#?}");
+    assert_eq!(owner_of(&forged), (NOBODY, NOBODY));
+
+    let out = ring.run(&["doctor", "--output", "json"]);
+    let findings = json_of(&out)["findings"].clone();
+    let record = findings
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["check"] == "served record")
+        .cloned()
+        .unwrap_or_else(|| panic!("{findings:#}"));
+    assert_eq!(record["level"], "fail", "{record:#}");
+    assert!(
+        record["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("{}: it is a symlink", served.display())),
+        "{record:#}"
+    );
+    let out = ring.run(&["accept-keyring"]);
+    assert_eq!(out.code(), 0, "{out:#?}");
+    let meta = fs::symlink_metadata(&served).unwrap();
+    assert!(meta.is_file(), "{meta:?}");
+    assert_eq!(
+        owner_of(&served),
+        owner_of(&ring.path),
+        "the record went to the link's planter"
+    );
+    assert_eq!(fs::read_to_string(&forged).unwrap(), "forged\n");
+}

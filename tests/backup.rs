@@ -11,7 +11,7 @@ mod common;
 
 use std::fs;
 use std::io::Write as _;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -695,4 +695,95 @@ fn pkcs11_keys_cannot_be_backed_up() {
         );
     }
     assert!(!out_path.exists());
+}
+
+/// Makes a FIFO at `path`: opening it to read would wait for a writer.
+fn mkfifo(path: &Path) {
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        path,
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o600),
+        0,
+    )
+    .unwrap();
+}
+
+/// A FIFO at `--from`, at `--out` or as the passphrase file would block
+/// the command forever (the watchdog in `run_guarded` only reports such a
+/// hang): each is refused at once, by name, and nothing is written.
+#[test]
+fn a_fifo_as_a_backup_or_passphrase_file_is_refused_without_blocking() {
+    let node = Node::init();
+    let before = node.bytes();
+
+    let from = node.path("from.kekd-backup");
+    mkfifo(&from);
+    let out = node.restore(&from, &[]);
+    assert_eq!(out.code(), EX_CONFIG, "{out:#?}");
+    assert_eq!(
+        error_message(&out),
+        format!(
+            "backup {} is a FIFO, not a regular file; nothing was read from it: name the backup file itself (save \
+             a pipe's output to a file first)",
+            from.display()
+        )
+    );
+    // A link to a device is followed (Secrets are mounted through links)
+    // and the device refused.
+    let null = node.path("null.kekd-backup");
+    std::os::unix::fs::symlink("/dev/zero", &null).unwrap();
+    let out = node.restore(&null, &[]);
+    assert_eq!(out.code(), EX_CONFIG, "{out:#?}");
+    assert_eq!(
+        error_message(&out),
+        format!(
+            "backup {} is a character device, not a regular file; nothing was read from it: name the backup file \
+             itself (save a pipe's output to a file first)",
+            null.display()
+        )
+    );
+
+    let out_path = node.path("out.kekd-backup");
+    mkfifo(&out_path);
+    let out = node.backup(&out_path, &[]);
+    assert_eq!(out.code(), 1, "{out:#?}");
+    assert_eq!(
+        error_message(&out),
+        format!(
+            "backup refused: {0} already exists and cannot be read (backup {0} is a FIFO, not a regular file; \
+             nothing was read from it: name the backup file itself (save a pipe's output to a file first)); \
+             choose another --out",
+            out_path.display()
+        )
+    );
+    assert!(
+        fs::symlink_metadata(&out_path)
+            .unwrap()
+            .file_type()
+            .is_fifo()
+    );
+
+    let pass = node.path("fifo-passphrase");
+    mkfifo(&pass);
+    let out = node.run(&[
+        "backup",
+        "--keyring",
+        node.k(),
+        "--out",
+        node.path("new.kekd-backup").to_str().unwrap(),
+        "--passphrase-file",
+        pass.to_str().unwrap(),
+    ]);
+    assert_eq!(out.code(), EX_CONFIG, "{out:#?}");
+    assert_eq!(
+        error_message(&out),
+        format!(
+            "passphrase file {}: is a FIFO, not a regular file; nothing was read from it: give a file holding \
+             only the passphrase",
+            pass.display()
+        )
+    );
+    assert!(!node.path("new.kekd-backup").exists());
+    assert_eq!(node.bytes(), before, "the keyring changed");
 }

@@ -1898,6 +1898,118 @@ async fn at_its_cap_the_ops_listener_closes_its_oldest_connection() {
     assert_eq!(m.get("kekd_ops_accept_errors_total", &[]), 0.0);
 }
 
+/// Completes the request begun on `stream` with [`PARTIAL_REQUEST`] and
+/// reads its answer: the status code, or why there was none.
+async fn finish_request(stream: &mut TcpStream) -> Result<u16, String> {
+    stream
+        .write_all(b"\r\n")
+        .await
+        .map_err(|e| format!("send the end of the request: {e}"))?;
+    read_response(stream).await
+}
+
+/// A request head without its final empty line: a request in progress.
+const PARTIAL_REQUEST: &[u8] = b"GET /livez HTTP/1.1\r\nHost: ops\r\n";
+
+/// Reads one response (with a content-length) from `stream`: its status.
+async fn read_response(stream: &mut TcpStream) -> Result<u16, String> {
+    let exchange = async {
+        let mut raw = Vec::new();
+        let mut chunk = [0u8; 1024];
+        loop {
+            let n = stream
+                .read(&mut chunk)
+                .await
+                .map_err(|e| format!("read: {e}"))?;
+            if n == 0 {
+                return Err(format!("closed after {} bytes", raw.len()));
+            }
+            raw.extend_from_slice(&chunk[..n]);
+            if let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse().ok())
+                    .ok_or_else(|| format!("no content-length in {head:?}"))?;
+                if raw.len() >= end + 4 + len {
+                    return parse_http(&raw).map(|r| r.status);
+                }
+            }
+        }
+    };
+    tokio::time::timeout(HTTP_TIMEOUT, exchange)
+        .await
+        .map_err(|_| format!("no answer within {HTTP_TIMEOUT:?}"))?
+}
+
+/// At its cap the ops listener closes the oldest *idle* connection: a
+/// request in progress (a kubelet probe caught by a flood) on the oldest
+/// connection still gets its whole answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_its_cap_the_ops_listener_closes_an_idle_connection_before_a_request_in_progress() {
+    const CAP: usize = 4;
+    let server = InProcess::start_with(|s| {
+        s.ops_max_connections = Some(CAP);
+        s.ops_header_timeout = Some("1h".to_owned());
+        s.ops_connection_lifetime = Some("1h".to_owned());
+    })
+    .await;
+    // The oldest: answered once (so accepted first), then half a request.
+    let mut probe_conn = TcpStream::connect(server.ops).await.unwrap();
+    assert_eq!(get_on(&mut probe_conn).await, Ok(200));
+    probe_conn.write_all(PARTIAL_REQUEST).await.unwrap();
+    // The cap filled with idle keep-alive connections, accepted in order.
+    let mut idle = Vec::new();
+    for i in 1..CAP {
+        let mut c = TcpStream::connect(server.ops).await.unwrap();
+        assert_eq!(get_on(&mut c).await, Ok(200), "idle connection {i}");
+        idle.push(c);
+    }
+    // One more: answered, so accepted, so one connection was closed.
+    let mut newest = TcpStream::connect(server.ops).await.unwrap();
+    assert_eq!(get_on(&mut newest).await, Ok(200), "the newest connection");
+    // It was the oldest idle one ...
+    wait_closed(&mut idle[0], "the oldest idle connection").await;
+    // ... and the request in progress completes on the oldest connection.
+    assert_eq!(
+        finish_request(&mut probe_conn).await,
+        Ok(200),
+        "the request in progress"
+    );
+    for (i, c) in idle.iter_mut().enumerate().skip(1) {
+        assert_eq!(get_on(c).await, Ok(200), "idle connection {}", i + 1);
+    }
+    assert_eq!(get_on(&mut newest).await, Ok(200), "the newest connection");
+}
+
+/// With no idle connection to close, the cap closes the oldest one (the
+/// newest always gets in: a flood of half-sent requests cannot keep a
+/// probe out).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_its_cap_with_every_connection_busy_the_ops_listener_closes_the_oldest() {
+    const CAP: usize = 3;
+    let server = InProcess::start_with(|s| {
+        s.ops_max_connections = Some(CAP);
+        s.ops_header_timeout = Some("1h".to_owned());
+        s.ops_connection_lifetime = Some("1h".to_owned());
+    })
+    .await;
+    let mut busy = Vec::new();
+    for i in 0..CAP {
+        let mut c = TcpStream::connect(server.ops).await.unwrap();
+        assert_eq!(get_on(&mut c).await, Ok(200), "connection {i}");
+        c.write_all(PARTIAL_REQUEST).await.unwrap();
+        busy.push(c);
+    }
+    let mut newest = TcpStream::connect(server.ops).await.unwrap();
+    assert_eq!(get_on(&mut newest).await, Ok(200), "the newest connection");
+    wait_closed(&mut busy[0], "the oldest busy connection").await;
+    for (i, c) in busy.iter_mut().enumerate().skip(1) {
+        assert_eq!(finish_request(c).await, Ok(200), "connection {i}");
+    }
+}
+
 /// A kept-alive connection that goes quiet is closed after the header
 /// timeout (which bounds the wait for the next request's headers too).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

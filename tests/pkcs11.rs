@@ -3084,7 +3084,58 @@ fn serve_refuses_a_state_dir_another_user_can_write() {
             "{mode:04o}"
         );
         assert!(!node.socket.exists(), "a socket was left behind");
+        // doctor gives the same verdict (the same check), with its fix.
+        let doctor = token.run(&[
+            "admin",
+            "doctor",
+            "--config",
+            node.config_arg(),
+            "--output",
+            "json",
+        ]);
+        assert_eq!(doctor.code(), 1, "{mode:04o}: {doctor:#?}");
+        let access = state_dir_access(&doctor);
+        let real = fs::canonicalize(&state_dir).unwrap();
+        assert_eq!(access["level"], "fail", "{access:#}");
+        assert_eq!(
+            access["detail"],
+            format!(
+                "{} is a directory {who} can write (mode {mode:04o}) and holds kekd's state: another user could \
+                 plant or remove kekd's state (the served record, the lock); kekd serve refuses it",
+                real.display()
+            ),
+            "{access:#}"
+        );
+        assert_eq!(
+            access["fix"],
+            format!("chmod go-w {}", real.display()),
+            "{access:#}"
+        );
     }
+    // Fixed: serve's check passes, and so does doctor's.
+    fs::set_permissions(&state_dir, fs::Permissions::from_mode(0o700)).unwrap();
+    let doctor = token.run(&[
+        "admin",
+        "doctor",
+        "--config",
+        node.config_arg(),
+        "--output",
+        "json",
+    ]);
+    assert_eq!(state_dir_access(&doctor)["level"], "ok", "{doctor:#?}");
+}
+
+/// doctor's `state_dir access` finding.
+#[track_caller]
+fn state_dir_access(doctor: &common::Finished) -> serde_json::Value {
+    let findings = json_of(doctor)["findings"].clone();
+    findings
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["check"] == "state_dir access")
+        .unwrap_or_else(|| panic!("no state_dir finding: {findings:#}"))
+        .clone()
 }
 
 // ------------------------------------------- round 2: attacks on the hardening

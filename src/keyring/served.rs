@@ -155,13 +155,27 @@ pub fn read(anchor: &Path, target: &str) -> Result<Option<Served>, ServedError> 
         target: target.to_owned(),
     };
     let mut text = String::new();
-    match std::fs::File::open(&path) {
-        Ok(f) => f
+    // kekd writes the record by rename, never as a link: a link, FIFO or
+    // directory there was planted, and is refused without blocking.
+    match store::open_regular(&path, store::Links::Refuse) {
+        Ok((f, _)) => f
             .take(MAX_LEN)
             .read_to_string(&mut text)
             .map_err(|e| unreadable(format!("cannot read it: {e}")))?,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(unreadable(format!("cannot open it: {e}"))),
+        Err(store::OpenError::NotFound { .. }) => return Ok(None),
+        Err(store::OpenError::Io { source, .. }) => {
+            return Err(unreadable(format!("cannot open it: {source}")));
+        }
+        Err(store::OpenError::Symlink { .. }) => {
+            return Err(unreadable(
+                "it is a symlink, which kekd never makes there (remove it)".to_owned(),
+            ));
+        }
+        Err(store::OpenError::NotRegular { what, .. }) => {
+            return Err(unreadable(format!(
+                "it is {what}, not a regular file, which kekd never makes there (remove it)"
+            )));
+        }
     };
     Served::parse(&text)
         .map(Some)

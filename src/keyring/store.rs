@@ -586,22 +586,24 @@ pub fn read(path: &Path) -> Result<KeyringFile, StoreError> {
             source,
         }
     };
-    let mut file = File::open(path).map_err(|e| match (e.kind(), fs::read_link(path)) {
-        (io::ErrorKind::NotFound, Ok(target)) => StoreError::DanglingSymlink {
-            path: path.to_owned(),
-            target,
+    let (mut file, meta) = open_regular(path, Links::Follow).map_err(|e| match e {
+        OpenError::NotFound { .. } => match fs::read_link(path) {
+            Ok(target) => StoreError::DanglingSymlink {
+                path: path.to_owned(),
+                target,
+            },
+            Err(_) => StoreError::NotFound {
+                path: path.to_owned(),
+            },
         },
-        (io::ErrorKind::NotFound, Err(_)) => StoreError::NotFound {
+        // Refused before a byte is read: a FIFO would block forever.
+        OpenError::NotRegular { .. } => StoreError::NotAFile {
             path: path.to_owned(),
         },
-        _ => io("open")(e),
+        OpenError::Io { source, .. } => io("open")(source),
+        // Links are followed here; kept total all the same.
+        e @ OpenError::Symlink { .. } => io("open")(io::Error::other(e)),
     })?;
-    let meta = file.metadata().map_err(io("stat"))?;
-    if !meta.is_file() {
-        return Err(StoreError::NotAFile {
-            path: path.to_owned(),
-        });
-    }
     let mode = meta.permissions().mode() & 0o7777;
     if mode & 0o077 != 0 {
         return Err(StoreError::TooOpen {
@@ -919,6 +921,134 @@ fn user_name(uid: u32) -> Option<String> {
     })
 }
 
+/// Whether [`open_regular`] follows a symlink at the path itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Links {
+    /// Follow it: a path an operator names (the keyring, a PIN, config or
+    /// backup file), which Kubernetes mounts through links.
+    Follow,
+    /// Refuse it: a file kekd keeps beside the keyring or in its
+    /// `state_dir` (`.served`, `.usage.json`), where it never makes a link.
+    Refuse,
+}
+
+/// A file kekd reads could not be opened as one.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// Nothing at the path (or a symlink to nothing).
+    #[error("{path} does not exist")]
+    NotFound {
+        /// The path.
+        path: PathBuf,
+    },
+    /// A symlink where kekd never makes one.
+    #[error(
+        "{path} is a symlink, which kekd never makes there; nothing was read through it: remove it (whoever \
+         can write its directory may have planted it)"
+    )]
+    Symlink {
+        /// The path.
+        path: PathBuf,
+    },
+    /// Something other than a regular file: a FIFO would block the read
+    /// forever, a device never ends, a directory cannot be read.
+    #[error(
+        "{path} is {what}, not a regular file; nothing was read from it: put the file itself there (a pipe's \
+         output must be saved to a file first)"
+    )]
+    NotRegular {
+        /// The path.
+        path: PathBuf,
+        /// `a FIFO`, `a directory`, `a character device`, …
+        what: &'static str,
+    },
+    /// The OS refused the open.
+    #[error("cannot open {path}: {source}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+}
+
+/// Opens `path` for reading as a regular file, with its metadata: the one
+/// way kekd opens a file it did not just create itself.
+///
+/// The open never blocks (`O_NONBLOCK`, cleared once the file is known to
+/// be regular: a FIFO would otherwise wait forever for a writer), never
+/// takes a controlling terminal (`O_NOCTTY`), is not inherited
+/// (`O_CLOEXEC`, as every std open), follows a final symlink only with
+/// [`Links::Follow`], and anything the opened descriptor shows is not a
+/// regular file is refused before a byte is read.
+///
+/// # Errors
+/// [`OpenError`], naming the path and the fix.
+pub fn open_regular(path: &Path, links: Links) -> Result<(File, fs::Metadata), OpenError> {
+    use rustix::fs::OFlags;
+    let mut flags = OFlags::NONBLOCK | OFlags::NOCTTY;
+    if links == Links::Refuse {
+        flags |= OFlags::NOFOLLOW;
+    }
+    let io = |source: io::Error| OpenError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let file = OpenOptions::new()
+        .read(true)
+        // The flag bits are small positive constants; the cast cannot wrap.
+        .custom_flags(flags.bits() as i32)
+        .open(path)
+        .map_err(
+            |e| match e.raw_os_error().map(rustix::io::Errno::from_raw_os_error) {
+                _ if e.kind() == io::ErrorKind::NotFound => OpenError::NotFound {
+                    path: path.to_owned(),
+                },
+                Some(rustix::io::Errno::LOOP) if links == Links::Refuse => OpenError::Symlink {
+                    path: path.to_owned(),
+                },
+                // open(2) of a Unix socket.
+                Some(rustix::io::Errno::NXIO) => OpenError::NotRegular {
+                    path: path.to_owned(),
+                    what: "a socket",
+                },
+                _ => io(e),
+            },
+        )?;
+    let meta = file.metadata().map_err(io)?;
+    if !meta.is_file() {
+        return Err(OpenError::NotRegular {
+            path: path.to_owned(),
+            what: kind_of(meta.file_type()),
+        });
+    }
+    let status = rustix::fs::fcntl_getfl(&file).map_err(|e| io(e.into()))?;
+    rustix::fs::fcntl_setfl(&file, status - OFlags::NONBLOCK).map_err(|e| io(e.into()))?;
+    Ok((file, meta))
+}
+
+/// What a file that is not a regular one is, for messages: `a FIFO`, …
+pub(crate) fn kind_of(kind: fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if kind.is_file() {
+        "a regular file"
+    } else if kind.is_dir() {
+        "a directory"
+    } else if kind.is_symlink() {
+        "a symlink"
+    } else if kind.is_fifo() {
+        "a FIFO"
+    } else if kind.is_char_device() {
+        "a character device"
+    } else if kind.is_block_device() {
+        "a block device"
+    } else if kind.is_socket() {
+        "a socket"
+    } else {
+        "a special file"
+    }
+}
+
 /// `O_NOFOLLOW | O_NONBLOCK` for `custom_flags`: a symlink is refused
 /// (`ELOOP`) instead of followed, and a FIFO neither blocks the open.
 pub(crate) fn no_follow() -> i32 {
@@ -978,7 +1108,12 @@ fn write_durable(
     ));
     let tmp = dir.join(tmp_name);
     let owner = match replace {
-        Replace::Always => Ownership::of(path)
+        // Only a regular file's owner is kept: a link or FIFO planted as a
+        // state file must not hand the new file to whoever planted it.
+        Replace::Always => fs::symlink_metadata(path)
+            .ok()
+            .filter(fs::Metadata::is_file)
+            .and_then(|_| Ownership::of(path))
             .map(|o| (o, true))
             .or_else(|| like.and_then(Ownership::like).map(|o| (o, false))),
         Replace::Never => None,

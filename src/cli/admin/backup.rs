@@ -13,7 +13,7 @@
 //! backup that loses none of its versions (the successor rule of reload and
 //! `import`); restoring what is already there is a no-op.
 
-use std::fs::{self, File};
+use std::fs;
 use std::io::Read as _;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -455,13 +455,14 @@ fn read_passphrase(args: &PassphraseArgs, ask: Ask) -> Result<Passphrase, CliErr
 fn read_passphrase_file(path: &Path) -> Result<String, CliError> {
     let bad =
         |reason: String| CliError::config(format!("passphrase file {}: {reason}", path.display()));
-    let file = File::open(path).map_err(|e| bad(e.to_string()))?;
-    let mode = file
-        .metadata()
-        .map_err(|e| bad(e.to_string()))?
-        .permissions()
-        .mode()
-        & 0o7777;
+    // A regular file only, checked on what was opened: a FIFO would block.
+    let (file, meta) = store::open_regular(path, store::Links::Follow).map_err(|e| match e {
+        store::OpenError::NotRegular { what, .. } => bad(format!(
+            "is {what}, not a regular file; nothing was read from it: give a file holding only the passphrase"
+        )),
+        e => bad(e.to_string()),
+    })?;
+    let mode = meta.permissions().mode() & 0o7777;
     if mode & 0o077 != 0 {
         return Err(CliError::config(format!(
             "passphrase file {0} has permissions {mode:04o}, which let other users read it; run `chmod 600 {0}`",

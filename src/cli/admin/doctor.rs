@@ -5,7 +5,9 @@
 //!    and root can change it or its directories (the check `kekd serve`
 //!    makes), valid, the one this node served (its served-keyring record),
 //!    every key passes a seal/open round trip; no secret (PIN, backup
-//!    passphrase) supplied through the environment;
+//!    passphrase) supplied through the environment; for a token, only the
+//!    serving uid and root can change its `state_dir` (as `kekd serve`
+//!    checks);
 //! 2. the socket: exists, is a socket, its mode and directory;
 //! 3. the EncryptionConfiguration, if given: apiVersion and kind, a `kms`
 //!    provider with `apiVersion: v2`, a name without `:`, an endpoint whose
@@ -228,20 +230,49 @@ async fn check_keyring(t: &Target, serve_uid: u32, out: &mut Vec<Finding>) {
             }
             Box::new(LocalBackend::new(keyring))
         }
-        BackendConfig::Pkcs11(settings) => match Pkcs11Backend::connect(settings) {
-            Ok(b) => {
-                out.push(ok("token", b.describe()));
-                Box::new(b)
+        BackendConfig::Pkcs11(settings) => {
+            // `kekd serve` refuses a state_dir others can change (it holds
+            // the served record, the admin lock and the audit log): the
+            // same check gives the same verdict here.
+            match access::check_dir(&settings.state_dir, serve_uid) {
+                Ok(()) => out.push(ok(
+                    "state_dir access",
+                    format!(
+                        "{}: only {} can change it or its parents",
+                        settings.state_dir.display(),
+                        if serve_uid == 0 {
+                            "root".to_owned()
+                        } else {
+                            format!("uid {serve_uid} and root")
+                        }
+                    ),
+                )),
+                Err(e) => out.push(fail(
+                    "state_dir access",
+                    format!(
+                        "{} {}: another user could plant or remove kekd's state (the served record, the lock); \
+                         kekd serve refuses it",
+                        e.path.display(),
+                        e.what
+                    ),
+                    e.fix,
+                )),
             }
-            Err(e) => {
-                out.push(fail(
-                    "token",
-                    e.to_string(),
-                    "check module, token_label and the PIN (docs/hsm.md)",
-                ));
-                return;
+            match Pkcs11Backend::connect(settings) {
+                Ok(b) => {
+                    out.push(ok("token", b.describe()));
+                    Box::new(b)
+                }
+                Err(e) => {
+                    out.push(fail(
+                        "token",
+                        e.to_string(),
+                        "check module, token_label and the PIN (docs/hsm.md)",
+                    ));
+                    return;
+                }
             }
-        },
+        }
     };
     let anchor = backend.state_anchor();
     let keyring =

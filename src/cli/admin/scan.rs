@@ -375,9 +375,19 @@ const MAX_SCAN_FILE: u64 = 16 * 1024 * 1024;
 /// # Errors
 /// Exit 78 when the file cannot be read or is not a scan result.
 pub(super) fn read_scan(file: &std::path::Path) -> Result<ScanReport, CliError> {
+    use std::io::Read;
+
+    use crate::keyring::store;
+
     let name = file.display().to_string();
-    let meta = std::fs::metadata(file)
-        .map_err(|e| CliError::config(format!("cannot read --scan {name}: {e}")))?;
+    // A regular file only, checked on what was opened: a FIFO would block.
+    let (f, meta) = store::open_regular(file, store::Links::Follow).map_err(|e| match e {
+        store::OpenError::NotRegular { what, .. } => CliError::config(format!(
+            "--scan {name} is {what}, not a regular file; nothing was read from it: save the output of \
+             `kekd admin scan … --output json` to a file and pass that"
+        )),
+        e => CliError::config(format!("cannot read --scan {name}: {e}")),
+    })?;
     if meta.len() > MAX_SCAN_FILE {
         return Err(CliError::config(format!(
             "--scan {name} is {} bytes, more than a scan result ever holds ({MAX_SCAN_FILE}); \
@@ -385,7 +395,9 @@ pub(super) fn read_scan(file: &std::path::Path) -> Result<ScanReport, CliError> 
             meta.len()
         )));
     }
-    let text = std::fs::read_to_string(file)
+    let mut text = String::new();
+    f.take(MAX_SCAN_FILE + 1)
+        .read_to_string(&mut text)
         .map_err(|e| CliError::config(format!("cannot read --scan {name}: {e}")))?;
     ScanReport::from_json(&name, &text).map_err(CliError::config)
 }

@@ -415,3 +415,67 @@ fn replace_through_a_repointed_link_writes_only_over_the_same_keyring() {
     replace(&link, &file).unwrap();
     assert_eq!(read(&real).unwrap().versions.len(), 2);
 }
+
+/// `open_regular` opens only a regular file, never blocks on a FIFO, and
+/// follows a final link only when told to; the opened file reads normally
+/// (`O_NONBLOCK` cleared).
+#[test]
+fn open_regular_refuses_everything_but_a_regular_file_without_blocking() {
+    use std::io::Read as _;
+    let dir = tempfile::tempdir().unwrap();
+    let at = |name: &str| dir.path().join(name);
+    let what = |path: &Path, links: Links| match open_regular(path, links) {
+        Ok(_) => "a regular file".to_owned(),
+        Err(OpenError::NotRegular { what, .. }) => what.to_owned(),
+        Err(OpenError::Symlink { .. }) => "refused link".to_owned(),
+        Err(OpenError::NotFound { .. }) => "nothing".to_owned(),
+        Err(e @ OpenError::Io { .. }) => e.to_string(),
+    };
+    fs::write(at("file"), b"text").unwrap();
+    let (mut f, meta) = open_regular(&at("file"), Links::Refuse).unwrap();
+    assert_eq!(meta.len(), 4);
+    let flags = rustix::fs::fcntl_getfl(&f).unwrap();
+    assert!(!flags.contains(rustix::fs::OFlags::NONBLOCK), "{flags:?}");
+    let mut text = String::new();
+    f.read_to_string(&mut text).unwrap();
+    assert_eq!(text, "text");
+
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        at("fifo"),
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o600),
+        0,
+    )
+    .unwrap();
+    fs::create_dir(at("dir")).unwrap();
+    let _socket = std::os::unix::net::UnixListener::bind(at("socket")).unwrap();
+    std::os::unix::fs::symlink("/dev/null", at("null")).unwrap();
+    std::os::unix::fs::symlink(at("file"), at("link")).unwrap();
+    std::os::unix::fs::symlink(at("fifo"), at("fifo-link")).unwrap();
+    for (name, links, expected) in [
+        ("fifo", Links::Refuse, "a FIFO"),
+        ("fifo", Links::Follow, "a FIFO"),
+        ("fifo-link", Links::Follow, "a FIFO"),
+        ("fifo-link", Links::Refuse, "refused link"),
+        ("dir", Links::Follow, "a directory"),
+        ("socket", Links::Follow, "a socket"),
+        ("null", Links::Follow, "a character device"),
+        ("null", Links::Refuse, "refused link"),
+        ("link", Links::Follow, "a regular file"),
+        ("link", Links::Refuse, "refused link"),
+        ("missing", Links::Follow, "nothing"),
+    ] {
+        assert_eq!(what(&at(name), links), expected, "{name} {links:?}");
+    }
+    assert_eq!(
+        open_regular(&at("fifo"), Links::Refuse)
+            .unwrap_err()
+            .to_string(),
+        format!(
+            "{} is a FIFO, not a regular file; nothing was read from it: put the file itself there (a pipe's \
+             output must be saved to a file first)",
+            at("fifo").display()
+        )
+    );
+}
