@@ -5,7 +5,7 @@
 //!
 //! Throughout every attack an apiserver-like client — one connection opened
 //! before the attack, as kube-apiserver keeps one — probes Status every
-//! 50 ms with a 100 ms gRPC deadline, and every probe must succeed. kekd's
+//! 50 ms with a 1 s gRPC deadline, and every probe must succeed. kekd's
 //! memory is read from `/proc/PID/status` (VmRSS, VmHWM) and must stay under
 //! [`RSS_BOUND_KIB`]; kekd must still be running afterwards and the same
 //! client must still Encrypt and Decrypt.
@@ -49,8 +49,14 @@ const CONNECTION_REQUEST_BYTES: usize = 256 << 10;
 /// 64 KiB buffers).
 const RSS_BOUND_KIB: u64 = 192 * 1024;
 
-/// The Status deadline the apiserver-like prober uses.
-const PROBE_DEADLINE: Duration = Duration::from_millis(100);
+/// The Status deadline the apiserver-like prober uses: the one the issue
+/// sets for a client during a flood. The apiserver's own KMS call timeout is
+/// seconds (EncryptionConfiguration `timeout`, 3 s by default). A Status
+/// starved behind calls, evicted or refused misses it by far; what a loaded
+/// host's scheduler adds does not (on this 2-CPU host the slowest probe
+/// under the flood is 15-130 ms depending on what else runs, so a tighter
+/// deadline would measure the host, not kekd).
+const PROBE_DEADLINE: Duration = Duration::from_secs(1);
 /// How often it probes.
 const PROBE_EVERY: Duration = Duration::from_millis(50);
 
@@ -1284,7 +1290,7 @@ const FLOOD_NICE: i32 = 10;
 
 /// A flood of calls on 16 connections × 64 streams for 5 s (Encrypt and
 /// Decrypt round trips, and Decrypts of garbage): Status keeps answering
-/// within 100 ms, memory stays bounded, every round trip is right.
+/// within 1 s, memory stays bounded, every round trip is right.
 ///
 /// The flood client runs on threads of its own at nice 10. On a 2-CPU host
 /// a client at kekd's priority takes half the CPU kekd and the prober

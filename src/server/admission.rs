@@ -27,9 +27,10 @@
 //!   calls *running* (`KmsService::with_call_limit`), taken once the whole
 //!   message has arrived and released when the work is done, so a stream
 //!   whose message never completes holds nothing anyone else needs;
-//! - Status takes no budget (it must never be starved by it) but at most
-//!   [`STATUS_STREAMS_PER_CONNECTION`] per connection, and its body may be at
-//!   most [`MAX_STATUS_BODY_BYTES`];
+//! - Status takes no budget (it must never be starved by it); its body may
+//!   be at most [`MAX_STATUS_BODY_BYTES`], and like every call it is one of
+//!   its connection's streams (answered from cached state, it needs no
+//!   other limit);
 //! - every request message must arrive completely within the request read
 //!   timeout, or the call ends DEADLINE_EXCEEDED and frees what it held.
 //!
@@ -51,9 +52,7 @@ use tonic::Status;
 use tonic::body::Body;
 use tonic::codegen::{Bytes, http};
 
-use super::connection::{
-    CallGuard, ConnInfo, MAX_STATUS_BODY_BYTES, Receiving, Registry, STATUS_STREAMS_PER_CONNECTION,
-};
+use super::connection::{CallGuard, ConnInfo, MAX_STATUS_BODY_BYTES, Receiving, Registry};
 
 /// The Status method's path.
 const STATUS_PATH: &str = "/v2.KeyManagementService/Status";
@@ -144,11 +143,7 @@ where
         let Some(conn) = request.extensions().get::<ConnInfo>().cloned() else {
             return refuse(Status::internal("a call without its connection's state"));
         };
-        let Some(call) = conn.shared.start_call(&budgets.registry, status) else {
-            return refuse(Status::resource_exhausted(format!(
-                "this connection already has {STATUS_STREAMS_PER_CONNECTION} Status calls in flight"
-            )));
-        };
+        let call = conn.shared.start_call(&budgets.registry);
         let limit = if status {
             Limit::Status
         } else {

@@ -107,10 +107,6 @@ pub const FLOW_CONTROL_WINDOW: u32 = 65_535;
 /// hundred bytes; HPACK lets a client make a small frame decode to this much.
 pub const MAX_HEADER_LIST_BYTES: u32 = 8 * 1024;
 
-/// Status calls one connection may have in flight: Status takes no request
-/// bytes from the connection's budget (it must never be starved by it).
-pub const STATUS_STREAMS_PER_CONNECTION: usize = 4;
-
 /// Largest Status request body (a StatusRequest is empty: 5 bytes framed).
 pub const MAX_STATUS_BODY_BYTES: usize = 64;
 
@@ -355,7 +351,6 @@ impl Registry {
             served: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
             receiving: AtomicUsize::new(0),
-            status_in_flight: AtomicUsize::new(0),
             request_bytes: Arc::new(Semaphore::new(self.request_bytes)),
             request_bytes_max: self.request_bytes,
             last_active_ms: AtomicU64::new(self.now_ms()),
@@ -389,8 +384,6 @@ pub(crate) struct Shared {
     /// ([`Receiving`]); a connection whose calls in flight are all such is
     /// as evictable as an idle one.
     receiving: AtomicUsize,
-    /// Of those, Status calls.
-    status_in_flight: AtomicUsize,
     /// This connection's request bytes, charged as they arrive and held
     /// until each call's response is ready (`server::admission`). Its own:
     /// a client that fills it starves only itself.
@@ -443,20 +436,8 @@ impl Shared {
         Ok(())
     }
 
-    /// A call started on this connection: it is no longer idle. Status
-    /// calls past [`STATUS_STREAMS_PER_CONNECTION`] are refused (`None`).
-    pub(crate) fn start_call(
-        self: &Arc<Self>,
-        registry: &Registry,
-        status: bool,
-    ) -> Option<CallGuard> {
-        if status {
-            let before = self.status_in_flight.fetch_add(1, Ordering::AcqRel);
-            if before >= STATUS_STREAMS_PER_CONNECTION {
-                self.status_in_flight.fetch_sub(1, Ordering::AcqRel);
-                return None;
-            }
-        }
+    /// A call started on this connection: it is no longer idle.
+    pub(crate) fn start_call(self: &Arc<Self>, registry: &Registry) -> CallGuard {
         // `receiving` first: a call is never seen in flight and complete
         // before its request has arrived.
         self.receiving.fetch_add(1, Ordering::AcqRel);
@@ -464,11 +445,10 @@ impl Shared {
         self.served.store(true, Ordering::Relaxed);
         self.last_active_ms
             .store(registry.now_ms(), Ordering::Relaxed);
-        Some(CallGuard {
+        CallGuard {
             shared: Arc::clone(self),
             epoch: registry.epoch,
-            status,
-        })
+        }
     }
 }
 
@@ -495,16 +475,12 @@ impl Drop for Receiving {
 pub(crate) struct CallGuard {
     shared: Arc<Shared>,
     epoch: Instant,
-    status: bool,
 }
 
 impl Drop for CallGuard {
     fn drop(&mut self) {
         let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.shared.last_active_ms.store(now, Ordering::Relaxed);
-        if self.status {
-            self.shared.status_in_flight.fetch_sub(1, Ordering::AcqRel);
-        }
         self.shared.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
