@@ -2081,8 +2081,9 @@ fn the_hint_after_a_promotion_gives_the_one_procedure() {
     assert_eq!(
         out.stdout,
         format!(
-            "{}next: kekd switches to version 2 within seconds. Once every apiserver reports the new key_id (wait \
-             3 + N + M minutes), retire version 1 with evidence that nothing is stored under it:\n{}",
+            "{}next: kekd switches to version 2 within seconds. Once `kekd admin list` shows version 2 \
+             encrypting (ENCRYPTS 1 or more) on every node — seconds, docs/rotation.md — retire version 1 with \
+             evidence that nothing is stored under it:\n{}",
             ring.transitions(
                 "rotate",
                 &[
@@ -2143,8 +2144,9 @@ fn the_hint_after_a_promotion_gives_the_one_procedure() {
     let doc = json_of(&out);
     assert_eq!(
         doc["next"],
-        "kekd switches to version 4 within seconds. Once every apiserver reports the new key_id (wait 3 + N + M \
-         minutes), retire version 3 with evidence that nothing is stored under it:"
+        "kekd switches to version 4 within seconds. Once `kekd admin list` shows version 4 encrypting (ENCRYPTS 1 \
+         or more) on every node — seconds, docs/rotation.md — retire version 3 with evidence that nothing is \
+         stored under it:"
     );
     assert_eq!(
         doc["procedure"],

@@ -577,8 +577,9 @@ fn next_step(
         }
         (Step::Rotate { .. } | Step::Promote(_), Some(v)) => match demoted {
             Some(d) => format!(
-                "kekd switches to version {v} within seconds. Once every apiserver reports the new key_id (wait \
-                 3 + N + M minutes), retire version {d} with evidence that nothing is stored under it:"
+                "kekd switches to version {v} within seconds. Once `kekd admin list` shows version {v} encrypting \
+                 (ENCRYPTS 1 or more) on every node — seconds, docs/rotation.md — retire version {d} with \
+                 evidence that nothing is stored under it:"
             ),
             None => format!("kekd switches to version {v} within seconds"),
         },
