@@ -1731,7 +1731,7 @@ async fn doctor_names_each_broken_setup_with_its_fix() {
                     })
                     .collect()
             },
-            "is not this plugin's socket",
+            "not this plugin's socket",
             "endpoint: unix://",
         ),
         (

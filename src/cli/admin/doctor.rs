@@ -523,7 +523,7 @@ pub fn check_encryption_config(path: &Path, socket: Option<&Path>) -> Vec<Findin
 /// parses the endpoint as a URL and dials its path; see
 /// [`super::encryption_config::parse_endpoint`]), against this plugin's.
 fn check_endpoint(where_: &str, endpoint: &str, socket: Option<&Path>) -> Finding {
-    const C: &str = "encryption-config";
+    const C: &str = "encryption config";
     let want = socket.unwrap_or(Path::new("/var/run/kekd/kms.sock"));
     // An absolute path after `unix://`: three slashes.
     let fix = format!("set `endpoint: unix://{}`", want.display());
