@@ -27,6 +27,9 @@
 //! line verbatim, which [`fresh_machine_serve_dev_then_probe_prints_what_readme_shows`]
 //! checks.
 
+// A test's expect is its assertion.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 mod softhsm;
 
