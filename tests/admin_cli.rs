@@ -2204,13 +2204,12 @@ fn retire_help_shows_the_window_as_a_value() {
     assert!(out.stdout.contains("[default: 24h]"), "{}", out.stdout);
 }
 
-/// StrictModes follows only the first and the last link: a chain whose
-/// middle link lies in a directory another user owns passes today, and that
-/// user can repoint it (at an old copy of the keyring, or, between the check
-/// and a read, at a file of their own). Every directory that holds a link
-/// of the chain must pass the same rules as the one the keyring is named in.
+/// A chain whose middle link lies in a directory another user owns: that
+/// user could repoint it (at an old copy of the keyring, or, between the
+/// check and a read, at a file of their own). Every directory that holds a
+/// link of the chain passes the same rules as the one the keyring is named
+/// in (issue 14).
 #[test]
-#[ignore = "finding: access::check skips the directories of intermediate symlinks in the keyring's link chain"]
 fn serve_and_doctor_refuse_a_link_chain_through_a_directory_another_user_owns() {
     if !can_switch_users(
         "serve_and_doctor_refuse_a_link_chain_through_a_directory_another_user_owns",
@@ -2264,6 +2263,78 @@ fn serve_and_doctor_refuse_a_link_chain_through_a_directory_another_user_owns() 
         )),
         "{out:#?}"
     );
+}
+
+/// The other hops of a chain: a relative middle link (resolved against its
+/// own directory), and a link to the keyring's *directory* that lies in a
+/// directory another user owns (`named/keyring` where `named` →
+/// `theirs/dirlink` → the keyring's directory). Each is a link that user
+/// can repoint; doctor and serve refuse both, naming that directory.
+#[test]
+fn serve_and_doctor_refuse_relative_and_directory_links_in_directories_another_user_owns() {
+    if !can_switch_users(
+        "serve_and_doctor_refuse_relative_and_directory_links_in_directories_another_user_owns",
+    ) {
+        return;
+    }
+    let check = |ring: &Ring, named: &Path, theirs: &Path| {
+        let doctor = admin(
+            &[
+                "doctor",
+                "--keyring",
+                named.to_str().unwrap(),
+                "--output",
+                "json",
+            ],
+            ring.dir.path(),
+        );
+        let findings = json_of(&doctor)["findings"].clone();
+        let access = findings
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["check"] == "keyring access")
+            .unwrap_or_else(|| panic!("{findings:#}"))
+            .clone();
+        assert_eq!(access["level"], "fail", "{access:#}");
+        assert_eq!(
+            access["fix"],
+            format!("chown 0 {}", theirs.display()),
+            "{access:#}"
+        );
+        assert_eq!(doctor.code(), 1, "{doctor:#?}");
+        let out = run_guarded(
+            serve_cmd(named, &ring.dir.path().join("kms.sock")),
+            ring.dir.path(),
+        );
+        assert_eq!(out.code(), EX_CONFIG, "{out:#?}");
+        assert!(
+            error_message(&out).starts_with(&format!(
+                "{} (directory) is owned by uid {NOBODY}, not by uid 0 that kekd runs as nor by root",
+                theirs.display()
+            )),
+            "{out:#?}"
+        );
+    };
+    // named → theirs/a (relative: `../keyring` from theirs/sub/.. ) → keyring.
+    let ring = Ring::init();
+    let theirs = ring.dir.path().join("theirs");
+    fs::create_dir(&theirs).unwrap();
+    std::os::unix::fs::symlink("../keyring", theirs.join("a")).unwrap();
+    chown_all(&theirs, NOBODY, NOBODY);
+    let named = ring.dir.path().join("named");
+    std::os::unix::fs::symlink("theirs/a", &named).unwrap();
+    check(&ring, &named, &theirs);
+
+    // named/keyring, where named → theirs/dirlink → the keyring's directory.
+    let ring = Ring::init();
+    let theirs = ring.dir.path().join("theirs");
+    fs::create_dir(&theirs).unwrap();
+    std::os::unix::fs::symlink(ring.dir.path(), theirs.join("dirlink")).unwrap();
+    chown_all(&theirs, NOBODY, NOBODY);
+    let named = ring.dir.path().join("named");
+    std::os::unix::fs::symlink(theirs.join("dirlink"), &named).unwrap();
+    check(&ring, &named.join("keyring"), &theirs);
 }
 
 // ------------------------------- special files where kekd reads a file
