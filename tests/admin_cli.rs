@@ -2422,12 +2422,34 @@ fn a_fifo_planted_beside_the_keyring_never_blocks_kekd() {
     );
     fs::remove_file(&served).unwrap();
 
-    // The usage file: `list` goes on without the counts.
+    // The usage file: `list` goes on without the counts, and says why
+    // (never "no kekd has recorded usage").
     let usage = ring.dir.path().join("keyring.usage.json");
     mkfifo(&usage);
     let out = ring.run(&["list"]);
     assert_eq!(out.code(), 0, "{out:#?}");
+    let why = format!(
+        "usage file: {} is a FIFO, not a regular file; nothing was read from it: put the file itself there (a \
+         pipe's output must be saved to a file first)",
+        usage.display()
+    );
+    assert!(
+        out.stdout.contains(&format!(
+            "WARNING: cannot tell what kekd serves or how often each version is used: {why}\n         (the \
+             serving kekd rewrites the usage file every few seconds; if none runs, remove what is at that path)\n"
+        )),
+        "{out:#?}"
+    );
+    assert!(
+        !out.stdout.contains("no kekd has recorded usage"),
+        "{out:#?}"
+    );
+    let out = ring.run(&["list", "--output", "json"]);
+    assert_eq!(out.code(), 0, "{out:#?}");
+    assert_eq!(json_of(&out)["usage_error"], why.as_str(), "{out:#?}");
     fs::remove_file(&usage).unwrap();
+    let out = ring.run(&["list", "--output", "json"]);
+    assert_eq!(json_of(&out)["usage_error"], Value::Null, "{out:#?}");
 
     // The keyring itself, and a link from it to a device.
     let keyring = ring.dir.path().join("fifo-keyring");
@@ -2465,6 +2487,39 @@ fn a_fifo_planted_beside_the_keyring_never_blocks_kekd() {
              makes there",
             audit.display()
         )),
+        "{out:#?}"
+    );
+}
+
+/// `list` run by the keyring's owner on a usage file it cannot read (root's
+/// 0600 file): the counts are missing, and `list` says why instead of "no
+/// kekd has recorded usage" (issue 14).
+#[test]
+fn list_says_why_it_cannot_read_the_usage_file() {
+    if !can_switch_users("list_says_why_it_cannot_read_the_usage_file") {
+        return;
+    }
+    let ring = Ring::init();
+    let dir = ring.dir.path();
+    let usage = dir.join("keyring.usage.json");
+    fs::write(&usage, "{}").unwrap();
+    fs::set_permissions(&usage, fs::Permissions::from_mode(0o600)).unwrap();
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o755)).unwrap();
+    chown_all(&ring.path, NOBODY, NOBODY);
+    let mut cmd = kekd();
+    cmd.args(["admin", "list", "--keyring", ring.k()]);
+    let out = run_guarded(setpriv(&as_user(NOBODY, NOBODY), &cmd), dir);
+    assert_eq!(out.code(), 0, "{out:#?}");
+    assert!(
+        out.stdout.contains(&format!(
+            "WARNING: cannot tell what kekd serves or how often each version is used: usage file: cannot open {}: \
+             Permission denied (os error 13)\n",
+            usage.display()
+        )),
+        "{out:#?}"
+    );
+    assert!(
+        !out.stdout.contains("no kekd has recorded usage"),
         "{out:#?}"
     );
 }
@@ -2514,6 +2569,45 @@ fn a_fifo_named_as_an_input_file_is_refused_without_blocking() {
             pin.display()
         )
     );
+
+    // `import --from`, `doctor --encryption-config`: refused by path, at once.
+    let from = dir.join("copy");
+    mkfifo(&from);
+    let out = ring.run(&["import", "--from", from.to_str().unwrap()]);
+    assert_eq!(out.code(), EX_CONFIG, "{out:#?}");
+    assert_eq!(
+        error_message(&out),
+        format!("keyring {} is not a regular file", from.display())
+    );
+    let encryption = dir.join("encryption-config.yaml");
+    mkfifo(&encryption);
+    {
+        let out = ring.run(&[
+            "doctor",
+            "--encryption-config",
+            encryption.to_str().unwrap(),
+            "--output",
+            "json",
+        ]);
+        assert_eq!(out.code(), 1, "{out:#?}");
+        let finding = json_of(&out)["findings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["check"] == "encryption config")
+            .cloned()
+            .unwrap_or_else(|| panic!("{out:#?}"));
+        assert_eq!(finding["level"], "fail", "{finding:#}");
+        assert_eq!(
+            finding["detail"],
+            format!(
+                "{} is a FIFO, not a regular file; nothing was read from it: put the file itself there (a pipe's \
+                 output must be saved to a file first)",
+                encryption.display()
+            ),
+            "{finding:#}"
+        );
+    }
 
     let scan = dir.join("scan.json");
     mkfifo(&scan);

@@ -580,6 +580,25 @@ pub enum StoreError {
 /// # Errors
 /// See [`StoreError`].
 pub fn read(path: &Path) -> Result<KeyringFile, StoreError> {
+    let (file, meta) = open_keyring(path)?;
+    read_open(path, file, &meta)
+}
+
+/// [`read`] for a copy that may have arrived with loose permissions (scp
+/// keeps the umask's; the checksum proves it intact): any mode is read,
+/// and returned for the caller to warn about. One open, so what was
+/// checked is what is read.
+///
+/// # Errors
+/// See [`StoreError`]; never [`StoreError::TooOpen`].
+pub fn read_loose(path: &Path) -> Result<(KeyringFile, u32), StoreError> {
+    let (file, meta) = open_keyring(path)?;
+    let mode = meta.permissions().mode() & 0o7777;
+    read_checked(path, file, &meta, false).map(|f| (f, mode))
+}
+
+/// Opens the keyring at `path` as [`read`] does.
+fn open_keyring(path: &Path) -> Result<(File, fs::Metadata), StoreError> {
     let io = |op| {
         move |source: io::Error| StoreError::Io {
             path: path.to_owned(),
@@ -587,7 +606,7 @@ pub fn read(path: &Path) -> Result<KeyringFile, StoreError> {
             source,
         }
     };
-    let (file, meta) = open_regular(path, Links::Follow).map_err(|e| match e {
+    open_regular(path, Links::Follow).map_err(|e| match e {
         OpenError::NotFound { .. } => match fs::read_link(path) {
             Ok(target) => StoreError::DanglingSymlink {
                 path: path.to_owned(),
@@ -604,13 +623,22 @@ pub fn read(path: &Path) -> Result<KeyringFile, StoreError> {
         OpenError::Io { source, .. } => io("open")(source),
         // Links are followed here; kept total all the same.
         e @ OpenError::Symlink { .. } => io("open")(io::Error::other(e)),
-    })?;
-    read_open(path, file, &meta)
+    })
 }
 
 /// Checks and parses the keyring opened at `path` (a regular file, with
 /// `meta` its metadata).
-fn read_open(path: &Path, mut file: File, meta: &fs::Metadata) -> Result<KeyringFile, StoreError> {
+fn read_open(path: &Path, file: File, meta: &fs::Metadata) -> Result<KeyringFile, StoreError> {
+    read_checked(path, file, meta, true)
+}
+
+/// [`read_open`], refusing loose permissions only when `strict`.
+fn read_checked(
+    path: &Path,
+    mut file: File,
+    meta: &fs::Metadata,
+    strict: bool,
+) -> Result<KeyringFile, StoreError> {
     let io = |op| {
         move |source: io::Error| StoreError::Io {
             path: path.to_owned(),
@@ -619,7 +647,7 @@ fn read_open(path: &Path, mut file: File, meta: &fs::Metadata) -> Result<Keyring
         }
     };
     let mode = meta.permissions().mode() & 0o7777;
-    if mode & 0o077 != 0 {
+    if strict && mode & 0o077 != 0 {
         return Err(StoreError::TooOpen {
             path: path.to_owned(),
             mode,
