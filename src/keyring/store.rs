@@ -1228,7 +1228,10 @@ fn identity_at(dir: &OwnedFd, name: &std::ffi::OsStr) -> Option<(u64, u64)> {
     rustix::fs::statat(dir, name, rustix::fs::AtFlags::SYMLINK_NOFOLLOW)
         .ok()
         // The field widths differ between architectures.
-        .map(|st| (st.st_dev as u64, st.st_ino as u64))
+        .map(
+            #[allow(clippy::unnecessary_cast)]
+            |st| (st.st_dev as u64, st.st_ino as u64),
+        )
 }
 
 #[cfg(test)]

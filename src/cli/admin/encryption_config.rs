@@ -227,6 +227,7 @@ fn migrate_command(resource: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
 
     fn read(yaml: &str, socket: Option<&str>) -> Result<Encrypted, String> {
         let dir = tempfile::tempdir().unwrap();
