@@ -907,6 +907,7 @@ fn json_output_of_every_command() {
             "reload_pending",
             "reload_error",
             "usage_updated",
+            "usage_error",
         ],
     );
     assert_eq!(doc["keyring"], k);
@@ -915,7 +916,10 @@ fn json_output_of_every_command() {
     assert_eq!(doc["keyring_id"], ring.id().as_str());
     assert_eq!(doc["primary"], 3);
     assert!(
-        doc["server"].is_null() && doc["reload_error"].is_null() && doc["usage_updated"].is_null()
+        doc["server"].is_null()
+            && doc["reload_error"].is_null()
+            && doc["usage_updated"].is_null()
+            && doc["usage_error"].is_null()
     );
     let versions = doc["versions"].as_array().unwrap();
     let states: Vec<(u64, &str)> = versions
