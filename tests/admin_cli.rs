@@ -907,6 +907,7 @@ fn json_output_of_every_command() {
             "reload_pending",
             "reload_error",
             "usage_updated",
+            "usage_error",
         ],
     );
     assert_eq!(doc["keyring"], k);
@@ -915,7 +916,10 @@ fn json_output_of_every_command() {
     assert_eq!(doc["keyring_id"], ring.id().as_str());
     assert_eq!(doc["primary"], 3);
     assert!(
-        doc["server"].is_null() && doc["reload_error"].is_null() && doc["usage_updated"].is_null()
+        doc["server"].is_null()
+            && doc["reload_error"].is_null()
+            && doc["usage_updated"].is_null()
+            && doc["usage_error"].is_null()
     );
     let versions = doc["versions"].as_array().unwrap();
     let states: Vec<(u64, &str)> = versions
@@ -2206,13 +2210,12 @@ fn retire_help_shows_the_window_as_a_value() {
     assert!(out.stdout.contains("[default: 24h]"), "{}", out.stdout);
 }
 
-/// StrictModes follows only the first and the last link: a chain whose
-/// middle link lies in a directory another user owns passes today, and that
-/// user can repoint it (at an old copy of the keyring, or, between the check
-/// and a read, at a file of their own). Every directory that holds a link
-/// of the chain must pass the same rules as the one the keyring is named in.
+/// A chain whose middle link lies in a directory another user owns: that
+/// user could repoint it (at an old copy of the keyring, or, between the
+/// check and a read, at a file of their own). Every directory that holds a
+/// link of the chain passes the same rules as the one the keyring is named
+/// in (issue 14).
 #[test]
-#[ignore = "finding: access::check skips the directories of intermediate symlinks in the keyring's link chain"]
 fn serve_and_doctor_refuse_a_link_chain_through_a_directory_another_user_owns() {
     if !can_switch_users(
         "serve_and_doctor_refuse_a_link_chain_through_a_directory_another_user_owns",
@@ -2266,6 +2269,78 @@ fn serve_and_doctor_refuse_a_link_chain_through_a_directory_another_user_owns() 
         )),
         "{out:#?}"
     );
+}
+
+/// The other hops of a chain: a relative middle link (resolved against its
+/// own directory), and a link to the keyring's *directory* that lies in a
+/// directory another user owns (`named/keyring` where `named` →
+/// `theirs/dirlink` → the keyring's directory). Each is a link that user
+/// can repoint; doctor and serve refuse both, naming that directory.
+#[test]
+fn serve_and_doctor_refuse_relative_and_directory_links_in_directories_another_user_owns() {
+    if !can_switch_users(
+        "serve_and_doctor_refuse_relative_and_directory_links_in_directories_another_user_owns",
+    ) {
+        return;
+    }
+    let check = |ring: &Ring, named: &Path, theirs: &Path| {
+        let doctor = admin(
+            &[
+                "doctor",
+                "--keyring",
+                named.to_str().unwrap(),
+                "--output",
+                "json",
+            ],
+            ring.dir.path(),
+        );
+        let findings = json_of(&doctor)["findings"].clone();
+        let access = findings
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["check"] == "keyring access")
+            .unwrap_or_else(|| panic!("{findings:#}"))
+            .clone();
+        assert_eq!(access["level"], "fail", "{access:#}");
+        assert_eq!(
+            access["fix"],
+            format!("chown 0 {}", theirs.display()),
+            "{access:#}"
+        );
+        assert_eq!(doctor.code(), 1, "{doctor:#?}");
+        let out = run_guarded(
+            serve_cmd(named, &ring.dir.path().join("kms.sock")),
+            ring.dir.path(),
+        );
+        assert_eq!(out.code(), EX_CONFIG, "{out:#?}");
+        assert!(
+            error_message(&out).starts_with(&format!(
+                "{} (directory) is owned by uid {NOBODY}, not by uid 0 that kekd runs as nor by root",
+                theirs.display()
+            )),
+            "{out:#?}"
+        );
+    };
+    // named → theirs/a (relative: `../keyring` from theirs/sub/.. ) → keyring.
+    let ring = Ring::init();
+    let theirs = ring.dir.path().join("theirs");
+    fs::create_dir(&theirs).unwrap();
+    std::os::unix::fs::symlink("../keyring", theirs.join("a")).unwrap();
+    chown_all(&theirs, NOBODY, NOBODY);
+    let named = ring.dir.path().join("named");
+    std::os::unix::fs::symlink("theirs/a", &named).unwrap();
+    check(&ring, &named, &theirs);
+
+    // named/keyring, where named → theirs/dirlink → the keyring's directory.
+    let ring = Ring::init();
+    let theirs = ring.dir.path().join("theirs");
+    fs::create_dir(&theirs).unwrap();
+    std::os::unix::fs::symlink(ring.dir.path(), theirs.join("dirlink")).unwrap();
+    chown_all(&theirs, NOBODY, NOBODY);
+    let named = ring.dir.path().join("named");
+    std::os::unix::fs::symlink(theirs.join("dirlink"), &named).unwrap();
+    check(&ring, &named.join("keyring"), &theirs);
 }
 
 // ------------------------------- special files where kekd reads a file
@@ -2353,12 +2428,34 @@ fn a_fifo_planted_beside_the_keyring_never_blocks_kekd() {
     );
     fs::remove_file(&served).unwrap();
 
-    // The usage file: `list` goes on without the counts.
+    // The usage file: `list` goes on without the counts, and says why
+    // (never "no kekd has recorded usage").
     let usage = ring.dir.path().join("keyring.usage.json");
     mkfifo(&usage);
     let out = ring.run(&["list"]);
     assert_eq!(out.code(), 0, "{out:#?}");
+    let why = format!(
+        "usage file: {} is a FIFO, not a regular file; nothing was read from it: put the file itself there (a \
+         pipe's output must be saved to a file first)",
+        usage.display()
+    );
+    assert!(
+        out.stdout.contains(&format!(
+            "WARNING: cannot tell what kekd serves or how often each version is used: {why}\n         (the \
+             serving kekd rewrites the usage file every few seconds; if none runs, remove what is at that path)\n"
+        )),
+        "{out:#?}"
+    );
+    assert!(
+        !out.stdout.contains("no kekd has recorded usage"),
+        "{out:#?}"
+    );
+    let out = ring.run(&["list", "--output", "json"]);
+    assert_eq!(out.code(), 0, "{out:#?}");
+    assert_eq!(json_of(&out)["usage_error"], why.as_str(), "{out:#?}");
     fs::remove_file(&usage).unwrap();
+    let out = ring.run(&["list", "--output", "json"]);
+    assert_eq!(json_of(&out)["usage_error"], Value::Null, "{out:#?}");
 
     // The keyring itself, and a link from it to a device.
     let keyring = ring.dir.path().join("fifo-keyring");
@@ -2396,6 +2493,39 @@ fn a_fifo_planted_beside_the_keyring_never_blocks_kekd() {
              makes there",
             audit.display()
         )),
+        "{out:#?}"
+    );
+}
+
+/// `list` run by the keyring's owner on a usage file it cannot read (root's
+/// 0600 file): the counts are missing, and `list` says why instead of "no
+/// kekd has recorded usage" (issue 14).
+#[test]
+fn list_says_why_it_cannot_read_the_usage_file() {
+    if !can_switch_users("list_says_why_it_cannot_read_the_usage_file") {
+        return;
+    }
+    let ring = Ring::init();
+    let dir = ring.dir.path();
+    let usage = dir.join("keyring.usage.json");
+    fs::write(&usage, "{}").unwrap();
+    fs::set_permissions(&usage, fs::Permissions::from_mode(0o600)).unwrap();
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o755)).unwrap();
+    chown_all(&ring.path, NOBODY, NOBODY);
+    let mut cmd = kekd();
+    cmd.args(["admin", "list", "--keyring", ring.k()]);
+    let out = run_guarded(setpriv(&as_user(NOBODY, NOBODY), &cmd), dir);
+    assert_eq!(out.code(), 0, "{out:#?}");
+    assert!(
+        out.stdout.contains(&format!(
+            "WARNING: cannot tell what kekd serves or how often each version is used: usage file: cannot open {}: \
+             Permission denied (os error 13)\n",
+            usage.display()
+        )),
+        "{out:#?}"
+    );
+    assert!(
+        !out.stdout.contains("no kekd has recorded usage"),
         "{out:#?}"
     );
 }
@@ -2445,6 +2575,45 @@ fn a_fifo_named_as_an_input_file_is_refused_without_blocking() {
             pin.display()
         )
     );
+
+    // `import --from`, `doctor --encryption-config`: refused by path, at once.
+    let from = dir.join("copy");
+    mkfifo(&from);
+    let out = ring.run(&["import", "--from", from.to_str().unwrap()]);
+    assert_eq!(out.code(), EX_CONFIG, "{out:#?}");
+    assert_eq!(
+        error_message(&out),
+        format!("keyring {} is not a regular file", from.display())
+    );
+    let encryption = dir.join("encryption-config.yaml");
+    mkfifo(&encryption);
+    {
+        let out = ring.run(&[
+            "doctor",
+            "--encryption-config",
+            encryption.to_str().unwrap(),
+            "--output",
+            "json",
+        ]);
+        assert_eq!(out.code(), 1, "{out:#?}");
+        let finding = json_of(&out)["findings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["check"] == "encryption config")
+            .cloned()
+            .unwrap_or_else(|| panic!("{out:#?}"));
+        assert_eq!(finding["level"], "fail", "{finding:#}");
+        assert_eq!(
+            finding["detail"],
+            format!(
+                "{} is a FIFO, not a regular file; nothing was read from it: put the file itself there (a pipe's \
+                 output must be saved to a file first)",
+                encryption.display()
+            ),
+            "{finding:#}"
+        );
+    }
 
     let scan = dir.join("scan.json");
     mkfifo(&scan);

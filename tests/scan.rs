@@ -1393,3 +1393,44 @@ async fn foreign_strings_from_etcd_are_printed_escaped() {
         "the JSON report keeps the exact key id: {doc:#}"
     );
 }
+
+/// A FIFO named as a TLS file (`--cacert`, `--cert`, `--key`) is refused at
+/// once, by flag and path, before any connection: a plain read would wait
+/// for a writer forever (issue 14). No etcd is needed to reach the read.
+#[test]
+fn a_fifo_named_as_a_tls_file_is_refused_without_blocking() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("fifo.pem");
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        &fifo,
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o600),
+        0,
+    )
+    .unwrap();
+    let pem = dir.path().join("ca.crt");
+    fs::write(&pem, "not checked before the connection\n").unwrap();
+    let (f, c) = (fifo.to_str().unwrap(), pem.to_str().unwrap());
+    for (args, flag) in [
+        (vec!["--cacert", f], "--cacert"),
+        (vec!["--cacert", c, "--cert", f, "--key", c], "--cert"),
+        (vec!["--cacert", c, "--cert", c, "--key", f], "--key"),
+    ] {
+        let mut all = vec!["scan", "--etcd-endpoints", "https://127.0.0.1:1"];
+        all.extend(args);
+        let out = common::admin(&all, dir.path());
+        assert_eq!(
+            (out.code(), error_message(&out)),
+            (
+                EX_CONFIG,
+                format!(
+                    "cannot read {flag} {f}: it is a FIFO, not a regular file; nothing was read from it: give \
+                     {flag} the PEM file itself"
+                )
+                .as_str()
+            ),
+            "{out:#?}"
+        );
+    }
+}

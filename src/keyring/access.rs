@@ -6,6 +6,9 @@
 //! serving, and in `kekd admin doctor`, the path (with symlinks resolved, as
 //! Kubernetes mounts Secrets through them) must pass:
 //!
+//! - every symlink on the way is in a directory that passes the directory
+//!   checks below (each link is resolved in turn, as the kernel does, so a
+//!   link in the middle of a chain counts as much as the first);
 //! - the keyring file is owned by the uid kekd runs as, or by root;
 //! - its directory is owned by that uid or root and is not group- or
 //!   world-writable (not even with the sticky bit: others could plant
@@ -43,7 +46,7 @@ pub struct AccessError {
 /// # Errors
 /// The first problem, with the `chown`/`chmod` command that fixes it.
 pub fn check(keyring: &Path, uid: u32) -> Result<(), AccessError> {
-    let Ok(file) = fs::canonicalize(keyring) else {
+    let Ok((file, link_dirs)) = resolve(keyring) else {
         return Ok(());
     };
     let Ok(meta) = fs::metadata(&file) else {
@@ -54,22 +57,72 @@ pub fn check(keyring: &Path, uid: u32) -> Result<(), AccessError> {
     }
     check_owner(&file, &meta, uid, "keyring")?;
     // The directory the keyring is named in holds the link (when it is one)
-    // and kekd's files beside it (`.lock`, `.served`, the audit log):
-    // whoever can write there can repoint the link or plant those.
+    // and kekd's files beside it (`.lock`, `.served`, the audit log), and
+    // every further link on the way lives in a directory too: whoever can
+    // write any of them can repoint a link or plant those files.
     let real_dir = file.parent().map(Path::to_owned);
-    let named_dir = match keyring.parent() {
-        Some(d) if !d.as_os_str().is_empty() => fs::canonicalize(d).ok(),
-        _ => fs::canonicalize(".").ok(),
-    };
     if let Some(dir) = &real_dir {
         check_dirs(dir, uid, "holds the keyring", "the keyring")?;
     }
-    match named_dir {
-        Some(dir) if Some(&dir) != real_dir.as_ref() => {
-            check_dirs(&dir, uid, "holds the link to the keyring", "the keyring")
+    // The first of them is the directory the keyring is named in.
+    let mut checked = vec![real_dir];
+    for dir in link_dirs {
+        if checked.contains(&Some(dir.clone())) {
+            continue;
         }
-        _ => Ok(()),
+        check_dirs(&dir, uid, "holds the link to the keyring", "the keyring")?;
+        checked.push(Some(dir));
     }
+    Ok(())
+}
+
+/// The most symlinks followed in one resolution, as the kernel's limit.
+const MAX_LINKS: usize = 40;
+
+/// Resolves `path` one component at a time, as the kernel does: the final
+/// file (no symlink in it), and the real directory of every symlink met on
+/// the way (each link's own directory: whoever writes it can repoint the
+/// link). A relative link is resolved against the directory holding it.
+fn resolve(path: &Path) -> std::io::Result<(PathBuf, Vec<PathBuf>)> {
+    use std::path::Component;
+    let mut resolved = if path.is_absolute() {
+        PathBuf::from("/")
+    } else {
+        fs::canonicalize(".")?
+    };
+    // Components still to walk, the next one last.
+    let mut todo: Vec<std::ffi::OsString> = path
+        .components()
+        .rev()
+        .map(|c| c.as_os_str().to_owned())
+        .collect();
+    let mut link_dirs = Vec::new();
+    while let Some(part) = todo.pop() {
+        match Path::new(&part).components().next() {
+            Some(Component::RootDir) => resolved = PathBuf::from("/"),
+            Some(Component::ParentDir) => {
+                resolved.pop();
+            }
+            Some(Component::Normal(name)) => {
+                let next = resolved.join(name);
+                if !fs::symlink_metadata(&next)?.file_type().is_symlink() {
+                    resolved = next;
+                    continue;
+                }
+                if link_dirs.len() == MAX_LINKS {
+                    return Err(std::io::Error::from_raw_os_error(
+                        rustix::io::Errno::LOOP.raw_os_error(),
+                    ));
+                }
+                let target = fs::read_link(&next)?;
+                link_dirs.push(resolved.clone());
+                todo.extend(target.components().rev().map(|c| c.as_os_str().to_owned()));
+            }
+            // `.` and prefixes (none on Unix).
+            _ => {}
+        }
+    }
+    Ok((resolved, link_dirs))
 }
 
 /// Checks that only `uid` and root can change the directory `dir` (a

@@ -21,6 +21,7 @@
 use std::fmt::Write as _;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -579,6 +580,25 @@ pub enum StoreError {
 /// # Errors
 /// See [`StoreError`].
 pub fn read(path: &Path) -> Result<KeyringFile, StoreError> {
+    let (file, meta) = open_keyring(path)?;
+    read_open(path, file, &meta)
+}
+
+/// [`read`] for a copy that may have arrived with loose permissions (scp
+/// keeps the umask's; the checksum proves it intact): any mode is read,
+/// and returned for the caller to warn about. One open, so what was
+/// checked is what is read.
+///
+/// # Errors
+/// See [`StoreError`]; never [`StoreError::TooOpen`].
+pub fn read_loose(path: &Path) -> Result<(KeyringFile, u32), StoreError> {
+    let (file, meta) = open_keyring(path)?;
+    let mode = meta.permissions().mode() & 0o7777;
+    read_checked(path, file, &meta, false).map(|f| (f, mode))
+}
+
+/// Opens the keyring at `path` as [`read`] does.
+fn open_keyring(path: &Path) -> Result<(File, fs::Metadata), StoreError> {
     let io = |op| {
         move |source: io::Error| StoreError::Io {
             path: path.to_owned(),
@@ -586,7 +606,7 @@ pub fn read(path: &Path) -> Result<KeyringFile, StoreError> {
             source,
         }
     };
-    let (mut file, meta) = open_regular(path, Links::Follow).map_err(|e| match e {
+    open_regular(path, Links::Follow).map_err(|e| match e {
         OpenError::NotFound { .. } => match fs::read_link(path) {
             Ok(target) => StoreError::DanglingSymlink {
                 path: path.to_owned(),
@@ -603,9 +623,31 @@ pub fn read(path: &Path) -> Result<KeyringFile, StoreError> {
         OpenError::Io { source, .. } => io("open")(source),
         // Links are followed here; kept total all the same.
         e @ OpenError::Symlink { .. } => io("open")(io::Error::other(e)),
-    })?;
+    })
+}
+
+/// Checks and parses the keyring opened at `path` (a regular file, with
+/// `meta` its metadata).
+fn read_open(path: &Path, file: File, meta: &fs::Metadata) -> Result<KeyringFile, StoreError> {
+    read_checked(path, file, meta, true)
+}
+
+/// [`read_open`], refusing loose permissions only when `strict`.
+fn read_checked(
+    path: &Path,
+    mut file: File,
+    meta: &fs::Metadata,
+    strict: bool,
+) -> Result<KeyringFile, StoreError> {
+    let io = |op| {
+        move |source: io::Error| StoreError::Io {
+            path: path.to_owned(),
+            op,
+            source,
+        }
+    };
     let mode = meta.permissions().mode() & 0o7777;
-    if mode & 0o077 != 0 {
+    if strict && mode & 0o077 != 0 {
         return Err(StoreError::TooOpen {
             path: path.to_owned(),
             mode,
@@ -653,7 +695,13 @@ pub fn create(path: &Path, keyring: &KeyringFile) -> Result<(), StoreError> {
             path: path.to_owned(),
         });
     }
-    write_durable(path, keyring.encode().as_bytes(), Replace::Never, None)
+    write_durable(
+        path,
+        keyring.encode().as_bytes(),
+        Replace::Never,
+        None,
+        Guard::None,
+    )
 }
 
 /// Atomically replaces the keyring at `path` with `keyring`.
@@ -674,22 +722,86 @@ pub fn replace(path: &Path, keyring: &KeyringFile) -> Result<(), StoreError> {
                 source,
             })?
         }
-        _ => return write_durable(path, keyring.encode().as_bytes(), Replace::Always, None),
+        _ => {
+            return write_durable(
+                path,
+                keyring.encode().as_bytes(),
+                Replace::Always,
+                None,
+                Guard::Same,
+            );
+        }
     };
     // Whoever owns the link's directory can point it elsewhere between the
     // read and this write (at a root-owned file, when root runs the
-    // command): replace only a copy of this same keyring.
+    // command), and whoever owns a directory on the target's path can swap
+    // it for a link: the target's directory is opened once, without
+    // following a link anywhere on its (resolved) path, the file is read
+    // from it, and replaced in it only while it is still that same file of
+    // this same keyring.
     let moved = |why: String| StoreError::Moved {
         path: path.to_owned(),
         target: target.clone(),
         why,
     };
-    match read(&target) {
+    let (Some(dir), Some(name)) = (target.parent(), target.file_name()) else {
+        return Err(moved("it is no file in a directory".to_owned()));
+    };
+    let dir_fd = open_dir(dir, Links::Refuse).map_err(|e| match e.raw_os_error() {
+        Some(c)
+            if [rustix::io::Errno::LOOP, rustix::io::Errno::NOTDIR]
+                .iter()
+                .any(|n| n.raw_os_error() == c) =>
+        {
+            moved(format!(
+                "a directory on the way to {} became a symlink",
+                dir.display()
+            ))
+        }
+        _ => moved(format!("cannot open {}: {e}", dir.display())),
+    })?;
+    use rustix::fs::{Mode, OFlags};
+    let file = rustix::fs::openat(
+        &dir_fd,
+        name,
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| match e {
+        rustix::io::Errno::LOOP => moved("it is a symlink now".to_owned()),
+        e => moved(format!("cannot open it: {}", io::Error::from(e))),
+    })?;
+    let file = File::from(file);
+    let meta = file
+        .metadata()
+        .map_err(|e| moved(format!("cannot stat it: {e}")))?;
+    if !meta.is_file() {
+        return Err(moved(format!("it is {}", kind_of(meta.file_type()))));
+    }
+    let flags =
+        rustix::fs::fcntl_getfl(&file).map_err(|e| moved(io::Error::from(e).to_string()))?;
+    rustix::fs::fcntl_setfl(&file, flags - OFlags::NONBLOCK)
+        .map_err(|e| moved(io::Error::from(e).to_string()))?;
+    let identity = {
+        use std::os::unix::fs::MetadataExt;
+        (meta.dev(), meta.ino())
+    };
+    match read_open(&target, file, &meta) {
         Ok(there) if there.id == keyring.id && there.material == keyring.material => {}
         Ok(there) => return Err(moved(format!("it holds keyring {}", there.id))),
         Err(e) => return Err(moved(e.to_string())),
     }
-    write_durable(&target, keyring.encode().as_bytes(), Replace::Always, None)
+    write_durable(
+        &target,
+        keyring.encode().as_bytes(),
+        Replace::Always,
+        None,
+        Guard::Read {
+            dir: dir_fd,
+            identity,
+            named: path,
+        },
+    )
 }
 
 /// An exclusive lock on a keyring, held by one admin command at a time.
@@ -822,7 +934,7 @@ fn remove_stale_temps(path: &Path) {
 /// give the new file the old one's owner; I/O errors, the previous file
 /// then untouched.
 pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
-    write_durable(path, bytes, Replace::Always, None)
+    write_durable(path, bytes, Replace::Always, None, Guard::None)
 }
 
 /// [`write_file_atomic`] for a state file kept beside `anchor` (the keyring,
@@ -834,7 +946,7 @@ pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
 /// # Errors
 /// As [`write_file_atomic`].
 pub fn write_state_file(path: &Path, anchor: &Path, bytes: &[u8]) -> Result<(), StoreError> {
-    write_durable(path, bytes, Replace::Always, Some(anchor))
+    write_durable(path, bytes, Replace::Always, Some(anchor), Guard::None)
 }
 
 /// Durably writes `bytes` as a new file at `path` (mode 0600), the same way
@@ -845,7 +957,7 @@ pub fn write_state_file(path: &Path, anchor: &Path, bytes: &[u8]) -> Result<(), 
 /// [`StoreError::AlreadyExists`] when `path` exists; I/O errors otherwise,
 /// in which case nothing is left at `path`.
 pub fn write_file_new(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
-    write_durable(path, bytes, Replace::Never, None)
+    write_durable(path, bytes, Replace::Never, None, Guard::None)
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -1069,14 +1181,80 @@ fn give_owner_of(file: &File, keyring: &Path) {
     }
 }
 
+/// What `write_durable` checks of the file it replaces, just before the
+/// rename.
+enum Guard<'a> {
+    /// Nothing (kekd's state files, a new file).
+    None,
+    /// The file found when the write began is still the one at the path
+    /// (the keyring, named directly).
+    Same,
+    /// The keyring as read through a symlink: written in `dir` (the
+    /// target's directory, opened before the read), over the file read
+    /// there (`identity`: device and inode) and nothing else.
+    Read {
+        dir: OwnedFd,
+        identity: (u64, u64),
+        named: &'a Path,
+    },
+}
+
+/// Opens the directory `dir` to work in. With [`Links::Refuse`] (`dir`
+/// fully resolved), one component at a time, never following a symlink:
+/// a directory on the way swapped for a link fails (`ELOOP`, `ENOTDIR`).
+fn open_dir(dir: &Path, links: Links) -> io::Result<OwnedFd> {
+    use rustix::fs::{CWD, Mode, OFlags};
+    let read = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
+    if links == Links::Follow {
+        return Ok(rustix::fs::open(dir, read, Mode::empty())?);
+    }
+    let walk = OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let mut fd = rustix::fs::openat(
+        CWD,
+        if dir.is_absolute() { "/" } else { "." },
+        walk,
+        Mode::empty(),
+    )?;
+    for part in dir.components() {
+        if let std::path::Component::Normal(name) = part {
+            fd = rustix::fs::openat(&fd, name, walk, Mode::empty())?;
+        }
+    }
+    Ok(rustix::fs::openat(&fd, ".", read, Mode::empty())?)
+}
+
+/// Device and inode of what is at `name` in `dir` (not following a link).
+fn identity_at(dir: &OwnedFd, name: &std::ffi::OsStr) -> Option<(u64, u64)> {
+    rustix::fs::statat(dir, name, rustix::fs::AtFlags::SYMLINK_NOFOLLOW)
+        .ok()
+        // The field widths differ between architectures.
+        .map(
+            #[allow(clippy::unnecessary_cast)]
+            |st| (st.st_dev as u64, st.st_ino as u64),
+        )
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Runs once, in the next `write_durable` of this thread, after the
+    /// temp file is written and before the identity check and the rename:
+    /// where a racing attacker would act.
+    pub(crate) static BEFORE_RENAME: std::cell::RefCell<Option<Box<dyn FnOnce()>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
 /// temp file (`create_new`, 0600) → owner and mode of the file it replaces
-/// (or of `like` for a new one) → write → fsync → rename/link → fsync dir.
+/// (or of `like` for a new one) → write → fsync → rename/link → fsync dir,
+/// every step in the one directory opened at the start (by its path, or
+/// the one `guard` brings), whatever becomes of its path meanwhile.
 fn write_durable(
     path: &Path,
     bytes: &[u8],
     replace: Replace,
     like: Option<&Path>,
+    guard: Guard<'_>,
 ) -> Result<(), StoreError> {
+    use rustix::fs::{AtFlags, Mode, OFlags};
     let io = |op| {
         move |source: io::Error| StoreError::Io {
             path: path.to_owned(),
@@ -1094,6 +1272,21 @@ fn write_durable(
             "path has no file name",
         ))
     })?;
+    let (dir_fd, expect, named) = match guard {
+        Guard::Read {
+            dir,
+            identity,
+            named,
+        } => (dir, Some(identity), named),
+        Guard::None | Guard::Same => {
+            let fd = open_dir(&dir, Links::Follow).map_err(io("open its directory"))?;
+            let expect = match guard {
+                Guard::Same => identity_at(&fd, name),
+                _ => None,
+            };
+            (fd, expect, path)
+        }
+    };
     let mut suffix = [0u8; 6];
     crate::secret::fill_random(&mut suffix)?;
     let mut tmp_name = std::ffi::OsString::from(".");
@@ -1106,26 +1299,42 @@ fn write_durable(
             .map(|b| format!("{b:02x}"))
             .collect::<String>()
     ));
-    let tmp = dir.join(tmp_name);
+    let tmp_name = tmp_name.as_os_str();
     let owner = match replace {
         // Only a regular file's owner is kept: a link or FIFO planted as a
         // state file must not hand the new file to whoever planted it.
-        Replace::Always => fs::symlink_metadata(path)
+        Replace::Always => rustix::fs::statat(&dir_fd, name, AtFlags::SYMLINK_NOFOLLOW)
             .ok()
-            .filter(fs::Metadata::is_file)
-            .and_then(|_| Ownership::of(path))
-            .map(|o| (o, true))
+            .filter(|st| {
+                rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::RegularFile
+            })
+            .map(|st| {
+                (
+                    Ownership {
+                        uid: st.st_uid,
+                        gid: st.st_gid,
+                        // Never more open than owner-only: a replacement
+                        // keeps the owner's bits (0400, 0600), not a
+                        // mistake in group or other.
+                        mode: st.st_mode & 0o700,
+                    },
+                    true,
+                )
+            })
             .or_else(|| like.and_then(Ownership::like).map(|o| (o, false))),
         Replace::Never => None,
     };
 
     let result = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(io("create a temporary file beside it"))?;
+        let mut f = File::from(
+            rustix::fs::openat(
+                &dir_fd,
+                tmp_name,
+                OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::from_raw_mode(0o600),
+            )
+            .map_err(|e| io("create a temporary file beside it")(e.into()))?,
+        );
         // Before a byte is written: a replacement the serving user could
         // not read would take its keyring away at the next reload.
         match owner {
@@ -1150,37 +1359,51 @@ fn write_durable(
         f.write_all(bytes).map_err(io("write the temporary file"))?;
         f.sync_all().map_err(io("fsync the temporary file"))?;
         drop(f);
-        match replace {
-            Replace::Always => {
-                fs::rename(&tmp, path).map_err(io("rename the temporary file into place"))?
+        #[cfg(test)]
+        if let Some(hook) = BEFORE_RENAME.with(|h| h.borrow_mut().take()) {
+            hook();
+        }
+        if let Some(expect) = expect {
+            let now = identity_at(&dir_fd, name);
+            if now != Some(expect) {
+                return Err(StoreError::Moved {
+                    path: named.to_owned(),
+                    target: path.to_owned(),
+                    why: "another file was put in its place while the change was written"
+                        .to_owned(),
+                });
             }
+        }
+        match replace {
+            Replace::Always => rustix::fs::renameat(&dir_fd, tmp_name, &dir_fd, name)
+                .map_err(|e| io("rename the temporary file into place")(e.into()))?,
             Replace::Never => {
                 // A hard link fails with EEXIST instead of clobbering a file
                 // that appeared since the check above.
-                fs::hard_link(&tmp, path).map_err(|e| match e.kind() {
-                    io::ErrorKind::AlreadyExists => StoreError::AlreadyExists {
-                        path: path.to_owned(),
+                rustix::fs::linkat(&dir_fd, tmp_name, &dir_fd, name, AtFlags::empty()).map_err(
+                    |e| match e {
+                        rustix::io::Errno::EXIST => StoreError::AlreadyExists {
+                            path: path.to_owned(),
+                        },
+                        e => io("link the temporary file into place")(e.into()),
                     },
-                    _ => io("link the temporary file into place")(e),
-                })?;
+                )?;
                 // The file is in place: failing to drop the temp name is not
                 // a failed write. A keyring's leftover temp (a second name
                 // of the same file) goes with the next command that takes
                 // the lock (`remove_stale_temps`).
-                let _ = fs::remove_file(&tmp);
+                let _ = rustix::fs::unlinkat(&dir_fd, tmp_name, AtFlags::empty());
             }
         }
         // Past this point the new file is visible: a failure says so.
-        File::open(&dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|source| StoreError::NotDurable {
-                path: path.to_owned(),
-                source,
-            })
+        rustix::fs::fsync(&dir_fd).map_err(|e| StoreError::NotDurable {
+            path: path.to_owned(),
+            source: e.into(),
+        })
     })();
     if result.is_err() {
         // Best effort: the temp file holds key material.
-        let _ = fs::remove_file(&tmp);
+        let _ = rustix::fs::unlinkat(&dir_fd, tmp_name, AtFlags::empty());
     }
     result
 }

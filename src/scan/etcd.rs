@@ -330,12 +330,38 @@ impl EtcdTarget {
     }
 }
 
+/// TLS files larger than this are refused (a PEM bundle is kilobytes).
+const MAX_TLS_FILE_LEN: u64 = 16 << 20;
+
+/// Reads a TLS file; never a plain read, which a FIFO would block forever.
 fn read(flag: &'static str, path: &std::path::Path) -> Result<Vec<u8>, EtcdError> {
-    std::fs::read(path).map_err(|error| EtcdError::File {
+    use crate::keyring::store::{Links, OpenError, open_regular};
+    use std::io::Read as _;
+    let fail = |error| EtcdError::File {
         flag,
         path: path.to_owned(),
         error,
-    })
+    };
+    let (file, _) = open_regular(path, Links::Follow).map_err(|e| {
+        fail(match e {
+            OpenError::NotFound { .. } => std::io::Error::from_raw_os_error(rustix::io::Errno::NOENT.raw_os_error()),
+            OpenError::Io { source, .. } => source,
+            OpenError::NotRegular { what, .. } => std::io::Error::other(format!(
+                "it is {what}, not a regular file; nothing was read from it: give {flag} the PEM file itself"
+            )),
+            e @ OpenError::Symlink { .. } => std::io::Error::other(e.to_string()),
+        })
+    })?;
+    let mut bytes = Vec::new();
+    file.take(MAX_TLS_FILE_LEN + 1)
+        .read_to_end(&mut bytes)
+        .map_err(fail)?;
+    if bytes.len() as u64 > MAX_TLS_FILE_LEN {
+        return Err(fail(std::io::Error::other(format!(
+            "it is more than {MAX_TLS_FILE_LEN} bytes: not a PEM file"
+        ))));
+    }
+    Ok(bytes)
 }
 
 /// An error and its causes, each once: `transport error: tcp connect error: …`.

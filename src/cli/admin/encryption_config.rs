@@ -3,7 +3,6 @@
 //! kekd's provider encrypts, which a rotation must rewrite before the old
 //! version is retired.
 
-use std::fs;
 use std::path::{Path, PathBuf};
 
 use serde_json::{Value, json};
@@ -29,15 +28,44 @@ pub struct LoadError {
     pub fix: &'static str,
 }
 
+/// EncryptionConfigurations larger than this are refused.
+const MAX_CONFIG_LEN: u64 = 16 << 20;
+
 /// Reads `path` as an `apiserver.config.k8s.io/v1` EncryptionConfiguration.
 ///
 /// # Errors
 /// The file cannot be read, is not YAML, is empty, or is not one.
 pub fn load(path: &Path) -> Result<Yaml, LoadError> {
-    let text = fs::read_to_string(path).map_err(|e| LoadError {
+    use crate::keyring::store;
+    use std::io::Read as _;
+    let unreadable = |e: &dyn std::fmt::Display| LoadError {
         detail: format!("{}: {e}", path.display()),
         fix: "give the file passed to --encryption-provider-config",
+    };
+    // Never a plain read: a FIFO there would block doctor forever.
+    let (file, _) = store::open_regular(path, store::Links::Follow).map_err(|e| match e {
+        store::OpenError::NotFound { .. } => unreadable(&std::io::Error::from_raw_os_error(
+            rustix::io::Errno::NOENT.raw_os_error(),
+        )),
+        store::OpenError::Io { source, .. } => unreadable(&source),
+        e => LoadError {
+            detail: e.to_string(),
+            fix: "give the file passed to --encryption-provider-config",
+        },
     })?;
+    let mut text = String::new();
+    file.take(MAX_CONFIG_LEN + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| unreadable(&e))?;
+    if text.len() as u64 > MAX_CONFIG_LEN {
+        return Err(LoadError {
+            detail: format!(
+                "{} is more than {MAX_CONFIG_LEN} bytes: not an EncryptionConfiguration",
+                path.display()
+            ),
+            fix: "give the file passed to --encryption-provider-config",
+        });
+    }
     let docs = YamlLoader::load_from_str(&text).map_err(|e| LoadError {
         detail: format!("{}: not YAML: {e}", path.display()),
         fix: "fix the YAML syntax",
@@ -199,6 +227,7 @@ fn migrate_command(resource: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
 
     fn read(yaml: &str, socket: Option<&str>) -> Result<Encrypted, String> {
         let dir = tempfile::tempdir().unwrap();

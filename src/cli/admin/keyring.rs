@@ -7,7 +7,7 @@
 //! refused step changes nothing; a finished step re-run is a no-op.
 
 use std::fs;
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -704,7 +704,12 @@ pub fn list(t: &Target) -> Result<(), CliError> {
     };
     // What the server serves and its refusals are shown whatever keyring the
     // file now holds; the counts only when they belong to this keyring.
-    let usage = usage::read(path).ok().flatten();
+    // An unreadable usage file (a FIFO planted there, a permission error)
+    // is said, never passed off as "no kekd has recorded usage".
+    let (usage, usage_error) = match usage::read(path) {
+        Ok(u) => (u, None),
+        Err(e) => (None, Some(e)),
+    };
     let counts = usage
         .as_ref()
         .filter(|u| u.keyring_id == file.id.to_string());
@@ -791,7 +796,14 @@ pub fn list(t: &Target) -> Result<(), CliError> {
             "kekd (pid {}) serves version {} ({}); counts as of {updated}\n",
             s.pid, s.primary, s.key_id
         )),
+        _ if usage_error.is_some() => {}
         _ => text.push_str("no kekd has recorded usage for this keyring yet\n"),
+    }
+    if let Some(e) = &usage_error {
+        text.push_str(&format!(
+            "WARNING: cannot tell what kekd serves or how often each version is used: {e}\n         (the serving \
+             kekd rewrites the usage file every few seconds; if none runs, remove what is at that path)\n"
+        ));
     }
     if let Some(e) = &reload_error {
         text.push_str(&format!(
@@ -811,6 +823,7 @@ pub fn list(t: &Target) -> Result<(), CliError> {
             "reload_pending": pending,
             "reload_error": reload_error,
             "usage_updated": usage.as_ref().and_then(|u| u.updated),
+            "usage_error": usage_error,
         }),
         &text,
     );
@@ -975,31 +988,17 @@ pub fn import(t: &Target, from: &Path) -> Result<(), CliError> {
 /// Reads a keyring copy that may have arrived with loose permissions (scp
 /// keeps the umask's); the checksum is what proves it intact.
 fn read_copy(from: &Path) -> Result<KeyringFile, CliError> {
-    match store::read(from) {
-        Ok(f) => Ok(f),
-        Err(StoreError::TooOpen { .. }) => {
-            let meta = fs::metadata(from).map_err(CliError::runtime)?;
-            if meta.len() > store::MAX_FILE_LEN {
-                return Err(CliError::config(StoreError::TooLarge {
-                    path: from.to_owned(),
-                    len: meta.len(),
-                }));
-            }
-            eprintln!(
-                "kekd: warning: {} is readable by other users ({:04o}); delete it after the import",
-                from.display(),
-                meta.permissions().mode() & 0o777
-            );
-            let bytes = zeroize::Zeroizing::new(fs::read(from).map_err(CliError::runtime)?);
-            KeyringFile::parse(&bytes).map_err(|error| {
-                CliError::config(StoreError::Parse {
-                    path: from.to_owned(),
-                    error,
-                })
-            })
-        }
-        Err(e) => Err(store_error(e)),
+    // One open (never a plain read, which a FIFO swapped in would block):
+    // the file whose mode is warned about is the file read.
+    let (file, mode) = store::read_loose(from).map_err(store_error)?;
+    if mode & 0o077 != 0 {
+        eprintln!(
+            "kekd: warning: {} is readable by other users ({:04o}); delete it after the import",
+            from.display(),
+            mode & 0o777
+        );
     }
+    Ok(file)
 }
 
 /// Arguments of `upgrade-token`.

@@ -479,3 +479,124 @@ fn open_regular_refuses_everything_but_a_regular_file_without_blocking() {
         )
     );
 }
+
+/// Runs `hook` in this thread's next durable write, between the temp file's
+/// fsync and the rename: where a racing attacker acts.
+fn before_rename(hook: impl FnOnce() + 'static) {
+    BEFORE_RENAME.with(|h| *h.borrow_mut() = Some(Box::new(hook)));
+}
+
+/// The names in `dir`, sorted.
+fn names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+/// Whoever owns a directory on a symlinked keyring's resolved path swaps it
+/// for a link (to a directory of root's, where a file of the same name
+/// waits) after `replace` checked the target: the write still lands in the
+/// directory that was checked, never through the new link (issue 14).
+#[test]
+fn replace_through_a_link_writes_in_the_directory_it_checked_even_if_its_path_is_swapped() {
+    let dir = tempfile::tempdir().unwrap();
+    let real = dir.path().join("real");
+    fs::create_dir(&real).unwrap();
+    let target = real.join("keyring");
+    let link = dir.path().join("keyring");
+    let mut file = KeyringFile::generate(Timestamp::from_unix(1)).unwrap();
+    create(&target, &file).unwrap();
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    // Root's directory, holding a file of the keyring's name: a copy of the
+    // same keyring, so not even a re-read by path would tell them apart.
+    let roots = dir.path().join("roots");
+    fs::create_dir(&roots).unwrap();
+    fs::copy(&target, roots.join("keyring")).unwrap();
+    let victim = fs::read(roots.join("keyring")).unwrap();
+    file.rotate(Timestamp::from_unix(2), false, None).unwrap();
+
+    let moved = dir.path().join("moved");
+    let (r, m, o) = (real.clone(), moved.clone(), roots.clone());
+    before_rename(move || {
+        fs::rename(&r, &m).unwrap();
+        std::os::unix::fs::symlink(&o, &r).unwrap();
+    });
+    replace(&link, &file).unwrap();
+    assert_eq!(fs::read(roots.join("keyring")).unwrap(), victim);
+    assert_eq!(names(&roots), ["keyring"]);
+    assert_eq!(read(&moved.join("keyring")).unwrap().versions.len(), 2);
+    assert_eq!(names(&moved), ["keyring"]);
+}
+
+/// Another file put in the keyring's place (through a link, or named
+/// directly) while the change is written: nothing is renamed over it, the
+/// error says so, and no temp file is left.
+#[test]
+fn replace_refuses_when_another_file_took_the_keyrings_place_meanwhile() {
+    let dir = tempfile::tempdir().unwrap();
+    let real = dir.path().join("real");
+    fs::create_dir(&real).unwrap();
+    let target = real.join("keyring");
+    let link = dir.path().join("keyring");
+    let mut file = KeyringFile::generate(Timestamp::from_unix(1)).unwrap();
+    create(&target, &file).unwrap();
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    file.rotate(Timestamp::from_unix(2), false, None).unwrap();
+    let planted = b"root:x:0:0::/root:/bin/sh\n";
+    for (named, why_path) in [(&link, &target), (&target, &target)] {
+        let swap = target.clone();
+        let aside = dir.path().join("aside");
+        before_rename(move || {
+            fs::write(&aside, planted).unwrap();
+            fs::rename(&aside, &swap).unwrap();
+        });
+        let err = replace(named, &file).unwrap_err();
+        assert!(matches!(err, StoreError::Moved { .. }), "{err:?}");
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "keyring {n} now leads to {t}, which is not the keyring read under the lock (another file was put \
+                 in its place while the change was written); nothing was written: check who can change {n} and \
+                 the directories on its way",
+                n = named.display(),
+                t = why_path.display()
+            )
+        );
+        assert_eq!(fs::read(&target).unwrap(), planted);
+        assert_eq!(names(&real), ["keyring"]);
+        // Put a keyring back for the next round.
+        fs::remove_file(&target).unwrap();
+        create(
+            &target,
+            &KeyringFile::parse(file.encode().as_bytes()).unwrap(),
+        )
+        .unwrap();
+        file.rotate(Timestamp::from_unix(3), false, None).unwrap();
+    }
+}
+
+/// A directory on the resolved path that is already a link when `replace`
+/// opens it (swapped between the resolution and the open) is refused: the
+/// directory is opened one component at a time without following links.
+#[test]
+fn open_dir_refuses_a_link_anywhere_on_a_resolved_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let real = dir.path().join("real");
+    fs::create_dir_all(real.join("sub")).unwrap();
+    let swapped = dir.path().join("swapped");
+    std::os::unix::fs::symlink(&real, &swapped).unwrap();
+    assert!(open_dir(&real.join("sub"), Links::Refuse).is_ok());
+    for path in [swapped.join("sub"), swapped.clone()] {
+        let err = open_dir(&path, Links::Refuse).unwrap_err();
+        assert!(
+            [rustix::io::Errno::LOOP, rustix::io::Errno::NOTDIR]
+                .iter()
+                .any(|e| Some(e.raw_os_error()) == err.raw_os_error()),
+            "{path:?}: {err:?}"
+        );
+        assert!(open_dir(&path, Links::Follow).is_ok());
+    }
+}
