@@ -136,6 +136,17 @@ pub async fn try_reload(state: &Arc<ServingState>, backend: &Arc<dyn Backend>) -
     );
     let served = Served::of(&keyring);
     let had_problem = state.reload_error().is_some();
+    // The audit event records a switch of the primary, written just before
+    // the swap (which cannot fail), so a caller that sees the new key_id in
+    // Status finds it in the log; a change that keeps the primary (a
+    // pending version added, one retired) is no switch.
+    let switched = old_id != new_id;
+    if switched {
+        state.event(Event::SnapshotSwitched {
+            from: old_id.to_string(),
+            to: new_id.to_string(),
+        });
+    }
     state.swap(Snapshot::new(keyring, Timestamp::now(), true));
     // `kekd admin list` and `probe --keyring` read what is served (and any
     // refusal) from the usage file: publish the change now, not at the
@@ -149,16 +160,10 @@ pub async fn try_reload(state: &Arc<ServingState>, backend: &Arc<dyn Backend>) -
     if had_problem {
         info!("keyring problem resolved: the changed keyring is valid and now served");
     }
-    // The audit event records a switch of the primary; a change that keeps
-    // it (a pending version added, one retired) is no switch.
-    if old_id == new_id {
-        info!(key_id = %new_id, "keyring reloaded");
-    } else {
-        state.event(Event::SnapshotSwitched {
-            from: old_id.to_string(),
-            to: new_id.to_string(),
-        });
+    if switched {
         info!(key_id = %new_id, previous_key_id = %old_id, "keyring reloaded: new primary");
+    } else {
+        info!(key_id = %new_id, "keyring reloaded");
     }
     true
 }
