@@ -369,6 +369,10 @@ async fn accept_loop(
     loop {
         tokio::select! {
             () = tx.closed() => return,
+            () = registry.wait_for_descriptors() => {}
+        }
+        tokio::select! {
+            () = tx.closed() => return,
             r = listener.accept() => match r {
                 Ok((stream, _)) => {
                     backoff = Duration::from_millis(5);

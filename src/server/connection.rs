@@ -72,10 +72,16 @@ use tracing::warn;
 /// ample room for legitimate clients, and eviction lets a new client in.
 pub const MAX_CONNECTIONS: usize = 64;
 
+/// Evicted connections whose sockets may still be open (their tasks have
+/// not run since) before kekd stops accepting until one closes. Part of
+/// [`RESERVED_FDS`].
+pub const CLOSING_SLACK: usize = 8;
+
 /// File descriptors kept free below `RLIMIT_NOFILE` for everything that is
 /// not a connection: the listener, keyring and usage files, inotify, the ops
-/// listener, the log, refused peers' connections ([`MAX_REFUSED_CONNECTIONS`])
-/// and a PKCS#11 module's own files and sockets.
+/// listener, the log, refused peers' connections ([`MAX_REFUSED_CONNECTIONS`]),
+/// evicted connections not yet closed ([`CLOSING_SLACK`]) and a PKCS#11
+/// module's own files and sockets.
 pub const RESERVED_FDS: u64 = 128;
 
 /// At most one "connection limit reached" or "evicted" warning per this
@@ -200,6 +206,11 @@ pub(crate) struct Registry {
     conns: Mutex<HashMap<u64, Arc<Shared>>>,
     next_id: AtomicU64,
     evictions: AtomicU64,
+    /// Connections whose socket is still open: admitted ones, and evicted
+    /// ones whose task has not dropped them yet.
+    open: AtomicUsize,
+    /// Woken whenever a connection's socket is closed.
+    closed: tokio::sync::Notify,
     /// The "reset as malformed" warning, rate-limited across connections:
     /// when the last line was logged, and how many were left out since.
     malformed_log: Mutex<(Option<Instant>, u64)>,
@@ -255,6 +266,8 @@ impl Registry {
             conns: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(0),
             evictions: AtomicU64::new(0),
+            open: AtomicUsize::new(0),
+            closed: tokio::sync::Notify::new(),
             malformed_log: Mutex::new((None, 0)),
         })
     }
@@ -278,6 +291,23 @@ impl Registry {
     /// The most connections served at once.
     pub(crate) fn max(&self) -> usize {
         self.max
+    }
+
+    /// Waits until fewer than `max` + [`CLOSING_SLACK`] connection sockets
+    /// are open. An evicted connection's socket closes only when its task
+    /// next runs; accepting faster than that (a connect flood on a loaded
+    /// host) would spend descriptors kekd keeps for itself.
+    pub(crate) async fn wait_for_descriptors(&self) {
+        loop {
+            let closed = self.closed.notified();
+            tokio::pin!(closed);
+            // Registered before the check, so a close in between wakes it.
+            closed.as_mut().enable();
+            if self.open.load(Ordering::Acquire) < self.max + CLOSING_SLACK {
+                return;
+            }
+            closed.await;
+        }
     }
 
     /// Idle connections closed to admit new ones, since start.
@@ -526,6 +556,7 @@ impl Connection {
         registry: Arc<Registry>,
         preface_timeout: Duration,
     ) -> Self {
+        registry.open.fetch_add(1, Ordering::AcqRel);
         Self {
             stream,
             shared,
@@ -632,6 +663,9 @@ impl ResetWatch {
 impl Drop for Connection {
     fn drop(&mut self) {
         self.registry.remove(self.shared.id);
+        // The socket closes with `self.stream`, right after this.
+        self.registry.open.fetch_sub(1, Ordering::AcqRel);
+        self.registry.closed.notify_waiters();
     }
 }
 
