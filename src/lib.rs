@@ -12,7 +12,11 @@
 //!    peers, request size and running calls (`server/connection.rs`), and
 //!    drains calls on shutdown. Refused peers are answered at accept by a
 //!    minimal connection that reads nothing (`server/refuse.rs`); request
-//!    bytes and call slots are admitted in `server/admission.rs`.
+//!    bytes are charged to their connection in `server/admission.rs`.
+//!    `server/connection.rs` also pauses accepting while evicted sockets are
+//!    still closing and warns once per connection about a malformed-header
+//!    reset (a client without the authority option). The server serves gRPC
+//!    reflection beside the KMS service, under the same limits.
 //! 2. [`service`] implements `v2.KeyManagementService`: it turns the protobuf
 //!    request into domain types, calls the current [`keyring::Keyring`]
 //!    snapshot, and maps every error to a gRPC status in one place.
@@ -30,7 +34,8 @@
 //! and self-checks; the admin commands change the keyring through
 //! [`keyring::ops`] under a lock and record each change in [`audit`].
 //! [`keyring`] also checks who may change the keyring's file and directories
-//! (`keyring/access.rs`, OpenSSH StrictModes) and remembers the keyring each
+//! (`keyring/access.rs`, OpenSSH StrictModes, every link of a chain), opens
+//! only regular files (`keyring::store::open_regular`) and remembers the keyring each
 //! node served (`keyring/served.rs`). The PKCS#11 backend checks every token
 //! object it trusts and authenticates its metadata (`backend/pkcs11/objects.rs`;
 //! `backend/pkcs11/upgrade.rs` adopts older tokens).
@@ -45,7 +50,9 @@
 //! off core dumps before any key is read.
 //!
 //! Around it: [`config`] (flags, `KEKD_*` environment, TOML file), [`cli`]
-//! (the `kekd serve` and `kekd admin …` commands), [`client`] (a UDS client
+//! (the `kekd serve` and `kekd admin …` commands; `cli/admin/encryption_config`
+//! reads kube-apiserver's EncryptionConfiguration and, in `endpoint.rs`,
+//! parses a kms `endpoint` exactly as the apiserver does), [`client`] (a UDS client
 //! for `kekd admin probe` and tests), [`secret`] (zeroizing, redacted types
 //! for KEKs and plaintexts; KEKs and the PIN in locked pages left out of core
 //! dumps) and [`telemetry`] (the one place logging is set up).

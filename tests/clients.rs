@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 
 use common::{Process, create_keyring, json_of, spawn_serve, tempdir};
@@ -27,17 +27,7 @@ fn tool(test: &str, found: Option<PathBuf>, install: &str) -> Option<PathBuf> {
 
 /// `$KEKD_GRPCURL`, `grpcurl` on PATH, or `go install`'s `~/go/bin/grpcurl`.
 fn grpcurl(test: &str) -> Option<PathBuf> {
-    let found = std::env::var_os("KEKD_GRPCURL")
-        .map(PathBuf::from)
-        .or_else(|| {
-            std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
-                .map(|d| d.join("grpcurl"))
-                .find(|p| p.is_file())
-        })
-        .or_else(|| {
-            let p = Path::new(&std::env::var_os("HOME")?).join("go/bin/grpcurl");
-            p.is_file().then_some(p)
-        });
+    let found = common::grpcurl_path();
     tool(
         test,
         found,

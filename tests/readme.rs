@@ -663,17 +663,7 @@ async fn node_init_refuses_a_second_time_and_serve_answers() {
 /// `$KEKD_GRPCURL`, `grpcurl` on PATH, or `go install`'s `~/go/bin/grpcurl`;
 /// `None` after a skip (a failure under `KEKD_REQUIRE_ALL=1`).
 fn grpcurl() -> Option<PathBuf> {
-    let found = std::env::var_os("KEKD_GRPCURL")
-        .map(PathBuf::from)
-        .or_else(|| {
-            std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
-                .map(|d| d.join("grpcurl"))
-                .find(|p| p.is_file())
-        })
-        .or_else(|| {
-            let p = Path::new(&std::env::var_os("HOME")?).join("go/bin/grpcurl");
-            p.is_file().then_some(p)
-        });
+    let found = common::grpcurl_path();
     if found.is_none() {
         common::skip::skip(
             "needs grpcurl: go install github.com/fullstorydev/grpcurl/cmd/grpcurl@v1.9.4",

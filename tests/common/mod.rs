@@ -645,3 +645,19 @@ pub async fn assert_every_bit_flip_refused(
         }
     }
 }
+
+/// Where grpcurl is: `$KEKD_GRPCURL`, `grpcurl` on PATH, or `go install`'s
+/// `~/go/bin/grpcurl` (`.ci/run` installs it there).
+pub fn grpcurl_path() -> Option<PathBuf> {
+    std::env::var_os("KEKD_GRPCURL")
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+                .map(|d| d.join("grpcurl"))
+                .find(|p| p.is_file())
+        })
+        .or_else(|| {
+            let p = Path::new(&std::env::var_os("HOME")?).join("go/bin/grpcurl");
+            p.is_file().then_some(p)
+        })
+}
