@@ -1,6 +1,7 @@
 //! What kube-apiserver checks on a KMS v2 plugin's answers, written from
-//! spec §2 (`../shared/spec/kms-v2.md`) and deliberately sharing no code with
-//! kekd: if kekd's own checks drift from the apiserver's, these catch it.
+//! `docs/kms-v2.md` §3 "Answers the apiserver accepts" and deliberately
+//! sharing no code with kekd: if kekd's own checks drift from the
+//! apiserver's, these catch it.
 //!
 //! Each function returns `Err` with the rule that was broken.
 
