@@ -1,5 +1,6 @@
 //! The KMS v2 API over a real Unix socket, judged by the apiserver's rules
-//! (spec §2, re-implemented in `common::apiserver`) and by exact refusals.
+//! (`docs/kms-v2.md` §3 "Answers the apiserver accepts", re-implemented in
+//! `common::apiserver`) and by exact refusals.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -518,8 +519,9 @@ async fn decrypt_refuses_annotations_kekd_never_issues() {
     }
 }
 
-/// The method paths and field numbers of spec §1, spoken by a client built
-/// from the spec rather than from kekd's `.proto`.
+/// The method paths and field numbers of `docs/kms-v2.md` §1 "The service
+/// and its messages", spoken by a client built from that table rather than
+/// from kekd's `.proto`.
 #[tokio::test]
 async fn wire_contract_matches_the_spec() {
     let server = TestServer::start().await;
@@ -563,7 +565,7 @@ async fn wire_contract_matches_the_spec() {
         .unwrap();
     check_decrypt(&seed, &dec.plaintext).unwrap();
 
-    // The spec's annotations field (4) reaches kekd: it refuses them.
+    // DecryptRequest's annotations field (4) reaches kekd: it refuses them.
     let refused: Result<wire::DecryptResponse, Status> = raw
         .unary(
             wire::DECRYPT,

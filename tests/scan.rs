@@ -257,8 +257,9 @@ openssl x509 -req -in stranger.csr -CA other-ca.crt -CAkey other-ca.key -CAcreat
 // ------------------------------------------------------------------ values
 
 /// The value kube-apiserver stores: `k8s:enc:kms:v2:<provider>:` and an
-/// EncryptedObject (spec §5), encoded field by field here so the test does
-/// not share the decoder's definition.
+/// EncryptedObject (`docs/kms-v2.md` §8 "What the apiserver stores in
+/// etcd"), encoded field by field here so the test does not share the
+/// decoder's definition.
 fn kms_value(provider: &str, key_id: &str, dek: &[u8], data_len: usize) -> Vec<u8> {
     let mut object = Vec::new();
     let mut data = vec![0u8; data_len];

@@ -1,7 +1,8 @@
-//! The KMS v2 wire contract written from spec §1 (method paths, field names
-//! and numbers), independent of kekd's `.proto`, plus a raw gRPC client that
-//! can hold a call open: it sends the request headers now and the message
-//! later, which is how the tests keep calls in flight across a shutdown.
+//! The KMS v2 wire contract written from `docs/kms-v2.md` §1 "The service and
+//! its messages" (method paths, field names and numbers), independent of
+//! kekd's `.proto`, plus a raw gRPC client that can hold a call open: it
+//! sends the request headers now and the message later, which is how the
+//! tests keep calls in flight across a shutdown.
 
 use std::collections::HashMap;
 use std::io;
