@@ -4,10 +4,10 @@
 //! `k8s:enc:<kind>:<version>:<name>:` followed by that transformer's bytes,
 //! or as the object itself (`identity`): protobuf (`k8s\0` magic), JSON, or
 //! CBOR (self-described tag `0xd9d9f7`). A KMS v2 value is
-//! `k8s:enc:kms:v2:<name>:` followed by the `EncryptedObject` protobuf of
-//! the spec's §5; when its key id has kekd's form, the key version is read
-//! both from the key id and from our envelope header in
-//! `encryptedDEKSource`.
+//! `k8s:enc:kms:v2:<name>:` followed by the `EncryptedObject` protobuf
+//! (`docs/kms-v2.md` §8 "What the apiserver stores in etcd"); when its key
+//! id has kekd's form, the key version is read both from the key id and from
+//! our envelope header in `encryptedDEKSource`.
 //!
 //! Nothing here keeps or reports a value's bytes: a value that is none of
 //! the above is described by a fixed reason, and its key is what a report
@@ -21,8 +21,8 @@ const MAX_KMS_FIELD_LEN: usize = 1024;
 /// Longest provider name or transformer kind we accept in a prefix.
 const MAX_NAME_LEN: usize = 253;
 
-/// The `EncryptedObject` of a KMS v2 value (spec §5), as the apiserver
-/// writes it. Fields not declared here are skipped by the decoder.
+/// The `EncryptedObject` of a KMS v2 value (`docs/kms-v2.md` §8), as the
+/// apiserver writes it. Fields not declared here are skipped by the decoder.
 #[derive(Clone, PartialEq, prost::Message)]
 struct EncryptedObject {
     /// Field 1: the object, sealed under a key derived from the seed.

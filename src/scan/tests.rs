@@ -8,7 +8,7 @@ const OTHER: &str = "00000000000000000000000000000001";
 
 /// A KMS v2 value as the apiserver writes it, with field 3 our envelope
 /// naming `header` (field numbers by hand: the test checks the decoder
-/// against the spec, not against itself).
+/// against the documented format, `docs/kms-v2.md` §8, not against itself).
 fn kms(provider: &str, keyring: &str, version: u32, header: u32) -> Vec<u8> {
     let key_id = format!("kekd/{keyring}/v{version}");
     let dek = Envelope::encode(KeyVersion::new(header).unwrap(), &[3; 12], &[4; 48]);
