@@ -1,4 +1,4 @@
-//! The `kekd admin` keyring commands through the binary (issue 3): guards and
+//! The `kekd admin` keyring commands through the binary: guards and
 //! idempotence with exact exit codes and messages, `--output json`, the
 //! lock, the audit log, and crash safety under `kill -9`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -2213,8 +2213,7 @@ fn retire_help_shows_the_window_as_a_value() {
 /// A chain whose middle link lies in a directory another user owns: that
 /// user could repoint it (at an old copy of the keyring, or, between the
 /// check and a read, at a file of their own). Every directory that holds a
-/// link of the chain passes the same rules as the one the keyring is named
-/// in (issue 14).
+/// link of the chain passes the same rules as the one the keyring is named in.
 #[test]
 fn serve_and_doctor_refuse_a_link_chain_through_a_directory_another_user_owns() {
     if !can_switch_users(
@@ -2499,7 +2498,7 @@ fn a_fifo_planted_beside_the_keyring_never_blocks_kekd() {
 
 /// `list` run by the keyring's owner on a usage file it cannot read (root's
 /// 0600 file): the counts are missing, and `list` says why instead of "no
-/// kekd has recorded usage" (issue 14).
+/// kekd has recorded usage".
 #[test]
 fn list_says_why_it_cannot_read_the_usage_file() {
     if !can_switch_users("list_says_why_it_cannot_read_the_usage_file") {

@@ -1,5 +1,5 @@
-//! `kekd admin backup` and `kekd admin restore-backup` through the binary
-//! (issue 7): a backup taken, the keyring deleted, restored → every old
+//! `kekd admin backup` and `kekd admin restore-backup` through the binary:
+//! a backup taken, the keyring deleted, restored → every old
 //! ciphertext decrypts; a wrong passphrase and a truncated or garbled backup
 //! are refused and write nothing; an older backup never replaces a keyring
 //! with more versions; `--out` is never clobbered; the passphrase comes from

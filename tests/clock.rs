@@ -1,4 +1,4 @@
-//! Clock jumps (issue 9): `kekd serve` and the admin commands under a wall
+//! Clock jumps: `kekd serve` and the admin commands under a wall
 //! clock 400 days ahead or behind, through libfaketime (`apt-get install
 //! faketime`), and a jump while serving through a changeable offset.
 //!

@@ -1,4 +1,4 @@
-//! The files in `deploy/` (issue 7), checked as an operator would use them:
+//! The files in `deploy/`, checked as an operator would use them:
 //! every YAML parses (yaml-rust2, no serde) and says what the runbook
 //! promises; the static pod, the kubeadm snippet, the EncryptionConfiguration,
 //! the example configs and the systemd unit agree on the socket, the keyring

@@ -1,4 +1,4 @@
-//! Filesystem faults, crashes and corrupt files (issue 9), against real
+//! Filesystem faults, crashes and corrupt files, against real
 //! `kekd` processes while a real `kekd serve` keeps serving:
 //!
 //! - **Disk full**: the keyring on a tiny tmpfs filled to the last block;

@@ -1,5 +1,5 @@
-//! Hostile clients against a real `kekd serve` process on its Unix socket
-//! (issue 9): oversized and malformed gRPC messages, malformed HTTP/2,
+//! Hostile clients against a real `kekd serve` process on its Unix socket:
+//! oversized and malformed gRPC messages, malformed HTTP/2,
 //! thousands of idle connections, kekd at a small file-descriptor limit,
 //! a client holding streams open, and a request flood.
 //!
@@ -49,9 +49,10 @@ const CONNECTION_REQUEST_BYTES: usize = 256 << 10;
 /// 64 KiB buffers).
 const RSS_BOUND_KIB: u64 = 192 * 1024;
 
-/// The Status deadline the apiserver-like prober uses: the one the issue
-/// sets for a client during a flood. The apiserver's own KMS call timeout is
-/// seconds (EncryptionConfiguration `timeout`, 3 s by default). A Status
+/// The Status deadline the apiserver-like prober uses: 1 s, the answer time
+/// kekd promises a client during a flood (`docs/security.md`, hostile
+/// clients). The apiserver's own KMS call timeout is seconds
+/// (EncryptionConfiguration `timeout`, 3 s by default). A Status
 /// starved behind calls, evicted or refused misses it by far; what a loaded
 /// host's scheduler adds does not (on this 2-CPU host the slowest probe
 /// under the flood is 15-130 ms depending on what else runs, so a tighter

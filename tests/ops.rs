@@ -1,4 +1,4 @@
-//! Operating kekd (issue 7), from the outside: the ops listener
+//! Operating kekd from the outside: the ops listener
 //! (`--ops-addr`) scraped with a plain HTTP/1.1 client written here, the
 //! OpenMetrics text parsed line by line, liveness vs readiness under a broken
 //! keyring, a lost HSM and a shutdown, the rotation reminder, the server's

@@ -1,4 +1,4 @@
-//! The PKCS#11 backend on real SoftHSM2 tokens (issue 4): a fresh token per
+//! The PKCS#11 backend on real SoftHSM2 tokens: a fresh token per
 //! test (`softhsm::Token`), kekd as child processes configured through a
 //! `[backend]` table, and the token inspected from outside with
 //! `pkcs11-tool`.

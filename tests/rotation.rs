@@ -1,4 +1,4 @@
-//! Rotation while serving (issue 3): calls under a rotating keyring, keyring
+//! Rotation while serving: calls under a rotating keyring, keyring
 //! files that must be refused by a running server and recovery from them,
 //! the retire guard fed by real usage, and key ids never reused.
 //!

@@ -787,12 +787,12 @@ async fn retire_with_scan_refuses_a_version_still_in_use() {
     );
 }
 
-/// The issue's scenario: version 2 was primary and encrypted, but never
-/// served a Decrypt (the apiserver caches the seeds it made). After the
-/// next rotation `retire 2` must not go by that zero: refused, naming the
-/// procedure that clears it; `--scan` with objects under 2 refused; a fresh
-/// scan with none allowed; `--force` allowed, stating the risk in text,
-/// JSON and audit. A version never promoted retires by its usage as before.
+/// The case this guard exists for: version 2 was primary and encrypted, but
+/// never served a Decrypt (the apiserver caches the seeds it made). After
+/// the next rotation `retire 2` must not go by that zero: refused, naming
+/// the procedure that clears it; `--scan` with objects under 2 refused; a
+/// fresh scan with none allowed; `--force` allowed, stating the risk in
+/// text, JSON and audit. A version never promoted retires by its usage as before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_version_that_encrypted_is_retired_only_on_a_scan_or_by_force() {
     let Some(bin) = etcd_binary() else { return };
@@ -1397,7 +1397,7 @@ async fn foreign_strings_from_etcd_are_printed_escaped() {
 
 /// A FIFO named as a TLS file (`--cacert`, `--cert`, `--key`) is refused at
 /// once, by flag and path, before any connection: a plain read would wait
-/// for a writer forever (issue 14). No etcd is needed to reach the read.
+/// for a writer forever. No etcd is needed to reach the read.
 #[test]
 fn a_fifo_named_as_a_tls_file_is_refused_without_blocking() {
     let dir = tempfile::tempdir().unwrap();

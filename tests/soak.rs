@@ -1,4 +1,4 @@
-//! The soak (issue 9; `docs/soak.md`): `kekd serve` on a fresh SoftHSM2
+//! The soak (`docs/soak.md`): `kekd serve` on a fresh SoftHSM2
 //! token for `KEKD_SOAK_SECS` seconds (default 600), 64 concurrent
 //! Encrypt+Decrypt round trips on one connection as the apiserver keeps one,
 //! a `kekd admin rotate --promote` every 15 s, and the token taken away from

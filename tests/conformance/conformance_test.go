@@ -11,8 +11,9 @@ import (
 	kmstypes "k8s.io/apiserver/pkg/storage/value/encrypt/envelope/kmsv2/v2"
 )
 
-// scenarios are the numbered points of issue 5; each runs against every
-// backend with a kekd (and keyring or token) of its own.
+// scenarios are the conformance scenarios, numbered as in the comment above
+// each function below; each runs against every backend with a kekd (and
+// keyring or token) of its own.
 var scenarios = []struct {
 	name string
 	run  func(t *testing.T, k *kekd)
@@ -27,7 +28,8 @@ var scenarios = []struct {
 // TestKMSv2Conformance drives a real `kekd serve` only through the
 // kube-apiserver's own code (k8s.io/apiserver: the EncryptionConfiguration
 // loader, the KMS v2 gRPC client, health probe and envelope transformer),
-// for every backend (point 6 of issue 5: the pkcs11 backend on SoftHSM2).
+// for every backend: the local keyring, and the pkcs11 backend on a SoftHSM2
+// token.
 func TestKMSv2Conformance(t *testing.T) {
 	requireKekd(t)
 	for _, b := range backends {
