@@ -499,7 +499,7 @@ fn names(dir: &Path) -> Vec<String> {
 /// Whoever owns a directory on a symlinked keyring's resolved path swaps it
 /// for a link (to a directory of root's, where a file of the same name
 /// waits) after `replace` checked the target: the write still lands in the
-/// directory that was checked, never through the new link (issue 14).
+/// directory that was checked, never through the new link.
 #[test]
 fn replace_through_a_link_writes_in_the_directory_it_checked_even_if_its_path_is_swapped() {
     let dir = tempfile::tempdir().unwrap();
