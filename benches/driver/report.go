@@ -166,7 +166,8 @@ func (r Report) find(role, backend string) *ServerReport {
 	return nil
 }
 
-// targets compares the servers as issue #8 asks (goals, not assertions).
+// targets compares the servers against the benchmark's goals, the targets
+// table of docs/benchmarks.md (goals, not assertions).
 func targets(r Report) []target {
 	var out []target
 	kekd, goref := r.find("kekd", "local"), r.find("goref", "local")
