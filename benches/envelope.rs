@@ -13,7 +13,8 @@ use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_m
 use kekd::backend::KeyHandle;
 use kekd::backend::local::LocalKey;
 use kekd::envelope::Envelope;
-use kekd::keyring::{KeyId, KeyState, KeyVersion, Keyring, KeyringId, Timestamp, VersionInfo};
+use kekd::id::{KeyId, KeyVersion, KeyringId, Timestamp};
+use kekd::keyring::{KeyState, Keyring, VersionInfo};
 use kekd::secret::{Kek, Plaintext};
 
 /// A keyring of `n` versions: version 1 primary, the others pending (as
@@ -29,7 +30,7 @@ fn keyring(n: u32) -> Keyring {
             };
             let info =
                 VersionInfo::new(KeyVersion::new(v).unwrap(), state, Timestamp::from_unix(0));
-            let key = KeyHandle::Local(Box::new(LocalKey::new(&Kek::generate().unwrap())));
+            let key: Box<dyn KeyHandle> = Box::new(LocalKey::new(&Kek::generate().unwrap()));
             (info, Some(key))
         })
         .collect();

@@ -9,9 +9,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use crate::keyring::ops::Transition;
-use crate::keyring::store;
-use crate::keyring::{KeyId, KeyringId, Timestamp};
+use crate::id::{KeyId, KeyringId, Timestamp};
+use crate::keyring::lifecycle::Transition;
 
 /// The version of the admin record format (`format` in each line). Lines
 /// without it are format 1, whose `user` could come from `$SUDO_USER`.
@@ -99,7 +98,7 @@ impl AuditRecord {
 
 /// The audit log of the keyring at `keyring`.
 pub fn audit_path(keyring: &Path) -> PathBuf {
-    store::sibling(keyring, ".audit.jsonl")
+    crate::file::sibling(keyring, ".audit.jsonl")
 }
 
 /// Appends `records` to the keyring's audit log and fsyncs it.
@@ -147,7 +146,7 @@ fn open_log(path: &Path, owner_of: Option<&Path>) -> io::Result<std::fs::File> {
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
             let f = OpenOptions::new()
                 .append(true)
-                .custom_flags(store::no_follow())
+                .custom_flags(crate::file::no_follow())
                 .open(path)
                 .map_err(
                     |e| match e.raw_os_error().map(rustix::io::Errno::from_raw_os_error) {
@@ -156,15 +155,16 @@ fn open_log(path: &Path, owner_of: Option<&Path>) -> io::Result<std::fs::File> {
                         // write without blocking fails so.
                         Some(rustix::io::Errno::NXIO) => planted(
                             path,
-                            std::fs::symlink_metadata(path)
-                                .map_or("not a regular file", |m| store::kind_of(m.file_type())),
+                            std::fs::symlink_metadata(path).map_or("not a regular file", |m| {
+                                crate::file::kind_of(m.file_type())
+                            }),
                         ),
                         _ => e,
                     },
                 )?;
             let meta = f.metadata()?;
             if !meta.is_file() {
-                return Err(planted(path, store::kind_of(meta.file_type())));
+                return Err(planted(path, crate::file::kind_of(meta.file_type())));
             }
             if meta.nlink() != 1 {
                 return Err(planted(path, "a hard link to another file"));
@@ -176,7 +176,7 @@ fn open_log(path: &Path, owner_of: Option<&Path>) -> io::Result<std::fs::File> {
 }
 
 fn planted(path: &Path, what: &'static str) -> io::Error {
-    io::Error::other(store::StoreError::Planted {
+    io::Error::other(crate::file::Planted {
         path: path.to_owned(),
         what,
     })

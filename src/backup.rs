@@ -40,9 +40,11 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use zeroize::Zeroizing;
 
-use crate::keyring::ops::{SuccessorError, Transition, check_successor};
-use crate::keyring::store::{self, KeyringFile, Material, ParseError, StoreError};
-use crate::keyring::{KeyState, KeyVersion, KeyringId, Timestamp};
+use crate::file::WriteError;
+use crate::id::{KeyVersion, KeyringId, Timestamp};
+use crate::keyring::KeyState;
+use crate::keyring::lifecycle::{SuccessorError, Transition, check_successor};
+use crate::keyring::store::{KeyringFile, Material, ParseError};
 use crate::secret::{RandomError, fill_random};
 
 /// The first line of every format-1 backup.
@@ -334,7 +336,7 @@ impl Backup {
             .strip_prefix("created ")
             .ok_or_else(|| FormatError::line(n, "must be `created <time>`"))?
             .parse::<Timestamp>()
-            .map_err(|()| {
+            .map_err(|_| {
                 FormatError::field(n, "created", "must be a UTC time like 2026-01-31T23:59:59Z")
             })?;
         let (n, line) = lines.next("`versions <version>:<state> …`")?;
@@ -394,18 +396,19 @@ pub fn read(path: &Path) -> Result<Backup, BackupError> {
     };
     // A regular file only: a FIFO (planted at `--out`, or named by
     // mistake) would block the command forever.
-    let (file, _) = store::open_regular(path, store::Links::Follow).map_err(|e| match e {
-        store::OpenError::NotFound { .. } => BackupError::NotFound {
-            path: path.to_owned(),
-        },
-        store::OpenError::NotRegular { what, .. } => BackupError::NotAFile {
-            path: path.to_owned(),
-            what,
-        },
-        store::OpenError::Io { source, .. } => io("open")(source),
-        // Links are followed here; kept total all the same.
-        e @ store::OpenError::Symlink { .. } => io("open")(io::Error::other(e)),
-    })?;
+    let (file, _) =
+        crate::file::open_regular(path, crate::file::Links::Follow).map_err(|e| match e {
+            crate::file::OpenError::NotFound { .. } => BackupError::NotFound {
+                path: path.to_owned(),
+            },
+            crate::file::OpenError::NotRegular { what, .. } => BackupError::NotAFile {
+                path: path.to_owned(),
+                what,
+            },
+            crate::file::OpenError::Io { source, .. } => io("open")(source),
+            // Links are followed here; kept total all the same.
+            e @ crate::file::OpenError::Symlink { .. } => io("open")(io::Error::other(e)),
+        })?;
     let mut bytes = Vec::new();
     file.take(MAX_BACKUP_LEN + 1)
         .read_to_end(&mut bytes)
@@ -441,24 +444,28 @@ pub enum Overwrite {
 pub fn write(path: &Path, backup: &Backup, overwrite: Overwrite) -> Result<(), BackupError> {
     let text = backup.encode();
     match overwrite {
-        Overwrite::Never => store::write_file_new(path, text.as_bytes()),
-        Overwrite::Replace => store::write_file_atomic(path, text.as_bytes()),
+        Overwrite::Never => crate::file::write_file_new(path, text.as_bytes()),
+        Overwrite::Replace => crate::file::write_file_atomic(path, text.as_bytes()),
     }
     .map_err(|e| match e {
-        StoreError::AlreadyExists { .. } => BackupError::Exists {
+        WriteError::AlreadyExists { .. } => BackupError::Exists {
             path: path.to_owned(),
         },
-        StoreError::Io { op, source, .. } => BackupError::Io {
+        WriteError::Io { op, source, .. } => BackupError::Io {
             path: path.to_owned(),
             op,
             source,
         },
-        StoreError::Random(e) => BackupError::Random(e),
-        // write_durable reports nothing else; keep the message if it ever does.
-        other => BackupError::Io {
+        WriteError::Random(e) => BackupError::Random(e),
+        // Replacing a backup the caller cannot give the old owner, a
+        // directory fsync that failed after the rename: the message says
+        // what happened and what to do.
+        e @ (WriteError::NotDurable { .. }
+        | WriteError::Moved { .. }
+        | WriteError::WrongOwner { .. }) => BackupError::Io {
             path: path.to_owned(),
             op: "write",
-            source: io::Error::other(other.to_string()),
+            source: io::Error::other(e.to_string()),
         },
     })
 }
@@ -488,7 +495,7 @@ pub fn plan_restore(
     restored: &KeyringFile,
 ) -> Result<RestorePlan, BackupError> {
     let Some(current) = current else {
-        return Ok(RestorePlan::Create(crate::keyring::ops::transitions(
+        return Ok(RestorePlan::Create(crate::keyring::lifecycle::transitions(
             None, restored,
         )));
     };
@@ -521,10 +528,9 @@ pub fn plan_restore(
     if *current.encode() == *restored.encode() {
         return Ok(RestorePlan::Unchanged);
     }
-    Ok(RestorePlan::Replace(crate::keyring::ops::transitions(
-        Some(current),
-        restored,
-    )))
+    Ok(RestorePlan::Replace(
+        crate::keyring::lifecycle::transitions(Some(current), restored),
+    ))
 }
 
 /// Every version's number and state.
@@ -615,7 +621,7 @@ fn parse_versions(n: usize, line: &str) -> Result<Vec<(KeyVersion, KeyState)>, F
         };
         let (v, s) = word.split_once(':').ok_or_else(bad)?;
         let version = number(v).and_then(KeyVersion::new).ok_or_else(bad)?;
-        let state = s.parse::<KeyState>().map_err(|()| bad())?;
+        let state = s.parse::<KeyState>().map_err(|_| bad())?;
         if versions.last().is_some_and(|(last, _)| *last >= version) {
             return Err(FormatError::field(
                 n,

@@ -1,9 +1,8 @@
 //! The command line: `kekd serve` and `kekd admin …`.
 //!
 //! Each subcommand group has its own file with its `Args` and a `run()`.
-//! Errors leave here as [`CliError`], carrying the process exit code:
-//! 0 ok, 1 runtime failure, 64 usage, 75 keyring locked (admin), 78
-//! configuration or keyring problem. A usage error of a command line that
+//! Errors leave here as [`CliError`], carrying the process exit code
+//! ([`crate::exit`] lists them). A usage error of a command line that
 //! asks for `--output json` is also reported as one JSON document on stdout.
 
 pub mod admin;
@@ -72,11 +71,6 @@ pub struct CliError {
 }
 
 impl CliError {
-    /// Exit code for a configuration or keyring problem (EX_CONFIG).
-    pub const CONFIG: u8 = 78;
-    /// Exit code for a runtime failure.
-    pub const RUNTIME: u8 = 1;
-
     /// A failure with exit code `code`.
     pub fn new(code: u8, e: impl std::fmt::Display) -> Self {
         Self {
@@ -88,15 +82,22 @@ impl CliError {
 
     /// A configuration or keyring problem.
     pub fn config(e: impl std::fmt::Display) -> Self {
-        Self::new(Self::CONFIG, e)
+        Self::new(crate::exit::CONFIG, e)
     }
 
-    /// Exit code when another admin command holds the keyring lock (EX_TEMPFAIL).
-    pub const LOCKED: u8 = 75;
+    /// A backend error: its exit code by kind, its message, and the
+    /// backend's fix (if it knows one) on a second line.
+    pub fn backend(e: &crate::kek::BackendError) -> Self {
+        let message = match e.fix() {
+            Some(fix) => format!("{e}\n{fix}"),
+            None => e.to_string(),
+        };
+        Self::new(crate::exit::of_kind(e.kind()), message)
+    }
 
     /// A runtime failure.
     pub fn runtime(e: impl std::fmt::Display) -> Self {
-        Self::new(Self::RUNTIME, e)
+        Self::new(crate::exit::RUNTIME, e)
     }
 }
 

@@ -16,7 +16,7 @@
 //! [`Envelope::parse`] is total: every byte string either parses into exactly
 //! one envelope or yields a [`EnvelopeError`]; it never panics.
 
-use crate::keyring::{KeyVersion, KeyringId};
+use crate::id::{KeyVersion, KeyringId};
 
 /// The only format byte this release writes and reads.
 pub const FORMAT_V1: u8 = 0x01;

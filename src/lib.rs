@@ -21,22 +21,27 @@
 //!    request into domain types, calls the current [`keyring::Keyring`]
 //!    snapshot, and maps every error to a gRPC status in one place.
 //! 3. [`keyring`] holds KEK versions, their states and the primary, derives
-//!    the public key id, and seals or opens an [`envelope`] (our versioned,
-//!    authenticated ciphertext format) with the version's [`backend::KeyHandle`].
-//! 4. [`backend`] is where KEKs live: [`backend::local`] reads them from a
-//!    keyring file ([`keyring::store`]: strict parser, atomic durable writes);
+//!    the public key id ([`id`]), and seals or opens an [`envelope`] (our
+//!    versioned, authenticated ciphertext format) with the version's
+//!    [`kek::KeyHandle`].
+//! 4. [`backend`] is where KEKs live, behind the traits in [`backend`] and
+//!    [`kek`] and the backend-neutral [`kek::ErrorKind`]; [`backend::open`]
+//!    is the one constructor. [`backend::local`] reads KEKs from a keyring
+//!    file ([`keyring::store`]: strict parser; writes through [`file`]);
 //!    [`backend::pkcs11`] keeps them in an HSM token, with the keyring's
 //!    metadata in the token too, reached through a bounded session pool.
+//!    docs/design.md §6a says what a new backend implements;
+//!    `tests/module_graph.rs` keeps the module graph one way.
 //!
 //! What is served lives in [`state`]: the current snapshot behind an atomic
 //! pointer, its health, and [`usage`] counters per key version. [`reload`]
 //! watches the keyring and swaps in a changed one only after it validates
 //! and self-checks; the admin commands change the keyring through
-//! [`keyring::ops`] under a lock and record each change in [`audit`].
+//! [`keyring::lifecycle`] under a lock and record each change in [`audit`].
 //! [`keyring`] also checks who may change the keyring's file and directories
 //! (`keyring/access.rs`, OpenSSH StrictModes, every link of a chain), opens
-//! only regular files (`keyring::store::open_regular`) and remembers the keyring each
-//! node served (`keyring/served.rs`). The PKCS#11 backend checks every token
+//! [`file`] opens only regular files and writes atomically and durably;
+//! [`backend::served`] remembers the keyring each node served. The PKCS#11 backend checks every token
 //! object it trusts and authenticates its metadata (`backend/pkcs11/objects.rs`;
 //! `backend/pkcs11/upgrade.rs` adopts older tokens).
 //! [`backup`] seals a local keyring under a passphrase (argon2id,
@@ -48,6 +53,8 @@
 //! Operators see it through [`ops`] (the `/metrics`, `/livez`, `/readyz`
 //! listener) with [`metrics`], and through the audit log. [`hardening`] turns
 //! off core dumps before any key is read.
+//!
+//! Exit codes and their mapping from error kinds are in [`exit`].
 //!
 //! Around it: [`config`] (flags, `KEKD_*` environment, TOML file), [`cli`]
 //! (the `kekd serve` and `kekd admin …` commands; `cli/admin/encryption_config`
@@ -67,7 +74,11 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod envelope;
+pub mod exit;
+pub mod file;
 pub mod hardening;
+pub mod id;
+pub mod kek;
 pub mod keyring;
 pub mod metrics;
 pub mod ops;

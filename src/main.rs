@@ -6,9 +6,6 @@ use std::process::ExitCode;
 use clap::Parser as _;
 use clap::error::ErrorKind;
 
-/// Exit code for a command-line usage error (EX_USAGE).
-const EXIT_USAGE: u8 = 64;
-
 fn main() -> ExitCode {
     // Each command sets up logging, then hardens the process
     // (`kekd::hardening::harden_process`) before it reads any key or PIN,
@@ -24,10 +21,10 @@ fn main() -> ExitCode {
                     if kekd::cli::wants_json(std::env::args_os()) {
                         kekd::cli::print_json_line(&kekd::cli::usage_error_json(
                             &e.render().to_string(),
-                            EXIT_USAGE,
+                            kekd::exit::USAGE,
                         ));
                     }
-                    ExitCode::from(EXIT_USAGE)
+                    ExitCode::from(kekd::exit::USAGE)
                 }
             };
         }

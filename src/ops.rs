@@ -28,6 +28,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::{AbortHandle, JoinSet};
 use tracing::{debug, info, warn};
 
+use crate::config::OpsLimits;
 use crate::state::ServingState;
 
 /// Whether the KMS socket is bound and accepting.
@@ -61,22 +62,6 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     Ok(listener)
 }
 
-/// Default cap on ops connections open at once.
-pub const DEFAULT_MAX_CONNECTIONS: usize = 32;
-/// The largest cap `--ops-max-connections` accepts: half of the descriptors
-/// the KMS socket's connection limit leaves free
-/// ([`RESERVED_FDS`](crate::server::connection::RESERVED_FDS)), so the ops
-/// listener can never take the descriptors kekd needs for its own files.
-pub const MAX_MAX_CONNECTIONS: usize = 64;
-const _: () = assert!(
-    (MAX_MAX_CONNECTIONS as u64) * 2 <= crate::server::connection::RESERVED_FDS
-        && DEFAULT_MAX_CONNECTIONS <= MAX_MAX_CONNECTIONS
-);
-/// Default time a client gets to send a request's headers; it also bounds
-/// how long a kept-alive connection may sit idle between requests.
-pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
-/// Default longest life of one ops connection, however busy.
-pub const DEFAULT_CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
 /// At most one "accept failed" log line per this period; the rest are
 /// counted (`kekd_ops_accept_errors_total`) and summarised in the next line.
 pub const ACCEPT_ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
@@ -86,35 +71,6 @@ const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// Largest request head (request line and headers) an ops client may send.
 const MAX_REQUEST_HEAD: usize = 16 * 1024;
-
-/// How many connections the ops listener holds and for how long.
-///
-/// The listener is for a kubelet probe and a Prometheus scrape, never for
-/// load: it holds at most `max_connections` (plus, for an instant, the one
-/// just accepted), so its descriptors stay well inside the reserve the KMS
-/// socket's connection limit keeps free.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct OpsLimits {
-    /// Connections held at once; at the cap, a new connection closes the
-    /// oldest idle one, or the oldest when none is idle (so a probe always
-    /// gets through a flood of idle ones, and one in progress completes).
-    pub max_connections: usize,
-    /// Time to send a request's headers, and most idle time between
-    /// requests on a kept-alive connection.
-    pub header_timeout: Duration,
-    /// Longest life of one connection.
-    pub connection_lifetime: Duration,
-}
-
-impl Default for OpsLimits {
-    fn default() -> Self {
-        Self {
-            max_connections: DEFAULT_MAX_CONNECTIONS,
-            header_timeout: DEFAULT_HEADER_TIMEOUT,
-            connection_lifetime: DEFAULT_CONNECTION_LIFETIME,
-        }
-    }
-}
 
 /// Serves the ops endpoints until `shutdown` completes, within `limits`.
 ///

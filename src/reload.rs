@@ -8,7 +8,7 @@
 //! then is it swapped in, whole. Anything wrong leaves the last good snapshot
 //! serving, is logged once and recorded for `kekd admin list`, and the next
 //! good version is picked up by itself. A keyring swapped in is recorded as
-//! served ([`crate::keyring::served`]), so a restart never goes back below it.
+//! served ([`crate::backend::served`]), so a restart never goes back below it.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -17,11 +17,10 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
 
-use crate::backend::pkcs11::Pkcs11Error;
-use crate::backend::{Backend, BackendError};
-use crate::keyring::Timestamp;
-use crate::keyring::ops::check_successor;
-use crate::keyring::served::{Served, note_served};
+use crate::backend::served::{Served, note_served};
+use crate::backend::{Backend, ErrorKind};
+use crate::id::Timestamp;
+use crate::keyring::lifecycle::check_successor;
 use crate::state::{Event, ServingState, Snapshot};
 use crate::usage::ReloadProblem;
 
@@ -70,35 +69,32 @@ pub async fn try_reload(state: &Arc<ServingState>, backend: &Arc<dyn Backend>) -
     .await;
     let keyring = match loaded {
         Ok(Ok(k)) => k,
-        // The token is unreachable: an outage, not a bad keyring. The
+        // The key store is unreachable: an outage, not a bad keyring. The
         // self-check and the calls report it; keep the snapshot and say
         // nothing here, or every poll would log a "refused" keyring.
-        Ok(Err(BackendError::Pkcs11(
-            e @ (Pkcs11Error::Unavailable { .. } | Pkcs11Error::NoToken { .. }),
-        ))) => {
-            debug!(error = %e, "keyring not re-read: the token is unavailable");
+        Ok(Err(e)) if matches!(e.kind(), ErrorKind::Unavailable | ErrorKind::StoreMissing) => {
+            debug!(error = %e, "keyring not re-read: the key store is unavailable");
             return false;
         }
-        // A token that comes back half-way (SoftHSM rescanning) may briefly
-        // show no keyring; while the self-check fails, that is the outage too.
-        Ok(Err(BackendError::Pkcs11(e @ Pkcs11Error::NoKeyring { .. })))
-            if !state.current().is_healthy() =>
-        {
-            debug!(error = %e, "keyring not re-read during a token outage");
+        // A key store that comes back half-way (SoftHSM rescanning) may
+        // briefly show no keyring; while the self-check fails, that is the
+        // outage too.
+        Ok(Err(e)) if e.kind() == ErrorKind::NoKeyring && !state.current().is_healthy() => {
+            debug!(error = %e, "keyring not re-read during a key store outage");
             return false;
         }
-        // Served from this token a moment ago, gone now: the token vanished
-        // (an outage that has not failed the self-check yet) or someone
-        // deleted kekd's metadata objects. Keep serving, and never suggest
+        // Served from this key store a moment ago, gone now: the store
+        // vanished (an outage that has not failed the self-check yet) or
+        // someone deleted the keyring. Keep serving, and never suggest
         // `admin init` here: a new keyring would orphan every ciphertext.
-        Ok(Err(BackendError::Pkcs11(Pkcs11Error::NoKeyring { .. }))) => {
+        Ok(Err(e)) if e.kind() == ErrorKind::NoKeyring => {
             return refuse(
                 state,
                 format!(
-                    "{}: the token shows no kekd keyring any more (a token outage, or its \
-                     metadata objects were deleted); still serving the last good keyring — \
-                     bring the token back or restore its objects, and do not run `kekd admin init`",
-                    backend.describe()
+                    "{e}; still serving the last good keyring: this node served it a moment ago, so bring \
+                     the key store back or restore the keyring ({}) rather than create a new one \
+                     (`kekd admin init` would orphan every ciphertext)",
+                    backend.describe(),
                 ),
             )
             .await;

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::keyring::{KeyId, KeyVersion, KeyringId, Timestamp};
+use crate::id::{KeyId, KeyVersion, KeyringId, Timestamp};
 use decode::{Stored, classify, escape, printable, resource_of};
 
 /// The first field of every scan document; a later format gets a new one.

@@ -21,8 +21,8 @@ use tracing::{error, info, warn};
 
 use crate::backend::{Backend, BackendError};
 use crate::config::{ServeConfig, SocketConfig};
+use crate::id::{KeyVersion, Timestamp};
 use crate::keyring::KeyringError;
-use crate::keyring::{KeyVersion, Timestamp};
 use crate::metrics::Metrics;
 use crate::ops::{self, Readiness};
 use crate::reload;
@@ -35,7 +35,8 @@ mod admission;
 pub mod connection;
 mod refuse;
 
-use connection::{Admission, Connection, Peer, Registry};
+use crate::service::Peer;
+use connection::{Admission, Connection, Registry};
 
 /// How often changed usage counters are written to disk.
 pub const USAGE_FLUSH_INTERVAL: Duration = Duration::from_secs(5);
@@ -208,10 +209,7 @@ impl Server {
             config.max_request_bytes,
             limits.request_read_timeout,
         );
-        let hsm_sessions = match &config.backend {
-            crate::config::BackendConfig::Pkcs11(s) => s.pool_size,
-            crate::config::BackendConfig::Local { .. } => 0,
-        };
+        let hsm_sessions = config.backend.blocking_threads();
         let running = connection::running_limit(config.max_concurrency, hsm_sessions);
         info!(
             running,
@@ -358,7 +356,7 @@ async fn accept_loop(
     listener: UnixListener,
     tx: mpsc::Sender<io::Result<Connection>>,
     registry: Arc<Registry>,
-    peers: crate::service::PeerPolicy,
+    peers: crate::config::PeerPolicy,
     preface_timeout: Duration,
 ) {
     let refused_slots = Arc::new(Semaphore::new(connection::MAX_REFUSED_CONNECTIONS));
@@ -876,8 +874,12 @@ impl ServerError {
     /// in the setup, 1 for runtime failures.
     pub fn exit_code(&self) -> u8 {
         match self {
-            Self::Keyring(_) | Self::SelfCheck(_) | Self::Socket(_) | Self::Ops { .. } => 78,
-            Self::Transport(_) | Self::Task(_) => 1,
+            // A keyring that cannot be served at start is for the operator
+            // to fix, whatever the kind: kekd never starts without one.
+            Self::Keyring(_) | Self::SelfCheck(_) | Self::Socket(_) | Self::Ops { .. } => {
+                crate::exit::CONFIG
+            }
+            Self::Transport(_) | Self::Task(_) => crate::exit::RUNTIME,
         }
     }
 }

@@ -14,14 +14,14 @@ use std::time::Instant;
 use tonic::{Request, Response, Status};
 use tracing::{Instrument, debug, debug_span, error, info_span, warn};
 
-use crate::backend::BackendError;
-use crate::backend::pkcs11::Pkcs11Error;
-use crate::keyring::{KeyringError, Timestamp};
+use crate::config::PeerPolicy;
+use crate::id::Timestamp;
+use crate::kek::ErrorKind;
+use crate::keyring::KeyringError;
 use crate::metrics::Method;
 use crate::pb;
 use crate::pb::key_management_service_server::{KeyManagementService, KeyManagementServiceServer};
 use crate::secret::Plaintext;
-use crate::server::connection::ConnInfo;
 use crate::state::{Event, ServingState, Snapshot};
 use crate::usage::Use;
 
@@ -39,25 +39,32 @@ pub struct KmsService {
     calls: Option<Arc<tokio::sync::Semaphore>>,
 }
 
-/// Which local users may call: by the caller's uid or gid as the kernel
-/// reports them for the socket (`SO_PEERCRED`). Empty lists allow everyone
-/// the socket's permissions let in.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct PeerPolicy {
-    /// Allowed uids.
-    pub uids: Vec<u32>,
-    /// Allowed gids (primary group of the calling process).
-    pub gids: Vec<u32>,
+/// A peer's credentials as the kernel reported them at accept. The server
+/// puts them in every request's extensions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Peer {
+    /// uid, if reported.
+    pub uid: Option<u32>,
+    /// Primary gid, if reported.
+    pub gid: Option<u32>,
+    /// pid, if reported.
+    pub pid: Option<i32>,
 }
 
-impl PeerPolicy {
-    /// Whether a caller with these credentials may call; `None` when the
-    /// kernel gave none (then only an unrestricted policy allows it).
-    pub fn allows(&self, cred: Option<(u32, u32)>) -> bool {
-        if self.uids.is_empty() && self.gids.is_empty() {
-            return true;
+impl Peer {
+    /// The peer of `stream` (`SO_PEERCRED`).
+    pub(crate) fn of(stream: &tokio::net::UnixStream) -> Self {
+        let cred = stream.peer_cred().ok();
+        Self {
+            uid: cred.map(|c| c.uid()),
+            gid: cred.map(|c| c.gid()),
+            pid: cred.and_then(|c| c.pid()),
         }
-        cred.is_some_and(|(uid, gid)| self.uids.contains(&uid) || self.gids.contains(&gid))
+    }
+
+    /// (uid, gid) when both are known.
+    pub fn ids(&self) -> Option<(u32, u32)> {
+        self.uid.zip(self.gid)
     }
 }
 
@@ -97,10 +104,7 @@ impl KmsService {
     /// is the same check where the request is served, so a service built
     /// on another transport cannot forget it.
     fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
-        let cred = request
-            .extensions()
-            .get::<ConnInfo>()
-            .and_then(|i| i.peer().ids());
+        let cred = request.extensions().get::<Peer>().and_then(Peer::ids);
         if self.peers.allows(cred) {
             return Ok(());
         }
@@ -332,10 +336,8 @@ impl KmsService {
     /// Maps a failed call; a key store outage also turns Status into an
     /// error at once, until the background self-check passes again.
     fn fail(&self, snapshot: &Snapshot, e: KeyringError, uid: &Uid) -> Status {
-        if matches!(
-            e,
-            KeyringError::Backend(BackendError::Pkcs11(Pkcs11Error::Unavailable { .. }))
-        ) && self.state.record_self_check(snapshot, Err(e.to_string()))
+        if matches!(&e, KeyringError::Backend(b) if b.kind() == ErrorKind::Unavailable)
+            && self.state.record_self_check(snapshot, Err(e.to_string()))
         {
             warn!(error = %e, "key store unavailable; Status fails until it is back");
             self.state.event(Event::HealthLost {
@@ -349,8 +351,8 @@ impl KmsService {
 fn peer_uid<T>(request: &Request<T>) -> i64 {
     request
         .extensions()
-        .get::<ConnInfo>()
-        .and_then(|i| i.peer().uid)
+        .get::<Peer>()
+        .and_then(|p| p.uid)
         .map_or(-1, i64::from)
 }
 
@@ -397,12 +399,23 @@ impl ServiceError {
                 | K::Envelope(_)
                 | K::Decrypt => tonic::Code::InvalidArgument,
                 K::Unusable { .. } => tonic::Code::FailedPrecondition,
-                K::Backend(BackendError::Pkcs11(Pkcs11Error::Unavailable { .. })) => {
-                    tonic::Code::Unavailable
-                }
-                K::SelfCheck { .. } | K::Invalid(_) | K::Random(_) | K::Backend(_) => {
-                    tonic::Code::Internal
-                }
+                K::Backend(b) => match b.kind() {
+                    ErrorKind::Unavailable => tonic::Code::Unavailable,
+                    // A backend's own Decrypt reaches here only from a seal
+                    // or a self-check: kekd's problem, not the caller's.
+                    ErrorKind::Decrypt
+                    | ErrorKind::StoreMissing
+                    | ErrorKind::NoKeyring
+                    | ErrorKind::KeyringExists
+                    | ErrorKind::Locked
+                    | ErrorKind::AuthenticationFailed
+                    | ErrorKind::Misconfigured
+                    | ErrorKind::Damaged
+                    | ErrorKind::Io
+                    | ErrorKind::NotDurable
+                    | ErrorKind::Internal => tonic::Code::Internal,
+                },
+                K::SelfCheck { .. } | K::Invalid(_) | K::Random(_) => tonic::Code::Internal,
             },
         };
         if code == tonic::Code::Internal {

@@ -12,7 +12,9 @@ use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 
-use crate::keyring::{KeyState, KeyVersion, Keyring, Timestamp};
+use crate::keyring::{KeyState, Keyring};
+
+use crate::id::{KeyVersion, Timestamp};
 use crate::metrics::Metrics;
 use crate::usage::{ReloadProblem, Serving, UsageTracker};
 
@@ -162,7 +164,7 @@ impl ServingState {
             Event::DemotedVersionUsed { version, state } => serde_json::json!({
                 "event": "demoted_version_used",
                 "version": version.get(),
-                "key_id": crate::keyring::KeyId::new(snap.keyring.id(), *version).as_str(),
+                "key_id": crate::id::KeyId::new(snap.keyring.id(), *version).as_str(),
                 "state": state.as_str(),
             }),
             Event::HealthLost { reason } => {

@@ -26,8 +26,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use serde::{Deserialize, Serialize};
 use tracing::warn;
 
-use crate::keyring::store::{self, StoreError};
-use crate::keyring::{KeyVersion, KeyringId, Timestamp};
+use crate::file::WriteError;
+use crate::id::{KeyVersion, KeyringId, Timestamp};
 
 /// What the usage file holds.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -138,7 +138,7 @@ const MAX_USAGE_FILE: u64 = 16 << 20;
 
 /// The usage file of the keyring at `keyring`.
 pub fn usage_path(keyring: &Path) -> PathBuf {
-    store::sibling(keyring, ".usage.json")
+    crate::file::sibling(keyring, ".usage.json")
 }
 
 /// Reads the usage file beside `keyring`; `None` if there is none.
@@ -150,9 +150,9 @@ pub fn read(keyring: &Path) -> Result<Option<UsageFile>, String> {
     let path = usage_path(keyring);
     // kekd writes it by rename, never as a link; a FIFO there must not
     // block `serve` or `admin list`.
-    let (file, _) = match store::open_regular(&path, store::Links::Refuse) {
+    let (file, _) = match crate::file::open_regular(&path, crate::file::Links::Refuse) {
         Ok(f) => f,
-        Err(store::OpenError::NotFound { .. }) => return Ok(None),
+        Err(crate::file::OpenError::NotFound { .. }) => return Ok(None),
         Err(e) => return Err(format!("usage file: {e}")),
     };
     let mut bytes = Vec::new();
@@ -262,7 +262,7 @@ impl UsageTracker {
     ///
     /// # Errors
     /// When the write fails; the counters stay dirty and are written next time.
-    pub fn flush(&self, now: Timestamp) -> Result<(), StoreError> {
+    pub fn flush(&self, now: Timestamp) -> Result<(), WriteError> {
         let Some(path) = &self.path else {
             return Ok(());
         };
@@ -274,7 +274,7 @@ impl UsageTracker {
         // Serializing plain data to a Vec cannot fail.
         let mut bytes = serde_json::to_vec_pretty(&file).unwrap_or_default();
         bytes.push(b'\n');
-        store::write_file_atomic(path, &bytes)
+        crate::file::write_file_atomic(path, &bytes)
             .inspect_err(|_| self.dirty.store(true, Ordering::Release))
     }
 
@@ -353,7 +353,7 @@ mod tests {
         assert_eq!(other.since_last_decrypt(v1), None);
         let mut bytes = serde_json::to_vec(&other).unwrap();
         bytes.push(b'\n');
-        store::write_file_atomic(&usage_path(&keyring), &bytes).unwrap();
+        crate::file::write_file_atomic(&usage_path(&keyring), &bytes).unwrap();
         let restarted = UsageTracker::load(Some(&keyring), &id).snapshot();
         assert_eq!(restarted.boot_id, boot_id());
         assert_eq!(restarted.versions[&1].last_decrypt_boot_ms, None);

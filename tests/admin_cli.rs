@@ -15,8 +15,9 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use tempfile::TempDir;
 
+use kekd::id::{KeyVersion, Timestamp};
+use kekd::keyring::KeyState;
 use kekd::keyring::store::{self, KeyringFile};
-use kekd::keyring::{KeyState, KeyVersion, Timestamp};
 
 use common::{
     EX_CONFIG, EX_TEMPFAIL, EX_USAGE, Finished, Process, Rng, admin, admin_async, error_message,

@@ -29,7 +29,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use kekd::keyring::Timestamp;
+use kekd::id::Timestamp;
 use kekd::keyring::store;
 
 use common::{
@@ -98,7 +98,7 @@ async fn admin_at_async(lib: &Path, spec: Option<&str>, args: &[&str], logs: &Pa
 
 /// The audit log's lines as JSON.
 fn audit_lines(keyring: &Path) -> Vec<serde_json::Value> {
-    fs::read_to_string(store::sibling(keyring, ".audit.jsonl"))
+    fs::read_to_string(kekd::file::sibling(keyring, ".audit.jsonl"))
         .unwrap_or_default()
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())

@@ -277,8 +277,8 @@ impl Node {
     /// The admin commands' lines of the audit log (the server adds its
     /// own key events to the same file whenever it reloads).
     fn audit(&self) -> Vec<u8> {
-        let text =
-            fs::read_to_string(store::sibling(&self.keyring, ".audit.jsonl")).unwrap_or_default();
+        let text = fs::read_to_string(kekd::file::sibling(&self.keyring, ".audit.jsonl"))
+            .unwrap_or_default();
         text.lines()
             .filter(|l| !l.contains(r#""source":"server""#))
             .flat_map(|l| [l.as_bytes(), b"\n"].concat())
@@ -1837,7 +1837,7 @@ fn a_full_stdout_after_the_change_is_a_warning_not_a_failure() {
         states(&file),
         [(1, KeyState::DecryptOnly), (2, KeyState::Primary)]
     );
-    let audit = fs::read_to_string(store::sibling(&ring, ".audit.jsonl")).unwrap();
+    let audit = fs::read_to_string(kekd::file::sibling(&ring, ".audit.jsonl")).unwrap();
     assert_eq!(
         audit.lines().count(),
         4,

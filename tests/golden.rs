@@ -14,8 +14,9 @@ use std::fs;
 use std::path::Path;
 
 use kekd::backend::local::keyring_from_file;
+use kekd::id::{KeyVersion, Timestamp};
 use kekd::keyring::store::{KeyringFile, Material, StoredVersion};
-use kekd::keyring::{KeyState, KeyVersion, Timestamp, VersionInfo};
+use kekd::keyring::{KeyState, VersionInfo};
 use kekd::secret::{Kek, Plaintext};
 
 const DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/golden");

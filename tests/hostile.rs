@@ -33,9 +33,8 @@ use tonic::codegen::http;
 
 use common::{Process, create_keyring, seed, spawn_serve, tempdir, uid};
 use kekd::client::Client;
-use kekd::server::connection::{
-    FLOW_CONTROL_WINDOW, MAX_CONNECTIONS, MAX_STREAMS_PER_CONNECTION, RESERVED_FDS, memory_bound,
-};
+use kekd::config::DEFAULT_MAX_STREAMS_PER_CONNECTION as MAX_STREAMS_PER_CONNECTION;
+use kekd::server::connection::{FLOW_CONTROL_WINDOW, MAX_CONNECTIONS, RESERVED_FDS, memory_bound};
 
 /// kekd's default `--max-connection-request-bytes`.
 const CONNECTION_REQUEST_BYTES: usize = 256 << 10;

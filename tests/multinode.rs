@@ -20,8 +20,8 @@ use tonic::Code;
 
 use kekd::backend::local::keyring_from_file;
 use kekd::client::Client;
+use kekd::id::{KeyVersion, Timestamp};
 use kekd::keyring::store;
-use kekd::keyring::{KeyVersion, Timestamp};
 use kekd::secret::Plaintext;
 
 use common::{

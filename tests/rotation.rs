@@ -23,8 +23,9 @@ use sha2::{Digest, Sha256};
 use tonic::{Code, Status};
 
 use kekd::client::Client;
+use kekd::id::{KeyVersion, Timestamp};
+use kekd::keyring::KeyState;
 use kekd::keyring::store::{self, KeyringFile};
-use kekd::keyring::{KeyState, KeyVersion, Timestamp};
 use kekd::secret::Kek;
 
 use common::{

@@ -667,8 +667,7 @@ async fn retire_with_scan_refuses_a_version_still_in_use() {
 
     // Stale (edited to 25 hours old), of another keyring, not a scan.
     let mut doc: Value = serde_json::from_str(&fs::read_to_string(&first).unwrap()).unwrap();
-    let old =
-        kekd::keyring::Timestamp::from_unix(kekd::keyring::Timestamp::now().unix() - 25 * 3600);
+    let old = kekd::id::Timestamp::from_unix(kekd::id::Timestamp::now().unix() - 25 * 3600);
     doc["finished_at"] = Value::String(old.to_string());
     let stale = logs.join("stale.json");
     fs::write(&stale, doc.to_string()).unwrap();

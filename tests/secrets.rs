@@ -411,7 +411,7 @@ fn debug_output_of_every_key_holding_type_is_redacted() {
     let kek = kekd::secret::Kek::from_bytes(needles.raw[0]);
     assert_eq!(format!("{kek:?}"), "Kek(<redacted>)");
     let local = kekd::backend::local::LocalKey::new(&kek);
-    let handle = kekd::backend::KeyHandle::Local(Box::new(local));
+    let handle: Box<dyn kekd::backend::KeyHandle> = Box::new(local);
     assert_eq!(format!("{handle:?}"), "KeyHandle::Local(<redacted>)");
     let pin = kekd::secret::Pin::new("123456-secret-pin".to_owned());
     assert_eq!(format!("{pin:?}"), "Pin(<redacted>)");

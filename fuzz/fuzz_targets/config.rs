@@ -16,7 +16,8 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use kekd::config::{BackendConfig, ConfigError, ServeConfig, Settings};
+use kekd::backend::BackendConfig;
+use kekd::config::{ConfigError, ServeConfig, Settings};
 use libfuzzer_sys::fuzz_target;
 
 fn pin_file() -> &'static Path {
@@ -66,7 +67,12 @@ fuzz_target!(|data: &[u8]| {
         }
         Err(e) => {
             assert!(
-                matches!(e, ConfigError::Missing { .. } | ConfigError::Invalid { .. }),
+                matches!(
+                    e,
+                    ConfigError::Missing { .. }
+                        | ConfigError::Invalid { .. }
+                        | ConfigError::Backend(_)
+                ),
                 "{e:?}"
             );
             let msg = e.to_string();

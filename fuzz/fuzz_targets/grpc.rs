@@ -21,9 +21,10 @@ use std::sync::{Arc, OnceLock};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use kekd::config::DEFAULT_MAX_REQUEST_BYTES;
-use kekd::keyring::Timestamp;
+use kekd::config::PeerPolicy;
+use kekd::id::Timestamp;
 use kekd::metrics::Metrics;
-use kekd::service::{KmsService, PeerPolicy};
+use kekd::service::KmsService;
 use kekd::state::{ServingState, Snapshot};
 use kekd::usage::UsageTracker;
 use kekd_fuzz::proto::{

@@ -12,8 +12,9 @@ use std::sync::OnceLock;
 use kekd::backend::KeyHandle;
 use kekd::backend::local::{LocalKey, keyring_from_file};
 use kekd::envelope::{self, Envelope};
+use kekd::id::{KeyId, KeyVersion, KeyringId, Timestamp};
 use kekd::keyring::store::{KeyringFile, Material, StoredVersion};
-use kekd::keyring::{KeyId, KeyState, KeyVersion, Keyring, KeyringId, Timestamp, VersionInfo};
+use kekd::keyring::{KeyState, Keyring, VersionInfo};
 use kekd::secret::{Kek, Plaintext};
 
 /// The fixture keyring's id.
@@ -144,7 +145,7 @@ async fn seal_known() -> Vec<Known> {
             continue;
         }
         let version = KeyVersion::new(n).expect("non-zero version");
-        let key = KeyHandle::Local(Box::new(LocalKey::new(&test_kek(n))));
+        let key: Box<dyn KeyHandle> = Box::new(LocalKey::new(&test_kek(n)));
         for (i, &len) in PLAINTEXT_LENS.iter().enumerate() {
             let mut nonce = [0xa5u8; envelope::NONCE_LEN];
             nonce[0] = n as u8;

@@ -60,13 +60,19 @@ use cryptoki::session::{Session, UserType};
 use cryptoki::slot::Slot;
 use tracing::{info, warn};
 
-use crate::backend::{Backend, BackendError, KeyHandle, KeyringStore};
+use crate::backend::{Backend, BackendError, ErrorKind, KeyringStore};
 use crate::envelope::Nonce;
+use crate::id::{KeyVersion, KeyringId};
+use crate::kek::{KeyFuture, KeyHandle};
 use crate::keyring::store::{KeyringFile, Material, StoreError};
-use crate::keyring::{KeyState, KeyVersion, Keyring, KeyringId};
-use crate::secret::{KeyFingerprint, Pin, Plaintext};
+use crate::keyring::{KeyState, Keyring};
+use crate::secret::{KeyFingerprint, Plaintext};
 
 mod objects;
+mod settings;
+pub use settings::{
+    DEFAULT_KEY_LABEL_PREFIX, DEFAULT_POOL_SIZE, DEFAULT_STATE_DIR, Pkcs11Settings,
+};
 mod upgrade;
 
 use objects::{FrameError, Seal};
@@ -84,23 +90,6 @@ const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Most public look-alike objects logged (and remembered) one by one.
 const MAX_PUBLIC_REPORTED: usize = 256;
-
-/// Validated settings of the PKCS#11 backend.
-#[derive(Debug, Clone)]
-pub struct Pkcs11Settings {
-    /// Path of the PKCS#11 module (`.so`).
-    pub module: PathBuf,
-    /// Label of the token; the slot is found by it at every (re)connect.
-    pub token_label: String,
-    /// The user PIN.
-    pub pin: Arc<Pin>,
-    /// Prefix of the labels of kekd's objects, so several keyrings can share a token.
-    pub key_label_prefix: String,
-    /// Most sessions open at once.
-    pub pool_size: usize,
-    /// Directory of this node's usage file, audit log and admin lock.
-    pub state_dir: PathBuf,
-}
 
 /// Why the token could not be used. Never carries the PIN.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -307,26 +296,34 @@ pub enum Pkcs11Error {
 }
 
 impl Pkcs11Error {
-    /// Configuration problems (exit 78) versus runtime ones.
-    pub fn is_configuration(&self) -> bool {
-        matches!(
-            self,
+    /// What went wrong, for everything outside this backend: one kind per
+    /// error, chosen here and nowhere else.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
             Self::Module { .. }
-                | Self::NoToken { .. }
-                | Self::WrongPin { .. }
-                | Self::PinLocked { .. }
-                | Self::NoKeyring { .. }
-                | Self::KeyringExists { .. }
-                | Self::KeyMissing { .. }
-                | Self::MechanismMissing { .. }
-                | Self::KeyRefused { .. }
-                | Self::Duplicate { .. }
-                | Self::MetadataForged { .. }
-                | Self::CheckFailed { .. }
-                | Self::LegacyMetadata { .. }
-                | Self::NotAdoptable { .. }
-                | Self::RestrictionUnsupported { .. }
-        )
+            | Self::KeyRefused { .. }
+            | Self::MechanismMissing { .. }
+            | Self::LegacyMetadata { .. }
+            | Self::NotAdoptable { .. }
+            | Self::RestrictionUnsupported { .. } => ErrorKind::Misconfigured,
+            Self::NoToken { .. } => ErrorKind::StoreMissing,
+            Self::WrongPin { .. } | Self::PinLocked { .. } => ErrorKind::AuthenticationFailed,
+            Self::Unavailable { .. } => ErrorKind::Unavailable,
+            Self::KeyMissing { .. }
+            | Self::Duplicate { .. }
+            | Self::MetadataForged { .. }
+            | Self::CheckFailed { .. } => ErrorKind::Damaged,
+            Self::NoKeyring { .. } => ErrorKind::NoKeyring,
+            Self::KeyringExists { .. } => ErrorKind::KeyringExists,
+            Self::Conflict { .. } => ErrorKind::Io,
+            Self::Call { .. } => ErrorKind::Internal,
+        }
+    }
+}
+
+impl From<Pkcs11Error> for BackendError {
+    fn from(e: Pkcs11Error) -> Self {
+        Self::new(e.kind(), e)
     }
 }
 
@@ -988,20 +985,27 @@ impl Token {
 
     fn parse_body(&self, body: &[u8]) -> Result<KeyringFile, BackendError> {
         let file = KeyringFile::parse(body).map_err(|error| {
-            BackendError::Store(StoreError::Parse {
-                path: PathBuf::from(self.describe()),
-                error,
-            })
+            // Token metadata, not a file: no advice to move a file aside.
+            BackendError::new(
+                ErrorKind::Damaged,
+                StoreError::Parse {
+                    path: PathBuf::from(self.describe()),
+                    error,
+                },
+            )
         })?;
         if file.material != Material::Token {
-            return Err(BackendError::Store(StoreError::Parse {
-                path: PathBuf::from(self.describe()),
-                error: crate::keyring::store::ParseError {
-                    line: Some(1),
-                    field: None,
-                    reason: "is a local keyring, not token metadata".to_owned(),
+            return Err(BackendError::new(
+                ErrorKind::Damaged,
+                StoreError::Parse {
+                    path: PathBuf::from(self.describe()),
+                    error: crate::keyring::store::ParseError {
+                        line: Some(1),
+                        field: None,
+                        reason: "is a local keyring, not token metadata".to_owned(),
+                    },
                 },
-            }));
+            ));
         }
         Ok(file)
     }
@@ -1523,7 +1527,7 @@ impl Backend for Pkcs11Backend {
         let mut versions = Vec::with_capacity(file.versions.len());
         for v in file.versions {
             let key = keys.get(&v.info.version).map(|&(handle, check)| {
-                KeyHandle::Pkcs11(Pkcs11Key {
+                Box::new(Pkcs11Key {
                     token: Arc::clone(&self.token),
                     object: Arc::new(KeyObject {
                         object_id: key_object_id(&id, Some(v.info.version)),
@@ -1531,14 +1535,11 @@ impl Backend for Pkcs11Backend {
                         check_aad: objects::check_aad(&id, v.info.version),
                         cached: Mutex::new((generation, handle)),
                     }),
-                })
+                }) as Box<dyn KeyHandle>
             });
             versions.push((v.info, key));
         }
-        Keyring::new(id, versions).map_err(|e| BackendError::Keyring {
-            source_name: self.describe(),
-            error: Box::new(e),
-        })
+        Keyring::new(id, versions).map_err(|e| e.loading(self.describe()))
     }
 
     fn revision(&self) -> Option<String> {
@@ -1563,7 +1564,7 @@ impl KeyringStore for Pkcs11Backend {
         state_anchor(&self.token.settings)
     }
 
-    fn generate(&self, now: crate::keyring::Timestamp) -> Result<KeyringFile, BackendError> {
+    fn generate(&self, now: crate::id::Timestamp) -> Result<KeyringFile, BackendError> {
         Ok(KeyringFile::generate_metadata(now).map_err(StoreError::from)?)
     }
 
@@ -1650,7 +1651,7 @@ impl KeyObject {
 }
 
 impl Pkcs11Key {
-    pub(crate) async fn seal(
+    async fn seal_on_token(
         &self,
         nonce: &Nonce,
         aad: &[u8],
@@ -1675,7 +1676,7 @@ impl Pkcs11Key {
             .map_err(BackendError::from)
     }
 
-    pub(crate) async fn open(
+    async fn open_on_token(
         &self,
         nonce: &Nonce,
         aad: &[u8],
@@ -1703,7 +1704,7 @@ impl Pkcs11Key {
             .await
         {
             Ok(Some(pt)) => Ok(Plaintext::new(pt)),
-            Ok(None) => Err(BackendError::Decrypt),
+            Ok(None) => Err(BackendError::decrypt()),
             // A key handle that cannot be used, or any other token failure,
             // is kekd's problem, never "bad ciphertext".
             Err(e) => Err(e.into()),
@@ -1714,10 +1715,43 @@ impl Pkcs11Key {
     /// fingerprint binds the object's `CKA_ID` and the key check value kekd
     /// recorded when it generated the key: only that key opens it, so a
     /// reload refuses a version whose key object was replaced.
-    pub(crate) fn fingerprint(&self) -> KeyFingerprint {
+    fn fingerprint_of(&self) -> KeyFingerprint {
         let mut bytes = self.object.object_id.clone();
         bytes.extend_from_slice(self.object.check.as_bytes());
         KeyFingerprint::of_public(b"kekd/pkcs11-key/v2\0", &bytes)
+    }
+}
+
+/// Seal and open run inside the token, on its session pool's own threads.
+impl KeyHandle for Pkcs11Key {
+    fn seal<'a>(
+        &'a self,
+        nonce: &'a Nonce,
+        aad: &'a [u8],
+        plaintext: &'a Plaintext,
+    ) -> KeyFuture<'a, (Nonce, Vec<u8>)> {
+        Box::pin(self.seal_on_token(nonce, aad, plaintext))
+    }
+
+    fn open<'a>(
+        &'a self,
+        nonce: &'a Nonce,
+        aad: &'a [u8],
+        sealed: &'a [u8],
+    ) -> KeyFuture<'a, Plaintext> {
+        Box::pin(self.open_on_token(nonce, aad, sealed))
+    }
+
+    /// Identifies the key. A token never reveals key bytes, so the
+    /// fingerprint binds the object's `CKA_ID` and the key check value kekd
+    /// recorded when it generated the key: only that key opens it, so a
+    /// reload refuses a version whose key object was replaced.
+    fn fingerprint(&self) -> KeyFingerprint {
+        self.fingerprint_of()
+    }
+
+    fn kind(&self) -> &'static str {
+        "pkcs11"
     }
 }
 

@@ -3,7 +3,7 @@ use std::fs;
 use proptest::prelude::*;
 
 use super::*;
-use crate::keyring::ops::Outcome;
+use crate::keyring::lifecycle::Outcome;
 use crate::secret::Kek;
 
 const PASS: &str = "correct horse battery staple";
@@ -712,7 +712,7 @@ fn the_rest_of_the_successor_rule_applies() {
             at(30),
             None,
             std::time::Duration::ZERO,
-            crate::keyring::ops::RetireBasis::Force,
+            crate::keyring::lifecycle::RetireBasis::Force,
         )
         .unwrap();
     current.destroy(v3, at(31)).unwrap();

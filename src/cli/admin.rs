@@ -12,13 +12,15 @@ pub mod encryption_config;
 pub mod keyring;
 pub mod probe;
 pub mod scan;
+pub mod upgrade_token;
 
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::backend::{BackendConfig, BackendSettings, SettingsError};
 use crate::cli::{CliError, Output};
-use crate::config::{BackendConfig, BackendSettings, ConfigError, Settings};
-use crate::keyring::KeyVersion;
+use crate::config::Settings;
+use crate::id::KeyVersion;
 
 /// The `kekd admin` subcommands.
 #[derive(Debug, clap::Subcommand)]
@@ -72,7 +74,7 @@ pub enum AdminCommand {
     #[command(after_help = "Examples:\n\
         \x20 kekd admin upgrade-token --dry-run --config /etc/kekd/kekd.toml\n\
         \x20 kekd admin upgrade-token --config /etc/kekd/kekd.toml")]
-    UpgradeToken(keyring::UpgradeTokenArgs),
+    UpgradeToken(upgrade_token::UpgradeTokenArgs),
     /// Check a running plugin: Status, Encrypt and Decrypt, checked against
     /// the apiserver's rules.
     #[command(after_help = "Examples:\n\
@@ -351,7 +353,7 @@ fn dispatch(cmd: AdminCommand) -> Result<(), CliError> {
         AdminCommand::List(t) => keyring::list(&t),
         AdminCommand::Import(a) => keyring::import(&a.target, &a.from),
         AdminCommand::AcceptKeyring(t) => keyring::accept(&t),
-        AdminCommand::UpgradeToken(a) => keyring::upgrade_token(&a),
+        AdminCommand::UpgradeToken(a) => upgrade_token::run(&a),
         AdminCommand::Probe(a) => probe::run(&a),
         AdminCommand::Backup(a) => backup::backup(&a),
         AdminCommand::RestoreBackup(a) => backup::restore(&a),
@@ -397,7 +399,7 @@ pub(crate) fn resolve_backend(
     backend: BackendSettings,
 ) -> Result<BackendConfig, CliError> {
     BackendConfig::resolve(keyring, backend).map_err(|e| match e {
-        ConfigError::Missing { what: "keyring", .. } => CliError::config(
+        SettingsError::Missing { what: "keyring", .. } => CliError::config(
             "no keyring given: set --keyring PATH (or KEKD_KEYRING), or --config FILE with `keyring = \"PATH\"` \
              or a [backend] table",
         ),

@@ -8,13 +8,12 @@ use std::sync::Arc;
 
 use tracing::info;
 
-use crate::backend::Backend;
-use crate::backend::local::LocalBackend;
-use crate::backend::pkcs11::{Pkcs11Backend, Pkcs11Error};
+use crate::backend::{self, Backend, GuardedPath, served};
 use crate::cli::CliError;
-use crate::config::{BackendConfig, ServeConfig, Settings};
+use crate::config::{ServeConfig, Settings};
+use crate::id::Timestamp;
+use crate::keyring::access;
 use crate::keyring::store::{self, KeyringFile, StoreError};
-use crate::keyring::{Timestamp, access, served};
 use crate::{server, telemetry};
 
 /// The directory `--dev` works in, relative to the current directory.
@@ -66,7 +65,7 @@ pub fn run(args: ServeArgs) -> Result<(), CliError> {
     }
     let pin_file = settings.backend.pin_file.clone();
     let config = ServeConfig::resolve(settings).map_err(CliError::config)?;
-    if let BackendConfig::Pkcs11(_) = config.backend {
+    if config.backend.secret_env().is_some() {
         warn_secret_in_environment(Some(pin_file.as_deref()));
     }
 
@@ -75,43 +74,36 @@ pub fn run(args: ServeArgs) -> Result<(), CliError> {
         .thread_name("kekd")
         .build()
         .map_err(CliError::runtime)?;
-    let (backend, target): (Arc<dyn Backend>, String) = match &config.backend {
-        BackendConfig::Local { keyring } => {
-            let uid = rustix::process::geteuid().as_raw();
-            access::check(keyring, uid).map_err(CliError::config)?;
-            (
-                Arc::new(LocalBackend::new(keyring)),
-                format!("--keyring {}", keyring.display()),
-            )
-        }
-        BackendConfig::Pkcs11(settings) => {
-            ensure_state_dir(&settings.state_dir)?;
-            // It holds the served record, the admin lock and the audit log.
-            let uid = rustix::process::geteuid().as_raw();
-            access::check_dir(&settings.state_dir, uid).map_err(CliError::config)?;
-            (
-                Arc::new(Pkcs11Backend::connect(settings.clone()).map_err(pkcs11_error)?),
-                args.config.as_deref().map_or_else(
-                    || "--config FILE (the serving configuration)".to_owned(),
-                    |c| format!("--config {}", c.display()),
-                ),
-            )
-        }
+    // What only the serving user (and root) may change: the keyring file,
+    // or the directory of the served record, the admin lock and the audit
+    // log. Checked before anything is read from it.
+    let uid = rustix::process::geteuid().as_raw();
+    if let Some(dir) = config.backend.state_dir() {
+        backend::ensure_state_dir(dir).map_err(|e| CliError::backend(&e))?;
+    }
+    match config.backend.guarded_path() {
+        GuardedPath::File(path) => access::check(path, uid),
+        GuardedPath::Dir(path) => access::check_dir(path, uid),
+    }
+    .map_err(CliError::config)?;
+    let opened = backend::open(&config.backend).map_err(|e| CliError::backend(&e))?;
+    let target = match config.backend.keyring_file() {
+        Some(keyring) => format!("--keyring {}", keyring.display()),
+        None => args.config.as_deref().map_or_else(
+            || "--config FILE (the serving configuration)".to_owned(),
+            |c| format!("--config {}", c.display()),
+        ),
     };
+    let backend: Arc<dyn Backend> = opened;
     let backend: Arc<dyn Backend> = Arc::new(served::Guarded::new(backend, target));
     runtime
         .block_on(server::run(config, backend, shutdown_signal()))
         .map_err(|e| {
             let mut error = CliError::new(e.exit_code(), &e);
-            if let server::ServerError::Keyring(crate::backend::BackendError::Store(
-                StoreError::Parse { path, .. } | StoreError::TooLarge { path, .. },
-            )) = &e
+            if let server::ServerError::Keyring(b) = &e
+                && let Some(fix) = b.fix()
             {
-                error.message = format!(
-                    "{}\n{}",
-                    error.message,
-                    crate::cli::admin::keyring::damaged_hint(path)
-                );
+                error.message = format!("{}\n{fix}", error.message);
             }
             error
         })
@@ -158,32 +150,6 @@ fn warn_secret_in_environment(pkcs11: Option<Option<&Path>>) {
              (to this uid and root) for as long as kekd runs; use {instead} instead"
         );
     }
-}
-
-/// Exit 78 for what the operator must fix (module, token, PIN), 1 otherwise.
-pub(crate) fn pkcs11_error(e: Pkcs11Error) -> CliError {
-    CliError::new(
-        if e.is_configuration() {
-            CliError::CONFIG
-        } else {
-            CliError::RUNTIME
-        },
-        &e,
-    )
-}
-
-/// Creates the per-node state directory (0700) if missing.
-pub(crate) fn ensure_state_dir(dir: &Path) -> Result<(), CliError> {
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(|e| {
-            CliError::config(format!(
-                "cannot create state directory {}: {e} (set `state_dir`)",
-                dir.display()
-            ))
-        })
 }
 
 /// Fills keyring and socket defaults under ./kekd-dev, creates the dev

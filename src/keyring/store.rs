@@ -20,8 +20,7 @@
 
 use std::fmt::Write as _;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
-use std::os::fd::OwnedFd;
+use std::io::{self, Read};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -30,9 +29,13 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
-use crate::keyring::{
-    KeyState, KeyVersion, KeyringError, KeyringId, Timestamp, VersionInfo, validate,
+use crate::file::{
+    Guard, Links, OpenError, Ownership, Replace, WriteError, kind_of, no_follow, open_dir,
+    open_regular, sibling, write_durable,
 };
+use crate::id::{KeyVersion, KeyringId, Timestamp};
+use crate::kek::{BackendError, ErrorKind};
+use crate::keyring::{KeyState, KeyringError, VersionInfo, validate};
 use crate::secret::{KEK_LEN, Kek, RandomError};
 
 /// The first line of every format-1 keyring file (keys inline).
@@ -330,7 +333,7 @@ fn parse_version(n: usize, line: &str, material: Material) -> Result<StoredVersi
         if slot.is_some() {
             return Err(ParseError::field(n, name, "appears twice"));
         }
-        *slot = Some(value.parse().map_err(|()| {
+        *slot = Some(value.parse().map_err(|_| {
             ParseError::field(n, name, "must be a UTC time like 2026-01-31T23:59:59Z")
         })?);
     }
@@ -519,18 +522,9 @@ pub enum StoreError {
         path: PathBuf,
     },
     /// A file kekd keeps beside the keyring is something kekd never makes
-    /// there (a symlink, a FIFO): planted by whoever can write the directory.
-    #[error(
-        "{path} is {what}, which kekd never makes there: someone who can write its directory may have planted it \
-         to turn this command against another file; nothing was changed: remove it, and check who can write \
-         that directory (`kekd admin doctor`)"
-    )]
-    Planted {
-        /// The file.
-        path: PathBuf,
-        /// What it is.
-        what: &'static str,
-    },
+    /// there: planted by whoever can write the directory.
+    #[error(transparent)]
+    Planted(#[from] crate::file::Planted),
     /// The keyring symlink led elsewhere when the change was written than
     /// when the keyring was read.
     #[error(
@@ -570,6 +564,81 @@ pub enum StoreError {
         /// The command prefix that runs as the owner.
         fix: String,
     },
+}
+
+impl From<WriteError> for StoreError {
+    fn from(e: WriteError) -> Self {
+        match e {
+            WriteError::AlreadyExists { path } => Self::AlreadyExists { path },
+            WriteError::Io { path, op, source } => Self::Io { path, op, source },
+            WriteError::NotDurable { path, source } => Self::NotDurable { path, source },
+            WriteError::Moved { path, target, why } => Self::Moved { path, target, why },
+            WriteError::Random(e) => Self::Random(e),
+            WriteError::WrongOwner {
+                path,
+                uid,
+                gid,
+                name,
+                caller,
+                fix,
+            } => Self::WrongOwner {
+                path,
+                uid,
+                gid,
+                name,
+                caller,
+                fix,
+            },
+        }
+    }
+}
+
+impl StoreError {
+    /// What went wrong, for everything outside the keyring's own code.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Self::NotFound { .. } | Self::DanglingSymlink { .. } => ErrorKind::NoKeyring,
+            Self::AlreadyExists { .. } => ErrorKind::KeyringExists,
+            Self::TooOpen { .. } | Self::NotAFile { .. } | Self::WrongOwner { .. } => {
+                ErrorKind::Misconfigured
+            }
+            Self::TooLarge { .. } | Self::Parse { .. } | Self::Planted(_) | Self::Moved { .. } => {
+                ErrorKind::Damaged
+            }
+            Self::Io { .. } | Self::Random(_) => ErrorKind::Io,
+            Self::NotDurable { .. } => ErrorKind::NotDurable,
+            Self::Locked { .. } => ErrorKind::Locked,
+        }
+    }
+}
+
+/// A keyring file's error as a backend error: its kind, and for a damaged
+/// file the way to get the keyring back.
+impl From<StoreError> for BackendError {
+    fn from(e: StoreError) -> Self {
+        let fix = match &e {
+            StoreError::Parse { path, .. } | StoreError::TooLarge { path, .. } => {
+                Some(damaged_hint(path))
+            }
+            _ => None,
+        };
+        let error = Self::new(e.kind(), e);
+        match fix {
+            Some(fix) => error.with_fix(fix),
+            None => error,
+        }
+    }
+}
+
+/// How to get a damaged keyring file back, as a second line under the
+/// error (the first line stays the error itself).
+pub fn damaged_hint(path: &Path) -> String {
+    let p = path.display();
+    format!(
+        "hint: if {p} is damaged, move it aside (`mv {p} {p}.damaged`) and bring the keyring back: \
+         `kekd admin restore-backup --from BACKUP --keyring {p}`, or `kekd admin import --from COPY --keyring {p}` \
+         with the keyring of another node"
+    )
 }
 
 /// Reads and parses the keyring at `path`, refusing loose permissions.
@@ -702,6 +771,7 @@ pub fn create(path: &Path, keyring: &KeyringFile) -> Result<(), StoreError> {
         None,
         Guard::None,
     )
+    .map_err(StoreError::from)
 }
 
 /// Atomically replaces the keyring at `path` with `keyring`.
@@ -729,7 +799,8 @@ pub fn replace(path: &Path, keyring: &KeyringFile) -> Result<(), StoreError> {
                 Replace::Always,
                 None,
                 Guard::Same,
-            );
+            )
+            .map_err(StoreError::from);
         }
     };
     // Whoever owns the link's directory can point it elsewhere between the
@@ -802,6 +873,7 @@ pub fn replace(path: &Path, keyring: &KeyringFile) -> Result<(), StoreError> {
             named: path,
         },
     )
+    .map_err(StoreError::from)
 }
 
 /// An exclusive lock on a keyring, held by one admin command at a time.
@@ -817,16 +889,6 @@ pub struct KeyringLock {
 /// The lock file of the keyring at `path`.
 pub fn lock_path(path: &Path) -> PathBuf {
     sibling(path, ".lock")
-}
-
-/// `path` with `suffix` appended to its file name.
-pub fn sibling(path: &Path, suffix: &str) -> PathBuf {
-    let mut name = path
-        .file_name()
-        .map(std::ffi::OsStr::to_owned)
-        .unwrap_or_default();
-    name.push(suffix);
-    path.with_file_name(name)
 }
 
 /// Takes the keyring's lock, waiting up to `wait` for another admin command
@@ -859,25 +921,25 @@ pub fn lock(path: &Path, wait: std::time::Duration) -> Result<KeyringLock, Store
                 path: path.to_owned(),
             },
             _ if e.raw_os_error() == Some(rustix::io::Errno::LOOP.raw_os_error()) => {
-                StoreError::Planted {
+                StoreError::Planted(crate::file::Planted {
                     path: lock.clone(),
                     what: "a symlink",
-                }
+                })
             }
             _ => io("open the lock file")(e),
         })?;
     let meta = file.metadata().map_err(io("stat the lock file"))?;
     if !meta.is_file() {
-        return Err(StoreError::Planted {
+        return Err(StoreError::Planted(crate::file::Planted {
             path: lock,
             what: "not a regular file",
-        });
+        }));
     }
     if std::os::unix::fs::MetadataExt::nlink(&meta) != 1 {
-        return Err(StoreError::Planted {
+        return Err(StoreError::Planted(crate::file::Planted {
             path: lock,
             what: "a hard link to another file",
-        });
+        }));
     }
     give_owner_of(&file, path);
     let deadline = std::time::Instant::now() + wait;
@@ -925,250 +987,6 @@ fn remove_stale_temps(path: &Path) {
     }
 }
 
-/// Atomically and durably replaces `path` with `bytes`, the same way the
-/// keyring is written: the new file keeps the owner, group and mode of the
-/// one it replaces. For kekd's small state files.
-///
-/// # Errors
-/// [`StoreError::WrongOwner`] (nothing written) when this process cannot
-/// give the new file the old one's owner; I/O errors, the previous file
-/// then untouched.
-pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
-    write_durable(path, bytes, Replace::Always, None, Guard::None)
-}
-
-/// [`write_file_atomic`] for a state file kept beside `anchor` (the keyring,
-/// or a token's state anchor): when the state file does not exist yet, it is
-/// created with the owner and group of `anchor` (or, when `anchor` is no
-/// file, of its directory), so a root admin command never leaves a file the
-/// serving kekd cannot replace.
-///
-/// # Errors
-/// As [`write_file_atomic`].
-pub fn write_state_file(path: &Path, anchor: &Path, bytes: &[u8]) -> Result<(), StoreError> {
-    write_durable(path, bytes, Replace::Always, Some(anchor), Guard::None)
-}
-
-/// Durably writes `bytes` as a new file at `path` (mode 0600), the same way
-/// a new keyring is written: never replacing anything already there, even
-/// something created meanwhile. For kekd's backups.
-///
-/// # Errors
-/// [`StoreError::AlreadyExists`] when `path` exists; I/O errors otherwise,
-/// in which case nothing is left at `path`.
-pub fn write_file_new(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
-    write_durable(path, bytes, Replace::Never, None, Guard::None)
-}
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Replace {
-    Never,
-    Always,
-}
-
-/// Who a written file must belong to, and its permission bits.
-#[derive(Clone, Copy)]
-struct Ownership {
-    uid: u32,
-    gid: u32,
-    mode: u32,
-}
-
-impl Ownership {
-    fn of(path: &Path) -> Option<Self> {
-        use std::os::unix::fs::MetadataExt;
-        let meta = fs::metadata(path).ok()?;
-        Some(Self {
-            uid: meta.uid(),
-            gid: meta.gid(),
-            // Never more open than owner-only: a replacement keeps the
-            // owner's bits (0400, 0600), not a mistake in group or other.
-            mode: if meta.is_file() {
-                meta.mode() & 0o700
-            } else {
-                0o600
-            },
-        })
-    }
-
-    /// The ownership of `like`, or of its directory when it is no file
-    /// (a token's state anchor is only a name prefix in `state_dir`).
-    fn like(like: &Path) -> Option<Self> {
-        let from = match fs::metadata(like) {
-            Ok(m) if m.is_file() => Self::of(like),
-            _ => Self::of(like.parent().filter(|d| !d.as_os_str().is_empty())?),
-        }?;
-        Some(Self {
-            mode: 0o600,
-            ..from
-        })
-    }
-
-    fn refusal(self, path: &Path) -> StoreError {
-        let name = user_name(self.uid).map_or_else(String::new, |n| format!(" ({n})"));
-        StoreError::WrongOwner {
-            path: path.to_owned(),
-            uid: self.uid,
-            gid: self.gid,
-            name,
-            caller: rustix::process::geteuid().as_raw(),
-            fix: format!(
-                "`sudo -u '#{uid}' -g '#{gid}' kekd admin …` or \
-                 `setpriv --reuid={uid} --regid={gid} --clear-groups kekd admin …`",
-                uid = self.uid,
-                gid = self.gid
-            ),
-        }
-    }
-}
-
-/// The login name of `uid` in /etc/passwd, for messages only.
-fn user_name(uid: u32) -> Option<String> {
-    let passwd = fs::read_to_string("/etc/passwd").ok()?;
-    passwd.lines().find_map(|line| {
-        let mut fields = line.split(':');
-        let name = fields.next()?;
-        let id = fields.nth(1)?.parse::<u32>().ok()?;
-        (id == uid).then(|| name.to_owned())
-    })
-}
-
-/// Whether [`open_regular`] follows a symlink at the path itself.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Links {
-    /// Follow it: a path an operator names (the keyring, a PIN, config or
-    /// backup file), which Kubernetes mounts through links.
-    Follow,
-    /// Refuse it: a file kekd keeps beside the keyring or in its
-    /// `state_dir` (`.served`, `.usage.json`), where it never makes a link.
-    Refuse,
-}
-
-/// A file kekd reads could not be opened as one.
-#[derive(Debug, thiserror::Error)]
-pub enum OpenError {
-    /// Nothing at the path (or a symlink to nothing).
-    #[error("{path} does not exist")]
-    NotFound {
-        /// The path.
-        path: PathBuf,
-    },
-    /// A symlink where kekd never makes one.
-    #[error(
-        "{path} is a symlink, which kekd never makes there; nothing was read through it: remove it (whoever \
-         can write its directory may have planted it)"
-    )]
-    Symlink {
-        /// The path.
-        path: PathBuf,
-    },
-    /// Something other than a regular file: a FIFO would block the read
-    /// forever, a device never ends, a directory cannot be read.
-    #[error(
-        "{path} is {what}, not a regular file; nothing was read from it: put the file itself there (a pipe's \
-         output must be saved to a file first)"
-    )]
-    NotRegular {
-        /// The path.
-        path: PathBuf,
-        /// `a FIFO`, `a directory`, `a character device`, …
-        what: &'static str,
-    },
-    /// The OS refused the open.
-    #[error("cannot open {path}: {source}")]
-    Io {
-        /// The path.
-        path: PathBuf,
-        /// The OS error.
-        source: io::Error,
-    },
-}
-
-/// Opens `path` for reading as a regular file, with its metadata: the one
-/// way kekd opens a file it did not just create itself.
-///
-/// The open never blocks (`O_NONBLOCK`, cleared once the file is known to
-/// be regular: a FIFO would otherwise wait forever for a writer), never
-/// takes a controlling terminal (`O_NOCTTY`), is not inherited
-/// (`O_CLOEXEC`, as every std open), follows a final symlink only with
-/// [`Links::Follow`], and anything the opened descriptor shows is not a
-/// regular file is refused before a byte is read.
-///
-/// # Errors
-/// [`OpenError`], naming the path and the fix.
-pub fn open_regular(path: &Path, links: Links) -> Result<(File, fs::Metadata), OpenError> {
-    use rustix::fs::OFlags;
-    let mut flags = OFlags::NONBLOCK | OFlags::NOCTTY;
-    if links == Links::Refuse {
-        flags |= OFlags::NOFOLLOW;
-    }
-    let io = |source: io::Error| OpenError::Io {
-        path: path.to_owned(),
-        source,
-    };
-    let file = OpenOptions::new()
-        .read(true)
-        // The flag bits are small positive constants; the cast cannot wrap.
-        .custom_flags(flags.bits() as i32)
-        .open(path)
-        .map_err(
-            |e| match e.raw_os_error().map(rustix::io::Errno::from_raw_os_error) {
-                _ if e.kind() == io::ErrorKind::NotFound => OpenError::NotFound {
-                    path: path.to_owned(),
-                },
-                Some(rustix::io::Errno::LOOP) if links == Links::Refuse => OpenError::Symlink {
-                    path: path.to_owned(),
-                },
-                // open(2) of a Unix socket.
-                Some(rustix::io::Errno::NXIO) => OpenError::NotRegular {
-                    path: path.to_owned(),
-                    what: "a socket",
-                },
-                _ => io(e),
-            },
-        )?;
-    let meta = file.metadata().map_err(io)?;
-    if !meta.is_file() {
-        return Err(OpenError::NotRegular {
-            path: path.to_owned(),
-            what: kind_of(meta.file_type()),
-        });
-    }
-    let status = rustix::fs::fcntl_getfl(&file).map_err(|e| io(e.into()))?;
-    rustix::fs::fcntl_setfl(&file, status - OFlags::NONBLOCK).map_err(|e| io(e.into()))?;
-    Ok((file, meta))
-}
-
-/// What a file that is not a regular one is, for messages: `a FIFO`, …
-pub(crate) fn kind_of(kind: fs::FileType) -> &'static str {
-    use std::os::unix::fs::FileTypeExt;
-    if kind.is_file() {
-        "a regular file"
-    } else if kind.is_dir() {
-        "a directory"
-    } else if kind.is_symlink() {
-        "a symlink"
-    } else if kind.is_fifo() {
-        "a FIFO"
-    } else if kind.is_char_device() {
-        "a character device"
-    } else if kind.is_block_device() {
-        "a block device"
-    } else if kind.is_socket() {
-        "a socket"
-    } else {
-        "a special file"
-    }
-}
-
-/// `O_NOFOLLOW | O_NONBLOCK` for `custom_flags`: a symlink is refused
-/// (`ELOOP`) instead of followed, and a FIFO neither blocks the open.
-pub(crate) fn no_follow() -> i32 {
-    use rustix::fs::OFlags;
-    // The flag bits are small positive constants; the cast cannot wrap.
-    (OFlags::NOFOLLOW | OFlags::NONBLOCK).bits() as i32
-}
-
 /// Best effort: a lock file this process just created gets the keyring's
 /// owner, so the serving user's own admin commands can still open it.
 fn give_owner_of(file: &File, keyring: &Path) {
@@ -1179,233 +997,6 @@ fn give_owner_of(file: &File, keyring: &Path) {
     {
         let _ = std::os::unix::fs::fchown(file, Some(owner.uid), Some(owner.gid));
     }
-}
-
-/// What `write_durable` checks of the file it replaces, just before the
-/// rename.
-enum Guard<'a> {
-    /// Nothing (kekd's state files, a new file).
-    None,
-    /// The file found when the write began is still the one at the path
-    /// (the keyring, named directly).
-    Same,
-    /// The keyring as read through a symlink: written in `dir` (the
-    /// target's directory, opened before the read), over the file read
-    /// there (`identity`: device and inode) and nothing else.
-    Read {
-        dir: OwnedFd,
-        identity: (u64, u64),
-        named: &'a Path,
-    },
-}
-
-/// Opens the directory `dir` to work in. With [`Links::Refuse`] (`dir`
-/// fully resolved), one component at a time, never following a symlink:
-/// a directory on the way swapped for a link fails (`ELOOP`, `ENOTDIR`).
-fn open_dir(dir: &Path, links: Links) -> io::Result<OwnedFd> {
-    use rustix::fs::{CWD, Mode, OFlags};
-    let read = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
-    if links == Links::Follow {
-        return Ok(rustix::fs::open(dir, read, Mode::empty())?);
-    }
-    let walk = OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-    let mut fd = rustix::fs::openat(
-        CWD,
-        if dir.is_absolute() { "/" } else { "." },
-        walk,
-        Mode::empty(),
-    )?;
-    for part in dir.components() {
-        if let std::path::Component::Normal(name) = part {
-            fd = rustix::fs::openat(&fd, name, walk, Mode::empty())?;
-        }
-    }
-    Ok(rustix::fs::openat(&fd, ".", read, Mode::empty())?)
-}
-
-/// Device and inode of what is at `name` in `dir` (not following a link).
-fn identity_at(dir: &OwnedFd, name: &std::ffi::OsStr) -> Option<(u64, u64)> {
-    rustix::fs::statat(dir, name, rustix::fs::AtFlags::SYMLINK_NOFOLLOW)
-        .ok()
-        // The field widths differ between architectures.
-        .map(
-            #[allow(clippy::unnecessary_cast)]
-            |st| (st.st_dev as u64, st.st_ino as u64),
-        )
-}
-
-#[cfg(test)]
-thread_local! {
-    /// Runs once, in the next `write_durable` of this thread, after the
-    /// temp file is written and before the identity check and the rename:
-    /// where a racing attacker would act.
-    pub(crate) static BEFORE_RENAME: std::cell::RefCell<Option<Box<dyn FnOnce()>>> =
-        const { std::cell::RefCell::new(None) };
-}
-
-/// temp file (`create_new`, 0600) → owner and mode of the file it replaces
-/// (or of `like` for a new one) → write → fsync → rename/link → fsync dir,
-/// every step in the one directory opened at the start (by its path, or
-/// the one `guard` brings), whatever becomes of its path meanwhile.
-fn write_durable(
-    path: &Path,
-    bytes: &[u8],
-    replace: Replace,
-    like: Option<&Path>,
-    guard: Guard<'_>,
-) -> Result<(), StoreError> {
-    use rustix::fs::{AtFlags, Mode, OFlags};
-    let io = |op| {
-        move |source: io::Error| StoreError::Io {
-            path: path.to_owned(),
-            op,
-            source,
-        }
-    };
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
-        _ => PathBuf::from("."),
-    };
-    let name = path.file_name().ok_or_else(|| {
-        io("name the file")(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "path has no file name",
-        ))
-    })?;
-    let (dir_fd, expect, named) = match guard {
-        Guard::Read {
-            dir,
-            identity,
-            named,
-        } => (dir, Some(identity), named),
-        Guard::None | Guard::Same => {
-            let fd = open_dir(&dir, Links::Follow).map_err(io("open its directory"))?;
-            let expect = match guard {
-                Guard::Same => identity_at(&fd, name),
-                _ => None,
-            };
-            (fd, expect, path)
-        }
-    };
-    let mut suffix = [0u8; 6];
-    crate::secret::fill_random(&mut suffix)?;
-    let mut tmp_name = std::ffi::OsString::from(".");
-    tmp_name.push(name);
-    tmp_name.push(format!(
-        ".tmp-{}-{}",
-        std::process::id(),
-        suffix
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>()
-    ));
-    let tmp_name = tmp_name.as_os_str();
-    let owner = match replace {
-        // Only a regular file's owner is kept: a link or FIFO planted as a
-        // state file must not hand the new file to whoever planted it.
-        Replace::Always => rustix::fs::statat(&dir_fd, name, AtFlags::SYMLINK_NOFOLLOW)
-            .ok()
-            .filter(|st| {
-                rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::RegularFile
-            })
-            .map(|st| {
-                (
-                    Ownership {
-                        uid: st.st_uid,
-                        gid: st.st_gid,
-                        // Never more open than owner-only: a replacement
-                        // keeps the owner's bits (0400, 0600), not a
-                        // mistake in group or other.
-                        mode: st.st_mode & 0o700,
-                    },
-                    true,
-                )
-            })
-            .or_else(|| like.and_then(Ownership::like).map(|o| (o, false))),
-        Replace::Never => None,
-    };
-
-    let result = (|| {
-        let mut f = File::from(
-            rustix::fs::openat(
-                &dir_fd,
-                tmp_name,
-                OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                Mode::from_raw_mode(0o600),
-            )
-            .map_err(|e| io("create a temporary file beside it")(e.into()))?,
-        );
-        // Before a byte is written: a replacement the serving user could
-        // not read would take its keyring away at the next reload.
-        match owner {
-            Some((owner, true)) => {
-                std::os::unix::fs::fchown(&f, Some(owner.uid), Some(owner.gid)).map_err(
-                    |e| match e.raw_os_error() {
-                        Some(code) if code == rustix::io::Errno::PERM.raw_os_error() => {
-                            owner.refusal(path)
-                        }
-                        _ => io("give the temporary file the owner of the file it replaces")(e),
-                    },
-                )?;
-                f.set_permissions(fs::Permissions::from_mode(owner.mode))
-                    .map_err(io("set the temporary file's mode"))?;
-            }
-            // A new state file: best effort (a non-root process keeps its own).
-            Some((owner, false)) => {
-                let _ = std::os::unix::fs::fchown(&f, Some(owner.uid), Some(owner.gid));
-            }
-            None => {}
-        }
-        f.write_all(bytes).map_err(io("write the temporary file"))?;
-        f.sync_all().map_err(io("fsync the temporary file"))?;
-        drop(f);
-        #[cfg(test)]
-        if let Some(hook) = BEFORE_RENAME.with(|h| h.borrow_mut().take()) {
-            hook();
-        }
-        if let Some(expect) = expect {
-            let now = identity_at(&dir_fd, name);
-            if now != Some(expect) {
-                return Err(StoreError::Moved {
-                    path: named.to_owned(),
-                    target: path.to_owned(),
-                    why: "another file was put in its place while the change was written"
-                        .to_owned(),
-                });
-            }
-        }
-        match replace {
-            Replace::Always => rustix::fs::renameat(&dir_fd, tmp_name, &dir_fd, name)
-                .map_err(|e| io("rename the temporary file into place")(e.into()))?,
-            Replace::Never => {
-                // A hard link fails with EEXIST instead of clobbering a file
-                // that appeared since the check above.
-                rustix::fs::linkat(&dir_fd, tmp_name, &dir_fd, name, AtFlags::empty()).map_err(
-                    |e| match e {
-                        rustix::io::Errno::EXIST => StoreError::AlreadyExists {
-                            path: path.to_owned(),
-                        },
-                        e => io("link the temporary file into place")(e.into()),
-                    },
-                )?;
-                // The file is in place: failing to drop the temp name is not
-                // a failed write. A keyring's leftover temp (a second name
-                // of the same file) goes with the next command that takes
-                // the lock (`remove_stale_temps`).
-                let _ = rustix::fs::unlinkat(&dir_fd, tmp_name, AtFlags::empty());
-            }
-        }
-        // Past this point the new file is visible: a failure says so.
-        rustix::fs::fsync(&dir_fd).map_err(|e| StoreError::NotDurable {
-            path: path.to_owned(),
-            source: e.into(),
-        })
-    })();
-    if result.is_err() {
-        // Best effort: the temp file holds key material.
-        let _ = rustix::fs::unlinkat(&dir_fd, tmp_name, AtFlags::empty());
-    }
-    result
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@
 //! names.
 
 use crate::envelope::{Envelope, EnvelopeError};
-use crate::keyring::{KeyId, KeyVersion, KeyringId};
+use crate::id::{KeyId, KeyVersion, KeyringId};
 
 /// The apiserver's limit on a key id and on `encryptedDEKSource`.
 const MAX_KMS_FIELD_LEN: usize = 1024;

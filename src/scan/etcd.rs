@@ -335,7 +335,7 @@ const MAX_TLS_FILE_LEN: u64 = 16 << 20;
 
 /// Reads a TLS file; never a plain read, which a FIFO would block forever.
 fn read(flag: &'static str, path: &std::path::Path) -> Result<Vec<u8>, EtcdError> {
-    use crate::keyring::store::{Links, OpenError, open_regular};
+    use crate::file::{Links, OpenError, open_regular};
     use std::io::Read as _;
     let fail = |error| EtcdError::File {
         flag,

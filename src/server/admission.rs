@@ -150,7 +150,9 @@ where
             let (bytes, max) = conn.shared.request_budget();
             Limit::Budget { bytes, max }
         };
-        let (parts, body) = request.into_parts();
+        let (mut parts, body) = request.into_parts();
+        // What the service checks the caller against (`service::Peer`).
+        parts.extensions.insert(conn.peer());
         let charged = Charged::default();
         let body = ChargedBody {
             inner: Some(body),

@@ -58,6 +58,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
+use crate::service::Peer;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::UnixStream;
 use tokio::sync::Semaphore;
@@ -94,13 +95,10 @@ pub const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// [`connection_limit`].
 pub const MAX_REFUSED_CONNECTIONS: usize = 32;
 
-/// The default of `--max-streams-per-connection`
-/// (SETTINGS_MAX_CONCURRENT_STREAMS): streams one connection may have open,
-/// whatever their state — waiting for a request, running, or holding a
-/// response the client does not read. The apiserver multiplexes its calls
-/// on one connection and queues past this (gRPC clients respect the
-/// setting); kekd runs at most [`RUNNING_PER_CPU`] calls per CPU anyway.
-pub const MAX_STREAMS_PER_CONNECTION: u32 = 64;
+/// The ops listener's descriptors fit in half of the reserve the KMS
+/// socket's connection limit leaves free, so it can never take the
+/// descriptors kekd needs for its own files.
+const _: () = assert!((crate::config::MAX_OPS_MAX_CONNECTIONS as u64) * 2 <= RESERVED_FDS);
 
 /// HTTP/2 flow-control windows, per stream and per connection: what a
 /// client may send before kekd reads it. The connection window is the
@@ -227,34 +225,6 @@ pub(crate) enum Admission {
     },
     /// Every connection has a call in flight: the new one must be closed.
     Full,
-}
-
-/// A peer's credentials as the kernel reported them at accept.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Peer {
-    /// uid, if reported.
-    pub uid: Option<u32>,
-    /// Primary gid, if reported.
-    pub gid: Option<u32>,
-    /// pid, if reported.
-    pub pid: Option<i32>,
-}
-
-impl Peer {
-    /// The peer of `stream` (`SO_PEERCRED`).
-    pub(crate) fn of(stream: &UnixStream) -> Self {
-        let cred = stream.peer_cred().ok();
-        Self {
-            uid: cred.map(|c| c.uid()),
-            gid: cred.map(|c| c.gid()),
-            pid: cred.and_then(|c| c.pid()),
-        }
-    }
-
-    /// (uid, gid) when both are known.
-    pub fn ids(&self) -> Option<(u32, u32)> {
-        self.uid.zip(self.gid)
-    }
 }
 
 impl Registry {

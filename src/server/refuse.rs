@@ -36,7 +36,8 @@ use tracing::{debug, warn};
 
 #[cfg(doc)]
 use super::connection::MAX_REFUSED_CONNECTIONS;
-use super::connection::{MAX_HEADER_LIST_BYTES, Peer, REFUSAL_LOG_INTERVAL};
+use super::connection::{MAX_HEADER_LIST_BYTES, REFUSAL_LOG_INTERVAL};
+use crate::service::Peer;
 use crate::service::ServiceError;
 
 /// Serves a refused peer's connection on a task of its own: every call is

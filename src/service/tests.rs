@@ -1,7 +1,8 @@
 use super::*;
-use crate::backend::BackendError;
 use crate::envelope::EnvelopeError;
-use crate::keyring::{KeyState, KeyVersion};
+use crate::id::KeyVersion;
+use crate::kek::{BackendError, ErrorKind};
+use crate::keyring::KeyState;
 
 fn v(n: u32) -> KeyVersion {
     KeyVersion::new(n).unwrap()
@@ -86,15 +87,22 @@ fn error_to_status_table() {
         assert_eq!(status.code(), code, "{err}");
         assert_eq!(status.message(), message);
     }
-    let outage = ServiceError::from(K::Backend(BackendError::Pkcs11(
-        crate::backend::pkcs11::Pkcs11Error::Unavailable {
-            label: "t".into(),
-            reason: "gone".into(),
-        },
-    )));
-    let status = outage.to_status(&uid);
-    assert_eq!(status.code(), Code::Unavailable);
-    assert_eq!(status.message(), "PKCS#11 token \"t\" is unavailable: gone");
+    // A backend error maps by its kind alone: an outage is UNAVAILABLE with
+    // the backend's own message, everything else an opaque INTERNAL.
+    for kind in ErrorKind::ALL {
+        let e = BackendError::new(
+            kind,
+            std::io::Error::other("key store \"t\" is unavailable: gone"),
+        );
+        let status = ServiceError::from(K::Backend(e)).to_status(&uid);
+        if kind == ErrorKind::Unavailable {
+            assert_eq!(status.code(), Code::Unavailable);
+            assert_eq!(status.message(), "key store \"t\" is unavailable: gone");
+        } else {
+            assert_eq!(status.code(), Code::Internal, "{kind:?}");
+        }
+    }
+
     let internal_message =
         "internal error in kekd (request uid 0b7d1b43-6cbe-4a57-8a1e-5f36bd2a1a53); see kekd's log";
     for err in [
@@ -103,7 +111,7 @@ fn error_to_status_table() {
             reason: "x".into(),
         }),
         ServiceError::from(K::Invalid("x".into())),
-        ServiceError::from(K::Backend(BackendError::Seal)),
+        ServiceError::from(K::Backend(BackendError::seal())),
     ] {
         let status = err.to_status(&uid);
         assert_eq!(status.code(), Code::Internal);

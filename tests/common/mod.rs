@@ -24,7 +24,7 @@ use tokio::task::JoinHandle;
 use kekd::backend::local::LocalBackend;
 use kekd::client::Client;
 use kekd::config::{ServeConfig, Settings};
-use kekd::keyring::Timestamp;
+use kekd::id::Timestamp;
 use kekd::keyring::store::{self, KeyringFile};
 use kekd::server::{Server, ServerError};
 

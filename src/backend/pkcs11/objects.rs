@@ -32,8 +32,8 @@ use cryptoki::mechanism::{Mechanism, MechanismType};
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
 use cryptoki::session::Session;
 
+use crate::id::{KeyVersion, KeyringId};
 use crate::keyring::store::{MAGIC_METADATA, MAGIC_METADATA_V1};
-use crate::keyring::{KeyVersion, KeyringId};
 
 /// GCM IV length.
 pub(super) const IV_LEN: usize = 12;

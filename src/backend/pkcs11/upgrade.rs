@@ -42,8 +42,9 @@ use cryptoki::session::Session;
 use super::objects::{self, FrameError, Seal};
 use super::{Pkcs11Error, RawMetadata, Token, hex, key_object_id};
 use crate::backend::BackendError;
+use crate::id::{KeyVersion, KeyringId};
+use crate::keyring::VersionInfo;
 use crate::keyring::store::StoreError;
-use crate::keyring::{KeyVersion, KeyringId, VersionInfo};
 
 /// What `upgrade-token` found, would do, or did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -362,7 +363,7 @@ fn fresh_iv() -> Result<[u8; objects::IV_LEN], BackendError> {
 
 #[cfg(test)]
 mod tests {
-    use crate::keyring::Timestamp;
+    use crate::id::Timestamp;
     use crate::keyring::store::{KeyringFile, MAGIC_METADATA, MAGIC_METADATA_V1};
 
     /// What gets the MAC is the version-1 text re-encoded: the same keyring

@@ -27,16 +27,13 @@ use crate::audit::{self, AuditRecord};
 use crate::backup::{self, Backup, BackupError, Header, KdfParams, Overwrite, Passphrase};
 use crate::backup::{MAX_PASSPHRASE_LEN, RestorePlan};
 use crate::cli::CliError;
-use crate::config::BackendConfig;
-use crate::keyring::ops::Transition;
+use crate::id::Timestamp;
+use crate::keyring::KeyState;
+use crate::keyring::lifecycle::Transition;
 use crate::keyring::store::{self, KeyringFile, Material, StoreError};
-use crate::keyring::{KeyState, Timestamp};
 
 /// The environment variable a backup passphrase may come from.
 pub const PASSPHRASE_ENV: &str = "KEKD_BACKUP_PASSPHRASE";
-
-/// Exit code for missing input (EX_USAGE), as for a command-line error.
-const EX_USAGE: u8 = 64;
 
 /// Where the passphrase comes from.
 #[derive(Debug, Clone, clap::Args)]
@@ -344,13 +341,13 @@ fn local_keyring(t: &Target, command: &str) -> Result<PathBuf, CliError> {
             BackupError::TokenKeyring
         ))
     };
-    if backend.kind.as_deref() == Some("pkcs11") {
+    if !backend.keyring_in_a_file() {
         return Err(token());
     }
-    match super::resolve_backend(keyring, backend)? {
-        BackendConfig::Local { keyring } => Ok(keyring),
-        BackendConfig::Pkcs11(_) => Err(token()),
-    }
+    super::resolve_backend(keyring, backend)?
+        .keyring_file()
+        .map(Path::to_path_buf)
+        .ok_or_else(token)
 }
 
 /// What is at `--out` already: `None` when nothing is. Refuses (without
@@ -423,7 +420,7 @@ fn read_passphrase(args: &PassphraseArgs, ask: Ask) -> Result<Passphrase, CliErr
             .map(Zeroizing::new)
             .map_err(|e| {
                 CliError::new(
-                    EX_USAGE,
+                    crate::exit::USAGE,
                     format!(
                         "no passphrase: pass --passphrase-file FILE or set {PASSPHRASE_ENV} \
                          (no terminal to ask on: {e})"
@@ -456,8 +453,8 @@ fn read_passphrase_file(path: &Path) -> Result<String, CliError> {
     let bad =
         |reason: String| CliError::config(format!("passphrase file {}: {reason}", path.display()));
     // A regular file only, checked on what was opened: a FIFO would block.
-    let (file, meta) = store::open_regular(path, store::Links::Follow).map_err(|e| match e {
-        store::OpenError::NotRegular { what, .. } => bad(format!(
+    let (file, meta) = crate::file::open_regular(path, crate::file::Links::Follow).map_err(|e| match e {
+        crate::file::OpenError::NotRegular { what, .. } => bad(format!(
             "is {what}, not a regular file; nothing was read from it: give a file holding only the passphrase"
         )),
         e => bad(e.to_string()),

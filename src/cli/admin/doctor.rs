@@ -27,13 +27,10 @@ use yaml_rust2::Yaml;
 
 use super::encryption_config::{self, Dial};
 use super::{Target, report};
-use crate::backend::Backend;
-use crate::backend::local::LocalBackend;
-use crate::backend::pkcs11::Pkcs11Backend;
+use crate::backend::GuardedPath;
+use crate::backend::served::{self, Served};
 use crate::cli::CliError;
-use crate::config::BackendConfig;
 use crate::keyring::access;
-use crate::keyring::served::{self, Served};
 
 /// Arguments of `kekd admin doctor`.
 #[derive(Debug, clap::Args)]
@@ -192,7 +189,7 @@ async fn check_keyring(t: &Target, serve_uid: u32, out: &mut Vec<Finding>) {
             return;
         }
     };
-    let pkcs11 = matches!(config, BackendConfig::Pkcs11(_)).then_some(pin_file.as_deref());
+    let pkcs11 = config.secret_env().is_some().then_some(pin_file.as_deref());
     for (name, instead) in crate::cli::serve::secrets_from_environment(pkcs11) {
         out.push(warn(
             "secret in environment",
@@ -203,77 +200,64 @@ async fn check_keyring(t: &Target, serve_uid: u32, out: &mut Vec<Finding>) {
             format!("put the secret in a file (chmod 600) and use {instead}; unset {name}"),
         ));
     }
-    let backend: Box<dyn Backend> = match config {
-        BackendConfig::Local { keyring } => {
-            match access::check(&keyring, serve_uid) {
-                Ok(()) => out.push(ok(
-                    "keyring access",
-                    format!(
-                        "{}: only {} can change it or its directories",
-                        keyring.display(),
-                        if serve_uid == 0 {
-                            "root".to_owned()
-                        } else {
-                            format!("uid {serve_uid} and root")
-                        }
-                    ),
-                )),
-                Err(e) => out.push(fail(
-                    "keyring access",
-                    format!(
-                        "{} {}: another user could replace the keyring; kekd serve refuses it",
-                        e.path.display(),
-                        e.what
-                    ),
-                    e.fix,
-                )),
-            }
-            Box::new(LocalBackend::new(keyring))
+    let who = if serve_uid == 0 {
+        "root".to_owned()
+    } else {
+        format!("uid {serve_uid} and root")
+    };
+    // `kekd serve` refuses a keyring, or a state_dir (it holds the served
+    // record, the admin lock and the audit log), that others can change:
+    // the same check gives the same verdict here.
+    match config.guarded_path() {
+        GuardedPath::File(keyring) => match access::check(keyring, serve_uid) {
+            Ok(()) => out.push(ok(
+                "keyring access",
+                format!(
+                    "{}: only {who} can change it or its directories",
+                    keyring.display()
+                ),
+            )),
+            Err(e) => out.push(fail(
+                "keyring access",
+                format!(
+                    "{} {}: another user could replace the keyring; kekd serve refuses it",
+                    e.path.display(),
+                    e.what
+                ),
+                e.fix,
+            )),
+        },
+        GuardedPath::Dir(dir) => match access::check_dir(dir, serve_uid) {
+            Ok(()) => out.push(ok(
+                "state_dir access",
+                format!("{}: only {who} can change it or its parents", dir.display()),
+            )),
+            Err(e) => out.push(fail(
+                "state_dir access",
+                format!(
+                    "{} {}: another user could plant or remove kekd's state (the served record, the lock); \
+                     kekd serve refuses it",
+                    e.path.display(),
+                    e.what
+                ),
+                e.fix,
+            )),
+        },
+    }
+    let backend = match crate::backend::open(&config) {
+        // A keyring file is opened when it is read, below; a key store is
+        // reached now.
+        Ok(b) if config.keyring_file().is_some() => b,
+        Ok(b) => {
+            out.push(ok("token", b.describe()));
+            b
         }
-        BackendConfig::Pkcs11(settings) => {
-            // `kekd serve` refuses a state_dir others can change (it holds
-            // the served record, the admin lock and the audit log): the
-            // same check gives the same verdict here.
-            match access::check_dir(&settings.state_dir, serve_uid) {
-                Ok(()) => out.push(ok(
-                    "state_dir access",
-                    format!(
-                        "{}: only {} can change it or its parents",
-                        settings.state_dir.display(),
-                        if serve_uid == 0 {
-                            "root".to_owned()
-                        } else {
-                            format!("uid {serve_uid} and root")
-                        }
-                    ),
-                )),
-                Err(e) => out.push(fail(
-                    "state_dir access",
-                    format!(
-                        "{} {}: another user could plant or remove kekd's state (the served record, the lock); \
-                         kekd serve refuses it",
-                        e.path.display(),
-                        e.what
-                    ),
-                    e.fix,
-                )),
-            }
-            match Pkcs11Backend::connect(settings) {
-                Ok(b) => {
-                    out.push(ok("token", b.describe()));
-                    Box::new(b)
-                }
-                Err(e) => {
-                    out.push(fail(
-                        "token",
-                        e.to_string(),
-                        "check module, token_label and the PIN (docs/hsm.md)",
-                    ));
-                    return;
-                }
-            }
+        Err(e) => {
+            out.push(fail("token", e.to_string(), keyring_fix(&e)));
+            return;
         }
     };
+
     let anchor = backend.state_anchor();
     let keyring =
         match tokio::task::spawn_blocking(move || backend.load().map(|k| (k, backend.describe())))
@@ -346,20 +330,37 @@ async fn check_keyring(t: &Target, serve_uid: u32, out: &mut Vec<Finding>) {
 
 /// The fix for a keyring that does not load, by what is wrong with it.
 fn keyring_fix(e: &crate::backend::BackendError) -> String {
-    use crate::backend::BackendError as B;
+    use crate::backend::ErrorKind as K;
     use crate::keyring::store::StoreError as S;
-    match e {
-        B::Store(S::TooOpen { path, .. }) => format!("chmod 600 {}", path.display()),
-        B::Store(S::NotFound { path }) => format!(
-            "create it with `kekd admin init --keyring {0}`, or restore it \
-             (`kekd admin restore-backup --keyring {0} --from BACKUP`)",
-            path.display()
-        ),
-        B::Store(S::NotAFile { path }) => {
-            format!("{} must be the keyring file itself", path.display())
+    // A keyring file's own errors know the path to name.
+    match e.downcast_ref::<S>() {
+        Some(S::TooOpen { path, .. }) => return format!("chmod 600 {}", path.display()),
+        Some(S::NotFound { path }) => {
+            return format!(
+                "create it with `kekd admin init --keyring {0}`, or restore it \
+                 (`kekd admin restore-backup --keyring {0} --from BACKUP`)",
+                path.display()
+            );
         }
-        B::Pkcs11(_) => "check module, token_label and the PIN (docs/hsm.md)".to_owned(),
-        _ => "restore the keyring from a backup or another node (docs/runbook.md)".to_owned(),
+        Some(S::NotAFile { path }) => {
+            return format!("{} must be the keyring file itself", path.display());
+        }
+        _ => {}
+    }
+    match e.kind() {
+        K::StoreMissing | K::AuthenticationFailed | K::Misconfigured | K::Unavailable => {
+            "check the [backend] settings and the key store (docs/hsm.md for PKCS#11)".to_owned()
+        }
+        K::NoKeyring
+        | K::KeyringExists
+        | K::Locked
+        | K::Damaged
+        | K::Io
+        | K::NotDurable
+        | K::Decrypt
+        | K::Internal => {
+            "restore the keyring from a backup or another node (docs/runbook.md)".to_owned()
+        }
     }
 }
 

@@ -36,23 +36,23 @@ const MAX_CONFIG_LEN: u64 = 16 << 20;
 /// # Errors
 /// The file cannot be read, is not YAML, is empty, or is not one.
 pub fn load(path: &Path) -> Result<Yaml, LoadError> {
-    use crate::keyring::store;
     use std::io::Read as _;
     let unreadable = |e: &dyn std::fmt::Display| LoadError {
         detail: format!("{}: {e}", path.display()),
         fix: "give the file passed to --encryption-provider-config",
     };
     // Never a plain read: a FIFO there would block doctor forever.
-    let (file, _) = store::open_regular(path, store::Links::Follow).map_err(|e| match e {
-        store::OpenError::NotFound { .. } => unreadable(&std::io::Error::from_raw_os_error(
-            rustix::io::Errno::NOENT.raw_os_error(),
-        )),
-        store::OpenError::Io { source, .. } => unreadable(&source),
-        e => LoadError {
-            detail: e.to_string(),
-            fix: "give the file passed to --encryption-provider-config",
-        },
-    })?;
+    let (file, _) =
+        crate::file::open_regular(path, crate::file::Links::Follow).map_err(|e| match e {
+            crate::file::OpenError::NotFound { .. } => unreadable(
+                &std::io::Error::from_raw_os_error(rustix::io::Errno::NOENT.raw_os_error()),
+            ),
+            crate::file::OpenError::Io { source, .. } => unreadable(&source),
+            e => LoadError {
+                detail: e.to_string(),
+                fix: "give the file passed to --encryption-provider-config",
+            },
+        })?;
     let mut text = String::new();
     file.take(MAX_CONFIG_LEN + 1)
         .read_to_string(&mut text)

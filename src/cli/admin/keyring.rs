@@ -2,13 +2,14 @@
 //! list, import.
 //!
 //! A changing command takes the keyring's lock, reads the keyring, applies
-//! one operation from [`crate::keyring::ops`], writes the result atomically
+//! one operation from [`crate::keyring::lifecycle`], writes the result atomically
 //! and durably, appends the audit log, and only then reports success. A
 //! refused step changes nothing; a finished step re-run is a no-op.
 
 use std::fs;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -16,32 +17,22 @@ use serde_json::{Value, json};
 use super::encryption_config::Encrypted;
 use super::{LOCK_WAIT, Target, report};
 use crate::audit::{self, AuditRecord};
-use crate::backend::local::LocalBackend;
-use crate::backend::pkcs11::{Pkcs11Backend, Pkcs11Error};
-use crate::backend::{BackendError, KeyringStore};
+use crate::backend::served::{self, Served};
+use crate::backend::{BackendError, ErrorKind, KeySource};
 use crate::cli::CliError;
-use crate::cli::serve::{ensure_state_dir, pkcs11_error};
-use crate::config::BackendConfig;
-use crate::keyring::ops::{
+use crate::id::{KeyVersion, Timestamp};
+use crate::keyring::KeyState;
+use crate::keyring::lifecycle::{
     OpError, Outcome, RetireBasis, Transition, check_successor, retire_risk,
 };
-use crate::keyring::served::{self, Served};
 use crate::keyring::store::{self, KeyringFile, StoreError};
-use crate::keyring::{KeyState, KeyVersion, Timestamp};
 use crate::usage;
 
 impl Target {
     /// Resolves where the keyring is (flags, then KEKD_*, then --config) and
     /// opens it: the file, or a connection to the token.
-    pub(super) fn open(&self) -> Result<Box<dyn KeyringStore>, CliError> {
-        let config = self.backend_config()?;
-        Ok(match config {
-            BackendConfig::Local { keyring } => Box::new(LocalBackend::new(keyring)),
-            BackendConfig::Pkcs11(settings) => {
-                ensure_state_dir(&settings.state_dir)?;
-                Box::new(Pkcs11Backend::connect(settings).map_err(pkcs11_error)?)
-            }
-        })
+    pub(super) fn open(&self) -> Result<Arc<dyn KeySource>, CliError> {
+        crate::backend::open(&self.backend_config()?).map_err(backend_error)
     }
 }
 
@@ -55,12 +46,7 @@ pub(super) fn lock_wait() -> Duration {
 }
 
 pub(super) fn backend_error(e: BackendError) -> CliError {
-    match e {
-        BackendError::Store(e) => store_error(e),
-        BackendError::Pkcs11(e) => pkcs11_error(e),
-        BackendError::Keyring { .. } => CliError::config(e),
-        BackendError::Decrypt | BackendError::Seal => CliError::runtime(e),
-    }
+    CliError::backend(&e)
 }
 
 /// A lifecycle step.
@@ -111,36 +97,15 @@ impl Step {
 }
 
 pub(super) fn store_error(e: StoreError) -> CliError {
-    match e {
-        StoreError::Locked { .. } => CliError::new(CliError::LOCKED, &e),
-        StoreError::Parse { ref path, .. } | StoreError::TooLarge { ref path, .. } => {
-            CliError::config(format!("{e}\n{}", damaged_hint(path)))
-        }
-        StoreError::Io { .. } | StoreError::NotDurable { .. } | StoreError::Random(_) => {
-            CliError::runtime(e)
-        }
-        _ => CliError::config(e),
-    }
-}
-
-/// How to get a damaged keyring file back, as a second line under the
-/// error (the first line stays the error itself).
-pub(crate) fn damaged_hint(path: &Path) -> String {
-    let p = path.display();
-    format!(
-        "hint: if {p} is damaged, move it aside (`mv {p} {p}.damaged`) and bring the keyring back: \
-         `kekd admin restore-backup --from BACKUP --keyring {p}`, or `kekd admin import --from COPY --keyring {p}` \
-         with the keyring of another node"
-    )
+    backend_error(BackendError::from(e))
 }
 
 /// A keyring is already there: a refusal (exit 1), like every step that
 /// would lose keys, not a problem with that keyring (78).
 fn init_error(e: BackendError) -> CliError {
-    match e {
-        BackendError::Store(e @ StoreError::AlreadyExists { .. }) => CliError::runtime(e),
-        BackendError::Pkcs11(e @ Pkcs11Error::KeyringExists { .. }) => CliError::runtime(e),
-        e => backend_error(e),
+    match e.kind() {
+        ErrorKind::KeyringExists => CliError::runtime(e),
+        _ => backend_error(e),
     }
 }
 
@@ -170,10 +135,7 @@ pub fn init(t: &Target) -> Result<(), CliError> {
     let now = Timestamp::now();
     let file = store.generate(now).map_err(init_error)?;
     let not_durable = match store.create(&file) {
-        Err(
-            e @ (BackendError::Store(StoreError::AlreadyExists { .. })
-            | BackendError::Pkcs11(Pkcs11Error::KeyringExists { .. })),
-        ) => return Err(init_error(e)),
+        Err(e) if e.kind() == ErrorKind::KeyringExists => return Err(init_error(e)),
         result => written(result)?,
     };
     let version = KeyVersion::FIRST;
@@ -221,7 +183,7 @@ pub fn init(t: &Target) -> Result<(), CliError> {
         ),
     );
     match not_durable {
-        Some(e) => Err(store_error(e)),
+        Some(e) => Err(backend_error(e)),
         None => Ok(()),
     }
 }
@@ -394,7 +356,7 @@ pub fn change_checked(
         &text,
     );
     if let Some(e) = not_durable {
-        return Err(store_error(e));
+        return Err(backend_error(e));
     }
     audit_result.map_err(|e| {
         CliError::runtime(format!(
@@ -444,7 +406,7 @@ pub fn accept(t: &Target) -> Result<(), CliError> {
         Ok(None) => "nothing".to_owned(),
         Err(_) => "an unreadable record".to_owned(),
     };
-    let not_durable = written(served::write(&anchor, found).map_err(BackendError::Store))?;
+    let not_durable = written(served::write(&anchor, found).map_err(BackendError::from))?;
     let state = file
         .versions
         .iter()
@@ -485,7 +447,7 @@ pub fn accept(t: &Target) -> Result<(), CliError> {
         ),
     );
     if let Some(e) = not_durable {
-        return Err(store_error(e));
+        return Err(backend_error(e));
     }
     audit_result.map_err(|e| {
         CliError::runtime(format!(
@@ -498,10 +460,10 @@ pub fn accept(t: &Target) -> Result<(), CliError> {
 /// A write's result: `Ok(None)` written, `Ok(Some(e))` in effect but not
 /// known to be durable (audit and report it, then fail with `e`), `Err`
 /// not written.
-fn written(result: Result<(), BackendError>) -> Result<Option<StoreError>, CliError> {
+fn written(result: Result<(), BackendError>) -> Result<Option<BackendError>, CliError> {
     match result {
         Ok(()) => Ok(None),
-        Err(BackendError::Store(e @ StoreError::NotDurable { .. })) => Ok(Some(e)),
+        Err(e) if e.kind() == ErrorKind::NotDurable => Ok(Some(e)),
         Err(e) => Err(backend_error(e)),
     }
 }
@@ -538,7 +500,7 @@ fn last_decrypt(
 }
 
 /// How the operator named the keyring, to repeat it in suggested commands.
-fn target_flags(t: &Target) -> String {
+pub(super) fn target_flags(t: &Target) -> String {
     match (&t.keyring, &t.config) {
         (Some(k), _) => format!("--keyring {}", k.display()),
         (None, Some(c)) => format!("--config {}", c.display()),
@@ -883,7 +845,7 @@ pub fn import(t: &Target, from: &Path) -> Result<(), CliError> {
     if store
         .read()
         .is_ok_and(|f| f.material == store::Material::Token)
-        || t.backend.kind.as_deref() == Some("pkcs11")
+        || !t.backend.keyring_in_a_file()
     {
         return Err(CliError::runtime(
             "import is for local keyrings: every kekd pointed at the same PKCS#11 token already shares its keyring",
@@ -910,9 +872,9 @@ pub fn import(t: &Target, from: &Path) -> Result<(), CliError> {
                     ))
                 },
             )?;
-            crate::keyring::ops::transitions(Some(local), &incoming)
+            crate::keyring::lifecycle::transitions(Some(local), &incoming)
         }
-        None => crate::keyring::ops::transitions(None, &incoming),
+        None => crate::keyring::lifecycle::transitions(None, &incoming),
     };
     if existing.is_some()
         && transitions.is_empty()
@@ -934,7 +896,7 @@ pub fn import(t: &Target, from: &Path) -> Result<(), CliError> {
             Some(_) => store::replace(path, &incoming),
             None => store::create(path, &incoming),
         }
-        .map_err(BackendError::Store),
+        .map_err(BackendError::from),
     )?;
     let records: Vec<AuditRecord> = transitions
         .iter()
@@ -976,7 +938,7 @@ pub fn import(t: &Target, from: &Path) -> Result<(), CliError> {
         &text,
     );
     if let Some(e) = not_durable {
-        return Err(store_error(e));
+        return Err(backend_error(e));
     }
     audit_result.map_err(|e| {
         CliError::runtime(format!(
@@ -999,194 +961,4 @@ fn read_copy(from: &Path) -> Result<KeyringFile, CliError> {
         );
     }
     Ok(file)
-}
-
-/// Arguments of `upgrade-token`.
-#[derive(Debug, clap::Args)]
-pub struct UpgradeTokenArgs {
-    /// Check everything and print what would be adopted; write nothing.
-    #[arg(long)]
-    pub dry_run: bool,
-    /// The token (a `[backend]` table with `kind = "pkcs11"`).
-    #[command(flatten)]
-    pub target: Target,
-}
-
-/// `kekd admin upgrade-token`: adopts the keyring an older kekd wrote into
-/// a PKCS#11 token as authenticated version-2 metadata, under the admin
-/// lock (docs/hsm.md). Audited; re-running it is a no-op that says so.
-///
-/// # Errors
-/// Exit 78 when there is no keyring or a key object is refused (nothing is
-/// written), 1 for a local keyring, a concurrent change or token failures.
-pub fn upgrade_token(a: &UpgradeTokenArgs) -> Result<(), CliError> {
-    use crate::backend::pkcs11::{MetadataKey, UpgradeOutcome};
-    use crate::keyring::store::{MAGIC_METADATA, MAGIC_METADATA_V1};
-
-    let t = &a.target;
-    let settings = match t.backend_config()? {
-        BackendConfig::Pkcs11(settings) => settings,
-        BackendConfig::Local { keyring } => {
-            return Err(CliError::runtime(format!(
-                "upgrade-token is for keyrings in a PKCS#11 token ([backend] kind = \"pkcs11\"); {} is a local \
-                 keyring file, which has no older format to upgrade",
-                keyring.display()
-            )));
-        }
-    };
-    ensure_state_dir(&settings.state_dir)?;
-    let backend = Pkcs11Backend::connect(settings).map_err(pkcs11_error)?;
-    let anchor = backend.anchor();
-    let name = backend.name();
-    // A dry run only reads: it does not wait for another admin command.
-    let _lock = if a.dry_run {
-        None
-    } else {
-        Some(store::lock(&anchor, lock_wait()).map_err(store_error)?)
-    };
-    let now = Timestamp::now();
-    let up = backend.token().upgrade(a.dry_run).map_err(backend_error)?;
-    let id = up.keyring_id;
-    let key_id = |v: KeyVersion| crate::keyring::KeyId::new(&id, v).to_string();
-
-    let (changed, from_format) = match up.outcome {
-        UpgradeOutcome::AlreadyCurrent => (false, MAGIC_METADATA),
-        UpgradeOutcome::WouldAdopt => (false, MAGIC_METADATA_V1),
-        UpgradeOutcome::Adopted => (true, MAGIC_METADATA_V1),
-    };
-    let metadata_key = match up.metadata_key {
-        MetadataKey::Existing => "existing",
-        MetadataKey::Generated => "generated",
-        MetadataKey::Leftover => "leftover",
-    };
-    let message = match up.outcome {
-        UpgradeOutcome::AlreadyCurrent => format!(
-            "the keyring metadata is {MAGIC_METADATA} already (revision {}, authenticated)",
-            up.revision
-        ),
-        UpgradeOutcome::WouldAdopt => format!(
-            "dry run: every key object passed; nothing was written. Run `kekd admin upgrade-token {}` to adopt it",
-            target_flags(t)
-        ),
-        UpgradeOutcome::Adopted => format!(
-            "revision {} ({MAGIC_METADATA_V1}) → revision {} ({MAGIC_METADATA}, authenticated)",
-            up.from_revision, up.revision
-        ),
-    };
-    let next = match up.outcome {
-        UpgradeOutcome::Adopted => Some(
-            "start (or restart) every kekd serving this token with this version: it serves the upgraded keyring. \
-             An older kekd cannot read the new metadata: replace it on every node now, and run admin commands \
-             with this version only"
-                .to_owned(),
-        ),
-        _ => None,
-    };
-
-    let versions: Vec<Value> = up
-        .versions
-        .iter()
-        .map(|v| {
-            json!({
-                "version": v.info.version.get(),
-                "state": v.info.state.as_str(),
-                "key_id": key_id(v.info.version),
-                "key_object": v.key_object,
-            })
-        })
-        .collect();
-    let json = json!({
-        "command": "upgrade-token",
-        "changed": changed,
-        "dry_run": a.dry_run,
-        "keyring": name,
-        "keyring_id": id.to_string(),
-        "from_format": from_format,
-        "format": if changed { MAGIC_METADATA } else { from_format },
-        "from_revision": up.from_revision,
-        "revision": up.revision,
-        "versions": versions,
-        "metadata_key": {"label": up.metadata_key_label, "source": metadata_key},
-        "erased": up.erased.iter().map(|v| v.get()).collect::<Vec<u32>>(),
-        "message": message,
-        "next": next,
-    });
-    let mut text = match up.outcome {
-        UpgradeOutcome::AlreadyCurrent => {
-            format!("upgrade-token: nothing to do: keyring {id} in {name}: {message}\n")
-        }
-        UpgradeOutcome::WouldAdopt => format!(
-            "upgrade-token --dry-run: would adopt keyring {id} in {name} (revision {}, {MAGIC_METADATA_V1}):\n",
-            up.from_revision
-        ),
-        UpgradeOutcome::Adopted => {
-            format!("upgrade-token: adopted keyring {id} in {name}: {message}:\n")
-        }
-    };
-    if up.outcome != UpgradeOutcome::AlreadyCurrent {
-        for v in &up.versions {
-            text.push_str(&format!(
-                "  version {:<4} {:<12}  {}\n",
-                v.info.version,
-                v.info.state.as_str(),
-                match (&v.key_object, up.outcome == UpgradeOutcome::Adopted) {
-                    (None, _) => "no key material".to_owned(),
-                    (Some(label), true) =>
-                        format!("key object {label}: checked, check value recorded"),
-                    (Some(label), false) => format!("key object {label}: checked"),
-                }
-            ));
-        }
-        text.push_str(&format!(
-            "  metadata key {}: {}\n",
-            up.metadata_key_label,
-            match (up.metadata_key, up.outcome == UpgradeOutcome::Adopted) {
-                (MetadataKey::Leftover, _) =>
-                    "left by an earlier run that stopped before writing; checked and adopted",
-                (_, true) => "generated in the token",
-                (_, false) => "would be generated in the token",
-            }
-        ));
-        for v in &up.erased {
-            text.push_str(&format!(
-                "  version {v} is destroyed: its leftover key object was erased\n"
-            ));
-        }
-        match &next {
-            Some(next) => text.push_str(&format!("next: {next}\n")),
-            None => text.push_str(&format!("{message}\n")),
-        }
-    }
-
-    // One audit line for the whole upgrade, naming the primary version
-    // (its state unchanged); no-ops and dry runs write none.
-    let audit_result = match up
-        .versions
-        .iter()
-        .find(|v| v.info.state == KeyState::Primary)
-    {
-        Some(v) if changed => audit::append(
-            &anchor,
-            &[AuditRecord::new(
-                "upgrade-token",
-                &name,
-                &id,
-                &Transition {
-                    version: v.info.version,
-                    from: Some(v.info.state),
-                    to: v.info.state,
-                },
-                vec![],
-                now,
-            )],
-        ),
-        _ => Ok(()),
-    };
-    report(t.output, &json, &text);
-    audit_result.map_err(|e| {
-        CliError::runtime(format!(
-            "the token was upgraded, but its audit log {} could not be written: {e}",
-            audit::audit_path(&anchor).display()
-        ))
-    })
 }

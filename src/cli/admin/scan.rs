@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 
 use super::Target;
 use crate::cli::{CliError, Output};
-use crate::keyring::{KeyState, Timestamp};
+use crate::id::Timestamp;
+use crate::keyring::KeyState;
 use crate::scan::decode::escape;
 use crate::scan::etcd::{EtcdError, EtcdTarget, Paging, Progress};
 use crate::scan::{KeyringSeen, KeyringVersion, ScanReport, ScanRun, Tally, peak_rss_bytes};
@@ -65,7 +66,7 @@ pub struct ScanArgs {
 pub fn run(args: &ScanArgs) -> Result<(), CliError> {
     if args.prefix.is_empty() {
         return Err(CliError::new(
-            64,
+            crate::exit::USAGE,
             "--prefix must not be empty (the apiserver's --etcd-prefix and a slash, e.g. /registry/)",
         ));
     }
@@ -145,7 +146,7 @@ pub fn run(args: &ScanArgs) -> Result<(), CliError> {
 
 fn etcd_error(e: EtcdError) -> CliError {
     match e {
-        EtcdError::Usage(_) => CliError::new(64, e),
+        EtcdError::Usage(_) => CliError::new(crate::exit::USAGE, e),
         EtcdError::File { .. } => CliError::config(e),
         _ => CliError::runtime(e),
     }
@@ -154,7 +155,7 @@ fn etcd_error(e: EtcdError) -> CliError {
 /// The keyring named by --keyring/--config/KEKD_*, if any: its id and states.
 fn keyring_seen(t: &Target) -> Result<Option<KeyringSeen>, CliError> {
     let (keyring, backend) = t.settings()?;
-    if keyring.is_none() && backend.kind.as_deref() != Some("pkcs11") {
+    if keyring.is_none() && backend.keyring_in_a_file() {
         return Ok(None);
     }
     let store = t.open()?;
@@ -377,12 +378,10 @@ const MAX_SCAN_FILE: u64 = 16 * 1024 * 1024;
 pub(super) fn read_scan(file: &std::path::Path) -> Result<ScanReport, CliError> {
     use std::io::Read;
 
-    use crate::keyring::store;
-
     let name = file.display().to_string();
     // A regular file only, checked on what was opened: a FIFO would block.
-    let (f, meta) = store::open_regular(file, store::Links::Follow).map_err(|e| match e {
-        store::OpenError::NotRegular { what, .. } => CliError::config(format!(
+    let (f, meta) = crate::file::open_regular(file, crate::file::Links::Follow).map_err(|e| match e {
+        crate::file::OpenError::NotRegular { what, .. } => CliError::config(format!(
             "--scan {name} is {what}, not a regular file; nothing was read from it: save the output of \
              `kekd admin scan … --output json` to a file and pass that"
         )),
@@ -411,7 +410,7 @@ pub(super) fn check_retire(
     scan: &ScanReport,
     file: &std::path::Path,
     keyring: &crate::keyring::store::KeyringFile,
-    version: crate::keyring::KeyVersion,
+    version: crate::id::KeyVersion,
 ) -> Result<(), CliError> {
     let evidence = scan
         .check_retire(

@@ -1,6 +1,7 @@
 use std::os::unix::fs::PermissionsExt;
 
 use super::*;
+use crate::file::{BEFORE_RENAME, OpenError, open_regular};
 use crate::keyring::KeyState;
 
 const KEK_B64: &str = "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=";

@@ -1,9 +1,15 @@
+//! The keyring with local keys: key ids, lifecycle rules, and sealing
+//! and opening through real AES-256-GCM keys.
+
 use proptest::prelude::*;
 
-use super::*;
-use crate::backend::local::keyring_from_file;
+use super::keyring_from_file;
+use crate::envelope::{self, Envelope, EnvelopeError};
+use crate::id::{InvalidKeyId, KeyId, KeyVersion, KeyringId, Timestamp};
 use crate::keyring::store::{KeyringFile, Material, StoredVersion};
+use crate::keyring::*;
 use crate::secret::Kek;
+use crate::secret::Plaintext;
 
 fn v(n: u32) -> KeyVersion {
     KeyVersion::new(n).unwrap()
@@ -160,7 +166,7 @@ fn plaintext_size_limits() {
 /// Decrypt with a ciphertext sealed under `version` of `kr` (sealing directly,
 /// since only the primary encrypts through the public API).
 fn sealed_under(kr: &Keyring, version: KeyVersion) -> Vec<u8> {
-    let key = kr.versions.get(&version).unwrap().key.as_ref().unwrap();
+    let key = kr.handle(version).unwrap();
     let nonce = [5u8; envelope::NONCE_LEN];
     let aad = envelope::aad(kr.id(), version);
     let (nonce, sealed) = block_on(key.seal(&nonce, &aad, &seed())).unwrap();

@@ -23,8 +23,9 @@
 
 use std::time::Duration;
 
+use crate::id::{KeyId, KeyVersion, KeyringId, Timestamp};
 use crate::keyring::store::{KeyringFile, Material, StoredVersion};
-use crate::keyring::{KeyId, KeyState, KeyVersion, KeyringId, Timestamp, VersionInfo};
+use crate::keyring::{KeyState, VersionInfo};
 use crate::secret::{Kek, KeyFingerprint, RandomError};
 
 /// The apiserver caches decrypted seeds for 24 hours: a version that served

@@ -18,8 +18,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use tracing::warn;
 
 use crate::backend::{Backend, BackendError};
+use crate::id::{KeyVersion, KeyringId};
 use crate::keyring::store::{self, StoreError};
-use crate::keyring::{KeyVersion, Keyring, KeyringError, KeyringId};
+use crate::keyring::{Keyring, KeyringError};
 
 /// First line of a record.
 const MAGIC: &str = "kekd-served v1";
@@ -92,7 +93,7 @@ impl Served {
 
 /// The record of the keyring (or state anchor) at `anchor`.
 pub fn record_path(anchor: &Path) -> PathBuf {
-    store::sibling(anchor, ".served")
+    crate::file::sibling(anchor, ".served")
 }
 
 /// Why a keyring may not be served, or the record not be read.
@@ -157,21 +158,21 @@ pub fn read(anchor: &Path, target: &str) -> Result<Option<Served>, ServedError> 
     let mut text = String::new();
     // kekd writes the record by rename, never as a link: a link, FIFO or
     // directory there was planted, and is refused without blocking.
-    match store::open_regular(&path, store::Links::Refuse) {
+    match crate::file::open_regular(&path, crate::file::Links::Refuse) {
         Ok((f, _)) => f
             .take(MAX_LEN)
             .read_to_string(&mut text)
             .map_err(|e| unreadable(format!("cannot read it: {e}")))?,
-        Err(store::OpenError::NotFound { .. }) => return Ok(None),
-        Err(store::OpenError::Io { source, .. }) => {
+        Err(crate::file::OpenError::NotFound { .. }) => return Ok(None),
+        Err(crate::file::OpenError::Io { source, .. }) => {
             return Err(unreadable(format!("cannot open it: {source}")));
         }
-        Err(store::OpenError::Symlink { .. }) => {
+        Err(crate::file::OpenError::Symlink { .. }) => {
             return Err(unreadable(
                 "it is a symlink, which kekd never makes there (remove it)".to_owned(),
             ));
         }
-        Err(store::OpenError::NotRegular { what, .. }) => {
+        Err(crate::file::OpenError::NotRegular { what, .. }) => {
             return Err(unreadable(format!(
                 "it is {what}, not a regular file, which kekd never makes there (remove it)"
             )));
@@ -187,7 +188,8 @@ pub fn read(anchor: &Path, target: &str) -> Result<Option<Served>, ServedError> 
 /// # Errors
 /// When the write fails.
 pub fn write(anchor: &Path, served: Served) -> Result<(), StoreError> {
-    store::write_state_file(&record_path(anchor), anchor, served.encode().as_bytes())
+    crate::file::write_state_file(&record_path(anchor), anchor, served.encode().as_bytes())
+        .map_err(StoreError::from)
 }
 
 /// Whether `found` may be served where `remembered` was: the same keyring,
@@ -292,10 +294,7 @@ impl Backend for Guarded {
         let refuse = |e: ServedError| {
             // Until a start passes this check, every load is a start.
             self.started.store(false, Ordering::Release);
-            BackendError::Keyring {
-                source_name: self.inner.describe(),
-                error: Box::new(KeyringError::Invalid(e.to_string())),
-            }
+            KeyringError::Invalid(e.to_string()).loading(self.inner.describe())
         };
         let remembered = read(&anchor, &self.target).map_err(refuse)?;
         check(

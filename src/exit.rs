@@ -1,0 +1,58 @@
+//! kekd's exit codes, in one place (the BSD `sysexits.h` values where one
+//! fits), and the one mapping from a backend-neutral [`ErrorKind`] to them.
+//!
+//! | code | meaning |
+//! |------|---------|
+//! | 0    | done, or already done (every admin command is safe to re-run) |
+//! | 1    | refused, or failed at run time (an outage, I/O): retry or read the message |
+//! | 64   | the command line is wrong (`EX_USAGE`) |
+//! | 75   | another admin command holds the keyring's lock: retry (`EX_TEMPFAIL`) |
+//! | 78   | the configuration or the keyring needs the operator (`EX_CONFIG`) |
+
+use crate::kek::ErrorKind;
+
+/// Refused, or a runtime failure.
+pub const RUNTIME: u8 = 1;
+/// The command line is wrong (EX_USAGE).
+pub const USAGE: u8 = 64;
+/// Another admin command holds the keyring's lock (EX_TEMPFAIL).
+pub const LOCKED: u8 = 75;
+/// The configuration or the keyring needs the operator (EX_CONFIG).
+pub const CONFIG: u8 = 78;
+
+/// The exit code of a command that failed with an error of `kind`.
+pub fn of_kind(kind: ErrorKind) -> u8 {
+    match kind {
+        ErrorKind::Locked => LOCKED,
+        ErrorKind::Unavailable
+        | ErrorKind::Io
+        | ErrorKind::NotDurable
+        | ErrorKind::Decrypt
+        | ErrorKind::Internal => RUNTIME,
+        ErrorKind::StoreMissing
+        | ErrorKind::NoKeyring
+        | ErrorKind::KeyringExists
+        | ErrorKind::AuthenticationFailed
+        | ErrorKind::Misconfigured
+        | ErrorKind::Damaged => CONFIG,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the operator must fix exits 78; what passes by itself exits 1
+    /// (or 75 for the lock, which says "retry").
+    #[test]
+    fn kinds_that_need_the_operator_exit_78() {
+        for kind in ErrorKind::ALL {
+            let code = of_kind(kind);
+            match kind {
+                ErrorKind::Locked => assert_eq!(code, LOCKED),
+                _ if kind.needs_operator() => assert_eq!(code, CONFIG, "{kind:?}"),
+                _ => assert_eq!(code, RUNTIME, "{kind:?}"),
+            }
+        }
+    }
+}
