@@ -450,6 +450,7 @@ func printSummary(r Report) {
 		fmt.Printf("%-14s start %v ms, storm %.0f ms, peak RSS %.1f MiB\n",
 			s.Name, s.StartMS, s.Storm.WallMS, float64(s.PeakRSS)/(1<<20))
 	}
+	printBaseline(r)
 }
 
 // parseCriterion picks each benchmark's name and time interval out of

@@ -75,6 +75,7 @@ func renderMarkdown(r Report) string {
 		}
 		w("| %s | %s | %s |\n", t.name, t.measured, met)
 	}
+	b.WriteString(renderBaseline(r))
 
 	w("\n### Per server\n\n| server | start → first good Status, ms (median / max of %d) | storm wall ms | storm p50 / p99 µs | storm CPU s | peak RSS MiB |\n|---|---|---|---|---|---|\n", startCount(r))
 	for _, s := range r.Servers {
@@ -339,6 +340,7 @@ func drawPlot(r Report, path string) error {
 		color.RGBA{R: 0x7f, G: 0x7f, B: 0x7f, A: 0xff},
 		color.RGBA{R: 0x94, G: 0x67, B: 0xbd, A: 0xff},
 	}
+	colours, before := plotColours(r, palette)
 	plots := [][]*plot.Plot{make([]*plot.Plot, len(Ops))}
 	for i, op := range Ops {
 		p := plot.New()
@@ -361,12 +363,16 @@ func drawPlot(r Report, path string) error {
 			if len(p50) == 0 {
 				continue
 			}
-			c := palette[si%len(palette)]
+			c := colours[si]
 			l50, pts, err := plotter.NewLinePoints(p50)
 			if err != nil {
 				return err
 			}
 			l50.Color, pts.Color = c, c
+			if before[si] {
+				// The baseline: its twin's colour, lighter, triangles.
+				pts.Shape = draw.TriangleGlyph{}
+			}
 			l50.Width = vg.Points(1.5)
 			l99, err := plotter.NewLine(p99)
 			if err != nil {
