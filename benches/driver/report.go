@@ -56,12 +56,16 @@ func renderMarkdown(r Report) string {
 	var b bytes.Buffer
 	w := func(format string, args ...any) { fmt.Fprintf(&b, format, args...) }
 	w("\n## Results (%s run, %s)\n\n", r.Mode, r.Date)
+	storms := ""
+	if r.StormRounds > 1 {
+		storms = fmt.Sprintf(" (%d storms per server, in turns; the fastest is shown)", r.StormRounds)
+	}
 	w("Each scenario: %.1f s measured after a warm-up, one connection through `kmsv2.NewGRPCService`, "+
 		"the servers taking turns, best of %d rounds per server; "+
-		"storm: %d Decrypts of distinct seeds fired at once at a freshly restarted server. "+
+		"storm: %d Decrypts of distinct seeds fired at once at a freshly restarted server%s. "+
 		"Latencies in µs; CPU is the server's user+system seconds per 1,000 calls. "+
 		"Other processes used **%.0f%%** of the machine's CPU while the scenarios ran.\n\n",
-		r.Duration, r.Rounds, r.StormSize, 100*r.OtherCPU)
+		r.Duration, r.Rounds, r.StormSize, storms, 100*r.OtherCPU)
 	w("![p50 (solid) and p99 (dashed) latency vs concurrency, per server](benchmarks.png)\n\n")
 
 	w("### Targets\n\n| target | measured | met |\n|---|---|---|\n")
