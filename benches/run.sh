@@ -266,6 +266,9 @@ done
 args=(-plan "$work/plan.json" -json "$out/results.json")
 [[ "$quick" == 1 ]] && args+=(-quick)
 [[ -n "${KEKD_BENCH_ONLY:-}" ]] && args+=(-only "$KEKD_BENCH_ONLY")
+# A baseline is compared on the storm too: one storm per server is too
+# noisy for that, and which server storms first would count.
+[[ -n "$baseline" ]] && args+=(-storm-rounds 3)
 docs=0
 if [[ "${KEKD_BENCH_DOCS:-}" == 1 ]] || [[ "$quick" != 1 && -z "${KEKD_BENCH_ONLY:-}" && -z "$baseline" ]]; then
 	docs=1
