@@ -8,7 +8,8 @@
 // Encrypt and Decrypt at each concurrency (throughput, p50/p99/p99.9,
 // errors, the server's CPU seconds per 1,000 calls from /proc/PID/stat); a
 // cold-start storm (the server restarted, then one Decrypt per prepared
-// ciphertext fired at once through one connection); and peak RSS (VmHWM).
+// ciphertext fired at once through one connection; with -storm-rounds,
+// several in turns, keeping the fastest); and peak RSS (VmHWM).
 // Every answer is checked (Status v2/ok and its key id, Encrypt's key id and
 // size, Decrypt's plaintext); any error or wrong answer makes the run fail.
 //
@@ -70,6 +71,9 @@ type Report struct {
 	Servers     []ServerReport `json:"servers"`
 	// Criterion holds the micro-benchmarks: name and "[low median high]".
 	Criterion [][2]string `json:"criterion,omitempty"`
+	// StormRounds is how many storms each server had (it keeps its
+	// fastest); 0 means 1.
+	StormRounds int `json:"storm_rounds,omitempty"`
 }
 
 func main() {
@@ -80,6 +84,7 @@ func main() {
 	concFlag := flag.String("concurrency", "1,16,64,256", "concurrency levels")
 	stormFlag := flag.Int("storm", 0, "Decrypts in the cold-start storm (default 10000, quick 2000)")
 	starts := flag.Int("starts", 0, "extra cold starts timed per server (default 4, quick 1)")
+	stormRounds := flag.Int("storm-rounds", 1, "storms per server, in turns; each server keeps its fastest (benches/run.sh asks 3 with a baseline)")
 	only := flag.String("only", "", "comma-separated server names to run (default all)")
 	outJSON := flag.String("json", "", "write the results here")
 	outMD := flag.String("markdown", "", "docs/benchmarks.md: its generated section is replaced")
@@ -129,6 +134,7 @@ func main() {
 		if *starts > 0 {
 			cfg.starts = *starts
 		}
+		cfg.stormRounds = max(1, *stormRounds)
 		for f := range strings.SplitSeq(*concFlag, ",") {
 			n, err := strconv.Atoi(strings.TrimSpace(f))
 			if err != nil || n < 1 {
@@ -144,6 +150,9 @@ func main() {
 			Concurrency: cfg.concurrency,
 			StormSize:   cfg.storm,
 			Meta:        plan.Meta,
+		}
+		if cfg.stormRounds > 1 {
+			report.StormRounds = cfg.stormRounds
 		}
 		if *criterionOut != "" {
 			b, err := os.ReadFile(*criterionOut)
@@ -170,6 +179,16 @@ func main() {
 		for _, l := range servers {
 			stormAndStop(l, cfg)
 			l.fail(nil) // stops it, if a failure left it running
+		}
+		// More storms, the servers taking turns (each round starting with
+		// a different one), so that which server storms first is no
+		// advantage: a baseline and its twin are compared on this.
+		for round := 1; round < cfg.stormRounds; round++ {
+			for k := range servers {
+				stormAgain(servers[(k+round)%len(servers)])
+			}
+		}
+		for _, l := range servers {
 			if l.err != nil {
 				log.Printf("FAIL %s: %v", l.spec.Name, l.err)
 				failed++
@@ -219,6 +238,7 @@ type runConfig struct {
 	concurrency      []int
 	storm            int
 	starts           int
+	stormRounds      int
 }
 
 // callTimeout is the apiserver's default KMS call timeout (3 s), used for
@@ -239,6 +259,8 @@ type live struct {
 	c       *caller
 	attempt int
 	err     error
+	// stormSamples are the storm's Decrypt inputs, kept for more rounds.
+	stormSamples []Sample
 }
 
 // bringUp times the cold starts, then starts the server for the scenarios
@@ -383,11 +405,38 @@ func stormAndStop(l *live, cfg runConfig) {
 	l.p.stop()
 	l.p = nil
 
-	l.attempt++
-	p2, took, err := startServer(l.spec, l.attempt)
+	l.stormSamples = samples
+	if l.sr.Storm, err = stormOnce(l); err != nil {
+		l.err = err
+		return
+	}
+	log.Printf("%-14s peak RSS %.1f MiB; starts %v ms", l.spec.Name, float64(l.sr.PeakRSS)/(1<<20), l.sr.StartMS)
+}
+
+// stormAgain fires one more storm at a freshly started server and keeps
+// the faster of its storms (a storm with errors is never hidden).
+func stormAgain(l *live) {
+	if l.err != nil {
+		return
+	}
+	st, err := stormOnce(l)
 	if err != nil {
 		l.err = err
 		return
+	}
+	if st.Errors > 0 || (l.sr.Storm.Errors == 0 && st.WallMS < l.sr.Storm.WallMS) {
+		l.sr.Storm = st
+	}
+}
+
+// stormOnce starts the server, calls Status through a fresh client (as the
+// apiserver does first, which also opens the connection), fires the storm
+// at it and stops it.
+func stormOnce(l *live) (StormResult, error) {
+	l.attempt++
+	p2, took, err := startServer(l.spec, l.attempt)
+	if err != nil {
+		return StormResult{}, err
 	}
 	defer p2.stop()
 	l.sr.StartMS = append(l.sr.StartMS, ms(took))
@@ -395,26 +444,23 @@ func stormAndStop(l *live, cfg runConfig) {
 	defer cancel()
 	client, err := envelopekmsv2.NewGRPCService(ctx, "unix://"+l.spec.Socket, l.spec.Name, stormTimeout)
 	if err != nil {
-		l.err = err
-		return
+		return StormResult{}, err
 	}
-	// The apiserver calls Status first; that also opens the connection.
 	st, err := client.Status(ctx)
 	if err == nil {
 		err = checkStatus(st, l.c.keyID)
 	}
 	if err != nil {
-		l.err = fmt.Errorf("status before the storm: %w", err)
-		return
+		return StormResult{}, fmt.Errorf("status before the storm: %w", err)
 	}
-	if l.sr.Storm, err = storm(p2, client, samples, stormTimeout); err != nil {
-		l.err = err
-		return
+	res, err := storm(p2, client, l.stormSamples, stormTimeout)
+	if err != nil {
+		return StormResult{}, err
 	}
 	log.Printf("%-14s storm of %d Decrypts: %.1f ms wall, p50 %.1fµs p99 %.1fµs, cpu %.2fs, errors %d",
-		l.spec.Name, l.sr.Storm.Calls, l.sr.Storm.WallMS, l.sr.Storm.P50, l.sr.Storm.P99, l.sr.Storm.CPUSeconds, l.sr.Storm.Errors)
+		l.spec.Name, res.Calls, res.WallMS, res.P50, res.P99, res.CPUSeconds, res.Errors)
 	l.sr.notePeak(p2)
-	log.Printf("%-14s peak RSS %.1f MiB; starts %v ms", l.spec.Name, float64(l.sr.PeakRSS)/(1<<20), l.sr.StartMS)
+	return res, nil
 }
 
 func (sr *ServerReport) notePeak(p *proc) {
@@ -450,6 +496,7 @@ func printSummary(r Report) {
 		fmt.Printf("%-14s start %v ms, storm %.0f ms, peak RSS %.1f MiB\n",
 			s.Name, s.StartMS, s.Storm.WallMS, float64(s.PeakRSS)/(1<<20))
 	}
+	printBaseline(r)
 }
 
 // parseCriterion picks each benchmark's name and time interval out of

@@ -56,12 +56,16 @@ func renderMarkdown(r Report) string {
 	var b bytes.Buffer
 	w := func(format string, args ...any) { fmt.Fprintf(&b, format, args...) }
 	w("\n## Results (%s run, %s)\n\n", r.Mode, r.Date)
+	storms := ""
+	if r.StormRounds > 1 {
+		storms = fmt.Sprintf(" (%d storms per server, in turns; the fastest is shown)", r.StormRounds)
+	}
 	w("Each scenario: %.1f s measured after a warm-up, one connection through `kmsv2.NewGRPCService`, "+
 		"the servers taking turns, best of %d rounds per server; "+
-		"storm: %d Decrypts of distinct seeds fired at once at a freshly restarted server. "+
+		"storm: %d Decrypts of distinct seeds fired at once at a freshly restarted server%s. "+
 		"Latencies in µs; CPU is the server's user+system seconds per 1,000 calls. "+
 		"Other processes used **%.0f%%** of the machine's CPU while the scenarios ran.\n\n",
-		r.Duration, r.Rounds, r.StormSize, 100*r.OtherCPU)
+		r.Duration, r.Rounds, r.StormSize, storms, 100*r.OtherCPU)
 	w("![p50 (solid) and p99 (dashed) latency vs concurrency, per server](benchmarks.png)\n\n")
 
 	w("### Targets\n\n| target | measured | met |\n|---|---|---|\n")
@@ -75,6 +79,7 @@ func renderMarkdown(r Report) string {
 		}
 		w("| %s | %s | %s |\n", t.name, t.measured, met)
 	}
+	b.WriteString(renderBaseline(r))
 
 	w("\n### Per server\n\n| server | start → first good Status, ms (median / max of %d) | storm wall ms | storm p50 / p99 µs | storm CPU s | peak RSS MiB |\n|---|---|---|---|---|---|\n", startCount(r))
 	for _, s := range r.Servers {
@@ -340,6 +345,7 @@ func drawPlot(r Report, path string) error {
 		color.RGBA{R: 0x7f, G: 0x7f, B: 0x7f, A: 0xff},
 		color.RGBA{R: 0x94, G: 0x67, B: 0xbd, A: 0xff},
 	}
+	colours, before := plotColours(r, palette)
 	plots := [][]*plot.Plot{make([]*plot.Plot, len(Ops))}
 	for i, op := range Ops {
 		p := plot.New()
@@ -362,12 +368,16 @@ func drawPlot(r Report, path string) error {
 			if len(p50) == 0 {
 				continue
 			}
-			c := palette[si%len(palette)]
+			c := colours[si]
 			l50, pts, err := plotter.NewLinePoints(p50)
 			if err != nil {
 				return err
 			}
 			l50.Color, pts.Color = c, c
+			if before[si] {
+				// The baseline: its twin's colour, lighter, triangles.
+				pts.Shape = draw.TriangleGlyph{}
+			}
 			l50.Width = vg.Points(1.5)
 			l99, err := plotter.NewLine(p99)
 			if err != nil {

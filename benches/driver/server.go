@@ -22,7 +22,9 @@ import (
 type ServerSpec struct {
 	// Name labels the server in every table and the plot.
 	Name string `json:"name"`
-	// Role groups servers for the targets: "kekd", "goref" or "floor".
+	// Role groups servers for the targets: "kekd", "goref" or "floor";
+	// "kekd-before" is a baseline kekd, compared with the "kekd" server of
+	// its backend (baseline.go).
 	Role string `json:"role"`
 	// Backend is "local", "pkcs11" or "none" (the transport floor).
 	Backend string `json:"backend"`
