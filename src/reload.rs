@@ -88,12 +88,15 @@ pub async fn try_reload(state: &Arc<ServingState>, backend: &Arc<dyn Backend>) -
         // someone deleted the keyring. Keep serving, and never suggest
         // `admin init` here: a new keyring would orphan every ciphertext.
         Ok(Err(e)) if e.kind() == ErrorKind::NoKeyring => {
+            // The backend's own message may advise `admin init` (right for
+            // a node that never had a keyring): not said here.
+            debug!(error = %e, "the keyring served a moment ago is gone");
             return refuse(
                 state,
                 format!(
-                    "{e}; still serving the last good keyring: this node served it a moment ago, so bring \
-                     the key store back or restore the keyring ({}) rather than create a new one \
-                     (`kekd admin init` would orphan every ciphertext)",
+                    "{}: the keyring is no longer there (the key store is out, or the keyring was moved or \
+                     deleted); still serving the last good keyring: bring it back (restore the file or the \
+                     token's objects), and do not run `kekd admin init`, which would orphan every ciphertext",
                     backend.describe(),
                 ),
             )
