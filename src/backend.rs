@@ -268,16 +268,14 @@ impl BackendConfig {
 }
 
 /// Opens the backend `config` names: the one constructor `kekd serve`,
-/// every admin command and `kekd admin doctor` use. Creates the backend's
-/// state directory (0700) first when it has one; connects to a key store.
+/// every admin command and `kekd admin doctor` use; connects to a key
+/// store. Creates nothing: a command that writes state creates the
+/// backend's [`BackendConfig::state_dir`] first ([`ensure_state_dir`]),
+/// and `kekd serve` checks who may change it before this.
 ///
 /// # Errors
-/// When the state directory cannot be created, or the key store cannot be
-/// reached or refuses kekd.
+/// When the key store cannot be reached or refuses kekd.
 pub fn open(config: &BackendConfig) -> Result<Arc<dyn KeySource>, BackendError> {
-    if let Some(dir) = config.state_dir() {
-        ensure_state_dir(dir)?;
-    }
     Ok(match config {
         BackendConfig::Local { keyring } => Arc::new(local::LocalBackend::new(keyring.clone())),
         BackendConfig::Pkcs11(settings) => {

@@ -3126,6 +3126,38 @@ fn serve_refuses_a_state_dir_another_user_can_write() {
     assert_eq!(state_dir_access(&doctor)["level"], "ok", "{doctor:#?}");
 }
 
+/// `kekd admin doctor` only looks: on a node whose `state_dir` does not
+/// exist yet, it reaches the token and reads the keyring, and leaves the
+/// state directory uncreated (only `serve` and the changing commands make
+/// it, 0700).
+#[test]
+fn doctor_creates_no_state_dir() {
+    let Some(token) = Token::create() else { return };
+    let first = token.default_node("first");
+    token.init(&first);
+    let fresh = token.default_node("fresh");
+    let state_dir = fresh.state_dir.clone().unwrap();
+    assert!(!state_dir.exists());
+    let doctor = token.admin(&fresh, "doctor", &["--output", "json"]);
+    let findings = json_of(&doctor)["findings"].clone();
+    let level = |check: &str| {
+        findings
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["check"] == check)
+            .unwrap_or_else(|| panic!("no {check} finding: {findings:#}"))["level"]
+            .clone()
+    };
+    assert_eq!(level("token"), "ok", "{doctor:#?}");
+    assert_eq!(level("keyring"), "ok", "{doctor:#?}");
+    assert!(
+        !state_dir.exists(),
+        "doctor created {}",
+        state_dir.display()
+    );
+}
+
 /// doctor's `state_dir access` finding.
 #[track_caller]
 fn state_dir_access(doctor: &common::Finished) -> serde_json::Value {

@@ -501,18 +501,6 @@ pub enum StoreError {
         /// The OS error.
         source: io::Error,
     },
-    /// The new file is in place, but its directory could not be fsynced: the
-    /// change is visible now and may be lost in a power failure.
-    #[error(
-        "{path} was replaced, but its directory could not be fsynced ({source}): the change is in effect now but \
-         may not survive a power failure; run `sync`, then check the file (`kekd admin list`)"
-    )]
-    NotDurable {
-        /// The file written.
-        path: PathBuf,
-        /// The OS error.
-        source: io::Error,
-    },
     /// Another admin command holds the keyring's lock.
     #[error(
         "keyring {path} is locked by another `kekd admin` command; wait for it to finish and run this again"
@@ -525,70 +513,28 @@ pub enum StoreError {
     /// there: planted by whoever can write the directory.
     #[error(transparent)]
     Planted(#[from] crate::file::Planted),
-    /// The keyring symlink led elsewhere when the change was written than
-    /// when the keyring was read.
-    #[error(
-        "keyring {path} now leads to {target}, which is not the keyring read under the lock ({why}); nothing \
-         was written: check who can change {path} and the directories on its way"
-    )]
-    Moved {
-        /// The keyring as named.
-        path: PathBuf,
-        /// Where it leads now.
-        target: PathBuf,
-        /// What is there instead.
-        why: String,
-    },
     /// The OS RNG failed while generating a key.
     #[error(transparent)]
     Random(#[from] RandomError),
-    /// The file to replace belongs to an owner this process cannot give the
-    /// replacement: writing it anyway would lock that owner (often the
-    /// serving kekd) out. Nothing was written.
-    #[error(
-        "{path} belongs to uid {uid} gid {gid}{name}, and this process (uid {caller}) cannot give its \
-         replacement that owner and group, so kekd running as that user could no longer read it; nothing was \
-         changed: run the command as root, or as that user ({fix})"
-    )]
-    WrongOwner {
-        /// The file that was to be replaced.
-        path: PathBuf,
-        /// Its owner.
-        uid: u32,
-        /// Its group.
-        gid: u32,
-        /// `" (name)"` when the owner has a name in /etc/passwd, else empty.
-        name: String,
-        /// The uid this process runs as.
-        caller: u32,
-        /// The command prefix that runs as the owner.
-        fix: String,
-    },
+    /// A write the keyring shares with kekd's other files failed after the
+    /// temp file was made: the directory fsync (the change is in effect but
+    /// may not survive a power failure), the replacement's owner, or the
+    /// keyring read through a symlink no longer being the one at its end.
+    #[error(transparent)]
+    Write(crate::file::WriteError),
 }
 
+/// A keyring write's failure: a new file that exists already, or an OS
+/// error, in the keyring's own words; the rest as the write reported it.
 impl From<WriteError> for StoreError {
     fn from(e: WriteError) -> Self {
         match e {
             WriteError::AlreadyExists { path } => Self::AlreadyExists { path },
             WriteError::Io { path, op, source } => Self::Io { path, op, source },
-            WriteError::NotDurable { path, source } => Self::NotDurable { path, source },
-            WriteError::Moved { path, target, why } => Self::Moved { path, target, why },
             WriteError::Random(e) => Self::Random(e),
-            WriteError::WrongOwner {
-                path,
-                uid,
-                gid,
-                name,
-                caller,
-                fix,
-            } => Self::WrongOwner {
-                path,
-                uid,
-                gid,
-                name,
-                caller,
-                fix,
-            },
+            e @ (WriteError::NotDurable { .. }
+            | WriteError::Moved { .. }
+            | WriteError::WrongOwner { .. }) => Self::Write(e),
         }
     }
 }
@@ -599,15 +545,17 @@ impl StoreError {
         match self {
             Self::NotFound { .. } | Self::DanglingSymlink { .. } => ErrorKind::NoKeyring,
             Self::AlreadyExists { .. } => ErrorKind::KeyringExists,
-            Self::TooOpen { .. } | Self::NotAFile { .. } | Self::WrongOwner { .. } => {
-                ErrorKind::Misconfigured
-            }
-            Self::TooLarge { .. } | Self::Parse { .. } | Self::Planted(_) | Self::Moved { .. } => {
-                ErrorKind::Damaged
-            }
+            Self::TooOpen { .. } | Self::NotAFile { .. } => ErrorKind::Misconfigured,
+            Self::TooLarge { .. } | Self::Parse { .. } | Self::Planted(_) => ErrorKind::Damaged,
             Self::Io { .. } | Self::Random(_) => ErrorKind::Io,
-            Self::NotDurable { .. } => ErrorKind::NotDurable,
             Self::Locked { .. } => ErrorKind::Locked,
+            Self::Write(e) => match e {
+                WriteError::AlreadyExists { .. } => ErrorKind::KeyringExists,
+                WriteError::Io { .. } | WriteError::Random(_) => ErrorKind::Io,
+                WriteError::NotDurable { .. } => ErrorKind::NotDurable,
+                WriteError::Moved { .. } => ErrorKind::Damaged,
+                WriteError::WrongOwner { .. } => ErrorKind::Misconfigured,
+            },
         }
     }
 }
@@ -810,10 +758,12 @@ pub fn replace(path: &Path, keyring: &KeyringFile) -> Result<(), StoreError> {
     // following a link anywhere on its (resolved) path, the file is read
     // from it, and replaced in it only while it is still that same file of
     // this same keyring.
-    let moved = |why: String| StoreError::Moved {
-        path: path.to_owned(),
-        target: target.clone(),
-        why,
+    let moved = |why: String| {
+        StoreError::Write(WriteError::Moved {
+            path: path.to_owned(),
+            target: target.clone(),
+            why,
+        })
     };
     let (Some(dir), Some(name)) = (target.parent(), target.file_name()) else {
         return Err(moved("it is no file in a directory".to_owned()));

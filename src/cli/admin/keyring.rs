@@ -32,7 +32,12 @@ impl Target {
     /// Resolves where the keyring is (flags, then KEKD_*, then --config) and
     /// opens it: the file, or a connection to the token.
     pub(super) fn open(&self) -> Result<Arc<dyn KeySource>, CliError> {
-        crate::backend::open(&self.backend_config()?).map_err(backend_error)
+        let config = self.backend_config()?;
+        // The lock, the audit log and the usage file live there.
+        if let Some(dir) = config.state_dir() {
+            crate::backend::ensure_state_dir(dir).map_err(backend_error)?;
+        }
+        crate::backend::open(&config).map_err(backend_error)
     }
 }
 

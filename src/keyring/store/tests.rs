@@ -1,7 +1,7 @@
 use std::os::unix::fs::PermissionsExt;
 
 use super::*;
-use crate::file::{BEFORE_RENAME, OpenError, open_regular};
+use crate::file::{BEFORE_RENAME, OpenError, WriteError, open_regular};
 use crate::keyring::KeyState;
 
 const KEK_B64: &str = "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=";
@@ -396,7 +396,10 @@ fn replace_through_a_repointed_link_writes_only_over_the_same_keyring() {
         fs::remove_file(&link).unwrap();
         std::os::unix::fs::symlink(target, &link).unwrap();
         let err = replace(&link, &file).unwrap_err();
-        assert!(matches!(err, StoreError::Moved { .. }), "{err:?}");
+        assert!(
+            matches!(err, StoreError::Write(WriteError::Moved { .. })),
+            "{err:?}"
+        );
         assert_eq!(
             err.to_string(),
             format!(
@@ -555,7 +558,10 @@ fn replace_refuses_when_another_file_took_the_keyrings_place_meanwhile() {
             fs::rename(&aside, &swap).unwrap();
         });
         let err = replace(named, &file).unwrap_err();
-        assert!(matches!(err, StoreError::Moved { .. }), "{err:?}");
+        assert!(
+            matches!(err, StoreError::Write(WriteError::Moved { .. })),
+            "{err:?}"
+        );
         assert_eq!(
             err.to_string(),
             format!(
