@@ -1,6 +1,11 @@
 //! Where KEKs live. The service and the keyring never name a concrete backend:
 //! they load snapshots through [`Backend`] and seal/open through [`KeyHandle`].
 //!
+//! This file is also the registry, the one place that lists the backends:
+//! [`BackendSettings`] (the `[backend]` table and its flags),
+//! [`BackendConfig`] (validated) and [`open`], the one constructor. A new
+//! backend adds a folder and one entry in each (docs/design.md §6a).
+//!
 //! - [`local`]: KEKs in a keyring file on the node, AES-256-GCM in process.
 //! - [`pkcs11`]: KEKs generated and kept in an HSM token, AES-GCM inside the
 //!   token on a bounded session pool off the async workers; the keyring
@@ -155,9 +160,7 @@ impl BackendSettings {
             state_dir: self.state_dir.or(fallback.state_dir),
         }
     }
-}
 
-impl BackendSettings {
     /// Whether the chosen backend keeps its keyring in a file (so backups
     /// and imports apply), known before any setting is validated, a PIN
     /// read or a key store reached.
@@ -235,19 +238,7 @@ impl BackendConfig {
             Self::Pkcs11(s) => Some(&s.state_dir),
         }
     }
-}
 
-/// What only the serving user (and root) may be able to change, checked
-/// by `kekd serve` and `kekd admin doctor` before anything is read.
-#[derive(Debug, Clone, Copy)]
-pub enum GuardedPath<'a> {
-    /// The keyring file itself (and every directory on its way).
-    File(&'a Path),
-    /// The directory of the served record, the admin lock and the audit log.
-    Dir(&'a Path),
-}
-
-impl BackendConfig {
     /// See [`GuardedPath`].
     pub fn guarded_path(&self) -> GuardedPath<'_> {
         match self {
@@ -265,6 +256,16 @@ impl BackendConfig {
             Self::Pkcs11(_) => Some("KEKD_PKCS11_PIN"),
         }
     }
+}
+
+/// What only the serving user (and root) may be able to change, checked
+/// by `kekd serve` and `kekd admin doctor` before anything is read.
+#[derive(Debug, Clone, Copy)]
+pub enum GuardedPath<'a> {
+    /// The keyring file itself (and every directory on its way).
+    File(&'a Path),
+    /// The directory of the served record, the admin lock and the audit log.
+    Dir(&'a Path),
 }
 
 /// Opens the backend `config` names: the one constructor `kekd serve`,

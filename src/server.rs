@@ -35,7 +35,6 @@ mod admission;
 pub mod connection;
 mod refuse;
 
-use crate::service::Peer;
 use connection::{Admission, Connection, Registry};
 
 /// How often changed usage counters are written to disk.
@@ -374,7 +373,7 @@ async fn accept_loop(
             r = listener.accept() => match r {
                 Ok((stream, _)) => {
                     backoff = Duration::from_millis(5);
-                    let peer = Peer::of(&stream);
+                    let peer = connection::peer_of(&stream);
                     if !peers.allows(peer.ids()) {
                         match Arc::clone(&refused_slots).try_acquire_owned() {
                             Ok(slot) => {

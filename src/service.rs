@@ -52,16 +52,6 @@ pub struct Peer {
 }
 
 impl Peer {
-    /// The peer of `stream` (`SO_PEERCRED`).
-    pub(crate) fn of(stream: &tokio::net::UnixStream) -> Self {
-        let cred = stream.peer_cred().ok();
-        Self {
-            uid: cred.map(|c| c.uid()),
-            gid: cred.map(|c| c.gid()),
-            pid: cred.and_then(|c| c.pid()),
-        }
-    }
-
     /// (uid, gid) when both are known.
     pub fn ids(&self) -> Option<(u32, u32)> {
         self.uid.zip(self.gid)

@@ -227,6 +227,16 @@ pub(crate) enum Admission {
     Full,
 }
 
+/// The peer of `stream` (`SO_PEERCRED`).
+pub(crate) fn peer_of(stream: &UnixStream) -> Peer {
+    let cred = stream.peer_cred().ok();
+    Peer {
+        uid: cred.map(|c| c.uid()),
+        gid: cred.map(|c| c.gid()),
+        pid: cred.and_then(|c| c.pid()),
+    }
+}
+
 impl Registry {
     pub(crate) fn new(max: usize, request_bytes: usize) -> Arc<Self> {
         Arc::new(Self {
