@@ -3171,6 +3171,57 @@ fn state_dir_access(doctor: &common::Finished) -> serde_json::Value {
         .clone()
 }
 
+/// StrictModes covers the directory the state_dir is *named* in, as it does
+/// for a keyring: a link in a directory every user can write lets any of
+/// them repoint it after the check — at their own directory (plant or keep
+/// the lock, the record), or at any root-owned directory without a served
+/// record, so the next start takes a rolled-back token for a first start.
+#[test]
+fn serve_and_doctor_refuse_a_state_dir_linked_from_a_directory_others_can_write() {
+    let Some(token) = Token::create() else { return };
+    let real = token.path().join("real-state");
+    fs::create_dir(&real).unwrap();
+    fs::set_permissions(&real, fs::Permissions::from_mode(0o700)).unwrap();
+    let public = token.path().join("public");
+    fs::create_dir(&public).unwrap();
+    fs::set_permissions(&public, fs::Permissions::from_mode(0o777)).unwrap();
+    let link = public.join("state");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    let mut backend = token.backend("linked");
+    backend.state_dir = Some(link.clone());
+    let node = token.node("linked", &backend, &[]);
+    token.init(&node);
+
+    let doctor = token.run(&[
+        "admin",
+        "doctor",
+        "--config",
+        node.config_arg(),
+        "--output",
+        "json",
+    ]);
+    let access = state_dir_access(&doctor);
+    assert_eq!(access["level"], "fail", "{access:#}");
+    assert_eq!(
+        access["fix"],
+        format!("chmod go-w {}", public.display()),
+        "{access:#}"
+    );
+    assert_eq!(doctor.code(), 1, "{doctor:#?}");
+
+    let out = token.run(&["serve", "--config", node.config_arg()]);
+    assert_eq!(out.code(), EX_CONFIG, "{out:#?}");
+    assert_eq!(
+        error_message(&out),
+        format!(
+            "{0} is a directory every user can write (mode 0777) and holds the link to kekd's state, so another \
+             user could replace the keyring with keys of their own; refusing to serve it: run `chmod go-w {0}`",
+            public.display()
+        )
+    );
+    assert!(!node.socket.exists(), "a socket was left behind");
+}
+
 // ------------------------------------------- round 2: attacks on the hardening
 
 /// The file whose creation tells [`churn_child`] to stop.

@@ -127,15 +127,31 @@ fn resolve(path: &Path) -> std::io::Result<(PathBuf, Vec<PathBuf>)> {
 
 /// Checks that only `uid` and root can change the directory `dir` (a
 /// PKCS#11 `state_dir`, which holds the served record, lock and audit log)
-/// and its ancestors, by the rules of [`check`]. A missing directory passes.
+/// and its ancestors, by the rules of [`check`] — the directory of every
+/// symlink on the way included: whoever can write one could repoint the
+/// link after this check. A missing directory passes.
 ///
 /// # Errors
 /// The first problem, with the `chown`/`chmod` command that fixes it.
 pub fn check_dir(dir: &Path, uid: u32) -> Result<(), AccessError> {
-    match fs::canonicalize(dir) {
-        Ok(dir) => check_dirs(&dir, uid, "holds kekd's state", "kekd's state"),
-        Err(_) => Ok(()),
+    let Ok((dir, link_dirs)) = resolve(dir) else {
+        return Ok(());
+    };
+    check_dirs(&dir, uid, "holds kekd's state", "kekd's state")?;
+    let mut checked = vec![dir];
+    for link_dir in link_dirs {
+        if checked.contains(&link_dir) {
+            continue;
+        }
+        check_dirs(
+            &link_dir,
+            uid,
+            "holds the link to kekd's state",
+            "kekd's state",
+        )?;
+        checked.push(link_dir);
     }
+    Ok(())
 }
 
 /// `dir` (which `holds` something) and its ancestors (on the way to `what`).
