@@ -42,17 +42,28 @@ pub fn of_kind(kind: ErrorKind) -> u8 {
 mod tests {
     use super::*;
 
-    /// What the operator must fix exits 78; what passes by itself exits 1
-    /// (or 75 for the lock, which says "retry").
+    /// What the operator must fix exits 78; what passes by itself exits 1,
+    /// or 75 for the lock, which says "retry". Every kind is listed.
     #[test]
-    fn kinds_that_need_the_operator_exit_78() {
-        for kind in ErrorKind::ALL {
-            let code = of_kind(kind);
-            match kind {
-                ErrorKind::Locked => assert_eq!(code, LOCKED),
-                _ if kind.needs_operator() => assert_eq!(code, CONFIG, "{kind:?}"),
-                _ => assert_eq!(code, RUNTIME, "{kind:?}"),
-            }
+    fn every_kind_has_its_exit_code() {
+        use ErrorKind as K;
+        let table = [
+            (K::Unavailable, RUNTIME),
+            (K::StoreMissing, CONFIG),
+            (K::NoKeyring, CONFIG),
+            (K::KeyringExists, CONFIG),
+            (K::Locked, LOCKED),
+            (K::AuthenticationFailed, CONFIG),
+            (K::Misconfigured, CONFIG),
+            (K::Damaged, CONFIG),
+            (K::Io, RUNTIME),
+            (K::NotDurable, RUNTIME),
+            (K::Decrypt, RUNTIME),
+            (K::Internal, RUNTIME),
+        ];
+        assert_eq!(table.len(), ErrorKind::ALL.len());
+        for (kind, code) in table {
+            assert_eq!(of_kind(kind), code, "{kind:?}");
         }
     }
 }

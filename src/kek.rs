@@ -127,26 +127,6 @@ impl ErrorKind {
         Self::Decrypt,
         Self::Internal,
     ];
-
-    /// Whether the operator must fix something before kekd can go on
-    /// (settings, credentials, the keyring's content), rather than wait
-    /// for a fault to pass.
-    pub fn needs_operator(self) -> bool {
-        match self {
-            Self::StoreMissing
-            | Self::NoKeyring
-            | Self::KeyringExists
-            | Self::AuthenticationFailed
-            | Self::Misconfigured
-            | Self::Damaged => true,
-            Self::Unavailable
-            | Self::Locked
-            | Self::Io
-            | Self::NotDurable
-            | Self::Decrypt
-            | Self::Internal => false,
-        }
-    }
 }
 
 /// A backend failure: its kind, the backend's own message, and an optional
