@@ -232,7 +232,9 @@ impl Seal {
         match s.decrypt(&Mechanism::AesGcm(params), key, &self.0[IV_LEN..]) {
             Ok(plaintext) => Ok(plaintext.is_empty()),
             // The token refused the tag: the operation is over, the session clean.
-            Err(e @ CkError::Pkcs11(_, Function::Decrypt)) if !super::is_connection_loss(&e) => {
+            Err(e @ CkError::Pkcs11(_, Function::Decrypt))
+                if !super::error::is_connection_loss(&e) =>
+            {
                 Ok(false)
             }
             Err(e) => Err(e),

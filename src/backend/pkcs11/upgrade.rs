@@ -39,8 +39,9 @@ use cryptoki::error::Error as CkError;
 use cryptoki::object::{Attribute, ObjectClass, ObjectHandle};
 use cryptoki::session::Session;
 
+use super::metadata::{RawMetadata, hex, key_object_id};
 use super::objects::{self, FrameError, Seal};
-use super::{Pkcs11Error, RawMetadata, Token, hex, key_object_id};
+use super::{Pkcs11Error, Token};
 use crate::backend::BackendError;
 use crate::id::{KeyVersion, KeyringId};
 use crate::keyring::VersionInfo;
