@@ -8,6 +8,7 @@
 
 pub mod access;
 pub mod lifecycle;
+pub mod lock;
 pub mod store;
 
 use std::collections::BTreeMap;

@@ -37,7 +37,8 @@
 //! pointer, its health, and [`usage`] counters per key version. [`reload`]
 //! watches the keyring and swaps in a changed one only after it validates
 //! and self-checks; the admin commands change the keyring through
-//! [`keyring::lifecycle`] under a lock and record each change in [`audit`].
+//! [`keyring::lifecycle`] under [`keyring::lock`] and record each change in
+//! [`audit`].
 //! [`keyring`] also checks who may change the keyring's file and directories
 //! (`keyring/access.rs`, OpenSSH StrictModes, every link of a chain), opens
 //! [`file`] opens only regular files and writes atomically and durably;

@@ -612,8 +612,8 @@ fn a_keyring_in_a_missing_directory_exits_78_and_creates_nothing() {
 
 // ------------------------------------------------------------------- lock
 
-fn hold_lock(ring: &Ring) -> store::KeyringLock {
-    store::lock(&ring.path, Duration::ZERO).expect("take the keyring lock")
+fn hold_lock(ring: &Ring) -> kekd::keyring::lock::KeyringLock {
+    kekd::keyring::lock::acquire(&ring.path, Duration::ZERO).expect("take the keyring lock")
 }
 
 /// Every changing command waits `LOCK_WAIT` (10 s) for the lock, then exits 75.

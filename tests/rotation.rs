@@ -5,7 +5,7 @@
 //! The server runs in process ([`TestServer`], reload poll 200 ms) or as the
 //! `kekd serve` binary where a restart is part of the test; keyring changes
 //! go through the `kekd admin` binary or through the same library calls it
-//! makes (`store::lock`, an op, `store::replace`).
+//! makes (`keyring::lock::acquire`, an op, `store::replace`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -62,7 +62,7 @@ fn key_id(v1_key_id: &str, version: u32) -> String {
 /// Changes the keyring the way the admin commands do: under its lock, read,
 /// apply `op`, write atomically and durably.
 fn change_keyring(path: &Path, op: impl FnOnce(&mut KeyringFile)) {
-    let _lock = store::lock(path, Duration::from_secs(10)).unwrap();
+    let _lock = kekd::keyring::lock::acquire(path, Duration::from_secs(10)).unwrap();
     let mut file = store::read(path).unwrap();
     op(&mut file);
     store::replace(path, &file).unwrap();

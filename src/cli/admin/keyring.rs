@@ -136,7 +136,7 @@ pub fn init(t: &Target) -> Result<(), CliError> {
     }
     let store = t.open()?;
     let anchor = store.anchor();
-    let _lock = store::lock(&anchor, lock_wait()).map_err(store_error)?;
+    let _lock = crate::keyring::lock::acquire(&anchor, lock_wait()).map_err(store_error)?;
     let now = Timestamp::now();
     let file = store.generate(now).map_err(init_error)?;
     let not_durable = match store.create(&file) {
@@ -221,7 +221,7 @@ pub fn change_checked(
     // Read once before locking: a missing keyring is reported as such (exit
     // 78) instead of as a lock file that cannot be created beside it.
     store.read().map_err(backend_error)?;
-    let _lock = store::lock(path, lock_wait()).map_err(store_error)?;
+    let _lock = crate::keyring::lock::acquire(path, lock_wait()).map_err(store_error)?;
     let original = store.read().map_err(backend_error)?;
     let mut file = store.read().map_err(backend_error)?;
     let now = Timestamp::now();
@@ -384,7 +384,7 @@ pub fn accept(t: &Target) -> Result<(), CliError> {
     let anchor = store.anchor();
     let name = store.name();
     store.read().map_err(backend_error)?;
-    let _lock = store::lock(&anchor, lock_wait()).map_err(store_error)?;
+    let _lock = crate::keyring::lock::acquire(&anchor, lock_wait()).map_err(store_error)?;
     let file = store.read().map_err(backend_error)?;
     let found = Served::of_file(&file);
     let record = served::record_path(&anchor);
@@ -859,7 +859,7 @@ pub fn import(t: &Target, from: &Path) -> Result<(), CliError> {
     let path: PathBuf = store.anchor();
     let path = &path;
     let incoming = read_copy(from)?;
-    let _lock = store::lock(path, lock_wait()).map_err(store_error)?;
+    let _lock = crate::keyring::lock::acquire(path, lock_wait()).map_err(store_error)?;
     let now = Timestamp::now();
     let existing = match store::read(path) {
         Ok(f) => Some(f),

@@ -15,7 +15,7 @@ use crate::cli::CliError;
 use crate::id::{KeyVersion, Timestamp};
 use crate::keyring::KeyState;
 use crate::keyring::lifecycle::Transition;
-use crate::keyring::store::{self, MAGIC_METADATA, MAGIC_METADATA_V1};
+use crate::keyring::store::{MAGIC_METADATA, MAGIC_METADATA_V1};
 
 /// Arguments of `upgrade-token`.
 #[derive(Debug, clap::Args)]
@@ -58,7 +58,7 @@ pub fn run(a: &UpgradeTokenArgs) -> Result<(), CliError> {
     let _lock = if a.dry_run {
         None
     } else {
-        Some(store::lock(&anchor, lock_wait()).map_err(store_error)?)
+        Some(crate::keyring::lock::acquire(&anchor, lock_wait()).map_err(store_error)?)
     };
     let now = Timestamp::now();
     let up = backend.token().upgrade(a.dry_run).map_err(backend_error)?;
