@@ -31,7 +31,7 @@
 //!    [`backend::pkcs11`] keeps them in an HSM token, with the keyring's
 //!    metadata in the token too, reached through a bounded session pool.
 //!    docs/design.md §6a says what a new backend implements;
-//!    `tests/module_graph.rs` keeps the module graph one way.
+//!    `tests/integration/module_graph.rs` keeps the module graph one way.
 //!
 //! What is served lives in [`state`]: the current snapshot behind an atomic
 //! pointer, its health, and [`usage`] counters per key version. [`reload`]

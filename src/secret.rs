@@ -167,7 +167,7 @@ pub(crate) const SCRUB_AFTER_SETUP: usize = 64 * 1024;
 /// Stack [`with_scrubbed_stack`] zeroes after each seal or open. The block
 /// cipher copies round keys into registers and the compiler spills them (the
 /// VAES backends broadcast every round key into a 960-byte array), and an
-/// unoptimized build copies more: `tests/secrets.rs` finds copies left with
+/// unoptimized build copies more: `tests/integration/secrets.rs` finds copies left with
 /// 4 KiB in a debug build and none with 16 KiB; an optimized build left
 /// three with 4 KiB. Zeroing 16 KiB costs about a microsecond per call,
 /// little beside the gRPC call around it (`docs/benchmarks.md`).

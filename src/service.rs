@@ -74,7 +74,7 @@ impl KmsService {
     /// The permit is taken here, in the handler — after tonic has read and
     /// decoded the whole request — not when a stream's headers arrive: a
     /// client that opens streams and never sends their messages holds no
-    /// permit, and cannot starve the apiserver's calls (tests/hostile.rs).
+    /// permit, and cannot starve the apiserver's calls (tests/integration/hostile.rs).
     pub fn with_call_limit(mut self, running: usize) -> Self {
         self.calls = Some(Arc::new(tokio::sync::Semaphore::new(running.max(1))));
         self

@@ -16,7 +16,12 @@
 //! Without SoftHSM2 it prints SKIPPED, or fails with `KEKD_REQUIRE_ALL=1`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+// The soak uses a few of the integration tests' helpers.
+#[allow(dead_code)]
+#[path = "integration/common/mod.rs"]
 mod common;
+#[allow(dead_code)]
+#[path = "integration/softhsm/mod.rs"]
 mod softhsm;
 
 use std::collections::{BTreeMap, HashMap};
@@ -45,7 +50,7 @@ const OUTAGE_FROM: f64 = 0.40;
 const OUTAGE_TO: f64 = 0.55;
 /// After the token is back, errors are still allowed this long: kekd
 /// re-checks every second while unhealthy and re-initializes the PKCS#11
-/// module; tests/pkcs11.rs allows 12 s for the same recovery.
+/// module; tests/integration/pkcs11.rs allows 12 s for the same recovery.
 const RECOVERY_GRACE: Duration = Duration::from_secs(12);
 /// Rotations are not attempted from this long before the outage until the
 /// grace ends (`admin rotate` needs the token too).

@@ -116,13 +116,13 @@ pub const MAX_STATUS_BODY_BYTES: usize = 64;
 
 /// Memory a connection costs beyond its flow-control window and streams
 /// (h2 frame buffers, HPACK tables, the connection task), an upper estimate
-/// checked by tests/hostile.rs.
+/// checked by tests/integration/hostile.rs.
 pub const CONNECTION_COST: u64 = 96 * 1024;
 
 /// Memory a held stream costs beyond its request bytes: its header list, the
 /// gRPC decoder's initial 8 KiB buffer, a response waiting to be sent (the
 /// encoder's buffer) and its task (an upper estimate, checked by
-/// tests/hostile.rs).
+/// tests/integration/hostile.rs).
 pub const STREAM_COST: u64 = 24 * 1024;
 
 /// The HTTP/2 client connection preface (RFC 9113 §3.4).
@@ -185,7 +185,7 @@ pub fn memory_bound(
 /// each waits its turn behind the others (over 100 ms on a CI host), and so
 /// would Status. Calls past this limit wait parked on a FIFO semaphore,
 /// costing no CPU turns, and Status, which takes no permit, is read and
-/// answered at once (tests/hostile.rs: a request flood with every
+/// answered at once (tests/integration/hostile.rs: a request flood with every
 /// 100 ms Status probe answered).
 pub fn running_limit(max_concurrency: usize, hsm_sessions: usize) -> usize {
     let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);

@@ -18,7 +18,7 @@
 #   KEKD_E2E_STEPS="1 2 3 4 5 6 7 8 9"  which steps to run (1-3 always run with 4, 5 or 8; 6, 7, 9 stand alone)
 #   KEKD_E2E_KEEP=1      keep etcd's data directory after a passing run
 #   KEKD_E2E_BUILD_ONLY=1  only build (or find cached) kube-apiserver, kubectl, etcd, etcdctl and
-#                        e2ehelper, then stop: CI runs this before `cargo test` (tests/scan.rs needs etcd)
+#                        e2ehelper, then stop: CI runs this before `cargo test` (tests/integration/scan.rs needs etcd)
 
 # Functions are called through check/wait_for: shellcheck cannot see that.
 # shellcheck disable=SC2317
@@ -258,7 +258,7 @@ build_tools() {
     KUBE_APISERVER=$k8s_dir/kube-apiserver KUBECTL=$k8s_dir/kubectl
     ETCD=$etcd_dir/etcd ETCDCTL=$etcd_dir/etcdctl HELPER=$etcd_dir/e2ehelper
     if [[ ${KEKD_E2E_BUILD_ONLY:-0} == 1 ]]; then
-        # For suites that need only the binaries (tests/scan.rs finds etcd here).
+        # For suites that need only the binaries (tests/integration/scan.rs finds etcd here).
         pass "binaries ready: $ETCD, $KUBE_APISERVER (KEKD_E2E_BUILD_ONLY=1: no scenario run)"
         finish
     fi

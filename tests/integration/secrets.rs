@@ -5,9 +5,7 @@
 //! hold keys in a serving process are excluded from core dumps and locked —
 //! or, where the memory-lock limit forbids it, kekd says so once and serves.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod common;
+use crate::common;
 
 use std::fs;
 use std::path::{Path, PathBuf};

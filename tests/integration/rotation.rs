@@ -6,9 +6,8 @@
 //! `kekd serve` binary where a restart is part of the test; keyring changes
 //! go through the `kekd admin` binary or through the same library calls it
 //! makes (`keyring::lock::acquire`, an op, `store::replace`).
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs;

@@ -3,8 +3,8 @@
 //! an apiserver-rules checker ([`apiserver`]) and an independent wire client
 //! ([`wire`]).
 //!
-//! Each test binary uses a different subset, hence `dead_code`.
-#![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
+//! The soak (`tests/soak.rs`) includes this module too, for a few helpers.
+#![allow(unreachable_pub)]
 
 pub mod apiserver;
 pub mod skip;
@@ -221,9 +221,19 @@ impl Drop for TestServer {
     }
 }
 
+/// The name libtest knows test `name` by, when it is defined in module
+/// `module` (pass `module_path!()`): for running that one test again in a
+/// child process of this binary with `--exact`.
+pub fn test_path(module: &str, name: &str) -> String {
+    match module.split_once("::") {
+        Some((_crate, path)) => format!("{path}::{name}"),
+        None => name.to_owned(),
+    }
+}
+
 /// The kekd binary under test: this build's, or the one `KEKD_TEST_BIN`
 /// names (`.ci/run` points it at the release build for the memory scan of
-/// `tests/secrets.rs`, whose result depends on the optimizer).
+/// `tests/integration/secrets.rs`, whose result depends on the optimizer).
 pub fn kekd_bin() -> PathBuf {
     std::env::var_os("KEKD_TEST_BIN")
         .map(PathBuf::from)
@@ -589,7 +599,7 @@ impl Rng {
 /// flip is refused with exactly the message the envelope layer defines:
 /// structural errors for the format byte and version, the one opaque
 /// message for nonce, body and tag. The same suite runs against every
-/// backend (tests/api.rs: local; tests/pkcs11.rs: a SoftHSM2 token).
+/// backend (tests/integration/api.rs: local; tests/integration/pkcs11.rs: a SoftHSM2 token).
 #[allow(dead_code)]
 pub async fn assert_every_bit_flip_refused(
     client: &mut kekd::client::Client,

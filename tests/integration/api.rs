@@ -1,9 +1,8 @@
 //! The KMS v2 API over a real Unix socket, judged by the apiserver's rules
 //! (`docs/kms-v2.md` §3 "Answers the apiserver accepts", re-implemented in
 //! `common::apiserver`) and by exact refusals.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;

@@ -19,9 +19,8 @@
 //!
 //! Without libfaketime the suite prints SKIPPED, unless
 //! `KEKD_REQUIRE_ALL=1`, which makes it fail.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::fs;
@@ -189,7 +188,7 @@ fn between<'a>(message: &'a str, prefix: &str, suffix: &str) -> &'a str {
 /// The usage guard applies to a version this keyring never promoted: a
 /// version another node promoted (and encrypted under) is pending here but
 /// decrypts. A version that was primary here needs a scan whatever the
-/// clock (tests/scan.rs), so this test uses the pending one.
+/// clock (tests/integration/scan.rs), so this test uses the pending one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wall_clock_400_days_off_never_makes_a_used_version_retirable() {
     let Some(lib) = libfaketime() else { return };

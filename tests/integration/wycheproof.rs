@@ -37,10 +37,8 @@
 //! reads `SOFTHSM2_CONF` once per process, at `C_Initialize`, so this part
 //! runs in a child process of this test binary with that variable set.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod common;
-mod softhsm;
+use crate::common;
+use crate::softhsm;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -587,7 +585,7 @@ fn pkcs11_backend_every_aes_256_gcm_case() {
     };
     let out = Command::new(std::env::current_exe().unwrap())
         .args([
-            "pkcs11_backend_every_aes_256_gcm_case",
+            &common::test_path(module_path!(), "pkcs11_backend_every_aes_256_gcm_case"),
             "--exact",
             "--nocapture",
             "--test-threads=1",
@@ -606,7 +604,7 @@ fn pkcs11_backend_every_aes_256_gcm_case() {
     );
     // The child ran this one test and it passed (not zero tests).
     assert!(
-        stdout.contains("test pkcs11_backend_every_aes_256_gcm_case ... ")
+        stdout.contains("test wycheproof::pkcs11_backend_every_aes_256_gcm_case ... ")
             && stdout.contains("test result: ok. 1 passed; 0 failed"),
         "{stdout}"
     );
@@ -713,7 +711,7 @@ fn in_token(label: &str, pin_file: PathBuf) {
     // kekd's Pkcs11Backend does not take imported objects as its versions:
     // a key must have been generated in the token (CKA_LOCAL, always
     // sensitive, never extractable) and open the check value kekd recorded.
-    // The envelope cases through the token's Decrypt run in tests/pkcs11.rs
+    // The envelope cases through the token's Decrypt run in tests/integration/pkcs11.rs
     // on kekd's own keys.
     let refused = backend
         .load()

@@ -11,10 +11,9 @@
 //! SoftHSM2 token is part of the test (the port is then read from the
 //! `ops listener` log line). Without SoftHSM2 the lost-HSM test prints
 //! SKIPPED, unless `KEKD_REQUIRE_ALL=1`, which makes it fail.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-mod softhsm;
+use crate::common;
+use crate::softhsm;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
@@ -1555,7 +1554,7 @@ fn encryption_config(
     socket: &Path,
     edit: impl FnOnce(String) -> String,
 ) -> PathBuf {
-    let shipped = include_str!("../deploy/encryption-config.yaml");
+    let shipped = include_str!("../../deploy/encryption-config.yaml");
     let shipped_endpoint = "endpoint: unix:///var/run/kekd/kms.sock";
     assert_eq!(shipped.matches(shipped_endpoint).count(), 1);
     let text = shipped.replace(

@@ -28,10 +28,9 @@
 //! checks.
 
 // A test's expect is its assertion.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-mod softhsm;
+use crate::common;
+use crate::softhsm;
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -250,7 +249,7 @@ fn every_readme_block_is_known_and_run() {
             KNOWN
                 .iter()
                 .any(|(l, f, _)| *l == b.lang && *f == b.first()),
-            "README.md:{}: ```{} block `{}` is run by no test: add it to tests/readme.rs KNOWN \
+            "README.md:{}: ```{} block `{}` is run by no test: add it to tests/integration/readme.rs KNOWN \
              and run it, or mark it <!-- e2e-skip: REASON --> (and still list it)",
             b.line,
             b.lang,

@@ -1,8 +1,7 @@
 //! The `kekd` binary: `admin init`, `admin probe`, and `serve` with its
 //! configuration sources, refusals, signals and `--dev`.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::fs;
@@ -1089,9 +1088,14 @@ fn skip_helper_demo() {
 fn a_skipped_test_is_named_in_one_line_at_the_end_of_the_run() {
     let run = |require_all: Option<&str>| {
         let mut cmd = Command::new(std::env::current_exe().unwrap());
-        cmd.args(["skip_helper_demo", "--exact", "--test-threads", "1"])
-            .env("KEKD_TEST_FORCE_SKIP", "1")
-            .env_remove("KEKD_REQUIRE_ALL");
+        cmd.args([
+            &common::test_path(module_path!(), "skip_helper_demo"),
+            "--exact",
+            "--test-threads",
+            "1",
+        ])
+        .env("KEKD_TEST_FORCE_SKIP", "1")
+        .env_remove("KEKD_REQUIRE_ALL");
         if let Some(v) = require_all {
             cmd.env("KEKD_REQUIRE_ALL", v);
         }
@@ -1109,7 +1113,7 @@ fn a_skipped_test_is_named_in_one_line_at_the_end_of_the_run() {
         .0
         .to_owned();
     let line = format!(
-        "*** SKIPPED 1 test(s) in {binary}: skip_helper_demo (a demonstration skip: nothing is missing) — set \
+        "*** SKIPPED 1 test(s) in {binary}: cli::skip_helper_demo (a demonstration skip: nothing is missing) — set \
          KEKD_REQUIRE_ALL=1 to make a skip a failure ***"
     );
     // Only "1" means required: any other value skips.

@@ -4,10 +4,8 @@
 //! `tests/data/golden/keyring` is a fixed keyring (version 1 decrypt-only,
 //! version 2 primary) and `vectors` lists `ok KEY_ID CIPHERTEXT PLAINTEXT` and
 //! `fail_<why> KEY_ID CIPHERTEXT` lines in hex. Never regenerate the `ok`
-//! lines of an earlier release; `KEKD_BLESS=1 cargo test --test golden`
+//! lines of an earlier release; `KEKD_BLESS=1 cargo test --test integration golden::`
 //! writes the files only if they do not exist yet.
-
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::fmt::Write as _;
 use std::fs;

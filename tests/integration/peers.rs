@@ -1,9 +1,7 @@
 //! `--allow-uid` / `--allow-gid`: callers the kernel reports (SO_PEERCRED)
 //! outside the lists get PERMISSION_DENIED before any crypto runs.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod common;
+use crate::common;
 
 use std::process::Command;
 
@@ -163,7 +161,11 @@ async fn a_refused_peer_is_refused_at_accept_and_never_buffers_a_byte() {
             Command::new("setpriv")
                 .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
                 .arg(std::env::current_exe().unwrap())
-                .args(["--exact", "refused_flood_child", "--nocapture"])
+                .args([
+                    "--exact",
+                    &common::test_path(module_path!(), "refused_flood_child"),
+                    "--nocapture",
+                ])
                 .env(FLOOD_SOCKET_ENV, &socket)
                 .output()
                 .unwrap()
@@ -369,7 +371,11 @@ async fn a_refused_peers_rapid_resets_and_floods_stay_within_its_share() {
             Command::new("setpriv")
                 .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
                 .arg(std::env::current_exe().unwrap())
-                .args(["--exact", "refused_reset_child", "--nocapture"])
+                .args([
+                    "--exact",
+                    &common::test_path(module_path!(), "refused_reset_child"),
+                    "--nocapture",
+                ])
                 .env(RESET_SOCKET_ENV, &socket)
                 .output()
                 .unwrap()

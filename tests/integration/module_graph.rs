@@ -13,8 +13,6 @@
 //! Only `use` paths and qualified paths count; comments and doc comments
 //! are skipped, so a doc link is not a dependency.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::path::{Path, PathBuf};

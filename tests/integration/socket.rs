@@ -1,8 +1,7 @@
 //! The socket's life: permissions, what is refused, stale and live sockets,
 //! and removal on shutdown.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::io::{Read, Write};

@@ -8,9 +8,8 @@
 //! (`${KEKD_E2E_CACHE:-${XDG_CACHE_HOME:-~/.cache}/kekd-e2e}/bin/etcd-v3.7.3-*/etcd`;
 //! `KEKD_E2E_BUILD_ONLY=1 bash tests/e2e/run.sh` builds it). Without it
 //! each test fails under `KEKD_REQUIRE_ALL=1` and says SKIPPED otherwise.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::net::TcpListener;

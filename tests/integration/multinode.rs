@@ -5,9 +5,8 @@
 //! encrypted (except what that node legitimately retired), and each node's
 //! Status reports the expected key id. `import` refuses damaged and older
 //! copies and is a no-op for an identical one.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;

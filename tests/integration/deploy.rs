@@ -6,9 +6,8 @@
 //!
 //! Without `systemd-analyze` (Debian package `systemd`) the verify test
 //! prints SKIPPED, unless `KEKD_REQUIRE_ALL=1`, which makes it fail.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
@@ -127,7 +126,7 @@ fn every_yaml_in_deploy_parses_and_is_checked_here() {
     .collect();
     assert_eq!(
         names, checked,
-        "every YAML in deploy/ needs its own checks in tests/deploy.rs"
+        "every YAML in deploy/ needs its own checks in tests/integration/deploy.rs"
     );
 }
 

@@ -1,9 +1,8 @@
 //! The `kekd admin` keyring commands through the binary: guards and
 //! idempotence with exact exit codes and messages, `--output json`, the
 //! lock, the audit log, and crash safety under `kill -9`.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::fs;

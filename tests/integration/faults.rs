@@ -26,9 +26,8 @@
 //!
 //! Needs `strace` and root (for `mount -t tmpfs`). Without them the suites
 //! print SKIPPED, unless `KEKD_REQUIRE_ALL=1`, which makes them fail.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;

@@ -5,9 +5,8 @@
 //! with more versions; `--out` is never clobbered; the passphrase comes from
 //! a file, the environment or a terminal, never argv, and never shows in
 //! output; `--output json` parses.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::io::Write as _;

@@ -12,9 +12,8 @@
 //!
 //! The attacks run one at a time (`ATTACK`): on a 2-core CI host, two
 //! floods at once would measure the host, not kekd.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

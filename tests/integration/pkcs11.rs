@@ -19,10 +19,9 @@
 //!
 //! Without SoftHSM2 every test prints `SKIPPED` and passes, unless
 //! `KEKD_REQUIRE_ALL=1` (CI), which makes them fail.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-mod softhsm;
+use crate::common;
+use crate::softhsm;
 
 use std::collections::{HashMap, HashSet};
 use std::fs;
@@ -592,7 +591,10 @@ async fn envelopes_from_the_token_follow_the_documented_format() {
     let mut child = std::process::Command::new(std::env::current_exe().unwrap());
     child
         .args([
-            "envelopes_from_the_token_follow_the_documented_format",
+            &common::test_path(
+                module_path!(),
+                "envelopes_from_the_token_follow_the_documented_format",
+            ),
             "--exact",
             "--nocapture",
             "--test-threads=1",
@@ -2392,7 +2394,12 @@ async fn a_swapped_key_object_fails_its_check_value() {
     let (server, client) = serving(&token, &node).await;
     let mut child = std::process::Command::new(std::env::current_exe().unwrap());
     child
-        .args([TEST, "--exact", "--nocapture", "--test-threads=1"])
+        .args([
+            &common::test_path(module_path!(), TEST),
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env(CHILD, "1")
         .env("SOFTHSM2_CONF", &token.conf)
         .env(CHILD_LABEL, &token.label)
@@ -2554,7 +2561,12 @@ fn write_legacy(
 ) -> HashMap<String, String> {
     let mut child = std::process::Command::new(std::env::current_exe().unwrap());
     child
-        .args([test, "--exact", "--nocapture", "--test-threads=1"])
+        .args([
+            &common::test_path(module_path!(), test),
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env(CHILD, "1")
         .env("SOFTHSM2_CONF", &token.conf)
         .env(CHILD_LABEL, &token.label)
@@ -3300,7 +3312,12 @@ async fn public_objects_churned_without_the_pin_never_fail_a_load() {
     let (server, client) = serving(&token, &node).await;
     let stop = token.path().join("stop-churn");
     let child = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([TEST, "--exact", "--nocapture", "--test-threads=1"])
+        .args([
+            &common::test_path(module_path!(), TEST),
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env(CHILD, "1")
         .env("SOFTHSM2_CONF", &token.conf)
         .env(CHILD_LABEL, &token.label)

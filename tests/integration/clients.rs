@@ -4,7 +4,7 @@
 //! trap. A missing tool skips its test, or fails it under
 //! `KEKD_REQUIRE_ALL=1` (CI installs both: .ci/run).
 
-mod common;
+use crate::common;
 
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
