@@ -122,10 +122,6 @@ if [[ -n "$baseline_rev" ]]; then
 		say "baseline: kekd at $short (git worktree in $work, cargo build --release --locked into $base_target)"
 		base_tree=$work/baseline-src
 		git -C "$root" worktree add --detach --quiet "$base_tree" "$rev"
-		# A revision without tools/protoc still finds the current one.
-		if [[ -z "${PROTOC:-}" && ! -e "$base_tree/tools/protoc/protoc" && -x "$root/tools/protoc/protoc" ]]; then
-			export PROTOC=$root/tools/protoc/protoc
-		fi
 		rm -f "$base_target/kekd.rev"
 		(cd "$base_tree" && CARGO_TARGET_DIR=$base_target cargo build --release --locked --bin kekd)
 		echo "$rev" >"$base_target/kekd.rev"

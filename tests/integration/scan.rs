@@ -17,9 +17,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions, Txn, TxnOp};
+use kekd::scan::etcd::proto::etcdserverpb::{
+    PutRequest, RangeRequest, RequestOp, TxnRequest, kv_client::KvClient, request_op,
+};
 use serde_json::Value;
 use tempfile::TempDir;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 use common::{
     EX_CONFIG, EX_USAGE, TestServer, admin_async, error_message, json_of, kekd, seed, tempdir, uid,
@@ -143,19 +146,24 @@ impl Etcd {
         etcd
     }
 
-    async fn client(&self) -> Client {
-        let mut options = ConnectOptions::new().with_timeout(Duration::from_secs(30));
+    /// A KV client of this etcd (connects on its first request).
+    async fn client(&self) -> KvClient<Channel> {
+        let mut endpoint = Channel::from_shared(self.url.clone())
+            .unwrap()
+            .timeout(Duration::from_secs(30));
         if let Some(p) = &self.tls {
-            options = options.with_tls(
-                TlsOptions::new()
-                    .ca_certificate(Certificate::from_pem(fs::read(p.path("ca.crt")).unwrap()))
-                    .identity(Identity::from_pem(
-                        fs::read(p.path("client.crt")).unwrap(),
-                        fs::read(p.path("client.key")).unwrap(),
-                    )),
-            );
+            endpoint = endpoint
+                .tls_config(
+                    ClientTlsConfig::new()
+                        .ca_certificate(Certificate::from_pem(fs::read(p.path("ca.crt")).unwrap()))
+                        .identity(Identity::from_pem(
+                            fs::read(p.path("client.crt")).unwrap(),
+                            fs::read(p.path("client.key")).unwrap(),
+                        )),
+                )
+                .unwrap();
         }
-        Client::connect([&self.url], Some(options)).await.unwrap()
+        KvClient::new(endpoint.connect_lazy())
     }
 
     async fn wait_ready(&mut self) {
@@ -166,7 +174,7 @@ impl Etcd {
                 panic!("etcd exited with {status}:\n{log}");
             }
             if let Ok(mut c) = tokio::time::timeout(Duration::from_secs(2), self.client()).await
-                && tokio::time::timeout(Duration::from_secs(2), c.get("health-probe", None))
+                && tokio::time::timeout(Duration::from_secs(2), c.range(get("health-probe")))
                     .await
                     .is_ok_and(|r| r.is_ok())
             {
@@ -186,12 +194,12 @@ impl Etcd {
         let mut client = self.client().await;
         let mut pairs = pairs.into_iter().peekable();
         while pairs.peek().is_some() {
-            let ops: Vec<TxnOp> = pairs
+            let ops: Vec<RequestOp> = pairs
                 .by_ref()
                 .take(128)
-                .map(|(k, v)| TxnOp::put(k, v, None))
+                .map(|(k, v)| put_op(k, v))
                 .collect();
-            client.txn(Txn::new().and_then(ops)).await.unwrap();
+            client.txn(txn(ops)).await.unwrap();
         }
     }
 
@@ -209,6 +217,38 @@ impl Etcd {
             }
         }
         f
+    }
+}
+
+/// A Range request for `key` alone.
+fn get(key: &str) -> RangeRequest {
+    RangeRequest {
+        key: key.into(),
+        ..RangeRequest::default()
+    }
+}
+
+/// A Put request of `value` at `key`.
+fn put(key: impl Into<Vec<u8>>, value: Vec<u8>) -> PutRequest {
+    PutRequest {
+        key: key.into(),
+        value,
+        ..PutRequest::default()
+    }
+}
+
+/// A Put as one operation of a transaction.
+fn put_op(key: impl Into<Vec<u8>>, value: Vec<u8>) -> RequestOp {
+    RequestOp {
+        request: Some(request_op::Request::RequestPut(put(key, value))),
+    }
+}
+
+/// A transaction that applies `ops` unconditionally.
+fn txn(ops: Vec<RequestOp>) -> TxnRequest {
+    TxnRequest {
+        success: ops,
+        ..TxnRequest::default()
     }
 }
 
@@ -1013,17 +1053,16 @@ async fn large_keyspace_is_read_in_pages_within_bounded_memory() {
                 .collect::<Vec<_>>()
                 .chunks(128)
             {
-                let ops: Vec<TxnOp> = chunk
+                let ops: Vec<RequestOp> = chunk
                     .iter()
                     .map(|i| {
-                        TxnOp::put(
+                        put_op(
                             format!("/registry/secrets/ns-{}/s-{i:06}", i % 50),
                             kms_value("kekd", &kid, &ct, DATA),
-                            None,
                         )
                     })
                     .collect();
-                client.txn(Txn::new().and_then(ops)).await.unwrap();
+                client.txn(txn(ops)).await.unwrap();
             }
         }));
     }
@@ -1253,7 +1292,7 @@ async fn oversized_pages_are_halved() {
     for i in 0..60 {
         let value = kms_value("kekd", &kid, &ct, 1_400_000);
         client
-            .put(format!("/registry/secrets/big/s-{i:02}"), value, None)
+            .put(put(format!("/registry/secrets/big/s-{i:02}"), value))
             .await
             .unwrap();
     }
@@ -1337,19 +1376,17 @@ async fn foreign_strings_from_etcd_are_printed_escaped() {
     let hostile_id = "evil\x1b[2J\nkekd/00000000000000000000000000000000/v1 forged\u{202e}";
     let mut client = etcd.client().await;
     client
-        .put(
+        .put(put(
             "/registry/secrets/ns/\x1b]0;pwned\x07x".as_bytes().to_vec(),
             kms_value("other", hostile_id, b"opaque", 20),
-            None,
-        )
+        ))
         .await
         .unwrap();
     client
-        .put(
+        .put(put(
             b"/registry/se\x1b[31mcrets\xff/ns/y".to_vec(),
             b"k8s:enc:kms:v2:other:\x00garbage".to_vec(),
-            None,
-        )
+        ))
         .await
         .unwrap();
 
