@@ -189,7 +189,7 @@ fn backup_delete_restore_every_old_ciphertext_decrypts() {
 
     let out_path = node.path("keyring.backup");
     let out = node.backup(&out_path, &[]);
-    assert_eq!(out.code(), 0, "{out:#?}");
+    out.ok();
     assert!(out.stdout.starts_with(&format!(
         "backup: wrote {} (mode 0600) from keyring {}\n",
         out_path.display(),
@@ -217,7 +217,7 @@ fn backup_delete_restore_every_old_ciphertext_decrypts() {
     fs::remove_file(&node.keyring).unwrap();
 
     let out = node.restore(&out_path, &[]);
-    assert_eq!(out.code(), 0, "{out:#?}");
+    out.ok();
     assert_eq!(
         out.stdout.lines().take(4).collect::<Vec<_>>(),
         [
@@ -261,7 +261,7 @@ fn backup_delete_restore_every_old_ciphertext_decrypts() {
 
     // Both commands are safe to re-run.
     let out = node.restore(&out_path, &[]);
-    assert_eq!(out.code(), 0, "{out:#?}");
+    out.ok();
     assert_eq!(
         out.stdout,
         format!(
@@ -271,7 +271,7 @@ fn backup_delete_restore_every_old_ciphertext_decrypts() {
         )
     );
     let out = node.backup(&out_path, &[]);
-    assert_eq!(out.code(), 0, "{out:#?}");
+    out.ok();
     assert!(
         out.stdout.starts_with(&format!(
             "backup: nothing to do: {} already holds this keyring",
@@ -311,7 +311,7 @@ fn a_wrong_passphrase_is_one_clear_refusal_that_writes_nothing() {
 
     // The right one, from the environment this time.
     let out = node.run_env(&args, &[("KEKD_BACKUP_PASSPHRASE", PASS)]);
-    assert_eq!(out.code(), 0, "{out:#?}");
+    out.ok();
     assert_eq!(node.bytes(), original);
 
     // Over an existing keyring: untouched.
@@ -420,7 +420,7 @@ fn restore_never_replaces_a_keyring_holding_versions_the_backup_lacks() {
     assert_eq!(node.backup(&at_v3, &[]).code(), 0);
     fs::write(&node.keyring, &v1_bytes).unwrap();
     let out = node.restore(&at_v3, &[]);
-    assert_eq!(out.code(), 0, "{out:#?}");
+    out.ok();
     assert_eq!(
         out.stdout.lines().skip(1).take(3).collect::<Vec<_>>(),
         [
@@ -472,9 +472,8 @@ fn backup_never_replaces_a_file_unless_forced_and_then_only_a_backup() {
 
     node.ok(&["rotate", "--promote", "--keyring", node.k()]);
     let out = node.backup(&out_path, &[]);
-    assert_eq!(out.code(), 1, "{out:#?}");
     assert_eq!(
-        error_message(&out),
+        out.refused(1),
         format!(
             "backup refused: {} already holds an older backup (keyring {id} taken {created}, versions 1 primary); \
              choose another --out, or pass --force to replace it",
@@ -484,7 +483,7 @@ fn backup_never_replaces_a_file_unless_forced_and_then_only_a_backup() {
     assert_eq!(fs::read_to_string(&out_path).unwrap(), first);
 
     let out = node.backup(&out_path, &["--force"]);
-    assert_eq!(out.code(), 0, "{out:#?}");
+    out.ok();
     let second = fs::read_to_string(&out_path).unwrap();
     assert!(second.contains("\nversions 1:decrypt-only 2:primary\n"));
     assert_eq!(mode_of(&out_path), 0o600);
@@ -500,7 +499,7 @@ fn backup_never_replaces_a_file_unless_forced_and_then_only_a_backup() {
         ],
         &[("KEKD_BACKUP_PASSPHRASE", OTHER_PASS)],
     );
-    assert_eq!(out.code(), 1, "{out:#?}");
+    out.exited(1);
     assert!(
         error_message(&out).contains("that differs from it or was sealed under another passphrase"),
         "{out:#?}"
@@ -510,9 +509,8 @@ fn backup_never_replaces_a_file_unless_forced_and_then_only_a_backup() {
     // --force never clobbers what is not a backup — the keyring least of all.
     let keyring = node.bytes();
     let out = node.backup(&node.keyring, &["--force"]);
-    assert_eq!(out.code(), 1, "{out:#?}");
     assert_eq!(
-        error_message(&out),
+        out.refused(1),
         format!(
             "backup refused: {0} already exists and is not a kekd backup (line 1 is `kekd-keyring …`: a keyring \
              file, not a backup); --force replaces only an older kekd backup: choose another --out",
@@ -562,9 +560,8 @@ fn the_passphrase_never_comes_from_argv_nor_from_a_file_others_can_read() {
 
     let backup_args = ["backup", "--keyring", node.k(), "--out", out_arg];
     let out = node.run_env(&backup_args, &[("KEKD_BACKUP_PASSPHRASE", "short pass")]);
-    assert_eq!(out.code(), 1, "{out:#?}");
     assert_eq!(
-        error_message(&out),
+        out.refused(1),
         "the passphrase has 10 characters; a backup passphrase needs at least 12; nothing was written"
     );
     let out = node.run_env(&backup_args, &[("KEKD_BACKUP_PASSPHRASE", "")]);
@@ -599,7 +596,7 @@ fn json_reports_parse() {
     let node = Node::init();
     let out_path = node.path("b");
     let out = node.backup(&out_path, &["--output", "json"]);
-    assert_eq!(out.code(), 0, "{out:#?}");
+    out.ok();
     let j = json_of(&out);
     assert_eq!(j["command"], "backup");
     assert_eq!(j["changed"], true);
@@ -645,7 +642,7 @@ fn json_reports_parse() {
     );
 
     let out = run(&node.pass_file);
-    assert_eq!(out.code(), 0, "{out:#?}");
+    out.ok();
     let j = json_of(&out);
     assert_eq!(j["command"], "restore-backup");
     assert_eq!(j["changed"], true);
@@ -683,7 +680,7 @@ fn pkcs11_keys_cannot_be_backed_up() {
         ],
     ] {
         let out = node.run_env(&args, &[("KEKD_BACKUP_PASSPHRASE", PASS)]);
-        assert_eq!(out.code(), 1, "{out:#?}");
+        out.exited(1);
         let message = error_message(&out);
         assert!(
             message.ends_with(
@@ -746,9 +743,8 @@ fn a_fifo_as_a_backup_or_passphrase_file_is_refused_without_blocking() {
     let out_path = node.path("out.kekd-backup");
     mkfifo(&out_path);
     let out = node.backup(&out_path, &[]);
-    assert_eq!(out.code(), 1, "{out:#?}");
     assert_eq!(
-        error_message(&out),
+        out.refused(1),
         format!(
             "backup refused: {0} already exists and cannot be read (backup {0} is a FIFO, not a regular file; \
              nothing was read from it: name the backup file itself (save a pipe's output to a file first)); \

@@ -48,7 +48,7 @@ fn init_in(dir: TempDir) -> Initialized {
     let mut cmd = kekd();
     cmd.args(["admin", "init", "--keyring"]).arg(&keyring);
     let out = run(cmd, dir.path());
-    assert_eq!(out.code(), 0, "{out:#?}");
+    out.ok();
     let key_id = out
         .stdout
         .lines()
@@ -134,7 +134,7 @@ fn init_never_prints_the_kek() {
     let mut cmd = kekd();
     cmd.args(["admin", "init", "--keyring"]).arg(&keyring);
     let out = run(cmd, dir.path());
-    assert_eq!(out.code(), 0, "{out:#?}");
+    out.ok();
     assert_no_secrets(&out, &keks_in(&keyring));
 }
 
@@ -148,7 +148,7 @@ fn init_refuses_an_existing_keyring_and_leaves_it_unchanged() {
             .arg(&setup.keyring);
         let out = run(cmd, setup.dir.path());
         // A refusal, as README's exit codes say: 1, not 78.
-        assert_eq!(out.code(), 1, "{out:#?}");
+        out.exited(1);
         assert_eq!(
             error_line(&out),
             format!(
@@ -177,7 +177,7 @@ fn init_json_output_is_parseable() {
     cmd.args(["admin", "init", "--output", "json", "--keyring"])
         .arg(&keyring);
     let out = run(cmd, dir.path());
-    assert_eq!(out.code(), 0, "{out:#?}");
+    out.ok();
     let doc: serde_json::Value = serde_json::from_str(out.stdout.trim())
         .unwrap_or_else(|e| panic!("stdout is not one JSON document ({e}): {out:#?}"));
     let keyring_id = doc["keyring_id"].as_str().expect("keyring_id");
@@ -375,7 +375,7 @@ async fn probe_against_a_live_server_succeeds() {
     let mut cmd = kekd();
     cmd.args(["admin", "probe", "--socket"]).arg(setup.socket());
     let out = run_async(cmd, setup.dir.path()).await;
-    assert_eq!(out.code(), 0, "{out:#?}");
+    out.ok();
     for check in ["connect", "status", "encrypt", "decrypt"] {
         assert!(
             out.stdout
@@ -390,7 +390,7 @@ async fn probe_against_a_live_server_succeeds() {
     cmd.args(["admin", "probe", "--output", "json", "--socket"])
         .arg(setup.socket());
     let out = run_async(cmd, setup.dir.path()).await;
-    assert_eq!(out.code(), 0, "{out:#?}");
+    out.ok();
     let doc: serde_json::Value = serde_json::from_str(out.stdout.trim()).unwrap();
     assert_eq!(doc["ok"], true, "{doc:#}");
     assert_eq!(doc["status"]["version"], "v2");
@@ -411,7 +411,7 @@ async fn probe_against_no_socket_fails_and_says_kekd_is_not_running() {
     cmd.args(["admin", "probe", "--timeout", "2s", "--socket"])
         .arg(&missing);
     let out = run_async(cmd, dir.path()).await;
-    assert_eq!(out.code(), 1, "{out:#?}");
+    out.exited(1);
     assert!(
         out.stdout.contains(
             "no socket there: is kekd running, and is this the path it serves (--socket)?"
@@ -435,7 +435,7 @@ async fn probe_against_no_socket_fails_and_says_kekd_is_not_running() {
     ])
     .arg(&missing);
     let out = run_async(cmd, dir.path()).await;
-    assert_eq!(out.code(), 1, "{out:#?}");
+    out.exited(1);
     let doc: serde_json::Value = serde_json::from_str(out.stdout.trim()).unwrap();
     assert_eq!(doc["ok"], false);
     assert_eq!(doc["checks"][0]["name"], "connect");
@@ -448,7 +448,7 @@ async fn probe_against_no_socket_fails_and_says_kekd_is_not_running() {
     cmd.args(["admin", "probe", "--timeout", "2s", "--socket"])
         .arg(&stale);
     let out = run_async(cmd, dir.path()).await;
-    assert_eq!(out.code(), 1, "{out:#?}");
+    out.exited(1);
     assert!(
         out.stdout.contains(
             "a socket file exists but nothing accepts on it: kekd is not running (a stale socket)"
@@ -464,7 +464,7 @@ async fn probe_against_no_socket_fails_and_says_kekd_is_not_running() {
     cmd.args(["admin", "probe", "--timeout", "2s", "--socket"])
         .arg(&file);
     let out = run_async(cmd, dir.path()).await;
-    assert_eq!(out.code(), 1, "{out:#?}");
+    out.exited(1);
     assert!(!out.stdout.contains("stale"), "{out:#?}");
     assert!(
         out.stdout.contains(&format!(
@@ -497,7 +497,7 @@ async fn probe_takes_its_keyring_from_kekd_keyring() {
         .arg(setup.socket())
         .env("KEKD_KEYRING", &setup.keyring);
     let out = run_async(cmd, setup.dir.path()).await;
-    assert_eq!(out.code(), 0, "{out:#?}");
+    out.ok();
     let doc: serde_json::Value = serde_json::from_str(out.stdout.trim()).unwrap();
     let keyring = doc["checks"]
         .as_array()
@@ -595,7 +595,7 @@ async fn sigterm_drains_calls_in_flight_then_exits_0() {
     assert_eq!(results.len(), N);
 
     let out = server.wait_exit().await;
-    assert_eq!(out.code(), 0, "{out:#?}");
+    out.ok();
     assert!(!setup.socket().exists(), "socket removed on exit");
     assert!(!out.stderr.contains("grace period expired"), "{out:#?}");
     assert_no_secrets(&out, &keks_in(&setup.keyring));
@@ -609,7 +609,7 @@ async fn sigint_exits_0_and_removes_the_socket() {
     client.status().await.unwrap();
     server.signal(Signal::INT);
     let out = server.wait_exit().await;
-    assert_eq!(out.code(), 0, "{out:#?}");
+    out.ok();
     assert!(!setup.socket().exists(), "socket removed on exit");
 }
 
@@ -640,7 +640,7 @@ async fn sigterm_gives_up_on_calls_after_the_grace_period() {
 
     server.signal(Signal::TERM);
     let out = server.wait_exit().await;
-    assert_eq!(out.code(), 0, "{out:#?}");
+    out.ok();
     assert!(out.stderr.contains("grace period expired"), "{out:#?}");
     assert!(!setup.socket().exists(), "socket removed on exit");
     assert!(
@@ -714,7 +714,7 @@ async fn a_config_file_configures_serve_and_env_and_flags_beat_it() {
         assert_eq!(client.status().await.unwrap().key_id, setup.key_id);
         server.signal(Signal::TERM);
         let out = server.wait_exit().await;
-        assert_eq!(out.code(), 0, "{out:#?}");
+        out.ok();
         let first = out.stderr.lines().next().unwrap_or_default();
         assert!(
             serde_json::from_str::<serde_json::Value>(first).is_ok(),
@@ -824,7 +824,7 @@ async fn dev_mode_creates_then_reuses_its_keyring_and_prints_the_config() {
         assert_eq!(created, run == 0, "run {run}: {}", server.stderr());
         server.signal(Signal::TERM);
         let out = server.wait_exit().await;
-        assert_eq!(out.code(), 0, "{out:#?}");
+        out.ok();
         assert_no_secrets(&out, &keks_in(&keyring));
         assert!(!socket.exists());
     }
@@ -898,7 +898,7 @@ async fn a_refused_hardening_step_is_logged() {
     rustix::process::kill_process(rustix::process::Pid::from_raw(pid).unwrap(), Signal::TERM)
         .unwrap();
     let out = process.wait_exit().await;
-    assert_eq!(out.code(), 0, "{out:#?}");
+    out.ok();
     let stderr = out.stderr;
     let line = stderr
         .lines()
@@ -917,7 +917,7 @@ async fn a_refused_hardening_step_is_logged() {
     })
     .await
     .unwrap();
-    assert_eq!(out.code(), 0, "{out:#?}");
+    out.ok();
     assert!(out.stderr.contains(WARNING), "{out:#?}");
 }
 
@@ -983,7 +983,7 @@ fn serve_help_says_what_the_concurrency_limits_do_and_groups_the_backend_flags()
     let mut cmd = kekd();
     cmd.args(["serve", "--help"]);
     let out = run(cmd, logs.path());
-    assert_eq!(out.code(), 0, "{out:#?}");
+    out.ok();
     let help = out.stdout.split_whitespace().collect::<Vec<_>>().join(" ");
     assert!(
         help.contains(

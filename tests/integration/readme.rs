@@ -598,7 +598,7 @@ async fn fresh_machine_serve_dev_then_probe_prints_what_readme_shows() {
         (m, out)
     })
     .await;
-    assert_eq!(out.code(), 0, "{out:#?}");
+    out.ok();
     let key_ids = assert_same_lines(&expected.body, &out.stdout);
     assert_eq!(key_ids, [served.clone(), served], "the key id served");
 
@@ -629,7 +629,7 @@ async fn node(machine: Machine) -> (Machine, Process, String) {
         (machine, first, again, bytes)
     })
     .await;
-    assert_eq!(first.code(), 0, "{first:#?}");
+    first.ok();
     let key_id = first
         .stdout
         .lines()
@@ -637,7 +637,7 @@ async fn node(machine: Machine) -> (Machine, Process, String) {
         .map(|k| k.trim().to_owned())
         .unwrap_or_else(|| panic!("init printed no key_id: {first:#?}"));
     // "# once; refuses to overwrite": exit 1 (a refusal), the file untouched.
-    assert_eq!(again.code(), 1, "{again:#?}");
+    again.exited(1);
     assert!(common::error_message(&again).contains("already exists; refusing to overwrite it"));
     assert_eq!(
         fs::read(machine.root().join("etc/kekd/keyring")).expect("the keyring"),
@@ -828,7 +828,7 @@ async fn hsm_init_and_serve_with_the_shipped_pkcs11_config() {
         (machine, out)
     })
     .await;
-    assert_eq!(out.code(), 0, "{out:#?}");
+    out.ok();
     let key_id = out
         .stdout
         .lines()

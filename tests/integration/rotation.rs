@@ -330,7 +330,7 @@ async fn rotation_under_load_fails_no_call_and_key_ids_only_move_forward() {
         let (old, new) = (round + 1, round + 2);
         if round % 2 == 0 {
             let out = admin_async(&["rotate", "--promote", "--keyring", &keyring], &logs).await;
-            assert_eq!(out.code(), 0, "{out:#?}");
+            out.ok();
             assert!(
                 out.stdout.contains(&format!(
                     "rotate: version {new} new → pending (key_id {})\n\
@@ -344,10 +344,10 @@ async fn rotation_under_load_fails_no_call_and_key_ids_only_move_forward() {
             );
         } else {
             let out = admin_async(&["rotate", "--keyring", &keyring], &logs).await;
-            assert_eq!(out.code(), 0, "{out:#?}");
+            out.ok();
             let out =
                 admin_async(&["promote", &new.to_string(), "--keyring", &keyring], &logs).await;
-            assert_eq!(out.code(), 0, "{out:#?}");
+            out.ok();
         }
         wait_for_status(&driver, &key_id(&server.key_id, new)).await;
         let sample = encrypt(&mut driver, new as usize).await;
@@ -368,7 +368,7 @@ async fn rotation_under_load_fails_no_call_and_key_ids_only_move_forward() {
                 &logs,
             )
             .await;
-            assert_eq!(out.code(), 0, "{out:#?}");
+            out.ok();
             let sample = samples[&gone].clone();
             eventually(&format!("the server refuses v{gone}"), WAIT, || {
                 let mut c = driver.clone();
@@ -706,7 +706,7 @@ async fn invalid_keyring_case(bad: Bad, how: How) {
         &logs,
     )
     .await;
-    assert_eq!(probe.code(), 1, "{probe:#?}");
+    probe.exited(1);
     let report = json_of(&probe);
     let checks: BTreeMap<String, (bool, String)> = report["checks"]
         .as_array()
@@ -772,7 +772,7 @@ async fn invalid_keyring_case(bad: Bad, how: How) {
         &logs,
     )
     .await;
-    assert_eq!(probe.code(), 0, "{probe:#?}");
+    probe.ok();
     assert!(
         probe.stdout.contains(&format!(
             "ok   keyring   serves the primary of {keyring} ({fixed})"
@@ -867,7 +867,7 @@ async fn retire_guard_reads_real_usage_and_counts_survive_a_restart() {
     let keyring = p(&path).to_owned();
     let socket = dir.path().join("kms.sock");
     let out = admin_async(&["init", "--keyring", &keyring], &logs).await;
-    assert_eq!(out.code(), 0, "{out:#?}");
+    out.ok();
     let v1 = format!(
         "kekd/{}/v1",
         KeyringFile::parse(&fs::read(&path).unwrap()).unwrap().id
@@ -885,7 +885,7 @@ async fn retire_guard_reads_real_usage_and_counts_survive_a_restart() {
     }
     let rotate = |logs: std::path::PathBuf, keyring: String| async move {
         let out = admin_async(&["rotate", "--promote", "--keyring", &keyring], &logs).await;
-        assert_eq!(out.code(), 0, "{out:#?}");
+        out.ok();
     };
     // v2: 1 encrypt, 1 decrypt. v3: never used. v4: primary.
     rotate(logs.clone(), keyring.clone()).await;
@@ -939,15 +939,14 @@ async fn retire_guard_reads_real_usage_and_counts_survive_a_restart() {
         )
     };
     let out = admin_async(&["retire", "1", "--keyring", &keyring], &logs).await;
-    assert_eq!(out.code(), 1, "{out:#?}");
-    assert_eq!(common::error_message(&out), needs_scan(1));
+    assert_eq!(out.refused(1), needs_scan(1));
     assert_eq!(
         fs::read(&path).unwrap(),
         before,
         "a refusal changed the keyring"
     );
     let out = admin_async(&["retire", "1", "--force", "--keyring", &keyring], &logs).await;
-    assert_eq!(out.code(), 0, "{out:#?}");
+    out.ok();
     assert!(
         out.stdout.starts_with(&format!(
             "retire: version 1 decrypt-only → retired (key_id {v1})\nwarning: retired without a scan: objects \
@@ -965,11 +964,10 @@ async fn retire_guard_reads_real_usage_and_counts_survive_a_restart() {
             &logs,
         )
         .await;
-        assert_eq!(out.code(), 1, "{out:#?}");
-        assert_eq!(common::error_message(&out), needs_scan(3));
+        assert_eq!(out.refused(1), needs_scan(3));
     }
     let out = admin_async(&["retire", "2", "--force", "--keyring", &keyring], &logs).await;
-    assert_eq!(out.code(), 0, "{out:#?}");
+    out.ok();
 
     // The server stops decrypting v1. Polled with a damaged v1 ciphertext:
     // failures are not use, so the counts stay exact.
@@ -995,7 +993,7 @@ async fn retire_guard_reads_real_usage_and_counts_survive_a_restart() {
     // Counts are written at shutdown and continue after a restart.
     server.signal(Signal::TERM);
     let exit = server.wait_exit().await;
-    assert_eq!(exit.code(), 0, "{exit:#?}");
+    exit.ok();
     let (code, doc) = list_json(&keyring, &logs).await;
     assert_eq!(code, 0, "{doc:#}");
     let after_stop = usage_of(&doc);
@@ -1008,7 +1006,7 @@ async fn retire_guard_reads_real_usage_and_counts_survive_a_restart() {
     assert_eq!(code, 0, "{doc:#}");
     assert_eq!(usage_of(&doc)[&1], (3, 2, Some(t1.clone())), "{doc:#}");
     let out = admin_async(&["restore", "1", "--keyring", &keyring], &logs).await;
-    assert_eq!(out.code(), 0, "{out:#?}");
+    out.ok();
     eventually("the server decrypts v1 again", WAIT, || {
         let (mut c, sealed) = (client.clone(), ct1[2].clone());
         async move {
@@ -1026,7 +1024,7 @@ async fn retire_guard_reads_real_usage_and_counts_survive_a_restart() {
     assert_eq!(ct4.version, 4);
     server.signal(Signal::TERM);
     let exit = server.wait_exit().await;
-    assert_eq!(exit.code(), 0, "{exit:#?}");
+    exit.ok();
     let (code, doc) = list_json(&keyring, &logs).await;
     assert_eq!(code, 0, "{doc:#}");
     let usage = usage_of(&doc);
@@ -1056,7 +1054,7 @@ async fn a_destroyed_version_number_and_key_id_are_never_issued_again() {
             let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
             args.extend(["--output", "json", "--keyring", &keyring]);
             let out = admin_async(&args, &logs).await;
-            assert_eq!(out.code(), 0, "{out:#?}");
+            out.ok();
             json_of(&out)
         }
     };
@@ -1150,7 +1148,7 @@ async fn list_now(keyring: &str, logs: &Path) -> (serde_json::Value, String) {
     let (code, doc) = list_json(keyring, logs).await;
     assert_eq!(code, 0, "{doc:#}");
     let text = admin_async(&["list", "--keyring", keyring], logs).await;
-    assert_eq!(text.code(), 0, "{text:#?}");
+    text.ok();
     (doc, text.stdout)
 }
 
@@ -1165,11 +1163,11 @@ async fn a_rotation_that_keeps_the_primary_audits_no_snapshot_switch() {
     server.ready().await;
     let k = p(&keyring);
     let out = admin_async(&["rotate", "--keyring", k], dir.path()).await;
-    assert_eq!(out.code(), 0, "{out:#?}");
+    out.ok();
     // The reload of the keyring with v2 pending is applied …
     server.wait_for_stderr("keyring reloaded").await;
     let out = admin_async(&["promote", "2", "--keyring", k], dir.path()).await;
-    assert_eq!(out.code(), 0, "{out:#?}");
+    out.ok();
     server.wait_for_stderr("new primary").await;
     // … and audited only when the primary moved: one line, v1 to v2.
     let switched: Vec<_> = audit_lines(&keyring)
@@ -1216,7 +1214,7 @@ async fn list_shows_a_refusal_its_repair_a_pending_change_and_a_stopped_server_a
     // pending, not reported as served.
     server.signal(Signal::STOP);
     let out = admin_async(&["rotate", "--promote", "--keyring", &keyring], logs).await;
-    assert_eq!(out.code(), 0, "{out:#?}");
+    out.ok();
     let (doc, text) = list_now(&keyring, logs).await;
     assert_eq!(doc["server"]["primary"], 1, "{doc:#}");
     assert_eq!(doc["reload_pending"], true, "{doc:#}");

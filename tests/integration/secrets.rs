@@ -171,9 +171,9 @@ impl Node {
         let socket = dir.path().join("run/kekd.sock");
         let k = keyring.display().to_string();
         let out = admin_async(&["init", "--keyring", &k], dir.path()).await;
-        assert_eq!(out.code(), 0, "{out:#?}");
+        out.ok();
         let out = admin_async(&["rotate", "--keyring", &k], dir.path()).await;
-        assert_eq!(out.code(), 0, "{out:#?}");
+        out.ok();
         Node {
             dir,
             keyring,
@@ -265,7 +265,7 @@ async fn a_known_kek_appears_in_no_log_output_error_record_or_proc_file() {
             node.dir.path(),
         )
         .await;
-        assert_eq!(probe.code(), 0, "{probe:#?}");
+        probe.ok();
         outputs.push((format!("probe --output {format}"), probe));
 
         // What the process shows about itself.
@@ -290,7 +290,7 @@ async fn a_known_kek_appears_in_no_log_output_error_record_or_proc_file() {
 
         serve.signal(rustix::process::Signal::TERM);
         let out = serve.wait_exit().await;
-        assert_eq!(out.code(), 0, "{out:#?}");
+        out.ok();
         assert!(
             out.stderr.contains("TRACE") || out.stderr.contains("\"level\":\"TRACE\""),
             "trace logging was not on:\n{}",
@@ -473,7 +473,7 @@ async fn without_memory_lock_rights_kekd_warns_once_and_serves() {
 
     process.signal(rustix::process::Signal::TERM);
     let out = process.wait_exit().await;
-    assert_eq!(out.code(), 0, "{out:#?}");
+    out.ok();
     let warnings = out
         .stderr
         .matches("cannot lock key memory into RAM, so keys could be written to swap")
@@ -850,7 +850,7 @@ async fn no_kek_or_key_schedule_outside_locked_memory_after_a_workload() {
     let k = node.k();
     for _ in 0..2 {
         let out = admin_async(&["rotate", "--promote", "--keyring", &k], node.dir.path()).await;
-        assert_eq!(out.code(), 0, "{out:#?}");
+        out.ok();
     }
     let after = common::eventually("the rotated key served", Duration::from_secs(30), || {
         let socket = node.socket.clone();
@@ -908,5 +908,5 @@ async fn no_kek_or_key_schedule_outside_locked_memory_after_a_workload() {
 
     serve.signal(rustix::process::Signal::TERM);
     let out = serve.wait_exit().await;
-    assert_eq!(out.code(), 0, "{out:#?}");
+    out.ok();
 }

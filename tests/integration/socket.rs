@@ -477,7 +477,7 @@ async fn serve_exits_78_on_an_unsafe_directory_and_logs_one_it_creates() {
         .arg("--socket")
         .arg(open.join("kms.sock"));
     let out = common::run(cmd, dir.path());
-    assert_eq!(out.code(), 78, "{out:#?}");
+    out.exited(78);
     assert!(
         common::error_message(&out).contains(&format!("fix it (`chmod go-w {}`)", open.display())),
         "{out:#?}"

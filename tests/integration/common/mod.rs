@@ -7,6 +7,7 @@
 #![allow(unreachable_pub)]
 
 pub mod apiserver;
+mod outcome;
 pub mod skip;
 pub mod wire;
 
