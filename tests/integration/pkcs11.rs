@@ -3,7 +3,9 @@
 //! `[backend]` table, and the token inspected from outside with
 //! `pkcs11-tool`.
 //!
-//! - the local backend's API conformance checks, against a token;
+//! - the KMS API contract itself runs against a token as
+//!   `contract::pkcs11::…` (tests/integration/contract.rs); here, what only
+//!   a token has:
 //! - the key objects really are in the token, sensitive and unextractable,
 //!   restricted to AES-GCM, and the envelope is the documented one (the
 //!   token's own AES-GCM, driven outside kekd, opens and seals it);
@@ -25,70 +27,23 @@ use crate::softhsm;
 
 use std::collections::{HashMap, HashSet};
 use std::fs;
-use std::future::Future;
 use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tonic::{Code, Status};
+use tonic::Code;
 
-use common::apiserver::{check_decrypt, check_encrypt, check_status};
-use common::{Process, seed, uid};
+use common::apiserver::check_status;
+use common::{
+    OPAQUE, Process, assert_refused, eventually, keyring_id_of, log_excerpt, no_annotations, seed,
+    uid,
+};
 use kekd::client::Client;
 use softhsm::{
     Node, P11_KIT_CLIENT, P11KitServer, SPY_MODULE, Token, error_message, json_of, unhex,
 };
 
-const OPAQUE: &str = "ciphertext could not be decrypted";
-const NOT_OURS: &str = "key_id was not issued by this keyring";
 const EX_CONFIG: i32 = 78;
-
-fn no_annotations() -> HashMap<String, Vec<u8>> {
-    HashMap::new()
-}
-
-/// Asserts that a call was refused with `code` and exactly `message`.
-#[track_caller]
-fn assert_refused<T: std::fmt::Debug>(result: Result<T, Status>, code: Code, message: &str) {
-    match result {
-        Ok(v) => panic!("expected {code:?} {message:?}, got a success: {v:?}"),
-        Err(status) => assert_eq!(
-            (status.code(), status.message()),
-            (code, message),
-            "wrong refusal"
-        ),
-    }
-}
-
-/// The 32-hex keyring id inside a key_id `kekd/<id>/v<N>`, checking the
-/// whole shape on the way.
-#[track_caller]
-fn keyring_id_of(key_id: &str) -> String {
-    let parts: Vec<&str> = key_id.split('/').collect();
-    assert!(
-        parts.len() == 3
-            && parts[0] == "kekd"
-            && parts[1].len() == 32
-            && parts[1]
-                .bytes()
-                .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
-            && parts[2].strip_prefix('v').is_some_and(|v| {
-                !v.is_empty()
-                    && !v.starts_with('0')
-                    && v.bytes().all(|c| c.is_ascii_digit())
-                    && v.parse::<u32>().is_ok()
-            }),
-        "key_id {key_id:?} is not kekd/<32 lowercase hex>/v<N>"
-    );
-    parts[1].to_owned()
-}
-
-/// The version at the end of a key_id.
-#[track_caller]
-fn version_of(key_id: &str) -> u32 {
-    keyring_id_of(key_id);
-    key_id.rsplit_once("/v").unwrap().1.parse().unwrap()
-}
 
 /// `CKA_ID` (hex) of a version's key object: keyring id ‖ version (BE u32).
 fn object_id(key_id: &str, version: u32) -> String {
@@ -102,26 +57,6 @@ async fn serving(token: &Token, node: &Node) -> (Process, Client) {
     (process, client)
 }
 
-/// Polls `check` every 25 ms until it returns `Ok`; panics naming `what`
-/// and the last state after `timeout`.
-async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, String>>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        match check().await {
-            Ok(v) => return v,
-            Err(last) => assert!(
-                Instant::now() < deadline,
-                "{what}: not within {timeout:?}; last: {last}"
-            ),
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
-
 /// Asserts that none of `outputs` contains `secret`.
 #[track_caller]
 fn assert_never_printed(secret: &str, outputs: &[(&str, &str)]) {
@@ -133,149 +68,17 @@ fn assert_never_printed(secret: &str, outputs: &[(&str, &str)]) {
     }
 }
 
-// ------------------------------------------------------------- conformance
+// --------------------------------------------------- the contract, on a token
 
-#[tokio::test]
-async fn status_encrypt_decrypt_from_the_token_pass_every_apiserver_check() {
-    let Some(token) = Token::create() else { return };
-    let node = token.default_node("a");
-    let key_id = token.init(&node);
-    assert_eq!(version_of(&key_id), 1);
-    let (server, mut client) = serving(&token, &node).await;
+// The KMS API contract runs against a token as `contract::pkcs11::…`
+// (tests/integration/contract.rs). What follows is the token's side of it.
 
-    for n in 0..20 {
-        let status = client.status().await.unwrap();
-        check_status(&status.version, &status.healthz, &status.key_id).unwrap();
-        assert_eq!(status.version, "v2");
-        assert_eq!(status.key_id, key_id, "Status reports the key_id init made");
-
-        let seed = seed();
-        let enc = client.encrypt(seed.clone(), &uid(n)).await.unwrap();
-        check_encrypt(
-            &status.key_id,
-            &enc.key_id,
-            &enc.ciphertext,
-            &enc.annotations,
-        )
-        .unwrap();
-        assert_eq!(enc.key_id, status.key_id, "Encrypt key_id = Status key_id");
-        // format 0x01, version 1 (BE), 12-byte nonce, 32 + 16 sealed bytes.
-        assert_eq!(enc.ciphertext.len(), 1 + 4 + 12 + 32 + 16);
-        assert_eq!(&enc.ciphertext[..5], &[1, 0, 0, 0, 1]);
-
-        let plaintext = client
-            .decrypt(enc.ciphertext, &enc.key_id, enc.annotations, &uid(n))
-            .await
-            .unwrap();
-        check_decrypt(&seed, &plaintext).unwrap();
-    }
-
-    // Equal plaintexts: kekd's own IVs never repeat, nor do ciphertexts.
-    let seed = seed();
-    let (mut nonces, mut ciphertexts) = (HashSet::new(), HashSet::new());
-    for n in 0..100 {
-        let enc = client.encrypt(seed.clone(), &uid(n)).await.unwrap();
-        assert!(
-            nonces.insert(enc.ciphertext[5..17].to_vec()),
-            "IV reused at {n}"
-        );
-        assert!(
-            ciphertexts.insert(enc.ciphertext.clone()),
-            "ciphertext repeated"
-        );
-        assert_eq!(
-            client
-                .decrypt(enc.ciphertext, &enc.key_id, no_annotations(), &uid(n))
-                .await
-                .unwrap(),
-            seed
-        );
-    }
-    assert_never_printed(&token.pin, &[("serve stderr", &server.stderr())]);
-}
-
-#[tokio::test]
-async fn plaintext_limits_are_the_same_as_the_local_backends() {
-    let Some(token) = Token::create() else { return };
-    let node = token.default_node("a");
-    let key_id = token.init(&node);
-    let (_server, mut client) = serving(&token, &node).await;
-
-    let mut largest = vec![0u8; 991];
-    common::getrandom(&mut largest);
-    let enc = client.encrypt(largest.clone(), &uid(1)).await.unwrap();
-    assert_eq!(enc.ciphertext.len(), 1024);
-    check_encrypt(&key_id, &enc.key_id, &enc.ciphertext, &enc.annotations).unwrap();
-    let plaintext = client
-        .decrypt(enc.ciphertext, &enc.key_id, no_annotations(), &uid(1))
-        .await
-        .unwrap();
-    assert_eq!(plaintext, largest);
-
-    assert_refused(
-        client.encrypt(vec![7u8; 992], &uid(2)).await,
-        Code::InvalidArgument,
-        "plaintext is 992 bytes; at most 991 fit the apiserver's 1024-byte ciphertext limit",
-    );
-    assert_refused(
-        client.encrypt(Vec::new(), &uid(3)).await,
-        Code::InvalidArgument,
-        "plaintext is empty",
-    );
-}
-
-/// Every single-bit flip is refused: the structural error for the header,
-/// the one opaque error for nonce, body and tag (the token's GCM decides).
-#[tokio::test]
-async fn every_tampered_ciphertext_is_refused_by_the_token() {
-    let Some(token) = Token::create() else { return };
-    let node = token.default_node("a");
-    token.init(&node);
-    let (_server, mut client) = serving(&token, &node).await;
-    let seed = seed();
-    let enc = client.encrypt(seed.clone(), &uid(0)).await.unwrap();
-    let ct = &enc.ciphertext;
-    common::assert_every_bit_flip_refused(&mut client, &enc, &seed).await;
-    // Truncated and extended.
-    for len in [0, 1, 33, 34, ct.len() - 1] {
-        let expected = match len {
-            0 => "malformed ciphertext: ciphertext is empty".to_owned(),
-            1..=33 => format!(
-                "malformed ciphertext: ciphertext is truncated ({len} bytes, at least 34 needed)"
-            ),
-            _ => OPAQUE.to_owned(),
-        };
-        assert_refused(
-            client
-                .decrypt(ct[..len].to_vec(), &enc.key_id, no_annotations(), &uid(1))
-                .await,
-            Code::InvalidArgument,
-            &expected,
-        );
-    }
-    let mut longer = ct.clone();
-    longer.push(0);
-    assert_refused(
-        client
-            .decrypt(longer, &enc.key_id, no_annotations(), &uid(2))
-            .await,
-        Code::InvalidArgument,
-        OPAQUE,
-    );
-    // The untouched ciphertext still opens: no session was left poisoned.
-    assert_eq!(
-        client
-            .decrypt(ct.clone(), &enc.key_id, no_annotations(), &uid(3))
-            .await
-            .unwrap(),
-        seed
-    );
-}
-
-/// Two keyrings share one token under different label prefixes; neither
-/// opens the other's ciphertexts.
-#[tokio::test]
-async fn a_second_keyring_on_the_same_token_is_foreign() {
+/// Two keyrings share one token under different label prefixes (the
+/// contract's `decrypt_refuses_*` tests serve both and find neither opens
+/// the other's ciphertexts): each has its own key objects and its own
+/// metadata key, named by its prefix and identified by its keyring id.
+#[test]
+fn a_second_keyring_on_the_same_token_has_objects_of_its_own() {
     let Some(token) = Token::create() else { return };
     let ours = token.default_node("a");
     let mut other_backend = token.backend("b");
@@ -283,70 +86,27 @@ async fn a_second_keyring_on_the_same_token_is_foreign() {
     let other = token.node("b", &other_backend, &[]);
     let our_key_id = token.init(&ours);
     let their_key_id = token.init(&other);
-    assert_ne!(keyring_id_of(&our_key_id), keyring_id_of(&their_key_id));
+    let (our_id, their_id) = (keyring_id_of(&our_key_id), keyring_id_of(&their_key_id));
+    assert_ne!(our_id, their_id);
+    let mut found: Vec<(String, String)> = token
+        .secret_keys()
+        .iter()
+        .map(|k| (k.label(), k.field("ID").to_owned()))
+        .collect();
+    found.sort();
     assert_eq!(
-        token.secret_key_labels(),
+        found,
         [
-            "kekd-metadata-key",
-            "kekd-v1",
-            "other-metadata-key",
-            "other-v1"
+            ("kekd-metadata-key".to_owned(), format!("{our_id}00000000")),
+            ("kekd-v1".to_owned(), format!("{our_id}00000001")),
+            (
+                "other-metadata-key".to_owned(),
+                format!("{their_id}00000000")
+            ),
+            ("other-v1".to_owned(), format!("{their_id}00000001")),
         ],
         "one key object per keyring version, and one metadata key per keyring"
     );
-
-    let (_a, mut client) = serving(&token, &ours).await;
-    let (_b, mut foreign) = serving(&token, &other).await;
-    assert_eq!(foreign.status().await.unwrap().key_id, their_key_id);
-    let theirs = foreign.encrypt(seed(), &uid(0)).await.unwrap();
-    let mine = client.encrypt(seed(), &uid(1)).await.unwrap();
-
-    // Their ciphertext with their key_id: not our key_id.
-    assert_refused(
-        client
-            .decrypt(
-                theirs.ciphertext.clone(),
-                &theirs.key_id,
-                no_annotations(),
-                &uid(2),
-            )
-            .await,
-        Code::InvalidArgument,
-        NOT_OURS,
-    );
-    // Their ciphertext under our key_id: the header parses, only the
-    // token's authentication (AAD binds the keyring id) can refuse it.
-    assert_refused(
-        client
-            .decrypt(theirs.ciphertext, &our_key_id, no_annotations(), &uid(3))
-            .await,
-        Code::InvalidArgument,
-        OPAQUE,
-    );
-    // And the other way round.
-    assert_refused(
-        foreign
-            .decrypt(mine.ciphertext, &their_key_id, no_annotations(), &uid(4))
-            .await,
-        Code::InvalidArgument,
-        OPAQUE,
-    );
-    for key_id in [
-        String::new(),
-        "garbage".to_owned(),
-        our_key_id.to_uppercase(),
-        our_key_id.replace("/v1", "/v01"),
-        format!("{our_key_id} "),
-    ] {
-        let enc = client.encrypt(seed(), &uid(5)).await.unwrap();
-        assert_refused(
-            client
-                .decrypt(enc.ciphertext, &key_id, no_annotations(), &uid(5))
-                .await,
-            Code::InvalidArgument,
-            NOT_OURS,
-        );
-    }
 }
 
 // ----------------------------------------- the token's objects, from outside
@@ -1030,58 +790,6 @@ async fn two_instances_on_one_token_switch_together_and_read_each_other() {
     );
 }
 
-/// A refused Decrypt (a bad tag: the token's C_Decrypt fails) must not
-/// cost kekd its login or poison what comes after: the next calls succeed
-/// and Status stays healthy through the next self-checks. (PKCS#11: closing
-/// an application's last session logs it out of the token.)
-#[tokio::test]
-async fn a_refused_decrypt_does_not_break_the_calls_after_it() {
-    let Some(token) = Token::create() else { return };
-    let node = token.node("a", &token.backend("a"), &["self_check_interval = \"1s\""]);
-    let key_id = token.init(&node);
-    let (server, mut client) = serving(&token, &node).await;
-    let seed = seed();
-    let enc = client.encrypt(seed.clone(), &uid(0)).await.unwrap();
-    let mut bad = enc.ciphertext.clone();
-    *bad.last_mut().unwrap() ^= 1;
-    assert_refused(
-        client
-            .decrypt(bad, &enc.key_id, no_annotations(), &uid(1))
-            .await,
-        Code::InvalidArgument,
-        OPAQUE,
-    );
-    let opened = client
-        .decrypt(
-            enc.ciphertext.clone(),
-            &enc.key_id,
-            no_annotations(),
-            &uid(2),
-        )
-        .await;
-    assert_eq!(
-        opened.as_ref().ok(),
-        Some(&seed),
-        "the good ciphertext after a refused one: {opened:?}\n{}",
-        log_excerpt(&server.stderr())
-    );
-    let again = client.encrypt(seed.clone(), &uid(3)).await;
-    assert!(
-        again.as_ref().is_ok_and(|e| e.key_id == key_id),
-        "Encrypt after a refused Decrypt: {again:?}"
-    );
-    // Through at least one background self-check (every 1 s).
-    let until = Instant::now() + Duration::from_millis(2500);
-    while Instant::now() < until {
-        let status = client.status().await;
-        assert!(
-            status.as_ref().is_ok_and(|s| s.key_id == key_id),
-            "Status after a refused Decrypt: {status:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 // -------------------------------------------------------------- concurrency
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1630,18 +1338,6 @@ impl Violations {
             log_excerpt(log)
         );
     }
-}
-
-/// kekd's log without cryptoki's mechanism-list noise, each message once
-/// (timestamps dropped), at most the last 30.
-fn log_excerpt(log: &str) -> String {
-    let mut seen = HashSet::new();
-    let lines: Vec<&str> = log
-        .lines()
-        .filter(|l| !l.contains("Mechanism type"))
-        .filter(|l| seen.insert(l.split_once(' ').map_or(*l, |(_, rest)| rest)))
-        .collect();
-    lines[lines.len().saturating_sub(30)..].join("\n")
 }
 
 /// A way to make the token unavailable and bring it back.
