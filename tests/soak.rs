@@ -50,7 +50,8 @@ const OUTAGE_FROM: f64 = 0.40;
 const OUTAGE_TO: f64 = 0.55;
 /// After the token is back, errors are still allowed this long: kekd
 /// re-checks every second while unhealthy and re-initializes the PKCS#11
-/// module; tests/integration/pkcs11.rs allows 12 s for the same recovery.
+/// module (tests/integration/pkcs11.rs waits for the same recovery by its
+/// "self-check passes again" line).
 const RECOVERY_GRACE: Duration = Duration::from_secs(12);
 /// Rotations are not attempted from this long before the outage until the
 /// grace ends (`admin rotate` needs the token too).

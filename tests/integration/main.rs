@@ -3,7 +3,9 @@
 //! real SoftHSM2 tokens and a real etcd.
 //!
 //! `cargo test --locked` runs them all; `cargo test --locked --test
-//! integration SUBJECT::` runs one subject (e.g. `api::`, `pkcs11::`).
+//! integration SUBJECT::` runs one subject (e.g. `contract::`, `pkcs11::`).
+//! The KMS API contract is written once and runs against every backend
+//! ([`contract`]: `contract::local::…`, `contract::pkcs11::…`).
 //! What a test needs and does not find fails it under `KEKD_REQUIRE_ALL=1`
 //! (CI), and is skipped loudly otherwise ([`common::skip`]).
 //!
@@ -16,8 +18,6 @@ mod softhsm;
 
 /// The `kekd admin` keyring commands through the binary.
 mod admin_cli;
-/// The KMS v2 API over a real Unix socket, judged by the apiserver's rules.
-mod api;
 /// `kekd admin backup` and `restore-backup`.
 mod backup;
 /// `admin init`, `admin probe` and `serve` with its configuration.
@@ -26,6 +26,9 @@ mod cli;
 mod clients;
 /// Wall-clock jumps under libfaketime.
 mod clock;
+/// The KMS v2 API over a real Unix socket, judged by the apiserver's rules:
+/// one suite, run against every backend.
+mod contract;
 /// The files in `deploy/`, as an operator uses them.
 mod deploy;
 /// Filesystem faults, crashes and corrupt files.

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use tempfile::TempDir;
 use tokio::sync::{Mutex, MutexGuard, oneshot};
 use tokio::task::JoinHandle;
+use tonic::{Code, Status};
 
 use kekd::backend::local::LocalBackend;
 use kekd::client::Client;
@@ -403,12 +404,28 @@ impl Process {
 
     /// Polls stderr until it contains `needle`; panics after [`PROCESS_TIMEOUT`].
     pub async fn wait_for_stderr(&self, needle: &str) {
+        self.wait_for_stderr_count(needle, 1).await;
+    }
+
+    /// How many times stderr contains `needle` so far.
+    pub fn stderr_count(&self, needle: &str) -> usize {
+        self.stderr().matches(needle).count()
+    }
+
+    /// Polls stderr until it contains `needle` at least `count` times: an
+    /// event kekd logs, counted. Panics after [`PROCESS_TIMEOUT`], which
+    /// only guards against a hang.
+    pub async fn wait_for_stderr_count(&self, needle: &str, count: usize) {
         let deadline = Instant::now() + PROCESS_TIMEOUT;
-        while !self.stderr().contains(needle) {
+        loop {
+            let seen = self.stderr_count(needle);
+            if seen >= count {
+                return;
+            }
             assert!(
                 Instant::now() < deadline,
-                "kekd never logged {needle:?}\nstderr:\n{}",
-                self.stderr()
+                "kekd logged {needle:?} {seen} time(s), never {count}\nstderr:\n{}",
+                log_excerpt(&self.stderr())
             );
             tokio::time::sleep(POLL).await;
         }
@@ -596,18 +613,79 @@ impl Rng {
     }
 }
 
+// ------------------------------------------- the API as the apiserver sees it
+
+/// The one message of every Decrypt that authentication refuses: it never
+/// says whether the key, the tag or the AAD was wrong.
+pub const OPAQUE: &str = "ciphertext could not be decrypted";
+/// The message of a Decrypt under a key_id this keyring never issued.
+pub const NOT_OURS: &str = "key_id was not issued by this keyring";
+
+/// The annotations kekd issues, and so the ones a Decrypt carries: none.
+pub fn no_annotations() -> std::collections::HashMap<String, Vec<u8>> {
+    std::collections::HashMap::new()
+}
+
+/// Asserts that a call was refused with `code` and exactly `message`.
+#[track_caller]
+pub fn assert_refused<T: std::fmt::Debug>(result: Result<T, Status>, code: Code, message: &str) {
+    match result {
+        Ok(v) => panic!("expected {code:?} {message:?}, got a success: {v:?}"),
+        Err(status) => assert_eq!(
+            (status.code(), status.message()),
+            (code, message),
+            "wrong refusal"
+        ),
+    }
+}
+
+/// The 32-hex keyring id inside a key_id `kekd/<id>/v<N>`, checking the
+/// whole shape on the way: lowercase hex, a version without sign or
+/// leading zero that fits a u32.
+#[track_caller]
+pub fn keyring_id_of(key_id: &str) -> String {
+    let parts: Vec<&str> = key_id.split('/').collect();
+    assert!(
+        parts.len() == 3
+            && parts[0] == "kekd"
+            && parts[1].len() == 32
+            && parts[1]
+                .bytes()
+                .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
+            && parts[2].strip_prefix('v').is_some_and(|v| {
+                !v.is_empty()
+                    && !v.starts_with('0')
+                    && v.bytes().all(|c| c.is_ascii_digit())
+                    && v.parse::<u32>().is_ok()
+            }),
+        "key_id {key_id:?} is not kekd/<32 lowercase hex>/v<N>"
+    );
+    parts[1].to_owned()
+}
+
+/// kekd's log without cryptoki's mechanism-list noise, each message once
+/// (timestamps dropped), at most the last 30 lines: for failure messages.
+pub fn log_excerpt(log: &str) -> String {
+    let mut seen = std::collections::HashSet::new();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| !l.contains("Mechanism type"))
+        .filter(|l| seen.insert(l.split_once(' ').map_or(*l, |(_, rest)| rest)))
+        .collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
 /// Flips every bit of `enc`'s ciphertext, one at a time, and asserts each
 /// flip is refused with exactly the message the envelope layer defines:
 /// structural errors for the format byte and version, the one opaque
-/// message for nonce, body and tag. The same suite runs against every
-/// backend (tests/integration/api.rs: local; tests/integration/pkcs11.rs: a SoftHSM2 token).
+/// message for nonce, body and tag (the contract's
+/// `decrypt_refuses_every_single_bit_flip`, run against every backend).
 #[allow(dead_code)]
 pub async fn assert_every_bit_flip_refused(
     client: &mut kekd::client::Client,
     enc: &kekd::client::EncryptReply,
     seed: &[u8],
 ) {
-    const OPAQUE: &str = "ciphertext could not be decrypted";
     let ct = &enc.ciphertext;
     let tag_start = ct.len() - 16;
     for i in 0..ct.len() {
