@@ -1476,16 +1476,26 @@ async fn a_root_admin_command_keeps_the_keyring_owned_by_the_serving_user() {
         },
     )
     .await;
-    stop(server).await;
+    // The served record is written after the switch and its audit event:
+    // wait for it rather than stopping the server before it is written.
     let record = ring.dir.path().join("keyring.served");
-    assert_eq!(owner_of(&record), (NOBODY, NOBODY));
-    assert_eq!(
-        fs::read_to_string(&record).unwrap(),
-        format!(
-            "kekd-served v1\nkeyring_id {}\nhighest_version 2\n",
-            ring.id()
-        )
+    let served = format!(
+        "kekd-served v1\nkeyring_id {}\nhighest_version 2\n",
+        ring.id()
     );
+    common::eventually(
+        "the server records v2 as served",
+        Duration::from_secs(30),
+        || {
+            let text = fs::read_to_string(&record).unwrap_or_default();
+            let done = text == served;
+            async move { if done { Ok(()) } else { Err(text) } }
+        },
+    )
+    .await;
+    stop(server).await;
+    assert_eq!(owner_of(&record), (NOBODY, NOBODY));
+    assert_eq!(fs::read_to_string(&record).unwrap(), served);
 
     let mut again = spawn_guarded(
         setpriv(&nobody, &serve_cmd(&ring.path, &socket)),
