@@ -543,7 +543,7 @@ fn admin_lifecycle_on_the_token_through_config() {
     admin_json(&token, &node, "retire", &["1", "--force"]);
 
     let unconfirmed = token.admin(&node, "destroy", &["1"]);
-    assert_eq!(unconfirmed.code(), 1, "{unconfirmed:#?}");
+    unconfirmed.exited(1);
     assert!(
         error_message(&unconfirmed)
             .starts_with("destroy erases the key material of version 1 forever"),
@@ -655,9 +655,8 @@ fn admin_lifecycle_on_the_token_through_config() {
     // The keyring exists: init refuses to replace it (whether it leaves
     // anything behind is `a_refused_init_leaves_no_object_behind`).
     let again = token.admin(&node, "init", &[]);
-    assert_eq!(again.code(), 1, "{again:#?}");
     assert_eq!(
-        error_message(&again),
+        again.refused(1),
         format!(
             "token {:?} already holds a kekd keyring with prefix \"kekd-\"; refusing to replace it",
             token.label
@@ -679,7 +678,7 @@ fn a_refused_init_leaves_no_object_behind() {
     for _ in 0..2 {
         let again = token.admin(&node, "init", &[]);
         // A refusal (README's exit codes): the token keeps its keyring.
-        assert_eq!(again.code(), 1, "{again:#?}");
+        again.exited(1);
     }
     let after = token.objects();
     let keys: Vec<String> = after
@@ -2427,7 +2426,7 @@ async fn an_older_kekds_token_is_upgraded_and_keeps_its_keys() {
     // A dry run: what would be adopted, nothing written.
     let before = token.objects();
     let dry = token.admin(&node, "upgrade-token", &["--dry-run"]);
-    assert_eq!(dry.code(), 0, "{dry:#?}");
+    dry.ok();
     assert_eq!(
         dry.stdout,
         format!(
@@ -2540,7 +2539,7 @@ async fn an_older_kekds_token_is_upgraded_and_keeps_its_keys() {
     // Again: nothing to do, nothing written, no audit line.
     let before = token.objects();
     let again = token.admin(&node, "upgrade-token", &[]);
-    assert_eq!(again.code(), 0, "{again:#?}");
+    again.ok();
     assert_eq!(
         again.stdout,
         format!(
@@ -2710,9 +2709,8 @@ fn upgrade_token_without_a_legacy_keyring() {
         "--keyring",
         keyring.to_str().unwrap(),
     ]);
-    assert_eq!(out.code(), 1, "{out:#?}");
     assert_eq!(
-        error_message(&out),
+        out.refused(1),
         format!(
             "upgrade-token is for keyrings in a PKCS#11 token ([backend] kind = \"pkcs11\"); {} is a local \
              keyring file, which has no older format to upgrade",
@@ -2986,7 +2984,7 @@ fn serve_and_doctor_refuse_a_state_dir_linked_from_a_directory_others_can_write(
         format!("chmod go-w {}", public.display()),
         "{access:#}"
     );
-    assert_eq!(doctor.code(), 1, "{doctor:#?}");
+    doctor.exited(1);
 
     let out = token.run(&["serve", "--config", node.config_arg()]);
     assert_eq!(out.code(), EX_CONFIG, "{out:#?}");
@@ -3114,7 +3112,7 @@ async fn public_objects_churned_without_the_pin_never_fail_a_load() {
     .await;
     // A rotation made meanwhile is picked up.
     let out = token.admin(&node, "rotate", &["--promote"]);
-    assert_eq!(out.code(), 0, "{out:#?}");
+    out.ok();
     let v2 = key_id.replace("/v1", "/v2");
     eventually("the rotation is served", HANG_GUARD, || {
         let c = client.clone();
