@@ -53,6 +53,8 @@ mod readme;
 mod rotation;
 /// `kekd admin scan` and `retire --scan` against a real etcd.
 mod scan;
+/// `kekd admin scan` against a hostile or broken etcd endpoint.
+mod scan_hostile;
 /// No KEK, PIN or plaintext in logs, errors, memory or files.
 mod secrets;
 /// The socket's life: permissions, stale and live sockets.
