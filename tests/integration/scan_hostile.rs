@@ -23,7 +23,6 @@ use crate::common;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
 use kekd::scan::etcd::proto::etcdserverpb::{RangeRequest, RangeResponse, ResponseHeader};
 use kekd::scan::etcd::proto::mvccpb::KeyValue;
@@ -287,9 +286,8 @@ async fn endless_pages_end_at_the_count() {
     })
     .await;
     let out = scan(&etcd, &["--page-size", "1"], dir.path()).await;
-    assert_eq!(out.code(), 1, "{out:#?}");
     assert_eq!(
-        error_message(&out),
+        out.refused(1),
         format!("etcd counted 3 keys under the prefix at revision {REVISION} but the pages held 4"),
         "{out:#?}"
     );
@@ -302,7 +300,7 @@ async fn endless_pages_end_at_the_count() {
     })
     .await;
     let out = scan(&etcd, &["--page-size", "1"], dir.path()).await;
-    assert_eq!(out.code(), 1, "{out:#?}");
+    out.exited(1);
     assert!(
         error_message(&out).contains("says more keys follow but holds none"),
         "{out:#?}"
@@ -343,7 +341,8 @@ async fn a_count_without_a_revision_is_refused() {
 
 /// `--timeout` bounds each request as a whole, not only the wait for the
 /// response headers: an endpoint that sends headers and then never the
-/// message, or never answers at all, fails the scan after the timeout.
+/// message, or never answers at all, fails the scan with "timed out"
+/// (without the timeout it would hang until the harness kills it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reply_that_never_comes_times_out() {
     let dir = tempdir().await;
@@ -361,14 +360,12 @@ async fn a_reply_that_never_comes_times_out() {
             .await,
         ),
     ] {
-        let clock = Instant::now();
         let out = scan(&etcd, &[], dir.path()).await;
         assert_eq!(out.code(), 1, "{what}: {out:#?}");
         assert!(
             error_message(&out).contains("timed out"),
             "{what}: {out:#?}"
         );
-        assert!(clock.elapsed() < Duration::from_secs(10), "{what}");
     }
 }
 
@@ -397,7 +394,6 @@ async fn a_tls_handshake_that_never_ends_times_out() {
             held.push(socket);
         }
     });
-    let clock = Instant::now();
     let out = common::admin_async(
         &[
             "scan",
@@ -412,9 +408,8 @@ async fn a_tls_handshake_that_never_ends_times_out() {
     )
     .await;
     silent.abort();
-    assert_eq!(out.code(), 1, "{out:#?}");
+    out.exited(1);
     assert!(error_message(&out).contains("timed out"), "{out:#?}");
-    assert!(clock.elapsed() < Duration::from_secs(10));
 }
 
 /// A gRPC error's message is the endpoint's text: it reaches the terminal
@@ -429,7 +424,7 @@ async fn error_text_from_the_endpoint_is_printed_escaped() {
     );
     let etcd = FakeEtcd::start(move |_, _| Answer::Error(2, hostile.clone())).await;
     let out = scan(&etcd, &[], dir.path()).await;
-    assert_eq!(out.code(), 1, "{out:#?}");
+    out.exited(1);
     for raw in ['\x1b', '\x07', '\u{202e}'] {
         assert!(!out.stderr.contains(raw), "{raw:?} printed raw: {out:#?}");
     }
@@ -476,7 +471,7 @@ async fn a_page_of_millions_of_empty_pairs_is_refused_in_bounded_memory() {
     let out = tokio::task::spawn_blocking(move || common::run(cmd, &logs))
         .await
         .unwrap();
-    assert_eq!(out.code(), 1, "{out:#?}");
+    out.exited(1);
     assert!(
         error_message(&out).contains("pairs, more than the 500 asked for"),
         "{out:#?}"
