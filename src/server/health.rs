@@ -11,12 +11,10 @@ use crate::id::{KeyVersion, Timestamp};
 use crate::state::Event;
 use crate::state::{ServingState, Snapshot};
 
-/// How often changed usage counters are written to disk.
-pub const USAGE_FLUSH_INTERVAL: Duration = Duration::from_secs(5);
-
-/// Writes the usage counters every few seconds while they change.
-pub(super) async fn flush_loop(state: Arc<ServingState>) {
-    let mut ticker = tokio::time::interval(USAGE_FLUSH_INTERVAL);
+/// Writes the usage counters every `every` while they change
+/// (`usage_flush_interval`).
+pub(super) async fn flush_loop(state: Arc<ServingState>, every: Duration) {
+    let mut ticker = tokio::time::interval(every);
     let mut failing = false;
     loop {
         ticker.tick().await;
