@@ -59,6 +59,7 @@ pub(super) async fn self_check_loop(
             .await
             .map_err(|e| e.to_string());
         let was = state.record_self_check(&snapshot, result.clone());
+        let ok = result.is_ok();
         match result {
             Err(msg) => {
                 if was || last_error.as_ref() != Some(&msg) {
@@ -78,6 +79,9 @@ pub(super) async fn self_check_loop(
             }
             Ok(()) => {}
         }
+        // Counted once the outcome is reported (log, audit event), so a
+        // scrape that sees the count sees what this check did.
+        state.metrics().background_self_check(ok);
     }
 }
 
