@@ -24,9 +24,12 @@ use crate::common;
 
 use std::collections::HashMap;
 use std::fs;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use kekd::id::Timestamp;
 use kekd::keyring::store;
@@ -419,6 +422,55 @@ fn set_offset(file: &Path, spec: &str) {
 
 const AGE_WARNING: &str = "the primary key is older than max_key_age: rotation is due";
 
+/// The ops listener's address, from `kekd serve`'s `ops listener` line.
+async fn ops_addr_of(process: &Process) -> SocketAddr {
+    process.wait_for_stderr("ops listener").await;
+    let log = process.stderr();
+    let line = log.lines().find(|l| l.contains("ops listener")).unwrap();
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix("addr="))
+        .and_then(|a| a.trim_matches('"').parse().ok())
+        .unwrap_or_else(|| panic!("no addr= in {line:?}"))
+}
+
+/// The primary's age as the server's last key-age check computed it on
+/// its own clock (`kekd_primary_key_age_seconds` on `/metrics`).
+async fn key_age(ops: SocketAddr) -> Result<u64, String> {
+    const GAUGE: &str = "kekd_primary_key_age_seconds ";
+    let mut stream = tokio::net::TcpStream::connect(ops)
+        .await
+        .map_err(|e| format!("connect {ops}: {e}"))?;
+    let request = format!("GET /metrics HTTP/1.1\r\nHost: {ops}\r\nConnection: close\r\n\r\n");
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .await
+        .map_err(|e| e.to_string())?;
+    response
+        .lines()
+        .find_map(|l| l.strip_prefix(GAUGE)?.trim().parse().ok())
+        .ok_or_else(|| format!("no {GAUGE}sample in {response:?}"))
+}
+
+/// Waits until the server's key-age check, run on its own clock, reports
+/// an age `fits`: the observable event that the server's clock has moved
+/// to the offset just set and a check has run on it.
+async fn wait_for_key_age(ops: SocketAddr, what: &str, fits: fn(u64) -> bool) {
+    eventually(what, WAIT, || async move {
+        let age = key_age(ops).await?;
+        if fits(age) {
+            Ok(())
+        } else {
+            Err(format!("age {age} s"))
+        }
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn key_ids_never_flip_while_the_servers_clock_jumps_400_days_each_way() {
     let Some(lib) = libfaketime() else { return };
@@ -445,6 +497,8 @@ async fn key_ids_never_flip_while_the_servers_clock_jumps_400_days_each_way() {
             "1s",
             "--max-key-age",
             "90d",
+            "--ops-addr",
+            "127.0.0.1:0",
         ])
         .env("LD_PRELOAD", &lib)
         .env("FAKETIME_TIMESTAMP_FILE", &offset)
@@ -456,6 +510,7 @@ async fn key_ids_never_flip_while_the_servers_clock_jumps_400_days_each_way() {
         Process::spawn(cmd, &socket, &logs)
     };
     let mut client = server.ready().await;
+    let ops = ops_addr_of(&server).await;
     let v1 = client.status().await.unwrap().key_id;
     let mut sealed = Vec::new();
     let encrypt_one = |mut c: kekd::client::Client, n: usize| async move {
@@ -505,7 +560,12 @@ async fn key_ids_never_flip_while_the_servers_clock_jumps_400_days_each_way() {
     // −400 days: the primary was promoted "in the future"; its age counts
     // as zero, no new warning, nothing else changes.
     set_offset(&offset, "-400d");
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    wait_for_key_age(
+        ops,
+        "the key-age check on the clock 400 days behind",
+        |age| age == 0,
+    )
+    .await;
     check(client.clone(), sealed.clone(), v1.clone()).await;
     sealed.push(encrypt_one(client.clone(), 2).await);
     assert_eq!(sealed[2].0.key_id, v1);
@@ -525,8 +585,13 @@ async fn key_ids_never_flip_while_the_servers_clock_jumps_400_days_each_way() {
     })
     .await;
     check(client.clone(), sealed.clone(), v2.clone()).await;
+    // Back to the real clock: v2, promoted on it, ages by the second
+    // (behind, it was promoted "in the future" and stayed at age zero).
     set_offset(&offset, "+0");
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    wait_for_key_age(ops, "the key-age check on the real clock again", |age| {
+        (1..SLACK).contains(&age)
+    })
+    .await;
     check(client.clone(), sealed.clone(), v2.clone()).await;
     let r = encrypt_one(client.clone(), 3).await;
     assert_eq!(r.0.key_id, v2);
