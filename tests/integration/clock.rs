@@ -218,7 +218,13 @@ async fn a_wall_clock_400_days_off_never_makes_a_used_version_retirable() {
     let sealed = client_b.encrypt(s.clone(), &uid(1)).await.unwrap();
     assert!(sealed.key_id.ends_with("/v2"), "{}", sealed.key_id);
 
-    let mut server = spawn_serve(&keyring, &socket, &logs, &[]).await;
+    let mut server = spawn_serve(
+        &keyring,
+        &socket,
+        &logs,
+        &["--usage-flush-interval", "100ms"],
+    )
+    .await;
     let mut client = server.ready().await;
     assert!(client.status().await.unwrap().key_id.ends_with("/v1"));
     // This node's apiserver reads what B's stored: v2 (pending here)

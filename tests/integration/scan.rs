@@ -835,7 +835,12 @@ async fn retire_with_scan_refuses_a_version_still_in_use() {
 async fn a_version_that_encrypted_is_retired_only_on_a_scan_or_by_force() {
     let Some(bin) = etcd_binary() else { return };
     let etcd = Etcd::start(&bin, false).await;
-    let server = TestServer::start_with(|s| s.reload_interval = Some("200ms".to_owned())).await;
+    let server = TestServer::start_with(|s| {
+        s.reload_interval = Some("200ms".to_owned());
+        // The test waits for a flush of the usage counters.
+        s.usage_flush_interval = Some("100ms".to_owned());
+    })
+    .await;
     let logs = server.dir.path().to_owned();
     let k = server.keyring.display().to_string();
     let kid2 = rotate(&server).await;
