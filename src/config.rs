@@ -53,6 +53,8 @@ pub const DEFAULT_RELOAD_INTERVAL: Duration = Duration::from_secs(2);
 pub const DEFAULT_PKCS11_SELF_CHECK_INTERVAL: Duration = Duration::from_secs(10);
 /// Default period of the background self-check.
 pub const DEFAULT_SELF_CHECK_INTERVAL: Duration = Duration::from_secs(60);
+/// Default period of the usage file's write while its counters change.
+pub const DEFAULT_USAGE_FLUSH_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Largest configuration file kekd reads (a few dozen settings).
 const MAX_CONFIG_FILE: u64 = 1 << 20;
@@ -179,6 +181,9 @@ pub struct Settings {
     /// Period of the keyring change poll, the fallback to inotify [default: 2s].
     #[arg(long, env = "KEKD_RELOAD_INTERVAL", value_name = "DURATION")]
     pub reload_interval: Option<String>,
+    /// Period of writing the usage counters beside the keyring while they change (100ms..=1m) [default: 5s].
+    #[arg(long, env = "KEKD_USAGE_FLUSH_INTERVAL", value_name = "DURATION")]
+    pub usage_flush_interval: Option<String>,
     /// Only callers with this uid may call (repeatable, or comma-separated) [default: anyone the socket lets in].
     #[arg(
         long,
@@ -302,6 +307,7 @@ impl Settings {
             shutdown_grace: self.shutdown_grace.or(fallback.shutdown_grace),
             self_check_interval: self.self_check_interval.or(fallback.self_check_interval),
             reload_interval: self.reload_interval.or(fallback.reload_interval),
+            usage_flush_interval: self.usage_flush_interval.or(fallback.usage_flush_interval),
             ops_addr: self.ops_addr.or(fallback.ops_addr),
             ops_max_connections: self.ops_max_connections.or(fallback.ops_max_connections),
             ops_header_timeout: self.ops_header_timeout.or(fallback.ops_header_timeout),
@@ -345,6 +351,8 @@ pub struct ServeConfig {
     pub self_check_interval: Duration,
     /// Keyring change poll period.
     pub reload_interval: Duration,
+    /// How often changed usage counters are written.
+    pub usage_flush_interval: Duration,
     /// The ops listener's address, if any.
     pub ops_addr: Option<std::net::SocketAddr>,
     /// The ops listener's connection cap and timeouts.
@@ -537,6 +545,20 @@ impl ServeConfig {
                 reason: "must be between 100ms and 1h".to_owned(),
             });
         }
+        let usage_flush_interval = parse_duration(
+            "usage_flush_interval",
+            s.usage_flush_interval.as_deref(),
+            DEFAULT_USAGE_FLUSH_INTERVAL,
+        )?;
+        // The usage file feeds `kekd admin list` and the retire guard (the
+        // last Decrypt of each version): a longer period leaves them further
+        // behind, and a crash loses up to one period of counts.
+        if !(Duration::from_millis(100)..=Duration::from_secs(60)).contains(&usage_flush_interval) {
+            return Err(ConfigError::Invalid {
+                what: "usage_flush_interval",
+                reason: "must be between 100ms and 1m".to_owned(),
+            });
+        }
         let ops_addr = s
             .ops_addr
             .as_deref()
@@ -565,6 +587,7 @@ impl ServeConfig {
             shutdown_grace,
             self_check_interval,
             reload_interval,
+            usage_flush_interval,
             ops_addr,
             ops_limits,
             peers: PeerPolicy {
@@ -770,6 +793,7 @@ mod tests {
         assert_eq!(c.max_request_bytes, 65536);
         assert_eq!(c.max_concurrency, 1024);
         assert_eq!(c.shutdown_grace, Duration::from_secs(10));
+        assert_eq!(c.usage_flush_interval, Duration::from_secs(5));
         assert_eq!(c.limits, Limits::default());
         assert_eq!(c.limits.max_connection_request_bytes, 256 << 10);
         assert_eq!(c.limits.max_streams_per_connection, 64);
@@ -847,6 +871,45 @@ mod tests {
                 keepalive_timeout: Duration::from_secs(1),
             }
         );
+    }
+
+    #[test]
+    fn usage_flush_interval_is_a_duration_from_100ms_to_1m() {
+        let resolve = |d: &str| {
+            ServeConfig::resolve(Settings {
+                usage_flush_interval: Some(d.to_owned()),
+                ..minimal()
+            })
+            .map(|c| c.usage_flush_interval)
+            .map_err(|e| e.to_string())
+        };
+        assert_eq!(resolve("100ms"), Ok(Duration::from_millis(100)));
+        assert_eq!(resolve("1m"), Ok(Duration::from_secs(60)));
+        for bad in ["99ms", "0s", "61s", "1h"] {
+            assert_eq!(
+                resolve(bad),
+                Err("invalid usage_flush_interval: must be between 100ms and 1m".to_owned()),
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            resolve("often"),
+            Err(
+                "invalid usage_flush_interval: \"often\" is not a duration like 10s or 1m30s \
+                 (expected number at 0)"
+                    .to_owned()
+            )
+        );
+        // From the file, under the flag.
+        let file: Settings = toml::from_str("usage_flush_interval = \"30s\"\n").unwrap();
+        let flag = Settings {
+            usage_flush_interval: Some("2s".into()),
+            ..minimal()
+        };
+        let c = ServeConfig::resolve(flag.or(file.clone())).unwrap();
+        assert_eq!(c.usage_flush_interval, Duration::from_secs(2));
+        let c = ServeConfig::resolve(minimal().or(file)).unwrap();
+        assert_eq!(c.usage_flush_interval, Duration::from_secs(30));
     }
 
     #[test]

@@ -46,10 +46,11 @@ pub struct KeyLabels {
     pub key_id_hash: String,
 }
 
-/// Labels of reload counters.
+/// Labels of the reload and self-check counters.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
-    /// `applied`, `unchanged` or `refused`.
+    /// A reload's `applied`, `unchanged`, `refused` or `unavailable`; a
+    /// self-check's `ok` or `failed`.
     pub result: &'static str,
 }
 
@@ -97,6 +98,7 @@ pub struct Metrics {
     last_reload: Gauge,
     reload_refused: Gauge,
     self_check_ok: Gauge,
+    self_checks: Family<ResultLabels, Counter>,
     hsm_duration: HistogramFamily<OpLabels>,
     hsm_sessions_open: Gauge,
     hsm_sessions_in_use: Gauge,
@@ -119,6 +121,7 @@ impl Metrics {
         let last_reload = Gauge::default();
         let reload_refused = Gauge::default();
         let self_check_ok = Gauge::default();
+        let self_checks = Family::<ResultLabels, Counter>::default();
         let hsm_duration = HistogramFamily::<OpLabels>::new_with_constructor(
             latency_histogram as fn() -> Histogram,
         );
@@ -174,6 +177,11 @@ impl Metrics {
             self_check_ok.clone(),
         );
         registry.register(
+            "self_checks",
+            "Background self-checks of every decrypt-capable key by result (ok, failed)",
+            self_checks.clone(),
+        );
+        registry.register(
             "hsm_operation_duration_seconds",
             "Latency of PKCS#11 token operations",
             hsm_duration.clone(),
@@ -209,8 +217,11 @@ impl Metrics {
             let _ = rpc_requests.get_or_create(&labels);
             let _ = rpc_duration.get_or_create(&labels);
         }
-        for result in ["applied", "unchanged", "refused"] {
+        for result in ["applied", "unchanged", "refused", "unavailable"] {
             let _ = reloads.get_or_create(&ResultLabels { result });
+        }
+        for result in ["ok", "failed"] {
+            let _ = self_checks.get_or_create(&ResultLabels { result });
         }
         for reason in ["cap", "fd_exhausted"] {
             let _ = ops_shed.get_or_create(&ShedLabels { reason });
@@ -232,6 +243,7 @@ impl Metrics {
             last_reload,
             reload_refused,
             self_check_ok,
+            self_checks,
             hsm_duration,
             hsm_sessions_open,
             hsm_sessions_in_use,
@@ -270,7 +282,8 @@ impl Metrics {
         self.rotation_due.set(i64::from(due));
     }
 
-    /// Records a reload attempt (`applied`, `unchanged` or `refused`).
+    /// Records a reload attempt (`applied`, `unchanged`, `refused`, or
+    /// `unavailable` when the key store could not be read).
     pub fn reload(&self, result: &'static str, unix_now: u64) {
         self.reloads.get_or_create(&ResultLabels { result }).inc();
         if result == "applied" {
@@ -287,6 +300,14 @@ impl Metrics {
     /// Records the latest self-check result.
     pub fn self_check(&self, ok: bool) {
         self.self_check_ok.set(i64::from(ok));
+    }
+
+    /// Counts one background self-check, once its result is reported.
+    pub fn background_self_check(&self, ok: bool) {
+        let result = if ok { "ok" } else { "failed" };
+        self.self_checks
+            .get_or_create(&ResultLabels { result })
+            .inc();
     }
 
     /// Records a PKCS#11 operation's latency.
@@ -349,6 +370,9 @@ mod tests {
         m.rpc(Method::Encrypt, tonic::Code::Ok, Duration::from_micros(80));
         m.key_operation("encrypt", 2, "kekd/x/v2");
         m.reload("refused", 0);
+        m.background_self_check(true);
+        m.background_self_check(true);
+        m.background_self_check(false);
         let text = m.encode();
         assert!(text.contains("# TYPE kekd_rpc_requests counter"), "{text}");
         assert!(
@@ -368,6 +392,19 @@ mod tests {
         assert!(!text.contains("kekd/x/v2"), "raw key id leaked: {text}");
         assert!(
             text.contains("kekd_keyring_reloads_total{result=\"refused\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("kekd_keyring_reloads_total{result=\"unavailable\"} 0"),
+            "{text}"
+        );
+        assert!(text.contains("# TYPE kekd_self_checks counter"), "{text}");
+        assert!(
+            text.contains("kekd_self_checks_total{result=\"ok\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("kekd_self_checks_total{result=\"failed\"} 1"),
             "{text}"
         );
         assert!(text.contains("kekd_build_info{version=\""), "{text}");

@@ -74,6 +74,9 @@ pub async fn try_reload(state: &Arc<ServingState>, backend: &Arc<dyn Backend>) -
         // nothing here, or every poll would log a "refused" keyring.
         Ok(Err(e)) if matches!(e.kind(), ErrorKind::Unavailable | ErrorKind::StoreMissing) => {
             debug!(error = %e, "keyring not re-read: the key store is unavailable");
+            state
+                .metrics()
+                .reload("unavailable", Timestamp::now().unix());
             return false;
         }
         // A key store that comes back half-way (SoftHSM rescanning) may
@@ -81,6 +84,9 @@ pub async fn try_reload(state: &Arc<ServingState>, backend: &Arc<dyn Backend>) -
         // outage too.
         Ok(Err(e)) if e.kind() == ErrorKind::NoKeyring && !state.current().is_healthy() => {
             debug!(error = %e, "keyring not re-read during a key store outage");
+            state
+                .metrics()
+                .reload("unavailable", Timestamp::now().unix());
             return false;
         }
         // Served from this key store a moment ago, gone now: the store

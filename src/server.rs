@@ -40,7 +40,6 @@ mod health;
 mod refuse;
 mod socket;
 
-pub use health::USAGE_FLUSH_INTERVAL;
 pub use socket::{BoundSocket, MAX_SOCKET_PATH, SocketError};
 
 use connection::{Admission, Connection, Registry};
@@ -204,7 +203,7 @@ impl Server {
             config.reload_interval,
             loaded_revision,
         ));
-        let flusher = tokio::spawn(flush_loop(Arc::clone(&state)));
+        let flusher = tokio::spawn(flush_loop(Arc::clone(&state), config.usage_flush_interval));
 
         let budgets = admission::Budgets::new(
             Arc::clone(&registry),

@@ -60,6 +60,10 @@ fuzz_target!(|data: &[u8]| {
                 (Duration::from_millis(100)..=Duration::from_secs(3600))
                     .contains(&c.reload_interval)
             );
+            assert!(
+                (Duration::from_millis(100)..=Duration::from_secs(60))
+                    .contains(&c.usage_flush_interval)
+            );
             if let BackendConfig::Pkcs11(p) = &c.backend {
                 assert!((1..=256).contains(&p.pool_size));
                 assert!(p.key_label_prefix.len() <= 64);

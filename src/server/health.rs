@@ -11,12 +11,10 @@ use crate::id::{KeyVersion, Timestamp};
 use crate::state::Event;
 use crate::state::{ServingState, Snapshot};
 
-/// How often changed usage counters are written to disk.
-pub const USAGE_FLUSH_INTERVAL: Duration = Duration::from_secs(5);
-
-/// Writes the usage counters every few seconds while they change.
-pub(super) async fn flush_loop(state: Arc<ServingState>) {
-    let mut ticker = tokio::time::interval(USAGE_FLUSH_INTERVAL);
+/// Writes the usage counters every `every` while they change
+/// (`usage_flush_interval`).
+pub(super) async fn flush_loop(state: Arc<ServingState>, every: Duration) {
+    let mut ticker = tokio::time::interval(every);
     let mut failing = false;
     loop {
         ticker.tick().await;
@@ -61,6 +59,7 @@ pub(super) async fn self_check_loop(
             .await
             .map_err(|e| e.to_string());
         let was = state.record_self_check(&snapshot, result.clone());
+        let ok = result.is_ok();
         match result {
             Err(msg) => {
                 if was || last_error.as_ref() != Some(&msg) {
@@ -80,6 +79,9 @@ pub(super) async fn self_check_loop(
             }
             Ok(()) => {}
         }
+        // Counted once the outcome is reported (log, audit event), so a
+        // scrape that sees the count sees what this check did.
+        state.metrics().background_self_check(ok);
     }
 }
 

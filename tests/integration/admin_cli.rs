@@ -653,6 +653,12 @@ fn a_held_lock_makes_every_changing_command_exit_75() {
     });
     for (args, out) in commands.iter().zip(&outs) {
         assert_eq!(out.code(), EX_TEMPFAIL, "{args:?}: {out:#?}");
+        assert!(
+            out.stderr.contains(&format!(
+                "kekd: keyring {k} is locked by another `kekd admin` command; waiting up to 500ms for it\n"
+            )),
+            "{args:?}: {out:#?}"
+        );
         assert_eq!(
             error_message(out),
             format!(
@@ -677,9 +683,26 @@ fn a_command_waits_for_the_lock_and_then_runs() {
     let mut cmd = kekd();
     cmd.args(["admin", "rotate", "--keyring", ring.k()]);
     let mut waiting = Process::spawn(cmd, Path::new("/nonexistent"), ring.dir.path());
-    // Not a timing assertion: whatever the host's speed, the command cannot
-    // have changed anything while the lock is held.
-    std::thread::sleep(Duration::from_millis(300));
+    // The command found the lock taken and says it waits (up to the default
+    // 10 s): it has changed nothing, and is still there.
+    let says = format!(
+        "kekd: keyring {} is locked by another `kekd admin` command; waiting up to 10s for it",
+        ring.k()
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !waiting.stderr().contains(&says) {
+        assert!(
+            waiting.try_exit().is_none(),
+            "did not wait for the lock: {}",
+            waiting.stderr()
+        );
+        assert!(
+            Instant::now() < deadline,
+            "never said it waits: {}",
+            waiting.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert!(waiting.try_exit().is_none(), "did not wait for the lock");
     assert_eq!(ring.bytes(), before);
     drop(lock);

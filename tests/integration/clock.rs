@@ -24,9 +24,12 @@ use crate::common;
 
 use std::collections::HashMap;
 use std::fs;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use kekd::id::Timestamp;
 use kekd::keyring::store;
@@ -215,11 +218,18 @@ async fn a_wall_clock_400_days_off_never_makes_a_used_version_retirable() {
     let sealed = client_b.encrypt(s.clone(), &uid(1)).await.unwrap();
     assert!(sealed.key_id.ends_with("/v2"), "{}", sealed.key_id);
 
-    let mut server = spawn_serve(&keyring, &socket, &logs, &[]).await;
+    let mut server = spawn_serve(
+        &keyring,
+        &socket,
+        &logs,
+        &["--usage-flush-interval", "100ms"],
+    )
+    .await;
     let mut client = server.ready().await;
     assert!(client.status().await.unwrap().key_id.ends_with("/v1"));
     // This node's apiserver reads what B's stored: v2 (pending here)
     // serves a Decrypt.
+    let decrypted_by = kekd::usage::boot_clock_ms();
     let plain = client
         .decrypt(
             sealed.ciphertext.clone(),
@@ -275,7 +285,12 @@ async fn a_wall_clock_400_days_off_never_makes_a_used_version_retirable() {
             &ahead_suffix(window),
         );
         let ago = humantime::parse_duration(ago).unwrap();
-        assert!(ago < Duration::from_secs(SLACK), "{ago:?}");
+        // No more than the boot clock has seen pass since the Decrypt.
+        let since = Duration::from_millis(kekd::usage::boot_clock_ms() - decrypted_by);
+        assert!(
+            ago <= since,
+            "{ago:?} ago, but the Decrypt was {since:?} ago"
+        );
         assert_eq!(out.stdout, "", "{out:#?}");
     }
 
@@ -419,6 +434,55 @@ fn set_offset(file: &Path, spec: &str) {
 
 const AGE_WARNING: &str = "the primary key is older than max_key_age: rotation is due";
 
+/// The ops listener's address, from `kekd serve`'s `ops listener` line.
+async fn ops_addr_of(process: &Process) -> SocketAddr {
+    process.wait_for_stderr("ops listener").await;
+    let log = process.stderr();
+    let line = log.lines().find(|l| l.contains("ops listener")).unwrap();
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix("addr="))
+        .and_then(|a| a.trim_matches('"').parse().ok())
+        .unwrap_or_else(|| panic!("no addr= in {line:?}"))
+}
+
+/// The primary's age as the server's last key-age check computed it on
+/// its own clock (`kekd_primary_key_age_seconds` on `/metrics`).
+async fn key_age(ops: SocketAddr) -> Result<u64, String> {
+    const GAUGE: &str = "kekd_primary_key_age_seconds ";
+    let mut stream = tokio::net::TcpStream::connect(ops)
+        .await
+        .map_err(|e| format!("connect {ops}: {e}"))?;
+    let request = format!("GET /metrics HTTP/1.1\r\nHost: {ops}\r\nConnection: close\r\n\r\n");
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .await
+        .map_err(|e| e.to_string())?;
+    response
+        .lines()
+        .find_map(|l| l.strip_prefix(GAUGE)?.trim().parse().ok())
+        .ok_or_else(|| format!("no {GAUGE}sample in {response:?}"))
+}
+
+/// Waits until the server's key-age check, run on its own clock, reports
+/// an age `fits`: the observable event that the server's clock has moved
+/// to the offset just set and a check has run on it.
+async fn wait_for_key_age(ops: SocketAddr, what: &str, fits: fn(u64) -> bool) {
+    eventually(what, WAIT, || async move {
+        let age = key_age(ops).await?;
+        if fits(age) {
+            Ok(())
+        } else {
+            Err(format!("age {age} s"))
+        }
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn key_ids_never_flip_while_the_servers_clock_jumps_400_days_each_way() {
     let Some(lib) = libfaketime() else { return };
@@ -445,6 +509,8 @@ async fn key_ids_never_flip_while_the_servers_clock_jumps_400_days_each_way() {
             "1s",
             "--max-key-age",
             "90d",
+            "--ops-addr",
+            "127.0.0.1:0",
         ])
         .env("LD_PRELOAD", &lib)
         .env("FAKETIME_TIMESTAMP_FILE", &offset)
@@ -456,6 +522,7 @@ async fn key_ids_never_flip_while_the_servers_clock_jumps_400_days_each_way() {
         Process::spawn(cmd, &socket, &logs)
     };
     let mut client = server.ready().await;
+    let ops = ops_addr_of(&server).await;
     let v1 = client.status().await.unwrap().key_id;
     let mut sealed = Vec::new();
     let encrypt_one = |mut c: kekd::client::Client, n: usize| async move {
@@ -505,7 +572,12 @@ async fn key_ids_never_flip_while_the_servers_clock_jumps_400_days_each_way() {
     // −400 days: the primary was promoted "in the future"; its age counts
     // as zero, no new warning, nothing else changes.
     set_offset(&offset, "-400d");
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    wait_for_key_age(
+        ops,
+        "the key-age check on the clock 400 days behind",
+        |age| age == 0,
+    )
+    .await;
     check(client.clone(), sealed.clone(), v1.clone()).await;
     sealed.push(encrypt_one(client.clone(), 2).await);
     assert_eq!(sealed[2].0.key_id, v1);
@@ -525,8 +597,13 @@ async fn key_ids_never_flip_while_the_servers_clock_jumps_400_days_each_way() {
     })
     .await;
     check(client.clone(), sealed.clone(), v2.clone()).await;
+    // Back to the real clock: v2, promoted on it, ages by the second
+    // (behind, it was promoted "in the future" and stayed at age zero).
     set_offset(&offset, "+0");
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    wait_for_key_age(ops, "the key-age check on the real clock again", |age| {
+        (1..JUMP).contains(&age)
+    })
+    .await;
     check(client.clone(), sealed.clone(), v2.clone()).await;
     let r = encrypt_one(client.clone(), 3).await;
     assert_eq!(r.0.key_id, v2);

@@ -469,6 +469,54 @@ async fn wait_for_sample(ops: SocketAddr, name: &str, labels: &[(&str, &str)], v
     .await;
 }
 
+/// Polls `/metrics` until `measure` of it reaches `at_least` (`what` names
+/// it); returns the value reached. The observable event that N more polls
+/// or checks ran, where a test would otherwise sleep through them.
+async fn wait_for_at_least(
+    ops: SocketAddr,
+    what: &str,
+    at_least: f64,
+    measure: fn(&Exposition) -> f64,
+) -> f64 {
+    eventually(&format!("{what} ≥ {at_least}"), WAIT, || async move {
+        let now = measure(&scrape(ops).await);
+        if now >= at_least {
+            Ok(now)
+        } else {
+            Err(format!("{now}"))
+        }
+    })
+    .await
+}
+
+/// Background self-checks counted so far (each after its outcome was
+/// logged, audited and reflected in `/readyz`).
+fn self_checks(m: &Exposition) -> f64 {
+    m.all("kekd_self_checks_total")
+        .iter()
+        .map(|s| s.value)
+        .sum()
+}
+
+/// Failed background self-checks counted so far.
+fn failed_self_checks(m: &Exposition) -> f64 {
+    m.get("kekd_self_checks_total", &[("result", "failed")])
+}
+
+/// Keyring reload attempts counted so far: every poll and every change
+/// event, whatever came of it.
+fn reload_attempts(m: &Exposition) -> f64 {
+    m.all("kekd_keyring_reloads_total")
+        .iter()
+        .map(|s| s.value)
+        .sum()
+}
+
+/// Refused keyring reloads counted so far.
+fn refused_reloads(m: &Exposition) -> f64 {
+    m.get("kekd_keyring_reloads_total", &[("result", "refused")])
+}
+
 /// Polls `/readyz` until it answers `status`; returns the body.
 async fn wait_for_readyz(ops: SocketAddr, status: u16) -> String {
     eventually(&format!("/readyz answers {status}"), WAIT, || async move {
@@ -661,6 +709,7 @@ const ALWAYS: &[(&str, &str)] = &[
     ("kekd_keyring_last_reload_timestamp_seconds", "gauge"),
     ("kekd_keyring_reload_refused", "gauge"),
     ("kekd_self_check_ok", "gauge"),
+    ("kekd_self_checks", "counter"),
     ("kekd_build_info", "gauge"),
     ("kekd_hsm_sessions_open", "gauge"),
     ("kekd_hsm_sessions_in_use", "gauge"),
@@ -1034,9 +1083,17 @@ async fn a_broken_keyring_keeps_the_last_good_one_serving_live_and_ready() {
     assert!(m.get("kekd_keyring_reloads_total", &[("result", "refused")]) >= 1.0);
     assert_eq!(m.get("kekd_self_check_ok", &[]), 1.0);
 
-    // The same problem written again (new inode, new poll): still one event.
+    // The same problem written again (new inode, new poll): refused again,
+    // and still one event.
+    let refused = refused_reloads(&server.scrape().await);
     replace_file(&server.keyring, b"this is not a keyring\n");
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    wait_for_at_least(
+        server.ops,
+        "refused reloads",
+        refused + 1.0,
+        refused_reloads,
+    )
+    .await;
     let rejected = server_events(&server.audit(), "keyring_rejected");
     assert_eq!(
         rejected.len(),
@@ -1191,14 +1248,25 @@ impl HsmNode {
             "the reason names the self-check: {body:?}"
         );
         assert!(!body.contains(&self.token.pin), "the PIN in /readyz");
-        for _ in 0..3 {
+        // Through a further failed self-check, /livez answers 200 at every
+        // look: a lost HSM never fails liveness.
+        let ops = self.ops;
+        let failed = failed_self_checks(&scrape(ops).await);
+        eventually("another failed self-check", WAIT, || async move {
             assert_eq!(
-                probe(self.ops, "/livez").await.0,
+                probe(ops, "/livez").await.0,
                 200,
                 "a lost HSM never fails liveness"
             );
-            tokio::time::sleep(Duration::from_millis(300)).await;
-        }
+            let now = failed_self_checks(&scrape(ops).await);
+            if now > failed {
+                Ok(())
+            } else {
+                Err(format!("{now} failed self-checks"))
+            }
+        })
+        .await;
+        assert_eq!(probe(ops, "/livez").await.0, 200);
         let m = scrape(self.ops).await;
         assert_eq!(m.get("kekd_self_check_ok", &[]), 0.0, "{}", m.text);
         assert!(
@@ -1299,14 +1367,21 @@ async fn kekd_is_ready_again_by_itself_once_the_hsm_is_back() {
 
 /// A token outage must not flood the audit log and the log: the reload poll
 /// (every 200 ms here) may report each distinct problem it meets once, never
-/// once per poll.
+/// once per poll — through 15 polls, counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_outage_does_not_flood_the_audit_log_with_rejected_keyrings() {
     let Some(mut n) = hsm_node("1s").await else {
         return;
     };
     let away = n.lose_the_token().await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    let polls = reload_attempts(&scrape(n.ops).await);
+    wait_for_at_least(n.ops, "reload attempts", polls + 15.0, reload_attempts).await;
+    let m = scrape(n.ops).await;
+    assert!(
+        m.get("kekd_keyring_reloads_total", &[("result", "unavailable")]) >= 1.0,
+        "polls during the outage count as unavailable:\n{}",
+        m.text
+    );
     away.put_back();
     wait_for_readyz(n.ops, 200).await;
     let audit = n.audit();
@@ -1354,14 +1429,22 @@ async fn health_lost_is_audited_once_even_when_a_call_notices_the_outage_first()
     let Some(mut n) = hsm_node("3s").await else {
         return;
     };
+    let failed = failed_self_checks(&scrape(n.ops).await);
     let away = n.token.take_away();
     let err = n.client.encrypt(seed(), &uid(1)).await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
     let body = wait_for_readyz(n.ops, 503).await;
     assert!(body.contains("self-check"), "{body:?}");
     assert_eq!(scrape(n.ops).await.get("kekd_self_check_ok", &[]), 0.0);
-    // Let the self-check fail too.
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // The background self-check fails too (counted once it has audited
+    // what it found).
+    wait_for_at_least(
+        n.ops,
+        "failed self-checks",
+        failed + 1.0,
+        failed_self_checks,
+    )
+    .await;
     let audit = n.audit();
     assert_eq!(
         health_events(&audit),
@@ -1413,7 +1496,10 @@ async fn rotation_due_sets_the_metric_and_warns_once_per_primary_while_staying_r
     // Due is a reminder, not an outage.
     assert_eq!(wait_for_readyz(ops, 200).await, "ok\n");
     assert_eq!(probe(ops, "/livez").await.0, 200);
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Three more self-checks, each after a look at the key's age: at least
+    // two looks after the one that warned.
+    let checks = self_checks(&scrape(ops).await);
+    wait_for_at_least(ops, "self-checks", checks + 3.0, self_checks).await;
     let warnings = |log: &str| {
         log.lines()
             .filter(|l| l.contains("rotation is due"))
@@ -1448,7 +1534,8 @@ async fn rotation_due_sets_the_metric_and_warns_once_per_primary_while_staying_r
         }
     })
     .await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    let checks = self_checks(&scrape(ops).await);
+    wait_for_at_least(ops, "self-checks", checks + 3.0, self_checks).await;
     let log = server.stderr();
     assert_eq!(warnings(&log), 2, "{log}");
     assert!(

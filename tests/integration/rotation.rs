@@ -873,7 +873,7 @@ async fn retire_guard_reads_real_usage_and_counts_survive_a_restart() {
         KeyringFile::parse(&fs::read(&path).unwrap()).unwrap().id
     );
 
-    let mut server = spawn_serve(&path, &socket, &logs, &[]).await;
+    let mut server = spawn_serve(&path, &socket, &logs, &["--usage-flush-interval", "100ms"]).await;
     let mut client = server.ready().await;
     // v1: 3 encrypts, 2 decrypts.
     let mut ct1 = Vec::new();
@@ -898,7 +898,7 @@ async fn retire_guard_reads_real_usage_and_counts_survive_a_restart() {
     rotate(logs.clone(), keyring.clone()).await;
     wait_for_status(&client, &key_id(&v1, 4)).await;
 
-    // The counts reach the usage file within one flush (5 s).
+    // The counts reach the usage file within one flush (100 ms here).
     let doc = eventually("list shows the usage", WAIT, || {
         let (keyring, logs) = (keyring.clone(), logs.clone());
         async move {

@@ -710,6 +710,7 @@ async fn retire_with_scan_refuses_a_version_still_in_use() {
     doc["finished_at"] = Value::String(old.to_string());
     let stale = logs.join("stale.json");
     fs::write(&stale, doc.to_string()).unwrap();
+    let before = kekd::id::Timestamp::now().unix();
     let out = admin_async(
         &[
             "retire",
@@ -722,14 +723,24 @@ async fn retire_with_scan_refuses_a_version_still_in_use() {
         &logs,
     )
     .await;
+    let after = kekd::id::Timestamp::now().unix();
     assert_eq!(out.code(), 1, "{out:#?}");
-    assert_eq!(
-        error_message(&out),
+    // The age is the scan's as the command's clock read it, some moment
+    // between `before` and `after` ("1day 1h", or a few seconds more on a
+    // slow host).
+    let refusal = |now: u64| {
         format!(
-            "retire refused: the scan in {} finished at {old} (1day 1h ago): a scan older than 24h may miss objects \
+            "retire refused: the scan in {} finished at {old} ({} ago): a scan older than 24h may miss objects \
              written since; run `kekd admin scan` again and pass the fresh result",
-            stale.display()
+            stale.display(),
+            humantime::format_duration(Duration::from_secs(now - old.unix()))
         )
+    };
+    let message = error_message(&out);
+    assert!(
+        (before..=after).any(|now| message == refusal(now)),
+        "{message:?} is none of {:#?}",
+        (before..=after).map(refusal).collect::<Vec<_>>()
     );
     let other = logs.join("other-keyring");
     let other_kid = common::create_keyring(&other);
@@ -835,7 +846,12 @@ async fn retire_with_scan_refuses_a_version_still_in_use() {
 async fn a_version_that_encrypted_is_retired_only_on_a_scan_or_by_force() {
     let Some(bin) = etcd_binary() else { return };
     let etcd = Etcd::start(&bin, false).await;
-    let server = TestServer::start_with(|s| s.reload_interval = Some("200ms".to_owned())).await;
+    let server = TestServer::start_with(|s| {
+        s.reload_interval = Some("200ms".to_owned());
+        // The test waits for a flush of the usage counters.
+        s.usage_flush_interval = Some("100ms".to_owned());
+    })
+    .await;
     let logs = server.dir.path().to_owned();
     let k = server.keyring.display().to_string();
     let kid2 = rotate(&server).await;

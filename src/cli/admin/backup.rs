@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use serde_json::{Value, json};
 use zeroize::Zeroizing;
 
-use super::keyring::{lock_wait, store_error};
+use super::keyring::{store_error, take_lock};
 use super::{Target, report};
 use crate::audit::{self, AuditRecord};
 use crate::backup::{self, Backup, BackupError, Header, KdfParams, Overwrite, Passphrase};
@@ -232,7 +232,7 @@ pub fn restore(a: &RestoreBackupArgs) -> Result<(), CliError> {
     })?;
 
     ensure_parent_dir(&path)?;
-    let _lock = crate::keyring::lock::acquire(&path, lock_wait()).map_err(store_error)?;
+    let _lock = take_lock(&path).map_err(store_error)?;
     let current = match store::read(&path) {
         Ok(f) if f.material == Material::Token => {
             return Err(CliError::runtime(format!(

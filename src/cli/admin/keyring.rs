@@ -25,6 +25,7 @@ use crate::keyring::KeyState;
 use crate::keyring::lifecycle::{
     OpError, Outcome, RetireBasis, Transition, check_successor, retire_risk,
 };
+use crate::keyring::lock::{self, KeyringLock};
 use crate::keyring::store::{self, KeyringFile, StoreError};
 use crate::usage;
 
@@ -43,11 +44,33 @@ impl Target {
 
 /// How long to wait for another admin command's lock: `KEKD_LOCK_WAIT`
 /// (e.g. `30s`) or [`LOCK_WAIT`].
-pub(super) fn lock_wait() -> Duration {
+fn lock_wait() -> Duration {
     std::env::var("KEKD_LOCK_WAIT")
         .ok()
         .and_then(|v| humantime::parse_duration(&v).ok())
         .unwrap_or(LOCK_WAIT)
+}
+
+/// Takes the admin lock of the keyring at `path` (or of a token's state
+/// anchor), waiting up to [`lock_wait`] for another admin command to
+/// finish. A command that has to wait says so on stderr first, rather
+/// than sit silent for seconds.
+///
+/// # Errors
+/// [`StoreError::Locked`] when the wait expires; I/O errors.
+pub(super) fn take_lock(path: &Path) -> Result<KeyringLock, StoreError> {
+    let wait = lock_wait();
+    match lock::acquire(path, Duration::ZERO) {
+        Err(StoreError::Locked { .. }) if !wait.is_zero() => {
+            eprintln!(
+                "kekd: keyring {} is locked by another `kekd admin` command; waiting up to {} for it",
+                path.display(),
+                humantime::format_duration(wait)
+            );
+            lock::acquire(path, wait)
+        }
+        taken => taken,
+    }
 }
 
 pub(super) fn backend_error(e: BackendError) -> CliError {
@@ -136,7 +159,7 @@ pub fn init(t: &Target) -> Result<(), CliError> {
     }
     let store = t.open()?;
     let anchor = store.anchor();
-    let _lock = crate::keyring::lock::acquire(&anchor, lock_wait()).map_err(store_error)?;
+    let _lock = take_lock(&anchor).map_err(store_error)?;
     let now = Timestamp::now();
     let file = store.generate(now).map_err(init_error)?;
     let not_durable = match store.create(&file) {
@@ -221,7 +244,7 @@ pub fn change_checked(
     // Read once before locking: a missing keyring is reported as such (exit
     // 78) instead of as a lock file that cannot be created beside it.
     store.read().map_err(backend_error)?;
-    let _lock = crate::keyring::lock::acquire(path, lock_wait()).map_err(store_error)?;
+    let _lock = take_lock(path).map_err(store_error)?;
     let original = store.read().map_err(backend_error)?;
     let mut file = store.read().map_err(backend_error)?;
     let now = Timestamp::now();
@@ -384,7 +407,7 @@ pub fn accept(t: &Target) -> Result<(), CliError> {
     let anchor = store.anchor();
     let name = store.name();
     store.read().map_err(backend_error)?;
-    let _lock = crate::keyring::lock::acquire(&anchor, lock_wait()).map_err(store_error)?;
+    let _lock = take_lock(&anchor).map_err(store_error)?;
     let file = store.read().map_err(backend_error)?;
     let found = Served::of_file(&file);
     let record = served::record_path(&anchor);
@@ -859,7 +882,7 @@ pub fn import(t: &Target, from: &Path) -> Result<(), CliError> {
     let path: PathBuf = store.anchor();
     let path = &path;
     let incoming = read_copy(from)?;
-    let _lock = crate::keyring::lock::acquire(path, lock_wait()).map_err(store_error)?;
+    let _lock = take_lock(path).map_err(store_error)?;
     let now = Timestamp::now();
     let existing = match store::read(path) {
         Ok(f) => Some(f),
