@@ -132,11 +132,11 @@ fn faketime_moves_the_wall_clock_of_the_kekd_binary() {
 
     let real = Timestamp::now().unix();
     let out = admin_at(&lib, Some("+400d"), &["init", "--keyring", k], logs);
-    assert_eq!(out.code(), 0, "{out:#?}");
+    out.ok();
     let out = admin_at(&lib, Some("-400d"), &["rotate", "--keyring", k], logs);
-    assert_eq!(out.code(), 0, "{out:#?}");
+    out.ok();
     let out = admin_at(&lib, None, &["promote", "2", "--keyring", k], logs);
-    assert_eq!(out.code(), 0, "{out:#?}");
+    out.ok();
 
     let lines = audit_lines(&keyring);
     let times: Vec<(String, u64)> = lines
@@ -201,9 +201,9 @@ async fn a_wall_clock_400_days_off_never_makes_a_used_version_retirable() {
     let logs = dir.path().to_owned();
     let k = keyring.to_str().unwrap().to_owned();
     let out = admin_at_async(&lib, None, &["init", "--keyring", &k], &logs).await;
-    assert_eq!(out.code(), 0, "{out:#?}");
+    out.ok();
     let out = admin_at_async(&lib, None, &["rotate", "--keyring", &k], &logs).await;
-    assert_eq!(out.code(), 0, "{out:#?}");
+    out.ok();
     // Node B got version 2 and promoted it; this node has not yet.
     let b_dir = dir.path().join("b");
     fs::create_dir(&b_dir).unwrap();
@@ -211,7 +211,7 @@ async fn a_wall_clock_400_days_off_never_makes_a_used_version_retirable() {
     fs::copy(&keyring, &b_keyring).unwrap();
     let bk = b_keyring.to_str().unwrap().to_owned();
     let out = admin_at_async(&lib, None, &["promote", "2", "--keyring", &bk], &logs).await;
-    assert_eq!(out.code(), 0, "{out:#?}");
+    out.ok();
     let mut server_b = spawn_serve(&b_keyring, &b_dir.join("kms.sock"), &b_dir, &[]).await;
     let mut client_b = server_b.ready().await;
     let s = seed();
@@ -303,7 +303,7 @@ async fn a_wall_clock_400_days_off_never_makes_a_used_version_retirable() {
         &logs,
     )
     .await;
-    assert_eq!(out.code(), 1, "{out:#?}");
+    out.exited(1);
     let fake_now = between(
         error_message(&out),
         &format!(
@@ -333,9 +333,8 @@ async fn a_wall_clock_400_days_off_never_makes_a_used_version_retirable() {
             &logs,
         )
         .await;
-        assert_eq!(out.code(), 1, "{out:#?}");
         assert_eq!(
-            error_message(&out),
+            out.refused(1),
             "destroy refused: version 2 is pending: only a retired version can be destroyed; retire it \
              first and make sure nothing needs it"
         );
@@ -359,12 +358,12 @@ async fn a_wall_clock_400_days_off_never_makes_a_used_version_retirable() {
         &logs,
     )
     .await;
-    assert_eq!(out.code(), 0, "{out:#?}");
+    out.ok();
 
     // The guard is about use, not about the clock: a version that never
     // decrypted retires under either jump.
     let out = admin_at_async(&lib, Some("+400d"), &["rotate", "--keyring", &k], &logs).await;
-    assert_eq!(out.code(), 0, "{out:#?}");
+    out.ok();
     let out = admin_at_async(
         &lib,
         Some("+400d"),
@@ -372,7 +371,7 @@ async fn a_wall_clock_400_days_off_never_makes_a_used_version_retirable() {
         &logs,
     )
     .await;
-    assert_eq!(out.code(), 0, "{out:#?}");
+    out.ok();
     let out = admin_at_async(
         &lib,
         Some("-400d"),
@@ -380,7 +379,7 @@ async fn a_wall_clock_400_days_off_never_makes_a_used_version_retirable() {
         &logs,
     )
     .await;
-    assert_eq!(out.code(), 0, "{out:#?}");
+    out.ok();
     let out = admin_at_async(
         &lib,
         Some("-400d"),
@@ -388,7 +387,7 @@ async fn a_wall_clock_400_days_off_never_makes_a_used_version_retirable() {
         &logs,
     )
     .await;
-    assert_eq!(out.code(), 0, "{out:#?}");
+    out.ok();
     // A retired version is destroyed under a jumped clock like under any.
     let out = admin_at_async(
         &lib,
@@ -403,7 +402,7 @@ async fn a_wall_clock_400_days_off_never_makes_a_used_version_retirable() {
         &logs,
     )
     .await;
-    assert_eq!(out.code(), 0, "{out:#?}");
+    out.ok();
     let states: Vec<(u32, kekd::keyring::KeyState)> = store::read(&keyring)
         .unwrap()
         .versions
@@ -421,7 +420,7 @@ async fn a_wall_clock_400_days_off_never_makes_a_used_version_retirable() {
     for p in [server, server_b] {
         p.signal(rustix::process::Signal::TERM);
         let out = p.wait_exit().await;
-        assert_eq!(out.code(), 0, "{out:#?}");
+        out.ok();
     }
 }
 
@@ -493,7 +492,7 @@ async fn key_ids_never_flip_while_the_servers_clock_jumps_400_days_each_way() {
     let offset = dir.path().join("faketime");
     let k = keyring.to_str().unwrap().to_owned();
     let out = admin_at_async(&lib, None, &["init", "--keyring", &k], &logs).await;
-    assert_eq!(out.code(), 0, "{out:#?}");
+    out.ok();
     set_offset(&offset, "+0");
 
     let mut cmd = kekd();
@@ -585,7 +584,7 @@ async fn key_ids_never_flip_while_the_servers_clock_jumps_400_days_each_way() {
     // A rotation on the real clock while the server's is 400 days behind:
     // the key id moves forward once and stays.
     let out = admin_at_async(&lib, None, &["rotate", "--promote", "--keyring", &k], &logs).await;
-    assert_eq!(out.code(), 0, "{out:#?}");
+    out.ok();
     let v2 = v1.replace("/v1", "/v2");
     eventually("Status reports v2", WAIT, || {
         let mut c = client.clone();
@@ -610,7 +609,7 @@ async fn key_ids_never_flip_while_the_servers_clock_jumps_400_days_each_way() {
 
     server.signal(rustix::process::Signal::TERM);
     let out = server.wait_exit().await;
-    assert_eq!(out.code(), 0, "{out:#?}");
+    out.ok();
     let warnings = out
         .stderr
         .lines()

@@ -242,7 +242,7 @@ impl Node {
         fs::create_dir(&logs).unwrap();
         let keyring = keyring.unwrap_or_else(|| dir.path().join("keyring"));
         let out = common::admin(&["init", "--keyring", keyring.to_str().unwrap()], &logs);
-        assert_eq!(out.code(), 0, "{out:#?}");
+        out.ok();
         let socket = dir.path().join("kms.sock");
         let mut server = rt.block_on(spawn_serve(&keyring, &socket, &logs, extra));
         let mut client = rt.block_on(server.ready());
@@ -368,7 +368,7 @@ impl Node {
         let server = self.server.take().unwrap();
         server.signal(rustix::process::Signal::TERM);
         let out = self.rt.block_on(server.wait_exit());
-        assert_eq!(out.code(), 0, "{out:#?}");
+        out.ok();
         assert!(
             !out.stderr.contains("keyring change refused"),
             "the server saw a damaged keyring: {}",
@@ -407,7 +407,7 @@ fn a_full_disk_fails_every_keyring_write_cleanly_and_kekd_keeps_serving() {
     write_private(&copy, &node.bytes());
     let copy_s = copy.to_str().unwrap();
     let out = common::admin(&["rotate", "--keyring", copy_s], &node.logs);
-    assert_eq!(out.code(), 0, "{out:#?}");
+    out.ok();
     let pass = node.path("pass");
     write_private(&pass, format!("{PASS}\n").as_bytes());
     let pass_s = pass.to_str().unwrap().to_owned();
@@ -424,7 +424,7 @@ fn a_full_disk_fails_every_keyring_write_cleanly_and_kekd_keeps_serving() {
         ],
         &node.logs,
     );
-    assert_eq!(out.code(), 0, "{out:#?}");
+    out.ok();
 
     let filler = small.fill();
     let listing = || {
@@ -509,7 +509,7 @@ fn a_full_disk_fails_every_keyring_write_cleanly_and_kekd_keeps_serving() {
     // Space again: the same commands go through.
     fs::remove_file(filler).unwrap();
     let out = node.admin(&["import", "--from", copy_s]);
-    assert_eq!(out.code(), 0, "{out:#?}");
+    out.ok();
     let out = node.admin(&[
         "restore-backup",
         "--from",
@@ -517,10 +517,10 @@ fn a_full_disk_fails_every_keyring_write_cleanly_and_kekd_keeps_serving() {
         "--passphrase-file",
         &pass_s,
     ]);
-    assert_eq!(out.code(), 0, "{out:#?}");
+    out.ok();
     assert!(out.stdout.contains("nothing to do"), "{out:#?}");
     let out = node.admin(&["rotate", "--promote"]);
-    assert_eq!(out.code(), 0, "{out:#?}");
+    out.ok();
     node.wait_for_version(2);
     assert_eq!(temp_files(&small.dir), Vec::<String>::new());
     // The flush that failed goes through again by itself.
@@ -653,7 +653,7 @@ fn enospc_injected_into_each_write_of_an_admin_command() {
         &["promote", "2", "--keyring", copy.to_str().unwrap()],
         &node.logs,
     );
-    assert_eq!(out.code(), 0, "{out:#?}");
+    out.ok();
     let backup = node.path("copy.backup");
     let out = common::admin(
         &[
@@ -667,7 +667,7 @@ fn enospc_injected_into_each_write_of_an_admin_command() {
         ],
         &node.logs,
     );
-    assert_eq!(out.code(), 0, "{out:#?}");
+    out.ok();
     let before = node.bytes();
     let audit = node.audit();
     for args in [
@@ -797,7 +797,7 @@ fn eio_at_each_syscall_of_the_durable_write_gives_its_error_and_never_a_broken_k
             ),
             &node.logs,
         );
-        assert_eq!(out.code(), 0, "{out:#?}");
+        out.ok();
         let calls = syscalls(&fs::read_to_string(&trace).unwrap());
         let names: Vec<&str> = case.syscalls.split(',').collect();
         let scratch_dir = format!("<{}>", scratch.path().display());
@@ -906,7 +906,7 @@ fn eio_on_link_and_unlink_of_a_new_keyring() {
         ),
         &logs,
     );
-    assert_eq!(out.code(), 0, "{out:#?}");
+    out.ok();
     let file = store::read(&ring).unwrap();
     assert_eq!(states(&file), [(1, KeyState::Primary)]);
     let temps = temp_files(dir.path());
@@ -917,7 +917,7 @@ fn eio_on_link_and_unlink_of_a_new_keyring() {
         "the leftover is the keyring's own inode, not another copy"
     );
     let out = common::admin(&["restore", "1", "--keyring", r], &logs);
-    assert_eq!(out.code(), 0, "{out:#?}");
+    out.ok();
     assert_eq!(temp_files(dir.path()), Vec::<String>::new());
 }
 
@@ -987,7 +987,7 @@ fn a_kill_at_every_syscall_of_rotate_leaves_the_old_or_the_new_keyring() {
     let args = args_for(&first);
     let args_ref: Vec<&str> = args.iter().map(String::as_str).collect();
     let out = run_guarded(traced(&trace, None, &args_ref), &node.logs);
-    assert_eq!(out.code(), 0, "{out:#?}");
+    out.ok();
     let positions = syscalls(&fs::read_to_string(&trace).unwrap());
     assert!(
         positions.len() > 50,
@@ -1087,7 +1087,7 @@ fn a_kill_at_every_syscall_of_init_leaves_no_keyring_or_a_whole_one() {
         traced(&trace, None, &["init", "--keyring", base.to_str().unwrap()]),
         &logs,
     );
-    assert_eq!(out.code(), 0, "{out:#?}");
+    out.ok();
     let positions = syscalls(&fs::read_to_string(&trace).unwrap());
     assert!(
         positions.iter().any(|(n, _, _)| n.starts_with("link")),
@@ -1200,7 +1200,7 @@ fn good_keyring(dir: &Path, logs: &Path) -> Vec<u8> {
         &["rotate", "--promote", "--keyring", p][..],
     ] {
         let out = common::admin(args, logs);
-        assert_eq!(out.code(), 0, "{out:#?}");
+        out.ok();
     }
     fs::read(&path).unwrap()
 }
@@ -1485,7 +1485,7 @@ fn every_command_refuses_every_kind_of_damaged_keyring_and_creates_nothing() {
         ],
         &logs,
     );
-    assert_eq!(out.code(), 0, "{out:#?}");
+    out.ok();
     let out_file = dir.path().join("new.backup");
 
     for damage in damages() {
@@ -1648,11 +1648,11 @@ fn symlinked_keyrings_are_changed_at_their_target_and_loops_are_refused() {
     fs::create_dir(&logs).unwrap();
     let real = dir.path().join("real");
     let out = common::admin(&["init", "--keyring", real.to_str().unwrap()], &logs);
-    assert_eq!(out.code(), 0, "{out:#?}");
+    out.ok();
     let link = dir.path().join("link");
     std::os::unix::fs::symlink("real", &link).unwrap();
     let out = common::admin(&["rotate", "--keyring", link.to_str().unwrap()], &logs);
-    assert_eq!(out.code(), 0, "{out:#?}");
+    out.ok();
     assert!(
         fs::symlink_metadata(&link)
             .unwrap()
@@ -1713,7 +1713,7 @@ fn restore_refuses_a_backup_truncated_at_every_length_and_sampled_bit_flips() {
         ],
         &logs,
     );
-    assert_eq!(out.code(), 0, "{out:#?}");
+    out.ok();
     let text = fs::read(&backup).unwrap();
     let damaged = dir.path().join("damaged.backup");
     let d = damaged.to_str().unwrap();
@@ -1812,7 +1812,7 @@ fn restore_refuses_a_backup_truncated_at_every_length_and_sampled_bit_flips() {
     // Sanity: the undamaged backup restores.
     write_private(&damaged, &text);
     let out = restore(&missing);
-    assert_eq!(out.code(), 0, "{out:#?}");
+    out.ok();
     assert_eq!(fs::read(&missing).unwrap(), good);
 }
 
@@ -1826,7 +1826,7 @@ fn a_full_stdout_after_the_change_is_a_warning_not_a_failure() {
     let ring = dir.path().join("keyring");
     let r = ring.to_str().unwrap();
     let out = common::admin(&["init", "--keyring", r], &logs);
-    assert_eq!(out.code(), 0, "{out:#?}");
+    out.ok();
     for args in [&["rotate"][..], &["promote", "2", "--output", "json"][..]] {
         let full = fs::OpenOptions::new()
             .write(true)

@@ -1124,7 +1124,7 @@ async fn at_a_small_fd_limit_kekd_keeps_descriptors_for_itself() {
         dir.path(),
     )
     .await;
-    assert_eq!(rotate.code(), 0, "{rotate:#?}");
+    rotate.ok();
     let v2 = key_id.replace("/v1", "/v2");
     let c = client.clone();
     common::eventually("Status reports v2", Duration::from_secs(10), || {

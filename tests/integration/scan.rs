@@ -329,7 +329,7 @@ async fn rotate(server: &TestServer) -> String {
     let k = server.keyring.display().to_string();
     let old = server.client().await.status().await.unwrap().key_id;
     let out = admin_async(&["rotate", "--promote", "--keyring", &k], server.dir.path()).await;
-    assert_eq!(out.code(), 0, "{out:#?}");
+    out.ok();
     common::eventually(
         "the server serves the new key",
         Duration::from_secs(15),
@@ -487,7 +487,7 @@ async fn scan_counts_every_kind_of_value() {
         "json".into(),
     ]);
     let out = scan(args, server.dir.path()).await;
-    assert_eq!(out.code(), 0, "{out:#?}");
+    out.ok();
     let doc = json_of(&out);
     assert_eq!(doc["format"], "kekd-scan v1");
     assert_eq!(
@@ -579,7 +579,7 @@ async fn scan_counts_every_kind_of_value() {
     let mut args = etcd.flags();
     args.extend(["--keyring".into(), k]);
     let text = scan(args, server.dir.path()).await;
-    assert_eq!(text.code(), 0, "{text:#?}");
+    text.ok();
     for needle in [
         "23 keys",
         &format!("key_id {kid1}  5"),
@@ -667,7 +667,7 @@ async fn retire_with_scan_refuses_a_version_still_in_use() {
             let mut args = etcd_flags;
             args.extend(["--keyring".into(), k, "--output".into(), "json".into()]);
             let out = scan(args, &logs).await;
-            assert_eq!(out.code(), 0, "{out:#?}");
+            out.ok();
             fs::write(&file, &out.stdout).unwrap();
             file.display().to_string()
         }
@@ -678,7 +678,7 @@ async fn retire_with_scan_refuses_a_version_still_in_use() {
         &logs,
     )
     .await;
-    assert_eq!(out.code(), 1, "{out:#?}");
+    out.exited(1);
     let msg = error_message(&out);
     assert!(
         msg.starts_with("retire refused: 7 stored object(s) under /registry/ still reference version 1 (scan of "),
@@ -724,7 +724,7 @@ async fn retire_with_scan_refuses_a_version_still_in_use() {
     )
     .await;
     let after = kekd::id::Timestamp::now().unix();
-    assert_eq!(out.code(), 1, "{out:#?}");
+    out.exited(1);
     // The age is the scan's as the command's clock read it, some moment
     // between `before` and `after` ("1day 1h", or a few seconds more on a
     // slow host).
@@ -749,7 +749,7 @@ async fn retire_with_scan_refuses_a_version_still_in_use() {
         &logs,
     )
     .await;
-    assert_eq!(out.code(), 0, "{out:#?}");
+    out.ok();
     let out = admin_async(
         &[
             "retire",
@@ -762,9 +762,8 @@ async fn retire_with_scan_refuses_a_version_still_in_use() {
         &logs,
     )
     .await;
-    assert_eq!(out.code(), 1, "{out:#?}");
     assert_eq!(
-        error_message(&out),
+        out.refused(1),
         format!(
             "retire refused: the scan in {first} was matched against keyring {}, but this keyring is {}: scan with \
              --keyring (or --config) naming this keyring",
@@ -819,7 +818,7 @@ async fn retire_with_scan_refuses_a_version_still_in_use() {
         &logs,
     )
     .await;
-    assert_eq!(out.code(), 0, "{out:#?}");
+    out.ok();
     assert_eq!(json_of(&out)["transitions"][0]["to"], "retired");
     assert!(
         out.stderr.contains(
@@ -829,7 +828,7 @@ async fn retire_with_scan_refuses_a_version_still_in_use() {
     );
     // The primary is never retired, scan or not.
     let out = admin_async(&["retire", "2", "--scan", &second, "--keyring", &k], &logs).await;
-    assert_eq!(out.code(), 1, "{out:#?}");
+    out.exited(1);
     assert!(
         error_message(&out).contains("the primary cannot be retired"),
         "{out:#?}"
@@ -897,7 +896,7 @@ async fn a_version_that_encrypted_is_retired_only_on_a_scan_or_by_force() {
 
     // 1. Following the old hint literally: refused, with the procedure.
     let out = admin_async(&["retire", "2", "--keyring", &k], &logs).await;
-    assert_eq!(out.code(), 1, "{out:#?}");
+    out.exited(1);
     assert_eq!(
         out.stderr,
         format!(
@@ -919,7 +918,7 @@ async fn a_version_that_encrypted_is_retired_only_on_a_scan_or_by_force() {
     );
     assert_eq!(out.stdout, "");
     let out = admin_async(&["retire", "2", "--keyring", &k, "--output", "json"], &logs).await;
-    assert_eq!(out.code(), 1, "{out:#?}");
+    out.exited(1);
     let doc = json_of(&out);
     assert_eq!(doc["exit_code"], 1);
     assert_eq!(
@@ -949,14 +948,14 @@ async fn a_version_that_encrypted_is_retired_only_on_a_scan_or_by_force() {
             let mut args = etcd_flags;
             args.extend(["--keyring".into(), k, "--output".into(), "json".into()]);
             let out = scan(args, &logs).await;
-            assert_eq!(out.code(), 0, "{out:#?}");
+            out.ok();
             fs::write(&file, &out.stdout).unwrap();
             file.display().to_string()
         }
     };
     let first = scan_to(logs.join("scan-1.json")).await;
     let out = admin_async(&["retire", "2", "--scan", &first, "--keyring", &k], &logs).await;
-    assert_eq!(out.code(), 1, "{out:#?}");
+    out.exited(1);
     let msg = error_message(&out);
     assert!(
         msg.starts_with("retire refused: 2 stored object(s) under /registry/ still reference version 2 (scan of "),
@@ -989,22 +988,22 @@ async fn a_version_that_encrypted_is_retired_only_on_a_scan_or_by_force() {
     .await;
     let second = scan_to(logs.join("scan-2.json")).await;
     let out = admin_async(&["retire", "2", "--scan", &second, "--keyring", &k], &logs).await;
-    assert_eq!(out.code(), 0, "{out:#?}");
+    out.ok();
     assert!(!out.stdout.contains("warning:"), "{out:#?}");
     let out = admin_async(&["restore", "2", "--keyring", &k], &logs).await;
-    assert_eq!(out.code(), 0, "{out:#?}");
+    out.ok();
 
     // 4. --force without a scan: done, and the risk is stated everywhere.
     let risk = "retired without a scan: objects stored under version 2 become unreadable (at the latest when an \
                 apiserver restarts) until `kekd admin restore 2`";
     let out = admin_async(&["retire", "2", "--force", "--keyring", &k], &logs).await;
-    assert_eq!(out.code(), 0, "{out:#?}");
+    out.ok();
     assert!(
         out.stdout.contains(&format!("\nwarning: {risk}\n")),
         "{out:#?}"
     );
     let out = admin_async(&["restore", "2", "--keyring", &k], &logs).await;
-    assert_eq!(out.code(), 0, "{out:#?}");
+    out.ok();
     let out = admin_async(
         &[
             "retire",
@@ -1018,7 +1017,7 @@ async fn a_version_that_encrypted_is_retired_only_on_a_scan_or_by_force() {
         &logs,
     )
     .await;
-    assert_eq!(out.code(), 0, "{out:#?}");
+    out.ok();
     assert_eq!(json_of(&out)["risk"], risk);
     let audit = fs::read_to_string(logs.join("keyring.audit.jsonl")).unwrap();
     let retires: Vec<Value> = audit
@@ -1038,9 +1037,9 @@ async fn a_version_that_encrypted_is_retired_only_on_a_scan_or_by_force() {
 
     // 5. A version never promoted retires by its usage, without a scan.
     let out = admin_async(&["rotate", "--keyring", &k], &logs).await;
-    assert_eq!(out.code(), 0, "{out:#?}");
+    out.ok();
     let out = admin_async(&["retire", "4", "--keyring", &k], &logs).await;
-    assert_eq!(out.code(), 0, "{out:#?}");
+    out.ok();
     assert!(!out.stdout.contains("warning:"), "{out:#?}");
 }
 
@@ -1185,7 +1184,7 @@ async fn tls_client_certificates_and_clear_errors() {
     let mut args = etcd.flags();
     args.extend(["--output".into(), "json".into()]);
     let out = scan(args, &logs).await;
-    assert_eq!(out.code(), 0, "{out:#?}");
+    out.ok();
     let doc = json_of(&out);
     assert_eq!(count(&doc, &["totals", "kms:v2:kekd"]), 3);
     assert_eq!(doc["consistency"], "linearizable");
@@ -1193,7 +1192,7 @@ async fn tls_client_certificates_and_clear_errors() {
     let mut args = etcd.flags();
     args.extend(["--serializable".into(), "--output".into(), "json".into()]);
     let out = scan(args, &logs).await;
-    assert_eq!(out.code(), 0, "{out:#?}");
+    out.ok();
     let doc = json_of(&out);
     assert_eq!(count(&doc, &["totals", "kms:v2:kekd"]), 3);
     assert_eq!(doc["consistency"], "serializable");
@@ -1214,7 +1213,7 @@ async fn tls_client_certificates_and_clear_errors() {
     };
     // A CA that did not sign etcd's certificate.
     let out = scan(base(p("other-ca.crt"), "client.crt", "client.key"), &logs).await;
-    assert_eq!(out.code(), 1, "{out:#?}");
+    out.exited(1);
     let msg = error_message(&out);
     assert!(msg.starts_with(&format!("etcd at {url}: ")), "{msg}");
     assert!(
@@ -1245,7 +1244,7 @@ async fn tls_client_certificates_and_clear_errors() {
         ),
     ] {
         let out = scan(base(p("ca.crt"), cert, key), &logs).await;
-        assert_eq!(out.code(), 1, "{out:#?}");
+        out.exited(1);
         let msg = error_message(&out);
         assert!(msg.starts_with(&format!("etcd at {url}: ")), "{msg}");
         assert!(msg.ends_with(&hint), "client cert {cert:?}: {msg}");
@@ -1320,7 +1319,7 @@ async fn oversized_pages_are_halved() {
         "json".into(),
     ]);
     let out = scan(args, server.dir.path()).await;
-    assert_eq!(out.code(), 0, "{out:#?}");
+    out.ok();
     let doc = json_of(&out);
     assert_eq!(count(&doc, &["keys"]), 60);
     assert_eq!(count(&doc, &["page_size"]), 60);
@@ -1407,7 +1406,7 @@ async fn foreign_strings_from_etcd_are_printed_escaped() {
         .unwrap();
 
     let out = scan(etcd.flags(), dir.path()).await;
-    assert_eq!(out.code(), 0, "{out:#?}");
+    out.ok();
     for raw in ['\x1b', '\x07', '\u{202e}', '\u{fffd}'] {
         assert!(
             !out.stdout.contains(raw) && !out.stderr.contains(raw),
@@ -1436,7 +1435,7 @@ async fn foreign_strings_from_etcd_are_printed_escaped() {
     let mut args = etcd.flags();
     args.extend(["--output".to_owned(), "json".to_owned()]);
     let out = scan(args, dir.path()).await;
-    assert_eq!(out.code(), 0, "{out:#?}");
+    out.ok();
     assert!(!out.stdout.contains('\x1b'), "{}", out.stdout);
     let doc = json_of(&out);
     assert_eq!(
