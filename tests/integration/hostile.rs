@@ -955,9 +955,9 @@ async fn silent_connections_are_closed_after_the_preface_timeout() {
 
 /// Flood connections from an allowed uid mixed as an attacker would —
 /// silent, half a preface, garbage, and HTTP/2 handshakes left idle — 1,000
-/// at a time, twice the connection limit. At the limit a new connection
-/// evicts an idle one instead of being refused, so a fresh client gets
-/// Status within a 1 s deadline, every time: after the flood, and again
+/// at a time, many times the connection limit. At the limit a new
+/// connection evicts an idle one instead of being refused, so a fresh
+/// client (`kekd admin probe --timeout 2s`) gets Status every time: after the flood, and again
 /// during a second flood. The apiserver-like client (which made calls)
 /// keeps its connection throughout, and kekd says what it evicted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
