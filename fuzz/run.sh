@@ -5,12 +5,14 @@
 #
 # Each target starts from its committed seeds (fuzz/corpus/<target>/, read
 # only) plus a scratch corpus under the fuzz target dir, runs for SECONDS with
-# libFuzzer's -max_total_time, and the script fails as soon as one target
-# crashes, panics, times out or runs out of memory, naming the input that
-# did it. At the end it prints each target's executions. Installs the nightly
-# toolchain and cargo-fuzz when missing. docs/fuzzing.md explains the targets.
+# libFuzzer's -max_total_time; targets run side by side, one per core. The
+# script fails if a target crashed, panicked, timed out or ran out of memory,
+# naming the input that did it, and prints each target's executions. Installs
+# the nightly toolchain and cargo-fuzz when missing. docs/fuzzing.md explains
+# the targets.
 #
-# FUZZ_TARGETS="envelope grpc" limits the run to some targets.
+# FUZZ_TARGETS="envelope grpc" limits the run to some targets; FUZZ_JOBS=N
+# runs N at a time (default: the number of cores).
 set -euo pipefail
 cd "$(dirname "$0")"
 here=$(pwd)
@@ -55,28 +57,54 @@ else
   done
 fi
 
-declare -A execs
-for t in "${targets[@]}"; do
-  work="$target_dir/corpus-work/$t"
-  artifacts="$target_dir/artifacts/$t"
-  log="$target_dir/logs/$t.log"
-  mkdir -p "$work" "$artifacts" "$(dirname "$log")"
-  echo "=== fuzzing $t for ${seconds}s (log: $log)"
-  status=0
-  "${cargo[@]}" fuzz run --debug-assertions --target-dir "$target_dir" "$t" "$work" "corpus/$t" -- \
+# Targets run side by side, one per core (FUZZ_JOBS to change it): each
+# still gets its full SECONDS, and the stage takes a fraction of the time.
+jobs_max="${FUZZ_JOBS:-$(nproc)}"
+fuzz_one() {
+  local t=$1 status=0
+  "${cargo[@]}" fuzz run --debug-assertions --target-dir "$target_dir" "$t" \
+    "$target_dir/corpus-work/$t" "corpus/$t" -- \
     -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -max_len=8192 \
-    -print_final_stats=1 -artifact_prefix="$artifacts/" >"$log" 2>&1 || status=$?
+    -print_final_stats=1 -artifact_prefix="$target_dir/artifacts/$t/" \
+    >"$target_dir/logs/$t.log" 2>&1 || status=$?
+  echo "$status" >"$target_dir/logs/$t.status"
+}
+running=0
+for t in "${targets[@]}"; do
+  mkdir -p "$target_dir/corpus-work/$t" "$target_dir/artifacts/$t" "$target_dir/logs"
+  rm -f "$target_dir/logs/$t.status"
+  echo "=== fuzzing $t for ${seconds}s (log: $target_dir/logs/$t.log)"
+  fuzz_one "$t" &
+  running=$((running + 1))
+  if [ "$running" -ge "$jobs_max" ]; then
+    wait -n
+    running=$((running - 1))
+  fi
+done
+wait
+
+declare -A execs
+failed=0
+for t in "${targets[@]}"; do
+  log="$target_dir/logs/$t.log"
+  artifacts="$target_dir/artifacts/$t"
+  status=$(cat "$target_dir/logs/$t.status" 2>/dev/null || echo "no status")
   n=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
   execs[$t]="${n:-?}"
-  if [ "$status" -ne 0 ]; then
+  if [ "$status" != 0 ]; then
     echo "FAIL: fuzz target $t exited with status $status; the end of its log:" >&2
     tail -n 40 "$log" >&2
     echo "inputs that failed (reproduce: cargo +nightly fuzz run $t FILE):" >&2
     ls -1 "$artifacts" >&2 || true
-    exit 1
+    failed=$((failed + 1))
+    continue
   fi
   echo "ok: $t ran ${execs[$t]} inputs in ${seconds}s without a failure"
 done
+if [ "$failed" -ne 0 ]; then
+  echo "$failed of ${#targets[@]} fuzz targets failed" >&2
+  exit 1
+fi
 
 echo "=== fuzzing summary (${seconds}s per target)"
 for t in "${targets[@]}"; do
