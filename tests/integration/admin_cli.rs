@@ -2715,3 +2715,28 @@ fn a_planted_served_record_link_is_neither_read_nor_handed_to_its_planter() {
     );
     assert_eq!(fs::read_to_string(&forged).unwrap(), "forged\n");
 }
+
+/// `KEKD_LOCK_WAIT` set to something that is not a duration is refused
+/// (exit 78, naming the variable and the fix) before the keyring is touched,
+/// rather than silently replaced by the default wait.
+#[test]
+fn a_bad_kekd_lock_wait_is_refused_before_the_keyring_is_touched() {
+    let ring = Ring::init();
+    let (before, audit) = (ring.bytes(), ring.audit());
+    for command in [&["rotate"][..], &["promote", "1"], &["retire", "1"]] {
+        let mut cmd = common::kekd();
+        cmd.arg("admin")
+            .args(command)
+            .args(["--keyring", ring.k()])
+            .env("KEKD_LOCK_WAIT", "often");
+        let out = common::run_guarded(cmd, ring.dir.path());
+        assert_eq!(
+            out.refused(78),
+            "KEKD_LOCK_WAIT=\"often\" is not a duration (expected number at 0): set it like 30s, \
+             or 0s not to wait, or unset it for 10s",
+            "{command:?}"
+        );
+        assert_eq!(ring.bytes(), before, "{command:?} changed the keyring");
+        assert_eq!(ring.audit(), audit, "{command:?} wrote an audit line");
+    }
+}

@@ -232,7 +232,7 @@ pub fn restore(a: &RestoreBackupArgs) -> Result<(), CliError> {
     })?;
 
     ensure_parent_dir(&path)?;
-    let _lock = take_lock(&path).map_err(store_error)?;
+    let _lock = take_lock(&path)?;
     let current = match store::read(&path) {
         Ok(f) if f.material == Material::Token => {
             return Err(CliError::runtime(format!(

@@ -43,12 +43,23 @@ impl Target {
 }
 
 /// How long to wait for another admin command's lock: `KEKD_LOCK_WAIT`
-/// (e.g. `30s`) or [`LOCK_WAIT`].
-fn lock_wait() -> Duration {
-    std::env::var("KEKD_LOCK_WAIT")
-        .ok()
-        .and_then(|v| humantime::parse_duration(&v).ok())
-        .unwrap_or(LOCK_WAIT)
+/// (e.g. `30s`, `0s` not to wait) or [`LOCK_WAIT`].
+///
+/// # Errors
+/// Exit 78 naming the variable when it is set but not a duration.
+fn lock_wait() -> Result<Duration, CliError> {
+    match std::env::var("KEKD_LOCK_WAIT") {
+        Err(std::env::VarError::NotPresent) => Ok(LOCK_WAIT),
+        Ok(v) => humantime::parse_duration(&v).map_err(|e| {
+            CliError::config(format!(
+                "KEKD_LOCK_WAIT={v:?} is not a duration ({e}): set it like 30s, or 0s not to wait, or unset it for {}",
+                humantime::format_duration(LOCK_WAIT)
+            ))
+        }),
+        Err(std::env::VarError::NotUnicode(_)) => Err(CliError::config(
+            "KEKD_LOCK_WAIT is not UTF-8: set it like 30s, or unset it",
+        )),
+    }
 }
 
 /// Takes the admin lock of the keyring at `path` (or of a token's state
@@ -57,9 +68,10 @@ fn lock_wait() -> Duration {
 /// than sit silent for seconds.
 ///
 /// # Errors
-/// [`StoreError::Locked`] when the wait expires; I/O errors.
-pub(super) fn take_lock(path: &Path) -> Result<KeyringLock, StoreError> {
-    let wait = lock_wait();
+/// Exit 78 for a bad `KEKD_LOCK_WAIT`; exit 75 when the wait expires (the
+/// keyring is locked); the exit of the store error otherwise.
+pub(super) fn take_lock(path: &Path) -> Result<KeyringLock, CliError> {
+    let wait = lock_wait()?;
     match lock::acquire(path, Duration::ZERO) {
         Err(StoreError::Locked { .. }) if !wait.is_zero() => {
             eprintln!(
@@ -71,6 +83,7 @@ pub(super) fn take_lock(path: &Path) -> Result<KeyringLock, StoreError> {
         }
         taken => taken,
     }
+    .map_err(store_error)
 }
 
 pub(super) fn backend_error(e: BackendError) -> CliError {
@@ -159,7 +172,7 @@ pub fn init(t: &Target) -> Result<(), CliError> {
     }
     let store = t.open()?;
     let anchor = store.anchor();
-    let _lock = take_lock(&anchor).map_err(store_error)?;
+    let _lock = take_lock(&anchor)?;
     let now = Timestamp::now();
     let file = store.generate(now).map_err(init_error)?;
     let not_durable = match store.create(&file) {
@@ -244,7 +257,7 @@ pub fn change_checked(
     // Read once before locking: a missing keyring is reported as such (exit
     // 78) instead of as a lock file that cannot be created beside it.
     store.read().map_err(backend_error)?;
-    let _lock = take_lock(path).map_err(store_error)?;
+    let _lock = take_lock(path)?;
     let original = store.read().map_err(backend_error)?;
     let mut file = store.read().map_err(backend_error)?;
     let now = Timestamp::now();
@@ -407,7 +420,7 @@ pub fn accept(t: &Target) -> Result<(), CliError> {
     let anchor = store.anchor();
     let name = store.name();
     store.read().map_err(backend_error)?;
-    let _lock = take_lock(&anchor).map_err(store_error)?;
+    let _lock = take_lock(&anchor)?;
     let file = store.read().map_err(backend_error)?;
     let found = Served::of_file(&file);
     let record = served::record_path(&anchor);
@@ -882,7 +895,7 @@ pub fn import(t: &Target, from: &Path) -> Result<(), CliError> {
     let path: PathBuf = store.anchor();
     let path = &path;
     let incoming = read_copy(from)?;
-    let _lock = take_lock(path).map_err(store_error)?;
+    let _lock = take_lock(path)?;
     let now = Timestamp::now();
     let existing = match store::read(path) {
         Ok(f) => Some(f),

@@ -6,7 +6,7 @@
 
 use serde_json::{Value, json};
 
-use super::keyring::{backend_error, store_error, take_lock, target_flags};
+use super::keyring::{backend_error, take_lock, target_flags};
 use super::{Target, report};
 use crate::audit::{self, AuditRecord};
 use crate::backend::pkcs11::{MetadataKey, Pkcs11Backend, UpgradeOutcome};
@@ -58,7 +58,7 @@ pub fn run(a: &UpgradeTokenArgs) -> Result<(), CliError> {
     let _lock = if a.dry_run {
         None
     } else {
-        Some(take_lock(&anchor).map_err(store_error)?)
+        Some(take_lock(&anchor)?)
     };
     let now = Timestamp::now();
     let up = backend.token().upgrade(a.dry_run).map_err(backend_error)?;
