@@ -13,25 +13,24 @@ use common::{Process, create_keyring, json_of, spawn_serve, tempdir};
 
 /// `found`, or a skip through [`common::skip`] (a failure under
 /// `KEKD_REQUIRE_ALL=1`) naming how to get the tool.
-fn tool(test: &str, found: Option<PathBuf>, install: &str) -> Option<PathBuf> {
+fn tool(found: Option<PathBuf>, install: &str) -> Option<PathBuf> {
     if found.is_none() {
-        common::skip::skip(&format!("{test}: {install}"));
+        common::skip::skip(install);
     }
     found
 }
 
 /// `$KEKD_GRPCURL`, `grpcurl` on PATH, or `go install`'s `~/go/bin/grpcurl`.
-fn grpcurl(test: &str) -> Option<PathBuf> {
+fn grpcurl() -> Option<PathBuf> {
     let found = common::grpcurl_path();
     tool(
-        test,
         found,
         "needs grpcurl: go install github.com/fullstorydev/grpcurl/cmd/grpcurl@v1.9.4",
     )
 }
 
 /// `$KEKD_PYTHON`, or `python3` when it can `import grpc`.
-fn python_with_grpcio(test: &str) -> Option<PathBuf> {
+fn python_with_grpcio() -> Option<PathBuf> {
     let found = std::env::var_os("KEKD_PYTHON")
         .map(PathBuf::from)
         .or_else(|| Some(PathBuf::from("python3")))
@@ -43,7 +42,6 @@ fn python_with_grpcio(test: &str) -> Option<PathBuf> {
                 .is_ok_and(|s| s.success())
         });
     tool(
-        test,
         found,
         "needs python3 with grpcio: python3 -m venv V && V/bin/pip install grpcio, then KEKD_PYTHON=V/bin/python",
     )
@@ -83,7 +81,7 @@ async fn serve(extra: &[&str]) -> (tempfile::TempDir, PathBuf, String, Process) 
 /// reflection, with no .proto; and why the socket path must be absolute.
 #[tokio::test(flavor = "multi_thread")]
 async fn grpcurl_lists_describes_and_calls_status_by_reflection() {
-    let Some(grpcurl) = grpcurl("grpcurl_lists_describes_and_calls_status_by_reflection") else {
+    let Some(grpcurl) = grpcurl() else {
         return;
     };
     let (dir, socket, key_id, _kekd) = serve(&[]).await;
@@ -141,7 +139,7 @@ async fn grpcurl_lists_describes_and_calls_status_by_reflection() {
 /// PERMISSION_DENIED and no service name.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_refused_peer_gets_nothing_by_reflection() {
-    let Some(grpcurl) = grpcurl("a_refused_peer_gets_nothing_by_reflection") else {
+    let Some(grpcurl) = grpcurl() else {
         return;
     };
     // Only uid 65534 may call; this test's uid (root in CI) may not.
@@ -163,7 +161,7 @@ async fn a_refused_peer_gets_nothing_by_reflection() {
 /// (tonic's default would accept 4 MiB per message, on every stream).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_reflection_request_is_bounded_like_a_kms_call() {
-    let Some(grpcurl) = grpcurl("a_reflection_request_is_bounded_like_a_kms_call") else {
+    let Some(grpcurl) = grpcurl() else {
         return;
     };
     let (_dir, socket, _key_id, _kekd) = serve(&["--max-request-bytes", "4096"]).await;
@@ -192,8 +190,7 @@ async fn a_reflection_request_is_bounded_like_a_kms_call() {
 /// the README) and kekd says why, once per connection, at warn.
 #[tokio::test(flavor = "multi_thread")]
 async fn grpcio_without_the_authority_option_gets_a_warning_that_names_the_fix() {
-    let test = "grpcio_without_the_authority_option_gets_a_warning_that_names_the_fix";
-    let Some(python) = python_with_grpcio(test) else {
+    let Some(python) = python_with_grpcio() else {
         return;
     };
     let (_dir, socket, _key_id, kekd) = serve(&[]).await;
